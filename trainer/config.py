@@ -1,0 +1,248 @@
+"""The configuration schema: one typed dataclass tree, merged with a YAML file and `key=value` overrides.
+
+The defaults of this tree *are* the tiny CPU config (`configs/tiny.yaml` spells them out), so
+`python -m trainer.train` with no arguments trains something sensible.  Everything is checked before any
+work starts: an unknown key, a value of the wrong type or an inconsistent combination raises `ConfigError`
+naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration the trainer refuses to start with; the message says what to change."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/tiny"  # all outputs of a run: tb/, checkpoints/, config.yaml
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0 = the tokenizer's vocabulary, padded up to a multiple of 64
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 = n_heads (no grouped-query attention)
+    head_dim: int = 0  # 0 = d_model // n_heads
+    ffn_dim: int = 0  # 0 = SwiGLU width 8/3 * d_model rounded up to a multiple of 64
+    pattern: list[str] = field(default_factory=lambda: ["swa", "full"])  # repeated to n_layers
+    window: int = 64  # sliding window of `swa` layers: a query sees itself and the window-1 tokens before it
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # files, a folder, a glob or a Hugging Face dataset name; empty = the bundled corpus
+    format: str = "auto"  # auto | text | jsonl | parquet | hf
+    text_field: str = "text"  # column holding the document text (jsonl, parquet, hf)
+    hf_split: str = "train"
+    tokenizer: str = ""  # path to a tokenizer.json; empty = the bundled byte-level BPE
+    prefetch: int = 4  # batches prepared ahead by the background thread (0 = inline)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    seq_len: int = 128
+    batch_size: int = 16  # sequences per optimizer step, summed over all data-parallel ranks
+    micro_batch_size: int = 0  # sequences per forward pass on one rank; 0 = batch_size / dp (no accumulation)
+    lr: float = 3e-3
+    seed: int = 0
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # torch.compile each block
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class OptimConfig:
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only, never to norms or biases
+    fused: str = "auto"  # auto (fused kernel where the device has one) | on | off
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 30
+    decay: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1  # final lr as a fraction of train.lr
+
+
+@dataclass
+class ParallelConfig:
+    dp_shard: bool = False  # FSDP2 (fully_shard) instead of DDP across data-parallel ranks
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # save every N steps (and at the last step); 0 = never
+    resume: str = "auto"  # auto (latest in run.dir, if any) | none | a checkpoint folder
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10  # steps between TensorBoard points
+    progress: bool = True  # tqdm bar on rank 0
+    peak_tflops: float = 0.0  # device peak for MFU; 0 = a table for known GPUs, a measured matmul on CPU
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.format": ("auto", "text", "jsonl", "parquet", "hf"),
+    "train.dtype": ("auto", "bf16", "fp32"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "optim.fused": ("auto", "on", "off"),
+    "schedule.decay": ("cosine", "linear", "constant"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def _allowed_keys(parent: str) -> list[str]:
+    node = OmegaConf.select(OmegaConf.structured(Config), parent) if parent else OmegaConf.structured(Config)
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError) or "not in" in str(err):
+        parent, _, leaf = key.rpartition(".")
+        allowed = _allowed_keys(parent)
+        hint = difflib.get_close_matches(leaf, allowed, n=1)
+        msg = f"unknown config key '{key}' (from {source})."
+        if allowed:
+            msg += f" Allowed keys under '{parent or '<top>'}': {', '.join(allowed)}."
+        if hint:
+            msg += f" Did you mean '{(parent + '.') if parent else ''}{hint[0]}'?"
+        return ConfigError(msg)
+    if isinstance(err, ValidationError):
+        first = str(err).splitlines()[0]
+        return ConfigError(f"bad value for config key '{key}' (from {source}): {first}")
+    return ConfigError(f"invalid configuration (from {source}): {str(err).splitlines()[0]}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Schema defaults <- YAML file <- dot-list overrides, validated.  Returns a typed `Config` object."""
+    schema = OmegaConf.structured(Config)
+    cfg: DictConfig = schema
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                known = sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+                raise ConfigError(f"config file '{path}' does not exist. Bundled configs in {CONFIG_DIR}: {known}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
+            try:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            except OmegaConfBaseException as err:
+                raise _explain(err, f"override '{item}'") from None
+    except OmegaConfBaseException as err:
+        raise _explain(err, str(path)) from None
+    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(config)
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def validate(c: Config) -> None:
+    """Cross-field checks the types alone cannot express."""
+    from models.registry import MIXERS  # the registry knows which layer types exist and what each needs
+
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(c, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}='{value}' is not one of {list(allowed)}")
+
+    m, t = c.model, c.train
+    positive = {
+        "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+        "train.steps": t.steps, "train.seq_len": t.seq_len, "train.batch_size": t.batch_size,
+        "logging.interval": c.logging.interval,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    if not m.pattern:
+        raise ConfigError(f"model.pattern is empty; give a list of layer types from {sorted(MIXERS)}")
+    for name in m.pattern:
+        if name not in MIXERS:
+            raise ConfigError(f"model.pattern entry '{name}' is not a layer type; known: {sorted(MIXERS)}")
+    if m.head_dim == 0 and m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+            "change one of them or set model.head_dim explicitly"
+        )
+    kv = m.n_kv_heads or m.n_heads
+    if m.n_heads % kv:
+        raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={kv} (grouped queries)")
+    if (m.head_dim or m.d_model // m.n_heads) % 2:
+        raise ConfigError("the head dimension must be even for rotary embeddings; adjust model.d_model/n_heads")
+    for name in sorted(set(m.pattern)):
+        problem = MIXERS[name].check_config(c)
+        if problem:
+            raise ConfigError(problem)
+    if not 0 <= c.schedule.warmup_steps <= t.steps:
+        raise ConfigError(f"schedule.warmup_steps={c.schedule.warmup_steps} must lie in [0, train.steps={t.steps}]")
+    if not 0.0 <= c.schedule.min_lr_ratio <= 1.0:
+        raise ConfigError(f"schedule.min_lr_ratio={c.schedule.min_lr_ratio} must lie in [0, 1]")
+    if len(c.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in c.optim.betas):
+        raise ConfigError(f"optim.betas={c.optim.betas} must be two numbers in [0, 1)")
+    if t.micro_batch_size < 0 or c.checkpoint.interval < 0 or t.grad_clip < 0 or c.data.prefetch < 0:
+        raise ConfigError("train.micro_batch_size, checkpoint.interval, train.grad_clip and data.prefetch must be >= 0")
+
+
+def check_batch_layout(c: Config, dp: int) -> tuple[int, int]:
+    """(sequences per micro-batch on one rank, micro-batches per step) for `dp` data-parallel ranks."""
+    b = c.train.batch_size
+    if b % dp:
+        options = [n for n in range(dp, 8 * dp + 1, dp)]
+        raise ConfigError(
+            f"train.batch_size={b} (global sequences per step) is not divisible by the {dp} data-parallel ranks; "
+            f"use a multiple of {dp}, e.g. one of {options[:4]}"
+        )
+    local = b // dp
+    micro = c.train.micro_batch_size or local
+    if local % micro:
+        raise ConfigError(
+            f"train.micro_batch_size={micro} must divide the per-rank batch {local} "
+            f"(train.batch_size={b} / {dp} ranks)"
+        )
+    return micro, local // micro

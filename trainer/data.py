@@ -1,0 +1,297 @@
+"""Streaming data: documents -> tokens -> packed sequences -> this rank's share of each step's batch.
+
+The order of sequences depends only on (seed, epoch, position in the corpus), never on the number of ranks:
+every rank reads and tokenizes the same document stream, packs it into the same global sequence stream
+(sequence g covers tokens [g*T, g*T + T + 1)), and step s uses global sequences [s*B, (s+1)*B), of which rank r
+takes the r-th contiguous slice.  So no two ranks see the same sequence, a 2-rank run sees exactly the batch a
+1-rank run sees, and the loader state (which document heads the stream, the offset into it, and the next global
+sequence index) is the same on every rank.
+
+The cost is that each rank tokenizes the whole stream; the tokenizer is Rust and batched, and the benchmark
+checks that it outruns training.  For many ranks, pre-tokenize once instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import queue
+import random
+import sysconfig
+import threading
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.config import DataConfig
+from trainer.tokenizer import EOS
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
+JSON_SUFFIXES = {".jsonl", ".json"}
+PARQUET_SUFFIXES = {".parquet"}
+TOKENIZE_GROUP = 32  # documents per batched tokenizer call
+
+
+def bundled_corpus_files(split: str = "train") -> list[str]:
+    """The Python standard library's own source: real text that ships with every Python.
+
+    About 1 file in 50 (chosen by a hash of its relative path, so the split is stable) is held out as `val`.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("site-packages/", "dist-packages/")) or "__pycache__" in rel:
+            continue
+        held_out = int(hashlib.sha1(rel.encode()).hexdigest(), 16) % 50 == 0
+        if held_out == (split == "val"):
+            files.append(str(path))
+    if not files:
+        raise FileNotFoundError(f"found no Python source files under {root} to use as the bundled corpus")
+    return files
+
+
+def _builder_for(files: list[str], fmt: str) -> str:
+    if fmt in ("text", "jsonl", "parquet"):
+        return {"text": "text", "jsonl": "json", "parquet": "parquet"}[fmt]
+    suffixes = {Path(f).suffix.lower() for f in files}
+    if suffixes <= PARQUET_SUFFIXES:
+        return "parquet"
+    if suffixes <= JSON_SUFFIXES:
+        return "json"
+    if suffixes & (PARQUET_SUFFIXES | JSON_SUFFIXES):
+        raise ValueError(
+            f"data.path mixes file kinds {sorted(suffixes)}; point it at one kind or set data.format explicitly"
+        )
+    return "text"
+
+
+def resolve_source(cfg: DataConfig) -> tuple[str, list[str] | str]:
+    """(datasets builder, data files) for local data, or ("hf", name) for a Hugging Face dataset name.
+
+    Fails with a clear message when the path does not exist or holds nothing readable.
+    """
+    if cfg.format == "hf":
+        if not cfg.path:
+            raise ValueError("data.format=hf needs data.path set to a Hugging Face dataset name")
+        return "hf", cfg.path
+    if not cfg.path:
+        return "text", bundled_corpus_files("train")
+    path = Path(cfg.path).expanduser()
+    if any(ch in cfg.path for ch in "*?["):
+        files = sorted(f for f in glob.glob(os.path.expanduser(cfg.path), recursive=True) if os.path.isfile(f))
+        if not files:
+            raise FileNotFoundError(f"data.path glob '{cfg.path}' matches no files")
+    elif path.is_file():
+        files = [str(path)]
+    elif path.is_dir():
+        known = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in known)
+        if not files:
+            raise FileNotFoundError(
+                f"data.path folder '{path}' holds no data files (looked for {sorted(known)} recursively)"
+            )
+    else:
+        raise FileNotFoundError(
+            f"data.path '{cfg.path}' does not exist. Give a file, a folder or a glob of text/JSONL/Parquet files, "
+            "leave it empty for the bundled corpus, or set data.format=hf for a Hugging Face dataset name"
+        )
+    return _builder_for(files, cfg.format), files
+
+
+class DocumentStream:
+    """An endless, rank-independent stream of documents: epoch after epoch, files in a seeded order.
+
+    Yields (epoch, resume_state, text), where resume_state restores the stream to just before that document.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg = cfg
+        self.seed = seed
+        self.builder, self.source = resolve_source(cfg)
+
+    def _dataset(self, epoch: int):
+        if self.builder != "hf":
+            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files: never look for a hub
+        from datasets import load_dataset
+
+        if self.builder == "hf":
+            try:
+                ds = load_dataset(self.source, split=self.cfg.hf_split, streaming=True)
+            except Exception as err:
+                raise RuntimeError(
+                    f"could not open Hugging Face dataset '{self.source}' (split '{self.cfg.hf_split}'): {err}. "
+                    "Offline machines need local files in data.path instead."
+                ) from None
+            ds.set_epoch(epoch)
+            return ds
+        files = list(self.source)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(files)
+        kwargs: dict[str, Any] = {"sample_by": "document"} if self.builder == "text" else {}
+        return load_dataset(self.builder, data_files=files, split="train", streaming=True, **kwargs)
+
+    def iterate(self, epoch: int = 0, state: dict | None = None) -> Iterator[tuple[int, dict, str]]:
+        while True:
+            ds = self._dataset(epoch)
+            if state is not None:
+                ds.load_state_dict(state)
+                state = None
+            before = ds.state_dict()
+            empty_epoch = True
+            for example in ds:
+                text = example.get(self.cfg.text_field)
+                if text is None:
+                    raise KeyError(
+                        f"documents have no field '{self.cfg.text_field}' (fields: {sorted(example)}); "
+                        "set data.text_field"
+                    )
+                empty_epoch = False
+                yield epoch, before, text
+                before = ds.state_dict()
+            if empty_epoch:
+                raise ValueError(f"the data source {str(self.source)[:200]} yielded no documents")
+            epoch += 1
+
+
+class SequencePacker:
+    """Packs the document stream, EOS after each document, into windows of seq_len + 1 tokens, stride seq_len.
+
+    Every token is a prediction target exactly once.  `state` names the document holding the next window's
+    first token, the offset into it, and the next global sequence index.
+    """
+
+    def __init__(self, docs: DocumentStream, tokenizer, seq_len: int):
+        self.docs = docs
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.token_to_id(EOS)
+        self.seq_len = seq_len
+        self._queue: deque[tuple[int, dict, np.ndarray]] = deque()  # (epoch, state, tokens) not yet consumed
+        self._offset = 0  # into the first queued document
+        self._next_index = 0
+        self._start = {"epoch": 0, "doc_state": None, "offset": 0, "next_index": 0}
+        self._source: Iterator | None = None
+
+    def load_state_dict(self, state: dict) -> None:
+        self._start = dict(state)
+        self._queue.clear()
+        self._source = None
+
+    def state_dict(self) -> dict:
+        if self._source is None:
+            return dict(self._start)
+        self._fill(1)
+        epoch, doc_state, _ = self._queue[0]
+        return {"epoch": epoch, "doc_state": doc_state, "offset": self._offset, "next_index": self._next_index}
+
+    def _fill(self, tokens_needed: int) -> None:
+        if self._source is None:
+            s = self._start
+            self._source = self.docs.iterate(s["epoch"], s["doc_state"])
+            self._offset, self._next_index = s["offset"], s["next_index"]
+        while sum(len(t) for _, _, t in self._queue) - self._offset < tokens_needed:
+            group = [next(self._source) for _ in range(TOKENIZE_GROUP)]
+            encodings = self.tokenizer.encode_batch([text for _, _, text in group], add_special_tokens=False)
+            for (epoch, state, _), enc in zip(group, encodings, strict=True):
+                self._queue.append((epoch, state, np.asarray(enc.ids + [self.eos], dtype=np.int32)))
+
+    def next_sequence(self, keep: bool = True) -> np.ndarray | None:
+        """The next global sequence (seq_len + 1 tokens), or None when `keep` is False (skipped cheaply)."""
+        t = self.seq_len
+        self._fill(t + 1)
+        out = None
+        if keep:
+            parts, need, offset = [], t + 1, self._offset
+            for _, _, tokens in self._queue:
+                piece = tokens[offset : offset + need]
+                parts.append(piece)
+                need -= len(piece)
+                offset = 0
+                if need == 0:
+                    break
+            out = np.concatenate(parts)
+        self._offset += t
+        while self._offset >= len(self._queue[0][2]):
+            self._offset -= len(self._queue.popleft()[2])
+        self._next_index += 1
+        return out
+
+
+class DataLoader:
+    """Per step: this rank's share of the global batch as a (micro_steps, micro_batch, seq_len + 1) tensor.
+
+    A background thread packs `prefetch` steps ahead; each prepared step carries the loader state *after* it,
+    so `state_dict()` describes exactly the batches handed out, never the ones merely prefetched.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, *, seq_len: int, global_batch: int, micro_batch: int,
+                 rank: int = 0, world: int = 1, seed: int = 0):
+        if global_batch % world or (global_batch // world) % micro_batch:
+            raise ValueError(f"global batch {global_batch} does not split into {world} ranks x {micro_batch}")
+        self.packer = SequencePacker(DocumentStream(cfg, seed), tokenizer, seq_len)
+        self.seq_len, self.global_batch, self.micro_batch = seq_len, global_batch, micro_batch
+        self.rank, self.world, self.prefetch = rank, world, cfg.prefetch
+        self._state = self.packer.state_dict()
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        self._stop = threading.Event()
+
+    def _next_step(self) -> tuple[torch.Tensor, dict]:
+        local = self.global_batch // self.world
+        rows = []
+        for i in range(self.global_batch):
+            mine = self.rank * local <= i < (self.rank + 1) * local
+            seq = self.packer.next_sequence(keep=mine)
+            if mine:
+                rows.append(seq)
+        batch = torch.from_numpy(np.stack(rows)).view(local // self.micro_batch, self.micro_batch, self.seq_len + 1)
+        return batch, self.packer.state_dict()
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = self._next_step()
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as err:  # surfaced in the training thread
+            self._queue.put(err)
+
+    def __iter__(self) -> DataLoader:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.prefetch == 0:
+            batch, self._state = self._next_step()
+            return batch
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._produce, name="hylo-data", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._state = item
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"packer": self._state, "seq_len": self.seq_len, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._thread is not None:
+            raise RuntimeError("load the data loader's state before iterating it")
+        if state["seq_len"] != self.seq_len:
+            raise ValueError(f"data state was saved at seq_len={state['seq_len']}, this run uses {self.seq_len}")
+        self.packer.load_state_dict(state["packer"])
+        self._state = self.packer.state_dict()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
