@@ -219,8 +219,8 @@ def validate(c: Config) -> None:
         problem = MIXERS[name].check_config(c)
         if problem:
             raise ConfigError(problem)
-    if not 0 <= c.schedule.warmup_steps <= t.steps:
-        raise ConfigError(f"schedule.warmup_steps={c.schedule.warmup_steps} must lie in [0, train.steps={t.steps}]")
+    if c.schedule.warmup_steps < 0:
+        raise ConfigError(f"schedule.warmup_steps={c.schedule.warmup_steps} must be >= 0")
     if not 0.0 <= c.schedule.min_lr_ratio <= 1.0:
         raise ConfigError(f"schedule.min_lr_ratio={c.schedule.min_lr_ratio} must lie in [0, 1]")
     if len(c.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in c.optim.betas):

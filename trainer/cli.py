@@ -1,0 +1,61 @@
+"""The `hylo` console script: `hylo train ...`, `hylo tokenize ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def tokenize_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hylo tokenize", description="Train a byte-level BPE tokenizer.")
+    parser.add_argument("--input", default="", help="files, folder or glob (default: the bundled corpus)")
+    parser.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet"])
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--output", default="tokenizer.json")
+    args = parser.parse_args(argv)
+
+    from trainer.config import DataConfig
+    from trainer.data import DocumentStream
+    from trainer.tokenizer import train_bpe
+
+    try:
+        stream = DocumentStream(DataConfig(path=args.input, format=args.format, text_field=args.text_field), seed=0)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"[hylo] error: {err}", file=sys.stderr)
+        return 2
+
+    def one_epoch():
+        for epoch, _, text in stream.iterate():
+            if epoch > 0:
+                return
+            yield text
+
+    tok = train_bpe(one_epoch(), args.vocab_size, args.output)
+    print(f"[hylo] wrote {args.output} ({tok.get_vocab_size()} tokens)")
+    return 0
+
+
+COMMANDS = {"train": "trainer.train", "tokenize": None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: hylo {train,tokenize} [args]\n"
+              "  train     train a model (hylo train --help)\n"
+              "  tokenize  train a byte-level BPE tokenizer (hylo tokenize --help)")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from trainer.train import main as train_main
+
+        return train_main(rest)
+    if command == "tokenize":
+        return tokenize_main(rest)
+    print(f"hylo: unknown command '{command}'; choose from {sorted(COMMANDS)}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Train a hybrid LM:  python -m trainer.train [--config configs/X.yaml] [key=value ...]
+
+Works as is on one process, under `torchrun --standalone --nproc_per_node=N` and under multi-node torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from launch.distributed import DistInfo, destroy_distributed, init_distributed
+from models import HybridLM
+from parallel.data_parallel import apply_data_parallel, gradient_sync
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.config import Config, ConfigError, check_batch_layout, load_config, to_yaml
+from trainer.data import DataLoader
+from trainer.metrics import MetricsLogger, peak_flops
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.tokenizer import load_tokenizer
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG if value.is_cuda else dist.ReduceOp.SUM)
+        if not value.is_cuda:
+            value /= dist.get_world_size()
+    return value.item()
+
+
+def _resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
+    resume = cfg.checkpoint.resume
+    if resume == "auto":
+        return latest_checkpoint(ckpt_dir)
+    if resume == "none":
+        if latest_checkpoint(ckpt_dir) is not None:
+            raise ConfigError(
+                f"checkpoint.resume=none but {ckpt_dir} already holds checkpoints that this run would overwrite; "
+                "use a new run.dir, or checkpoint.resume=auto to continue"
+            )
+        return None
+    return Path(resume)
+
+
+def _autocast(cfg: Config, device: torch.device):
+    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+def train(cfg: Config) -> dict:
+    """Run training to `train.steps`; returns a summary (first and last logged loss, where outputs are)."""
+    info: DistInfo = init_distributed(cfg.train.device, cfg.parallel.backend)
+    try:
+        return _train(cfg, info)
+    finally:
+        destroy_distributed()
+
+
+def _train(cfg: Config, info: DistInfo) -> dict:
+    micro, accum = check_batch_layout(cfg, info.world)
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    run_dir, device, seq_len = Path(cfg.run.dir), info.device, cfg.train.seq_len
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = 64 * -(-tokenizer.get_vocab_size() // 64)
+    elif cfg.model.vocab_size < tokenizer.get_vocab_size():
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's {tokenizer.get_vocab_size()}")
+    loader = DataLoader(cfg.data, tokenizer, seq_len=seq_len, global_batch=cfg.train.batch_size,
+                        micro_batch=micro, rank=info.rank, world=info.world, seed=cfg.train.seed)
+
+    model = HybridLM(cfg.model).to(device)
+    flops_per_token = model.flops_per_token(seq_len)
+    n_params = model.num_params()
+    if cfg.train.compile:
+        for block in model.blocks:
+            block.compile()
+    model = apply_data_parallel(model, info.world, cfg.parallel.dp_shard, device)
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = build_scheduler(optimizer, cfg)
+
+    ckpt_dir = run_dir / "checkpoints"
+    start_step = 0
+    resume_from = _resume_path(cfg, ckpt_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["data"])
+        start_step = state["step"]
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        where = f"resuming from {resume_from}" if resume_from else "from scratch"
+        print(f"[hylo] {n_params / 1e6:.2f}M params, layers {cfg.model.pattern} x{cfg.model.n_layers}, "
+              f"{info.world} rank(s) on {device.type}, {where}; run dir {run_dir.resolve()}", flush=True)
+
+    logger = MetricsLogger(run_dir, enabled=info.is_main)
+    peak = peak_flops(device, cfg.logging.peak_tflops) * info.world
+    tokens_per_step = cfg.train.batch_size * seq_len
+    bar = None
+    if info.is_main and cfg.logging.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", dynamic_ncols=True)
+    first_loss = last_loss = None
+    loss_acc = torch.zeros((), device=device)
+    window_start, window_steps = time.perf_counter(), 0
+    model.train()
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        batch = next(loader).to(device, non_blocking=True).long()
+        for i in range(accum):
+            inputs, targets = batch[i, :, :-1], batch[i, :, 1:]
+            with gradient_sync(model, i == accum - 1), _autocast(cfg, device):
+                logits = model(inputs)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum
+                loss.backward()
+            loss_acc += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_steps += 1
+
+        last = step == cfg.train.steps
+        if step % cfg.logging.interval == 0 or last or step == start_step + 1:
+            mean_loss = _mean_over_ranks(loss_acc / window_steps)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            if not torch.isfinite(torch.tensor(mean_loss)):
+                raise FloatingPointError(f"loss became {mean_loss} at step {step}; lower train.lr or check the data")
+            elapsed = time.perf_counter() - window_start
+            tokens_per_sec = window_steps * tokens_per_step / elapsed
+            scalars = {
+                "train/loss": mean_loss,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm),
+                "train/tokens_per_sec": tokens_per_sec,
+                "train/mfu": flops_per_token * tokens_per_sec / peak,
+            }
+            if device.type == "cuda":
+                scalars["train/mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            logger.log(step, scalars)
+            first_loss = mean_loss if first_loss is None else first_loss
+            last_loss = mean_loss
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+            loss_acc.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+        if bar is not None:
+            bar.update(1)
+
+        interval = cfg.checkpoint.interval
+        if interval and (step % interval == 0 or last):
+            trainer_state = {"step": step, "tokens": step * tokens_per_step,
+                             "scheduler": scheduler.state_dict(), "data": loader.state_dict()}
+            path = save_checkpoint(ckpt_dir, step, model, optimizer, trainer_state, info.is_main)
+            window_start = time.perf_counter()  # keep checkpoint time out of tokens/s
+            if bar is not None:
+                bar.write(f"[hylo] saved checkpoint {path}")
+
+    loader.close()
+    logger.close()
+    if bar is not None:
+        bar.close()
+    if info.is_main:
+        if start_step >= cfg.train.steps:
+            print(f"[hylo] run already complete at step {start_step} ({resume_from}); nothing to do", flush=True)
+        print(f"[hylo] done. TensorBoard: tensorboard --logdir {(run_dir / 'tb').resolve()}\n"
+              f"[hylo] checkpoints: {ckpt_dir.resolve()}  config: {(run_dir / 'config.yaml').resolve()}", flush=True)
+    return {"first_loss": first_loss, "last_loss": last_loss, "run_dir": str(run_dir), "start_step": start_step}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(prog="hylo train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (default: the embedded tiny config, configs/tiny.yaml)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help="resume: latest checkpoint in run.dir (no value) or a checkpoint folder")
+    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.steps=100 model.d_model=256")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    return args.config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_path, overrides = parse_args(argv)
+    try:
+        cfg = load_config(config_path, overrides)
+        train(cfg)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"[hylo] error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
