@@ -8,22 +8,23 @@ is written into `step_<N>.tmp/` and renamed once every rank has finished, so a f
 from __future__ import annotations
 
 import json
-import warnings
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.optim import Optimizer
 
 TRAINER_STATE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Single-process runs save without a process group on purpose.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _barrier() -> None:
@@ -75,10 +76,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Optimizer) -> dict[
     state = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
+        cause = [line for line in str(err).splitlines() if line.strip()][-1]
         raise ValueError(
             f"checkpoint '{path}' does not fit this model/optimizer (different model shape or corrupt files): "
-            f"{str(err).splitlines()[0][:500]}"
+            f"{cause[:500]}"
         ) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return json.loads((path / TRAINER_STATE).read_text())

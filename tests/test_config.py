@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from trainer.config import CONFIG_DIR, Config, ConfigError, check_batch_layout, load_config
+
+
+def test_tiny_yaml_is_the_embedded_default():
+    from_yaml = OmegaConf.to_container(OmegaConf.structured(load_config(CONFIG_DIR / "tiny.yaml")))
+    assert from_yaml == OmegaConf.to_container(OmegaConf.structured(Config()))
+
+
+def test_every_bundled_config_loads():
+    for path in sorted(Path(CONFIG_DIR).glob("*.yaml")):
+        assert isinstance(load_config(path), Config)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.steps=7", "model.pattern=[full,swa,swa]", "train.lr=1e-4"])
+    assert cfg.train.steps == 7 and cfg.model.pattern == ["full", "swa", "swa"] and cfg.train.lr == 1e-4
+
+
+def test_unknown_key_names_key_and_allowed():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.setps=10"])
+    msg = str(err.value)
+    assert "train.setps" in msg and "Allowed keys under 'train'" in msg and "Did you mean 'train.steps'" in msg
+
+
+def test_unknown_section_and_yaml_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_modle: 64\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.d_modle'.*d_model"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_config(None, ["trian.steps=3"])
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"bad value for config key 'train.steps'.*abc"):
+        load_config(None, ["train.steps=abc"])
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.pattern=[full,rnn]", "'rnn' is not a layer type"),
+        ("model.n_heads=3", "not divisible by model.n_heads=3"),
+        ("model.n_kv_heads=3", "multiple of model.n_kv_heads=3"),
+        ("train.dtype=fp8", "train.dtype='fp8' is not one of"),
+        ("model.window=0", "model.window=0 must be positive"),
+        ("train.seq_len=0", "train.seq_len must be positive"),
+        ("notakeyvalue", "not of the form key=value"),
+    ],
+)
+def test_inconsistent_values(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_missing_config_file_lists_bundled():
+    with pytest.raises(ConfigError, match=r"does not exist.*tiny.yaml"):
+        load_config("configs/nope.yaml")
+
+
+def test_batch_layout():
+    cfg = load_config(None, ["train.batch_size=16", "train.micro_batch_size=4"])
+    assert check_batch_layout(cfg, 2) == (4, 2)
+    with pytest.raises(ConfigError, match="not divisible by the 3 data-parallel ranks"):
+        check_batch_layout(cfg, 3)
+    cfg = load_config(None, ["train.batch_size=16", "train.micro_batch_size=3"])
+    with pytest.raises(ConfigError, match="must divide the per-rank batch 8"):
+        check_batch_layout(cfg, 2)

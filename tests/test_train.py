@@ -1,0 +1,81 @@
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import run_module
+from trainer.config import load_config
+from trainer.train import train
+
+TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu"]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config("configs/tiny.yaml", [f"run.dir={run_dir}", "train.steps=50", "logging.interval=5",
+                                            "checkpoint.interval=25", "logging.progress=false"])
+    return run_dir, train(cfg)
+
+
+def test_loss_falls(tiny_run):
+    run_dir, summary = tiny_run
+    losses = [m["train/loss"] for m in read_metrics(run_dir)]
+    assert losses[0] > 8.0  # ~ln(4096) at initialisation
+    assert summary["last_loss"] < losses[0] - 1.5, losses  # a clear drop, not noise
+
+
+def test_tensorboard_has_every_tag_once_per_logged_step(tiny_run):
+    run_dir, _ = tiny_run
+    logged_steps = [m["step"] for m in read_metrics(run_dir)]
+    assert logged_steps == [1, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    for tag in TAGS:
+        assert [e.step for e in acc.Scalars(tag)] == logged_steps, tag
+    assert "train/mem_gb" not in acc.Tags()["scalars"]  # only where a GPU is present
+    assert (run_dir / "config.yaml").read_text().count("steps: 50") == 1
+
+
+def test_checkpoints_and_resume(tiny_run):
+    run_dir, _ = tiny_run
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_25", "step_50"]
+    cfg = load_config(None, [f"run.dir={run_dir}", "train.steps=55", "logging.interval=5",
+                             "checkpoint.interval=0", "logging.progress=false"])
+    summary = train(cfg)
+    assert summary["start_step"] == 50
+    assert read_metrics(run_dir)[-1]["step"] == 55
+    with pytest.raises(Exception, match="already holds checkpoints"):
+        train(load_config(None, [f"run.dir={run_dir}", "checkpoint.resume=none"]))
+
+
+def test_resume_from_wrong_model_shape_fails_clearly(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    cfg = load_config(None, [f"run.dir={tmp_path}", "model.d_model=64", f"checkpoint.resume={run_dir}/checkpoints/step_25",
+                             "logging.progress=false"])
+    with pytest.raises(ValueError, match="does not fit this model"):
+        train(cfg)
+
+
+def test_cli_errors_exit_nonzero_with_message(tmp_path):
+    bad_key = run_module(["-m", "trainer.train", "train.stepz=3", f"run.dir={tmp_path}"])
+    assert bad_key.returncode == 2 and "unknown config key 'train.stepz'" in bad_key.stderr
+    bad_type = run_module(["-m", "trainer.cli", "train", "model.d_model=big", f"run.dir={tmp_path}"])
+    assert bad_type.returncode == 2 and "model.d_model" in bad_type.stderr
+    no_data = run_module(["-m", "trainer.train", "data.path=/no/such/corpus", f"run.dir={tmp_path}"])
+    assert no_data.returncode == 2 and "data.path '/no/such/corpus' does not exist" in no_data.stderr
+    assert not (tmp_path / "checkpoints").exists()  # nothing was started
+
+
+def test_hylo_tokenize(tmp_path):
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    out = tmp_path / "tok.json"
+    res = run_module(["-m", "trainer.cli", "tokenize", "--input", str(tmp_path / "a.txt"), "--vocab-size", "300",
+                      "--output", str(out)])
+    assert res.returncode == 0, res.stderr
+    assert out.is_file() and "wrote" in res.stdout
