@@ -1,10 +1,10 @@
 """Layer types by name: `model.pattern` entries are looked up here.
 
 A mixer module registers itself with `@register_mixer("name")`.  Besides `forward(x, rope)` it answers two
-questions the rest of the framework asks without building it: `check_config(config)` (does this run's layout
-suit the layer? returns the reason if not, else None) and `attention_flops_per_token(model_cfg, seq_len)` (forward FLOPs a
-token spends in the sequence mixing itself, beyond the projections that 6N already counts; so linear layers are
-not counted as quadratic).
+questions the rest of the framework asks without building it: `check_config(config)` (does this run's
+layout suit the layer? returns the reason if not, else None) and `attention_flops_per_token(model_cfg,
+seq_len)` (forward FLOPs a token spends in the sequence mixing itself, beyond the projections that 6N already
+counts; so linear layers are not counted as quadratic).
 """
 
 from __future__ import annotations

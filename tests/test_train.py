@@ -56,7 +56,8 @@ def test_checkpoints_and_resume(tiny_run):
 
 def test_resume_from_wrong_model_shape_fails_clearly(tiny_run, tmp_path):
     run_dir, _ = tiny_run
-    cfg = load_config(None, [f"run.dir={tmp_path}", "model.d_model=64", f"checkpoint.resume={run_dir}/checkpoints/step_25",
+    step_25 = run_dir / "checkpoints" / "step_25"
+    cfg = load_config(None, [f"run.dir={tmp_path}", "model.d_model=64", f"checkpoint.resume={step_25}",
                              "logging.progress=false"])
     with pytest.raises(ValueError, match="does not fit this model"):
         train(cfg)

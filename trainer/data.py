@@ -132,7 +132,9 @@ class DocumentStream:
             return ds
         files = list(self.source)
         random.Random(self.seed * 1_000_003 + epoch).shuffle(files)
-        kwargs: dict[str, Any] = {"sample_by": "document"} if self.builder == "text" else {}
+        # Real corpora hold the odd non-UTF-8 byte (the stdlib has latin-1 test files): replace, never crash.
+        text_kwargs = {"sample_by": "document", "encoding_errors": "replace"}
+        kwargs: dict[str, Any] = text_kwargs if self.builder == "text" else {}
         return load_dataset(self.builder, data_files=files, split="train", streaming=True, **kwargs)
 
     def iterate(self, epoch: int = 0, state: dict | None = None) -> Iterator[tuple[int, dict, str]]:
