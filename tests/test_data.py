@@ -104,3 +104,18 @@ def test_train_bpe_roundtrip(tmp_path):
         load_tokenizer(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="hylo tokenize"):
         load_tokenizer(tmp_path / "missing.json")
+
+
+def test_bundled_corpus_reads_through_a_whole_epoch():
+    # Every bundled file must decode (the stdlib ships latin-1 test files) and the epoch must end cleanly.
+    stream = DocumentStream(DataConfig(), seed=0)
+    n_docs = sum(1 for _ in iter_one_epoch(stream))
+    assert n_docs == len(bundled_corpus_files("train"))
+
+
+def iter_one_epoch(stream):
+    for epoch, _, text in stream.iterate():
+        if epoch > 0:
+            return
+        assert isinstance(text, str)
+        yield text

@@ -40,3 +40,23 @@ def test_batch_not_divisible_by_ranks(tmp_path, free_port):
                       f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "trainer.train", f"run.dir={tmp_path}",
                       *COMMON])
     assert res.returncode != 0 and "not divisible by the 3 data-parallel ranks" in res.stderr
+
+
+def test_multi_node_rendezvous_matches_one_rank(single, tmp_path, free_port):
+    """Two torchrun agents (`--nnodes 2`, one process each) meeting through the c10d rendezvous, as on two hosts."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    agents = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                          f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port}",
+                          "--rdzv_id=hylo-test", "-m", "trainer.train", f"run.dir={tmp_path}", *COMMON],
+                         cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [agent.communicate(timeout=600) for agent in agents]
+    for agent, (_, err) in zip(agents, outputs, strict=True):
+        assert agent.returncode == 0, err[-3000:]
+    assert first_step(tmp_path)["train/loss"] == pytest.approx(single["train/loss"], rel=1e-6)
