@@ -1,0 +1,65 @@
+"""Softmax attention with grouped-query heads, sliding windows, learned sinks and the log-sum-exp.
+
+Window convention: `window=W` means each query sees itself and the W-1 tokens before it (W keys in all);
+`window=1` is each token alone, `window>=T` is full causal attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.attention.chunk import chunk_attention
+from kernels.attention.naive import naive_attention
+from kernels.attention.step import attention_step
+
+__all__ = ["attention", "attention_step", "naive_attention", "chunk_attention"]
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, causal: bool,
+                 sink: torch.Tensor | None, n_pinned: int) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects (batch, seq, heads, dim) tensors, got q{tuple(q.shape)} "
+                         f"k{tuple(k.shape)} v{tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)} do not fit together")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} key/value heads")
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(f"more queries ({q.shape[1]}) than keys ({k.shape[1]}): queries are the last positions")
+    if window is not None and (window < 1 or not causal):
+        raise ValueError(f"window={window} needs causal=True and window >= 1")
+    if sink is not None and sink.shape != (q.shape[2],):
+        raise ValueError(f"sink must have shape (heads,) = ({q.shape[2]},), got {tuple(sink.shape)}")
+    if n_pinned < 0:
+        raise ValueError(f"n_pinned={n_pinned} must be >= 0")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, window: int | None = None,
+              sink: torch.Tensor | None = None, scale: float | None = None, return_lse: bool = False,
+              n_pinned: int = 0, backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention.  q (B, Tq, H, d); k, v (B, Tk, Hkv, d) with H a multiple of Hkv; Tq <= Tk, the queries
+    being the last Tq positions.  Returns out (B, Tq, H, d), and lse (B, H, Tq) with `return_lse=True`.
+
+    window    each query sees itself and the window-1 keys before it (None: all earlier keys)
+    sink      (H,) learned logits that join each query's softmax denominator and carry no value
+    n_pinned  with a window, the first n_pinned tokens stay visible to every query (StreamingLLM)
+    backend   "naive" (quadratic oracle) | "chunk" (blockwise PyTorch) | "auto"
+    """
+    check_inputs(q, k, v, window, causal, sink, n_pinned)
+    if window is not None and window >= k.shape[1]:
+        window = None  # the window covers everything: plain causal attention
+    if backend == "naive":
+        out, lse = naive_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale, n_pinned=n_pinned)
+    elif backend in ("auto", "chunk"):
+        plain = sink is None and window is None and not return_lse and q.shape[1] == k.shape[1]
+        if plain:  # nothing SDPA lacks: use the library kernel
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=causal, scale=scale,
+                                                 enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+            return out
+        out, lse = chunk_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale,
+                                   n_pinned=n_pinned)
+    else:
+        raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk'")
+    return (out, lse) if return_lse else out

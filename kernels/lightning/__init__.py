@@ -1,0 +1,51 @@
+"""TNL lightning attention: linear attention with a per-head exponential decay, O = (QK^T * M) V."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels.lightning.chunk import chunk_lightning_attention
+from kernels.lightning.naive import naive_lightning_attention
+from kernels.lightning.step import lightning_step
+
+__all__ = ["lightning_attention", "lightning_step", "tnl_slopes", "naive_lightning_attention",
+           "chunk_lightning_attention"]
+
+
+def _alibi_slopes(n: int) -> list[float]:
+    if math.log2(n).is_integer():
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+    p = 2 ** math.floor(math.log2(n))  # ALiBi's rule for head counts that are not powers of two: interleave
+    return _alibi_slopes(p) + _alibi_slopes(2 * p)[0::2][: n - p]
+
+
+def tnl_slopes(n_heads: int, layer_idx: int, n_layers: int) -> torch.Tensor:
+    """TNL's decay slopes s_h for one layer: ALiBi-style per head, scaled by (1 - l/(L-1) + 1e-5) so the first
+    layer decays fastest and the last barely at all.  float32, shape (n_heads,)."""
+    if not 0 <= layer_idx < n_layers:
+        raise ValueError(f"layer_idx={layer_idx} outside 0..{n_layers - 1}")
+    scale = 1 - layer_idx / max(n_layers - 1, 1) + 1e-5
+    return torch.tensor(_alibi_slopes(n_heads), dtype=torch.float32) * scale
+
+
+def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, *,
+                        backend: str = "auto") -> torch.Tensor:
+    """q, k (B, T, H, d), v (B, T, H, e), decay (H,) slopes >= 0 -> (B, T, H, e).
+
+    O_i = sum_{j<=i} exp(-s_h (i-j)) (q_i . k_j) v_j.  backend: "naive" | "chunk" | "auto".
+    """
+    if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"lightning_attention expects q, k (B, T, H, d) and v (B, T, H, e); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if decay.shape != (q.shape[2],):
+        raise ValueError(f"decay must have shape (heads,) = ({q.shape[2]},), got {tuple(decay.shape)}")
+    if bool((decay < 0).any()):
+        raise ValueError("decay slopes must be >= 0 (lambda = exp(-s) <= 1)")
+    if backend == "naive":
+        return naive_lightning_attention(q, k, v, decay)
+    if backend in ("auto", "chunk"):
+        return chunk_lightning_attention(q, k, v, decay)
+    raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk'")

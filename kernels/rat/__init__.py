@@ -1,0 +1,33 @@
+"""RAT: a gated linear recurrence inside chunks of L tokens, softmax attention across the chunks' summaries."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.rat.chunk import chunk_rat_attention
+from kernels.rat.naive import naive_rat_attention
+from kernels.rat.step import rat_step
+
+__all__ = ["rat_attention", "rat_step", "naive_rat_attention", "chunk_rat_attention"]
+
+
+def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, chunk_size: int, *,
+                  scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """q, k, v, gate (B, T, H, d), gate in (0, 1) -> (B, T, H, d).
+
+    Inside each chunk of `chunk_size` tokens k~_l = g*k~_{l-1} + (1-g)*k_l (same for v), restarting per chunk.
+    Query t attends in one softmax to the last k~ of every earlier chunk and to its own k~_t.  T need not be a
+    multiple of chunk_size (a partial last chunk is padded internally).  backend: "naive" | "chunk" | "auto".
+    """
+    if q.dim() != 4 or not (q.shape == k.shape == gate.shape) or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"rat_attention expects q, k, gate (B, T, H, d) and v (B, T, H, e); got q{tuple(q.shape)} "
+                         f"k{tuple(k.shape)} v{tuple(v.shape)} gate{tuple(gate.shape)}")
+    if gate.shape[-1] != v.shape[-1]:
+        raise ValueError("the gate is shared by the key and value scans: k and v need the same head dim")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    if backend == "naive":
+        return naive_rat_attention(q, k, v, gate, chunk_size, scale)
+    if backend in ("auto", "chunk"):
+        return chunk_rat_attention(q, k, v, gate, chunk_size, scale)
+    raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk'")

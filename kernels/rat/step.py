@@ -1,0 +1,28 @@
+"""Recurrent decoding for RAT: one key/value per finished chunk plus the running scanned key/value, O(T/L)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rat_step(state: dict | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor,
+             chunk_size: int, scale: float | None = None) -> tuple[torch.Tensor, dict]:
+    """One token: q, k, v, gate (B, H, d) -> (o (B, H, d), state).  `state=None` starts a sequence."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if state is None:
+        state = {"pos": 0, "k_sum": k.new_zeros(k.shape[0], 0, *k.shape[1:]),
+                 "v_sum": v.new_zeros(v.shape[0], 0, *v.shape[1:]), "k_run": None, "v_run": None}
+    pos = state["pos"]
+    if pos % chunk_size == 0:
+        k_run, v_run = (1 - gate) * k, (1 - gate) * v
+    else:
+        k_run = gate * state["k_run"] + (1 - gate) * k
+        v_run = gate * state["v_run"] + (1 - gate) * v
+    keys = torch.cat([state["k_sum"], k_run[:, None]], dim=1)
+    values = torch.cat([state["v_sum"], v_run[:, None]], dim=1)
+    probs = (torch.einsum("bhd,bjhd->bhj", q, keys) * scale).softmax(-1)
+    out = torch.einsum("bhj,bjhd->bhd", probs, values)
+    state = {"pos": pos + 1, "k_sum": state["k_sum"], "v_sum": state["v_sum"], "k_run": k_run, "v_run": v_run}
+    if pos % chunk_size == chunk_size - 1:  # chunk finished: its running key/value becomes its summary
+        state["k_sum"], state["v_sum"] = keys, values
+    return out, state
