@@ -24,3 +24,14 @@ def subprocess_env() -> dict[str, str]:
 def run_module(args: list[str], cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    """Fresh random inputs every run; the seed is printed (shown on failure) and HYLO_TEST_SEED replays it."""
+    import torch
+
+    seed = int(os.environ.get("HYLO_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(seed)
+    print(f"torch seed {seed} (replay with HYLO_TEST_SEED={seed})")
+    return seed

@@ -1,0 +1,279 @@
+"""Every op's chunk path against its float64 naive oracle (forward and input gradients), and its recurrent step
+against the parallel forward.  Fresh random inputs every run.
+
+Tolerances: float64 paths agree to ~1e-12 (gradcheck, plus relative error <= 1e-9 — loose enough for
+near-zero gradients); float32 chunk paths are held to a
+relative error ||fast - ref|| / ||ref|| <= 1e-5 against the float64 oracle.
+"""
+
+import pytest
+import torch
+
+from kernels import (
+    attention,
+    attention_step,
+    based_linear_attention,
+    based_step,
+    lightning_attention,
+    lightning_step,
+    rat_attention,
+    rat_step,
+    tnl_slopes,
+)
+
+F64 = torch.float64
+
+
+def rand(*shape, dtype=F64, low=None):
+    x = torch.randn(*shape, dtype=dtype) if low is None else torch.rand(*shape, dtype=dtype) * (1 - low) + low
+    return x.requires_grad_()
+
+
+def outputs_and_grads(fn, inputs, seed=0):
+    """fn(*inputs) -> tensor or tuple; returns (outputs, grads of a random projection w.r.t. every input)."""
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=F64)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+    return [o.detach().double() for o in outs], [g.double() for g in grads]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_matches(fast, ref, inputs, tol):
+    """fast(*inputs) vs ref(*inputs in float64): outputs and gradients, relative error <= tol."""
+    ref_inputs = [x.detach().double().requires_grad_(x.requires_grad) for x in inputs]
+    out_f, grad_f = outputs_and_grads(fast, inputs)
+    out_r, grad_r = outputs_and_grads(ref, ref_inputs)
+    for i, (a, b) in enumerate(zip(out_f, out_r, strict=True)):
+        assert rel_err(a, b) <= tol, f"output {i}: relative error {rel_err(a, b):.2e} > {tol}"
+    for i, (a, b) in enumerate(zip(grad_f, grad_r, strict=True)):
+        if b.abs().sum() > 0:
+            assert rel_err(a, b) <= tol, f"grad of input {i}: relative error {rel_err(a, b):.2e} > {tol}"
+        else:
+            assert a.abs().max() <= tol
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def attn(backend, **kw):
+    def fn(q, k, v, *sink):
+        return attention(q, k, v, sink=sink[0] if sink else None, return_lse=True, backend=backend, **kw)
+    return fn
+
+
+ATTN_CASES = {  # (T, H, Hkv, kwargs)
+    "full": (37, 4, 4, {}),
+    "gqa": (53, 4, 2, {}),
+    "mqa-window": (70, 4, 1, {"window": 9}),
+    "window-1": (33, 2, 2, {"window": 1}),
+    "window>=T": (20, 2, 2, {"window": 64}),
+    "pinned": (150, 2, 1, {"window": 16, "n_pinned": 4}),
+    "multi-block": (300, 2, 2, {"window": 130}),
+    "non-causal": (29, 2, 1, {"causal": False}),
+}
+
+
+@pytest.mark.parametrize("with_sink", [True, False], ids=["sink", "nosink"])
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_attention_chunk_matches_oracle(case, with_sink):
+    t, h, h_kv, kw = ATTN_CASES[case]
+    inputs = [rand(2, t, h, 16), rand(2, t, h_kv, 16), rand(2, t, h_kv, 16)] + ([rand(h)] if with_sink else [])
+    assert_matches(attn("chunk", **kw), attn("naive", **kw), inputs, tol=1e-9)
+    f32 = [x.detach().float().requires_grad_() for x in inputs]
+    assert_matches(attn("chunk", **kw), attn("naive", **kw), f32, tol=1e-5)
+
+
+def test_attention_gradcheck():
+    q, k, v, sink = rand(1, 11, 2, 4), rand(1, 11, 1, 4), rand(1, 11, 1, 4), rand(2)
+    assert torch.autograd.gradcheck(attn("chunk", window=4, n_pinned=1), (q, k, v, sink))
+    assert torch.autograd.gradcheck(attn("chunk"), (q, k, v, sink))
+
+
+def test_attention_fewer_queries_than_keys():
+    q, k, v = rand(1, 5, 2, 8), rand(1, 40, 2, 8), rand(1, 40, 2, 8)
+    assert_matches(attn("chunk", window=7), attn("naive", window=7), [q, k, v], tol=1e-9)
+
+
+def test_attention_sdpa_fast_path_matches_oracle():
+    q, k, v = rand(2, 45, 4, 8, dtype=torch.float32), rand(2, 45, 2, 8, dtype=torch.float32), rand(2, 45, 2, 8,
+                                                                                                   dtype=torch.float32)
+    fast = lambda q, k, v: attention(q, k, v)  # noqa: E731  (no sink, no window, no lse: SDPA)
+    ref = lambda q, k, v: attention(q, k, v, backend="naive")  # noqa: E731
+    assert_matches(fast, ref, [q, k, v], tol=1e-5)
+
+
+def test_sink_takes_mass_and_learns():
+    q, k, v = torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 8), torch.ones(1, 4, 1, 8)
+    out, lse = attention(q, k, v, sink=torch.tensor([0.0]), return_lse=True)
+    # all logits are 0: query t splits its mass over t+1 keys and the sink -> output (t+1)/(t+2)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([1 / 2, 2 / 3, 3 / 4, 4 / 5]))
+    torch.testing.assert_close(lse[0, 0], torch.log(torch.tensor([2.0, 3, 4, 5])))
+
+
+@pytest.mark.parametrize("kw", [{}, {"window": 5}, {"window": 6, "n_pinned": 2}], ids=["full", "window", "pinned"])
+def test_attention_step_equals_parallel(kw):
+    q, k, v, sink = torch.randn(2, 23, 4, 8, dtype=F64), torch.randn(2, 23, 2, 8, dtype=F64), \
+        torch.randn(2, 23, 2, 8, dtype=F64), torch.randn(4, dtype=F64)
+    full = attention(q, k, v, sink=sink, backend="naive", **kw)
+    state, outs = None, []
+    for t in range(23):
+        o, state = attention_step(state, q[:, t], k[:, t], v[:, t], sink=sink, **kw)
+        outs.append(o)
+        if "window" in kw:  # the cache stays bounded
+            assert state["k"].shape[1] <= kw["window"] and state["pinned_k"].shape[1] <= kw.get("n_pinned", 0)
+    torch.testing.assert_close(torch.stack(outs, 1), full, rtol=0, atol=1e-9)
+
+
+def test_attention_rejects_bad_inputs():
+    q, kv = torch.randn(1, 8, 3, 4), torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="not a multiple of 2 key/value heads"):
+        attention(q, kv, kv)
+    with pytest.raises(ValueError, match="window=0 needs causal=True and window >= 1"):
+        attention(kv, kv, kv, window=0)
+    with pytest.raises(ValueError, match=r"sink must have shape \(heads,\)"):
+        attention(kv, kv, kv, sink=torch.zeros(3))
+    with pytest.raises(ValueError, match="backend='triton'"):
+        attention(kv, kv, kv, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------- lightning
+def light(backend):
+    return lambda q, k, v, s: lightning_attention(q, k, v, s, backend=backend)
+
+
+@pytest.mark.parametrize("t,decay", [(1, "tnl"), (37, "tnl"), (64, "zero"), (129, "steep"), (200, "mixed")])
+def test_lightning_chunk_matches_oracle(t, decay):
+    slopes = {"tnl": tnl_slopes(4, 0, 6), "zero": torch.zeros(4), "steep": torch.full((4,), 8.0),
+              "mixed": torch.tensor([0.0, 1e-3, 0.5, 30.0])}[decay].double()
+    inputs = [rand(2, t, 4, 8), rand(2, t, 4, 8), rand(2, t, 4, 12)]
+    fn = lambda q, k, v: lightning_attention(q, k, v, slopes, backend="chunk")  # noqa: E731
+    ref = lambda q, k, v: lightning_attention(q, k, v, slopes, backend="naive")  # noqa: E731
+    assert_matches(fn, ref, inputs, tol=1e-9)
+    assert_matches(fn, ref, [x.detach().float().requires_grad_() for x in inputs], tol=1e-5)
+
+
+def test_lightning_gradcheck_including_decay():
+    inputs = (rand(1, 70, 2, 3), rand(1, 70, 2, 3), rand(1, 70, 2, 2), rand(2, low=0.01))
+    assert torch.autograd.gradcheck(light("chunk"), inputs)
+
+
+def test_lightning_long_sequence_does_not_overflow():
+    # exp(+s*j) at s=1, j=4096 overflows fp32; the chunked form only ever exponentiates -s*n.
+    q, k, v = (torch.randn(1, 4096, 2, 4) for _ in range(3))
+    out = lightning_attention(q, k, v, torch.tensor([1.0, 0.05]))
+    assert torch.isfinite(out).all()
+
+
+def test_lightning_step_equals_parallel():
+    q, k, v, s = torch.randn(2, 40, 3, 4, dtype=F64), torch.randn(2, 40, 3, 4, dtype=F64), \
+        torch.randn(2, 40, 3, 5, dtype=F64), tnl_slopes(3, 1, 4).double()
+    full, state, outs = lightning_attention(q, k, v, s), None, []
+    for t in range(40):
+        o, state = lightning_step(state, q[:, t], k[:, t], v[:, t], s)
+        outs.append(o)
+    assert state.shape == (2, 3, 4, 5)  # O(1) state
+    torch.testing.assert_close(torch.stack(outs, 1), full, rtol=0, atol=1e-11)
+
+
+def test_tnl_slopes_schedule():
+    first, last = tnl_slopes(8, 0, 12), tnl_slopes(8, 11, 12)
+    torch.testing.assert_close(first, torch.tensor([2.0 ** -(i + 1) for i in range(8)]) * (1 + 1e-5))
+    torch.testing.assert_close(last, first / (1 + 1e-5) * 1e-5)
+    assert torch.allclose(tnl_slopes(6, 0, 2)[:4], torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8]) * (1 + 1e-5))
+    with pytest.raises(ValueError, match="decay slopes must be >= 0"):
+        lightning_attention(*(torch.randn(1, 4, 2, 3) for _ in range(3)), torch.tensor([0.1, -0.1]))
+
+
+# ---------------------------------------------------------------------------------------------- BASED
+@pytest.mark.parametrize("t", [1, 17, 64, 150])
+def test_based_chunk_matches_oracle(t):
+    inputs = [rand(2, t, 3, 16), rand(2, t, 3, 16), rand(2, t, 3, 8)]
+    fn = lambda q, k, v: based_linear_attention(q, k, v, backend="chunk")  # noqa: E731
+    ref = lambda q, k, v: based_linear_attention(q, k, v, backend="naive")  # noqa: E731
+    assert_matches(fn, ref, inputs, tol=1e-9)
+    if t > 1:  # at T=1 the output is v/(1+eps): dq exists only through eps (~1e-6), below float32 resolution
+        assert_matches(fn, ref, [x.detach().float().requires_grad_() for x in inputs], tol=1e-5)
+
+
+def test_based_gradcheck():
+    inputs = (rand(1, 70, 2, 4), rand(1, 70, 2, 4), rand(1, 70, 2, 3))
+    assert torch.autograd.gradcheck(lambda q, k, v: based_linear_attention(q, k, v, backend="chunk"), inputs)
+
+
+def test_based_normaliser_counts_exactly_in_low_precision():
+    # q = 0 makes every kernel value 1: the output is the running mean of v, and the normaliser counts tokens.
+    # In bf16 a running count stops being exact at 256; the float32 state keeps the mean exact.
+    t = 1000
+    q, k = torch.zeros(1, t, 1, 16, dtype=torch.bfloat16), torch.randn(1, t, 1, 16).bfloat16()
+    v = torch.ones(1, t, 1, 4, dtype=torch.bfloat16)
+    v[:, ::2] = 3
+    out = based_linear_attention(q, k, v).float()
+    expected = torch.cumsum(v.float(), 1) / torch.arange(1, t + 1)[None, :, None, None]
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=0)
+
+
+def test_based_step_equals_parallel():
+    q, k, v = torch.randn(2, 30, 2, 16, dtype=F64), torch.randn(2, 30, 2, 16, dtype=F64), \
+        torch.randn(2, 30, 2, 6, dtype=F64)
+    full, state, outs = based_linear_attention(q, k, v), None, []
+    for t in range(30):
+        o, state = based_step(state, q[:, t], k[:, t], v[:, t])
+        outs.append(o)
+    assert state[0].shape == (2, 2, 1 + 16 + 256, 6)  # O(1) state
+    torch.testing.assert_close(torch.stack(outs, 1), full, rtol=0, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- RAT
+@pytest.mark.parametrize("t,chunk", [(1, 4), (16, 16), (64, 16), (67, 16), (33, 1), (20, 32), (130, 8)],
+                         ids=["t1", "single-chunk", "even", "padded", "L1", "L>T", "many-chunks"])
+def test_rat_chunk_matches_oracle(t, chunk):
+    inputs = [rand(2, t, 3, 8), rand(2, t, 3, 8), rand(2, t, 3, 8), rand(2, t, 3, 8, low=0.01)]
+    fn = lambda q, k, v, g: rat_attention(q, k, v, g, chunk, backend="chunk")  # noqa: E731
+    ref = lambda q, k, v, g: rat_attention(q, k, v, g, chunk, backend="naive")  # noqa: E731
+    assert_matches(fn, ref, inputs, tol=1e-9)
+    assert_matches(fn, ref, [x.detach().float().requires_grad_() for x in inputs], tol=1e-5)
+
+
+def test_rat_first_chunk_has_no_nan():
+    q, k, v = (torch.randn(1, 8, 2, 4, requires_grad=True) for _ in range(3))
+    g = torch.full((1, 8, 2, 4), 0.9, requires_grad=True)
+    out = rat_attention(q, k, v, g, 4)
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v, g)) and torch.isfinite(out).all()
+
+
+def test_rat_gradcheck():
+    inputs = (rand(1, 21, 2, 3), rand(1, 21, 2, 3), rand(1, 21, 2, 3), rand(1, 21, 2, 3, low=0.05))
+    assert torch.autograd.gradcheck(lambda q, k, v, g: rat_attention(q, k, v, g, 4, backend="chunk"), inputs)
+
+
+def test_rat_step_equals_parallel():
+    t, chunk = 37, 8
+    q, k, v = (torch.randn(2, t, 2, 4, dtype=F64) for _ in range(3))
+    g = torch.rand(2, t, 2, 4, dtype=F64)
+    full, state, outs = rat_attention(q, k, v, g, chunk), None, []
+    for i in range(t):
+        o, state = rat_step(state, q[:, i], k[:, i], v[:, i], g[:, i], chunk)
+        outs.append(o)
+    assert state["k_sum"].shape[1] == t // chunk  # O(T/L) state
+    torch.testing.assert_close(torch.stack(outs, 1), full, rtol=0, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- low precision
+@pytest.mark.parametrize("op", ["attention", "lightning", "based", "rat"])
+def test_bf16_inputs_run_with_fp32_accumulation(op):
+    t = 96
+    q, k, v, g = torch.randn(1, t, 2, 16), torch.randn(1, t, 2, 16), torch.randn(1, t, 2, 16), torch.rand(1, t, 2, 16)
+    calls = {
+        "attention": lambda q, k, v, g: attention(q, k, v, window=40, sink=torch.zeros(2), backend="chunk"),
+        "lightning": lambda q, k, v, g: lightning_attention(q / 4, k / 4, v, torch.tensor([0.1, 0.0])),
+        "based": lambda q, k, v, g: based_linear_attention(q, k, v),
+        "rat": lambda q, k, v, g: rat_attention(q, k, v, g, 16),
+    }
+    ref = calls[op](q.double(), k.double(), v.double(), g.double())
+    low = calls[op](q.bfloat16(), k.bfloat16(), v.bfloat16(), g.bfloat16())
+    assert low.dtype == torch.bfloat16
+    assert rel_err(low.double(), ref) < 2e-2
