@@ -1,6 +1,7 @@
-"""HybridLM: token embedding -> pre-norm blocks (mixer + SwiGLU MLP) -> RMSNorm -> tied or untied head.
+"""HybridLM: token embedding -> pre-norm blocks (mixer + MLP) -> norm -> tied or untied head.
 
-Block i's mixer is `model.pattern[i % len(pattern)]`, looked up in the layer-type registry.
+Block i's mixer is `model.pattern[i % len(pattern)]`, looked up in the layer-type registry (a pattern as long as
+`n_layers` spells out every layer).  Every mixer also decodes token by token (`step`), which `generate` uses.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers import MLPS, RMSNorm, ffn_width
 from models.registry import MIXERS
-from models.rope import RotaryEmbedding
 
 
 def layer_types(cfg) -> list[str]:
@@ -20,44 +21,24 @@ def layer_types(cfg) -> list[str]:
     return [cfg.pattern[i % len(cfg.pattern)] for i in range(cfg.n_layers)]
 
 
-def ffn_width(cfg) -> int:
-    return cfg.ffn_dim or 64 * math.ceil(8 * cfg.d_model / 3 / 64)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
-        self.down.is_residual_projection = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx: int, layer_type: str):
         super().__init__()
         self.layer_type = layer_type
-        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        with_weight = cfg.norm == "rms"
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps, with_weight)
         self.mixer = MIXERS[layer_type](cfg, layer_idx)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, ffn_width(cfg))
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, with_weight)
+        self.mlp = MLPS[cfg.mlp](cfg.d_model, ffn_width(cfg))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), rope)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), positions)
         return x + self.mlp(self.mlp_norm(x))
+
+    def step(self, x: torch.Tensor, pos: int, cache):
+        y, cache = self.mixer.step(self.mixer_norm(x), pos, cache)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class HybridLM(nn.Module):
@@ -68,14 +49,15 @@ class HybridLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i, kind) for i, kind in enumerate(layer_types(cfg)))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm == "rms")
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(cfg.head_dim or cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """GPT-2 style: N(0, init_std), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        """GPT-2 style: N(0, init_std), residual output projections scaled by 1/sqrt(2 * n_layers); then each
+        mixer's own special initialisation (gate biases, decay rates)."""
         std = self.cfg.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -85,19 +67,45 @@ class HybridLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, RMSNorm) and module.weight is not None:
                 nn.init.ones_(module.weight)
+        for block in self.blocks:
+            if hasattr(block.mixer, "init_special"):
+                block.mixer.init_special()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab).  `positions` (seq,) are global positions."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
-        rope = self.rope(positions)
-        x = self.embed(tokens)
+        x = self.embed(tokens) * self.embed_scale
         for block in self.blocks:
-            x = block(x, rope)
-        x = self.norm(x)
-        return self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
+            x = block(x, positions)
+        return self._logits(x)
+
+    def step(self, tokens: torch.Tensor, pos: int, caches: list | None) -> tuple[torch.Tensor, list]:
+        """One decoding step: tokens (batch,) at position `pos` -> (logits (batch, vocab), caches)."""
+        caches = caches or [None] * len(self.blocks)
+        x = self.embed(tokens[:, None]) * self.embed_scale
+        new = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, cache = block.step(x, pos, cache)
+            new.append(cache)
+        return self._logits(x)[:, 0], new
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding with each layer's recurrent cache: prompt (batch, T0) -> (batch, T0 + max_new_tokens)."""
+        tokens, caches = prompt, None
+        for pos in range(prompt.shape[1] - 1):  # feed the prompt through the caches
+            _, caches = self.step(prompt[:, pos], pos, caches)
+        for pos in range(prompt.shape[1] - 1, prompt.shape[1] - 1 + max_new_tokens):
+            logits, caches = self.step(tokens[:, pos], pos, caches)
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+        return tokens
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -1,6 +1,8 @@
 """Layer types by name: `model.pattern` entries are looked up here.
 
-A mixer module registers itself with `@register_mixer("name")`.  Besides `forward(x, rope)` it answers two
+A mixer module registers itself with `@register_mixer("name")`.  Besides `forward(x, positions)` (x is the
+pre-normed (batch, seq, d_model) input, positions the tokens' global positions) and `step(x, pos, cache)` for
+recurrent decoding (x is (batch, 1, d_model) at global position `pos`; `cache=None` starts), it answers two
 questions the rest of the framework asks without building it: `check_config(config)` (does this run's
 layout suit the layer? returns the reason if not, else None) and `attention_flops_per_token(model_cfg,
 seq_len)` (forward FLOPs a token spends in the sequence mixing itself, beyond the projections that 6N already
@@ -26,4 +28,4 @@ def register_mixer(name: str):
 
 
 # Importing the mixer modules fills the registry.
-from models import attention  # noqa: E402,F401
+from models import attention, based, rat, tnl  # noqa: E402,F401

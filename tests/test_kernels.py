@@ -277,3 +277,49 @@ def test_bf16_inputs_run_with_fp32_accumulation(op):
     low = calls[op](q.bfloat16(), k.bfloat16(), v.bfloat16(), g.bfloat16())
     assert low.dtype == torch.bfloat16
     assert rel_err(low.double(), ref) < 2e-2
+
+
+# ---------------------------------------------------------------------------------------------- state passing
+def test_lightning_state_passing_matches_oracle_and_chains():
+    t, slopes = 150, torch.tensor([0.0, 0.05, 0.7]).double()
+    q, k, v, s0 = rand(2, t, 3, 4), rand(2, t, 3, 4), rand(2, t, 3, 5), rand(2, 3, 4, 5)
+
+    def run(backend):
+        return lambda q, k, v, s0: lightning_attention(q, k, v, slopes, initial_state=s0, output_final_state=True,
+                                                       backend=backend)
+    assert_matches(run("chunk"), run("naive"), [q, k, v, s0], tol=1e-9)
+    # two segments with the state handed over == one pass; also across the chunk path's internal segments
+    whole, final = lightning_attention(q, k, v, slopes, output_final_state=True)
+    a, mid = lightning_attention(q[:, :61], k[:, :61], v[:, :61], slopes, output_final_state=True)
+    b, end = lightning_attention(q[:, 61:], k[:, 61:], v[:, 61:], slopes, initial_state=mid, output_final_state=True)
+    torch.testing.assert_close(torch.cat([a, b], 1), whole, rtol=0, atol=1e-10)
+    torch.testing.assert_close(end, final, rtol=0, atol=1e-10)
+    from kernels.lightning.chunk import chunk_lightning_attention
+
+    seg, seg_final = chunk_lightning_attention(q, k, v, slopes, block=8, segment=40)
+    torch.testing.assert_close(seg, whole, rtol=0, atol=1e-10)
+    torch.testing.assert_close(seg_final, final, rtol=0, atol=1e-10)
+
+
+def test_based_state_passing_matches_oracle_and_chains():
+    t = 140
+    q, k, v = rand(2, t, 2, 4), rand(2, t, 2, 4), rand(2, t, 2, 3)
+    s0, z0 = rand(2, 2, 21, 3), (torch.rand(2, 2, 21, dtype=F64) + 1).requires_grad_()
+
+    def run(backend):
+        return lambda q, k, v, s0, z0: based_linear_attention(q, k, v, initial_state=(s0, z0),
+                                                              output_final_state=True, backend=backend)
+
+    def flat(fn):
+        return lambda *x: (lambda out: (out[0], *out[1]))(fn(*x))
+    assert_matches(flat(run("chunk")), flat(run("naive")), [q, k, v, s0, z0], tol=1e-9)
+    whole, (s_end, z_end) = based_linear_attention(q, k, v, output_final_state=True)
+    a, mid = based_linear_attention(q[:, :77], k[:, :77], v[:, :77], output_final_state=True)
+    b, (s2, z2) = based_linear_attention(q[:, 77:], k[:, 77:], v[:, 77:], initial_state=mid, output_final_state=True)
+    torch.testing.assert_close(torch.cat([a, b], 1), whole, rtol=0, atol=1e-10)
+    torch.testing.assert_close(z2, z_end, rtol=0, atol=1e-10)  # padding never leaks into the normaliser
+    torch.testing.assert_close(z_end[..., 0], torch.full_like(z_end[..., 0], t))
+    from kernels.based.chunk import chunk_based_linear_attention
+
+    seg, _ = chunk_based_linear_attention(q, k, v, block=16, segment=48)
+    torch.testing.assert_close(seg, whole, rtol=0, atol=1e-10)

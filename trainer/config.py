@@ -28,6 +28,32 @@ class RunConfig:
 
 
 @dataclass
+class AttentionLayerConfig:  # `full` and `swa` layers
+    sink: bool = True  # learned per-head sink logit (initialised to 0) in every softmax denominator
+    gate: bool = False  # head-wise sigmoid output gate (o * sigmoid(x W_g))
+    pinned: int = 0  # window layers: the first N tokens stay visible to every query (StreamingLLM keeps 4)
+
+
+@dataclass
+class RatLayerConfig:  # `rat` layers
+    chunk_size: int = 16  # L: recurrence inside chunks of L tokens, attention across chunk summaries
+    qk_groups: int = 2  # query/key projections shared by groups of heads (tiled); 0 = one per head
+
+
+@dataclass
+class BasedLayerConfig:  # `based` (Taylor linear attention) and `baseconv` layers
+    feature_dim: int = 16  # q/k dimension per head before the 2nd-order Taylor feature map (1 + d + d^2 features)
+    conv_kernel: int = 3  # BaseConv: depthwise causal convolution width
+    conv_expand: int = 2  # BaseConv: inner width = conv_expand * d_model
+
+
+@dataclass
+class TnlLayerConfig:  # `tnl` layers
+    hidden: int = 0  # q/k/v/u width; 0 = d_model
+    lrpe: bool = False  # learnable relative position encoding (doubles the q/k dims)
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 0  # 0 = the tokenizer's vocabulary, padded up to a multiple of 64
     d_model: int = 128
@@ -42,6 +68,13 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     init_std: float = 0.02
+    mlp: str = "swiglu"  # swiglu | sglu (TNL: W3(W1 x * W2 x), no activation) | gelu (4x, RAT's reference)
+    norm: str = "rms"  # rms (with weight) | srms (TNL's SRMSNorm, no weight)
+    embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (TNL)
+    attn: AttentionLayerConfig = field(default_factory=AttentionLayerConfig)
+    rat: RatLayerConfig = field(default_factory=RatLayerConfig)
+    based: BasedLayerConfig = field(default_factory=BasedLayerConfig)
+    tnl: TnlLayerConfig = field(default_factory=TnlLayerConfig)
 
 
 @dataclass
@@ -101,6 +134,9 @@ class LoggingConfig:
     interval: int = 10  # steps between TensorBoard points
     progress: bool = True  # tqdm bar on rank 0
     peak_tflops: float = 0.0  # device peak for MFU; 0 = a table for known GPUs, a measured matmul on CPU
+    sink_interval: int = 50  # steps between attention-sink reports (sinks/layer{i}/...); 0 = off
+    sink_threshold: float = 0.3  # mean received attention above which a non-first position is a secondary sink
+    sink_queries: int = 64  # queries sampled per layer for the received-attention column sums
 
 
 @dataclass
@@ -123,6 +159,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.fused": ("auto", "on", "off"),
     "schedule.decay": ("cosine", "linear", "constant"),
     "parallel.backend": ("auto", "nccl", "gloo"),
+    "model.mlp": ("swiglu", "sglu", "gelu"),
+    "model.norm": ("rms", "srms"),
 }
 
 

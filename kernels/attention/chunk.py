@@ -5,31 +5,41 @@ Memory is O(T) beyond one block's scores, and a sliding window only ever touches
 cost is O(T*W) for window layers.  The log-sum-exp is a differentiable output (ring attention and RAT merge
 partial results through it), and the learned sink logits get their gradient.
 
-Layout inside: q (B, Hkv, G, T, d) with G = H // Hkv query heads per k/v head, so grouped-query attention
-broadcasts k/v instead of repeating them.
+Layout inside: q (B, Hkv, G, Tq, d) with G = H // Hkv query heads per k/v head, so grouped-query attention
+broadcasts k/v instead of repeating them.  Query i sits at key position i // query_group + offset, where
+offset = Tk - ceil(Tq / query_group) puts the last queries at the last keys (query_group > 1 lets RAT's L
+queries per chunk share one causal position without copying the keys L times).
 """
 
 from __future__ import annotations
 
 import torch
 
-BLOCK = 128
+BLOCK = 256
 
 
-def _key_index(q_lo: int, q_hi: int, t_k: int, causal: bool, window: int | None, n_pinned: int,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Key positions a query block [q_lo, q_hi) (global positions) can see, and their visibility mask."""
-    hi = min(t_k, q_hi) if causal else t_k
-    lo = max(0, q_lo - window + 1) if window is not None else 0
-    keys = torch.arange(lo, hi, device=device)
-    if n_pinned and lo > 0:
-        keys = torch.cat([torch.arange(min(n_pinned, lo), device=device), keys])
-    i = torch.arange(q_lo, q_hi, device=device)[:, None]
-    j = keys[None, :]
-    mask = j <= i if causal else torch.ones(len(i), len(keys), dtype=torch.bool, device=device)
-    if window is not None:
-        mask = mask & ((i - j < window) | (j < n_pinned))
-    return keys, (None if bool(mask.all()) else mask)
+class _Layout:
+    def __init__(self, t_q: int, t_k: int, causal: bool, window: int | None, n_pinned: int, query_group: int):
+        self.t_q, self.t_k, self.causal, self.window = t_q, t_k, causal, window
+        self.n_pinned, self.group = n_pinned, query_group
+        self.offset = t_k - -(-t_q // query_group)
+
+    def block(self, s: int, e: int, device: torch.device):
+        """Queries [s, e): (range of contiguous keys (lo, hi), number of pinned keys before lo, mask or None)."""
+        i = torch.arange(s, e, device=device) // self.group + self.offset
+        first, last = s // self.group + self.offset, (e - 1) // self.group + self.offset
+        hi = min(self.t_k, last + 1) if self.causal else self.t_k
+        lo = max(0, first - self.window + 1) if self.window is not None else 0
+        n_pin = min(self.n_pinned, lo) if self.window is not None else 0
+        j = torch.cat([torch.arange(n_pin, device=device), torch.arange(lo, hi, device=device)])[None, :]
+        mask = j <= i[:, None] if self.causal else torch.ones(e - s, len(j[0]), dtype=torch.bool, device=device)
+        if self.window is not None:
+            mask = mask & ((i[:, None] - j < self.window) | (j < self.n_pinned))
+        return lo, hi, n_pin, (None if bool(mask.all()) else mask)
+
+
+def _keys(x: torch.Tensor, lo: int, hi: int, n_pin: int) -> torch.Tensor:
+    return x[:, :, :, lo:hi] if n_pin == 0 else torch.cat([x[:, :, :, :n_pin], x[:, :, :, lo:hi]], dim=3)
 
 
 def _scores(qb, kb, mask, scale):
@@ -39,60 +49,61 @@ def _scores(qb, kb, mask, scale):
 
 class BlockAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sink, scale, causal, window, n_pinned):
+    def forward(ctx, q, k, v, sink, scale, layout: _Layout):
         b, h_kv, g, t_q, d = q.shape
-        t_k, offset = k.shape[3], k.shape[3] - t_q
         out = torch.empty(b, h_kv, g, t_q, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(b, h_kv, g, t_q, dtype=q.dtype, device=q.device)
         for s in range(0, t_q, BLOCK):
             e = min(s + BLOCK, t_q)
-            keys, mask = _key_index(s + offset, e + offset, t_k, causal, window, n_pinned, q.device)
-            kb, vb = k.index_select(3, keys), v.index_select(3, keys)
-            scores = _scores(q[:, :, :, s:e], kb, mask, scale)
+            lo, hi, n_pin, mask = layout.block(s, e, q.device)
+            scores = _scores(q[:, :, :, s:e], _keys(k, lo, hi, n_pin), mask, scale)
             block_lse = torch.logsumexp(scores, dim=-1)
             if sink is not None:
                 block_lse = torch.logaddexp(block_lse, sink[:, :, None])
-            out[:, :, :, s:e] = torch.matmul(torch.exp(scores - block_lse[..., None]), vb)
+            out[:, :, :, s:e] = torch.matmul(torch.exp(scores - block_lse[..., None]), _keys(v, lo, hi, n_pin))
             lse[:, :, :, s:e] = block_lse
         ctx.save_for_backward(q, k, v, sink, out, lse)
-        ctx.args = (scale, causal, window, n_pinned)
+        ctx.scale, ctx.layout = scale, layout
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, sink, out, lse = ctx.saved_tensors
-        scale, causal, window, n_pinned = ctx.args
-        t_q, t_k = q.shape[3], k.shape[3]
-        offset = t_k - t_q
+        scale, layout = ctx.scale, ctx.layout
         d_out = torch.zeros_like(out) if d_out is None else d_out
         # delta_t = rowsum(dO * O) - dlse: the part of dS shared by every key of query t.
         delta = (d_out * out).sum(-1)
         if d_lse is not None:
             delta = delta - d_lse
         dq = torch.zeros_like(q)
-        dk = torch.zeros(k.shape[0], k.shape[1], t_k, k.shape[-1], dtype=q.dtype, device=q.device)
-        dv = torch.zeros(v.shape[0], v.shape[1], t_k, v.shape[-1], dtype=q.dtype, device=q.device)
-        for s in range(0, t_q, BLOCK):
-            e = min(s + BLOCK, t_q)
-            keys, mask = _key_index(s + offset, e + offset, t_k, causal, window, n_pinned, q.device)
-            kb, vb = k.index_select(3, keys), v.index_select(3, keys)
+        dk = torch.zeros(k.shape[0], k.shape[1], k.shape[3], k.shape[-1], dtype=q.dtype, device=q.device)
+        dv = torch.zeros(v.shape[0], v.shape[1], v.shape[3], v.shape[-1], dtype=q.dtype, device=q.device)
+        for s in range(0, q.shape[3], BLOCK):
+            e = min(s + BLOCK, q.shape[3])
+            lo, hi, n_pin, mask = layout.block(s, e, q.device)
+            kb, vb = _keys(k, lo, hi, n_pin), _keys(v, lo, hi, n_pin)
             qb, dob = q[:, :, :, s:e], d_out[:, :, :, s:e]
             p = torch.exp(_scores(qb, kb, mask, scale) - lse[:, :, :, s:e, None])
-            dp = torch.matmul(dob, vb.transpose(-1, -2))
-            ds = p * (dp - delta[:, :, :, s:e, None])
+            ds = p * (torch.matmul(dob, vb.transpose(-1, -2)) - delta[:, :, :, s:e, None])
             dq[:, :, :, s:e] = torch.matmul(ds, kb) * scale
-            dk.index_add_(2, keys, (torch.matmul(ds.transpose(-1, -2), qb) * scale).sum(2))
-            dv.index_add_(2, keys, torch.matmul(p.transpose(-1, -2), dob).sum(2))
+            dk_b = (torch.matmul(ds.transpose(-1, -2), qb) * scale).sum(2)
+            dv_b = torch.matmul(p.transpose(-1, -2), dob).sum(2)
+            dk[:, :, lo:hi] += dk_b[:, :, n_pin:]
+            dv[:, :, lo:hi] += dv_b[:, :, n_pin:]
+            if n_pin:
+                dk[:, :, :n_pin] += dk_b[:, :, :n_pin]
+                dv[:, :, :n_pin] += dv_b[:, :, :n_pin]
         d_sink = None
         if sink is not None and ctx.needs_input_grad[3]:
             d_sink = -(torch.exp(sink[None, :, :, None] - lse) * delta).sum(dim=(0, 3))
-        return dq, dk[:, :, None], dv[:, :, None], d_sink, None, None, None, None
+        return dq, dk[:, :, None], dv[:, :, None], d_sink, None, None
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     window: int | None = None, sink: torch.Tensor | None = None, scale: float | None = None,
-                    n_pinned: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Tq, H, d), k/v (B, Tk, Hkv, d) -> (out (B, Tq, H, d), lse (B, H, Tq)); queries are the last Tq."""
+                    n_pinned: int = 0, query_group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Tq, H, d), k/v (B, Tk, Hkv, d) -> (out (B, Tq, H, d), lse (B, H, Tq)); queries are the last Tq
+    positions (or, with query_group g, the last ceil(Tq/g) positions, g consecutive queries per position)."""
     b, t_q, h, d = q.shape
     h_kv = k.shape[2]
     scale = d**-0.5 if scale is None else scale
@@ -101,6 +112,7 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     kg = k.to(compute).transpose(1, 2)[:, :, None]
     vg = v.to(compute).transpose(1, 2)[:, :, None]
     sink_g = None if sink is None else sink.to(compute).view(h_kv, h // h_kv)
-    out, lse = BlockAttention.apply(qg, kg, vg, sink_g, scale, causal, window, n_pinned)
+    layout = _Layout(t_q, k.shape[1], causal, window, n_pinned, query_group)
+    out, lse = BlockAttention.apply(qg, kg, vg, sink_g, scale, layout)
     out = out.reshape(b, h, t_q, -1).transpose(1, 2).to(q.dtype)
     return out, lse.reshape(b, h, t_q)

@@ -13,17 +13,22 @@ __all__ = ["based_linear_attention", "based_step", "taylor_features", "naive_bas
 
 
 def based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = 1e-6,
-                           backend: str = "auto") -> torch.Tensor:
+                           initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           output_final_state: bool = False, backend: str = "auto"):
     """q, k (B, T, H, d_f) with the small feature dim (16 by default in the layer), v (B, T, H, e) -> (B, T, H, e).
 
     y_t = sum_{j<=t} (1 + s + s^2/2) v_j / (sum_{j<=t} (1 + s + s^2/2) + eps), s = q_t . k_j / sqrt(d_f).
-    The kernel is >= 1/2, so the normaliser never vanishes.  backend: "naive" | "chunk" | "auto".
+    The kernel is >= 1/2, so the normaliser never vanishes.  State passing: `initial_state=(S, z)` continues an
+    earlier segment (S (B, H, F, e), z (B, H, F), F = 1 + d_f + d_f^2); `output_final_state=True` also returns
+    the state after the last token.  backend: "naive" | "chunk" | "auto".
     """
     if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"based_linear_attention expects q, k (B, T, H, d_f) and v (B, T, H, e); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if backend == "naive":
-        return naive_based_linear_attention(q, k, v, eps)
-    if backend in ("auto", "chunk"):
-        return chunk_based_linear_attention(q, k, v, eps)
-    raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk'")
+        out, final = naive_based_linear_attention(q, k, v, eps, initial_state)
+    elif backend in ("auto", "chunk"):
+        out, final = chunk_based_linear_attention(q, k, v, eps, initial_state)
+    else:
+        raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk'")
+    return (out, final) if output_final_state else out

@@ -32,10 +32,13 @@ def tnl_slopes(n_heads: int, layer_idx: int, n_layers: int) -> torch.Tensor:
 
 
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, *,
-                        backend: str = "auto") -> torch.Tensor:
+                        initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+                        backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """q, k (B, T, H, d), v (B, T, H, e), decay (H,) slopes >= 0 -> (B, T, H, e).
 
-    O_i = sum_{j<=i} exp(-s_h (i-j)) (q_i . k_j) v_j.  backend: "naive" | "chunk" | "auto".
+    O_i = sum_{j<=i} exp(-s_h (i-j)) (q_i . k_j) v_j  [+ exp(-s_h (i+1)) q_i S0 with an `initial_state` S0].
+    `output_final_state=True` also returns the state after the last token, (B, H, d, e) in float32 (float64 for
+    float64 inputs): feed it as the next segment's `initial_state`.  backend: "naive" | "chunk" | "auto".
     """
     if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"lightning_attention expects q, k (B, T, H, d) and v (B, T, H, e); got "
@@ -44,8 +47,14 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
         raise ValueError(f"decay must have shape (heads,) = ({q.shape[2]},), got {tuple(decay.shape)}")
     if bool((decay < 0).any()):
         raise ValueError("decay slopes must be >= 0 (lambda = exp(-s) <= 1)")
+    state_shape = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    if initial_state is not None and initial_state.shape != state_shape:
+        raise ValueError(f"initial_state must have shape (B, H, d, e) = {state_shape}, got "
+                         f"{tuple(initial_state.shape)}")
     if backend == "naive":
-        return naive_lightning_attention(q, k, v, decay)
-    if backend in ("auto", "chunk"):
-        return chunk_lightning_attention(q, k, v, decay)
-    raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk'")
+        out, final = naive_lightning_attention(q, k, v, decay, initial_state)
+    elif backend in ("auto", "chunk"):
+        out, final = chunk_lightning_attention(q, k, v, decay, initial_state)
+    else:
+        raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk'")
+    return (out, final) if output_final_state else out

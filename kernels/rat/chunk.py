@@ -1,5 +1,5 @@
 """RAT with O(T) memory: the in-chunk scan as L vectorised steps over all chunks at once, and the cross-chunk
-softmax as causal attention at chunk granularity (the L offsets folded into the batch), merged with each
+softmax as causal attention at chunk granularity (the L queries of a chunk share its position), merged with each
 query's own running key through the log-sum-exp.
 """
 
@@ -14,9 +14,8 @@ from kernels.attention.chunk import chunk_attention
 def _scan_chunks(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x, gate (B, N, L, H, d): the gated recurrence inside each chunk, all chunks in parallel."""
     steps, acc = [], None
-    for l in range(x.shape[2]):
-        g = gate[:, :, l]
-        acc = (1 - g) * x[:, :, l] if acc is None else g * acc + (1 - g) * x[:, :, l]
+    for x_l, g in zip(x.unbind(2), gate.unbind(2), strict=True):
+        acc = (1 - g) * x_l if acc is None else g * acc + (1 - g) * x_l
         steps.append(acc)
     return torch.stack(steps, dim=2)
 
@@ -34,14 +33,12 @@ def chunk_rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate:
     self_logit = (qc * k_scan).sum(-1) * scale  # (B, N, L, H)
     out_first = v_scan[:, :1]  # chunk 0 has no earlier chunk: each query sees only its own running key
     if n > 1:
-        # Queries of chunks 1..N-1 against the summaries (last scanned key) of chunks 0..N-2, causally.
-        fold = (b * L, n - 1, h)
-        q_cross = qc[:, 1:].transpose(1, 2).reshape(*fold, d)
-        k_sum = k_scan[:, :-1, L - 1][:, None].expand(b, L, n - 1, h, d).reshape(*fold, d)
-        v_sum = v_scan[:, :-1, L - 1][:, None].expand(b, L, n - 1, h, v.shape[-1]).reshape(*fold, -1)
-        o_cross, lse = chunk_attention(q_cross, k_sum, v_sum, causal=True, scale=scale)
-        o_cross = o_cross.view(b, L, n - 1, h, -1).transpose(1, 2)
-        lse = lse.view(b, L, h, n - 1).permute(0, 3, 1, 2)  # (B, N-1, L, H)
+        # Queries of chunks 1..N-1 against the summaries (last scanned key) of chunks 0..N-2, causally at chunk
+        # granularity: the L queries of a chunk share one position (query_group=L), so no key is copied.
+        o_cross, lse = chunk_attention(qc[:, 1:].reshape(b, (n - 1) * L, h, d), k_scan[:, :-1, L - 1],
+                                       v_scan[:, :-1, L - 1], causal=True, scale=scale, query_group=L)
+        o_cross = o_cross.view(b, n - 1, L, h, -1)
+        lse = lse.view(b, h, n - 1, L).permute(0, 2, 3, 1)  # (B, N-1, L, H)
         s_self = self_logit[:, 1:]
         top = torch.maximum(lse, s_self)  # the self logit is finite: pivot on it, never on -inf
         w_cross, w_self = torch.exp(lse - top)[..., None], torch.exp(s_self - top)[..., None]

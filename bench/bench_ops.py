@@ -1,0 +1,143 @@
+"""Forward+backward time and peak memory of each op's chunk path against SDPA, at growing context.
+
+  python bench/bench_ops.py [--lengths 2048 8192 32768] [--no-record]
+
+B=1, H=4, head dim 64 (BASED: q/k feature dim 16, v 64; RAT: chunk 16), float32 on the CPU.  Each (op, T)
+runs in its own process so its peak resident memory is its own (reported above the process's baseline).
+Targets (issue 3): at 32K lightning, BASED and RAT are each >= 5x faster than SDPA(is_causal=True), and their
+time grows <= 4.5x from 8K to 32K.  Prints a table and appends it to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+OPS = ["sdpa", "lightning", "based", "rat", "attention_swa1024_sink"]
+TARGETS = ("lightning", "based", "rat")
+
+
+def make_call(op: str, t: int):
+    import torch
+    import torch.nn.functional as F
+
+    from kernels import attention, based_linear_attention, lightning_attention, rat_attention, tnl_slopes
+
+    h, d = 4, 64
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).requires_grad_()
+
+    if op == "sdpa":
+        q, k, v = r(1, h, t, d), r(1, h, t, d), r(1, h, t, d)
+        return [q, k, v], lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if op == "lightning":
+        q, k, v = r(1, t, h, d, scale=0.1), r(1, t, h, d, scale=0.1), r(1, t, h, d)
+        slopes = tnl_slopes(h, 0, 2)
+        return [q, k, v], lambda: lightning_attention(q, k, v, slopes)
+    if op == "based":
+        q, k, v = r(1, t, h, 16), r(1, t, h, 16), r(1, t, h, d)
+        return [q, k, v], lambda: based_linear_attention(q, k, v)
+    if op == "rat":
+        q, k, v = r(1, t, h, d), r(1, t, h, d), r(1, t, h, d)
+        g = torch.rand(1, t, h, d, generator=gen).requires_grad_()
+        return [q, k, v, g], lambda: rat_attention(q, k, v, g, 16)
+    if op == "attention_swa1024_sink":
+        q, k, v, s = r(1, t, h, d), r(1, t, h, d), r(1, t, h, d), r(h)
+        return [q, k, v, s], lambda: attention(q, k, v, window=1024, sink=s)
+    raise ValueError(op)
+
+
+def run_one(op: str, t: int, reps: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    inputs, call = make_call(op, t)
+    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for i in range(reps + 1):  # the first run warms up allocator and caches
+        start = time.perf_counter()
+        out = call()
+        out.backward(torch.ones_like(out))
+        elapsed = time.perf_counter() - start
+        if i:
+            times.append(elapsed)
+        for x in inputs:
+            x.grad = None
+        del out
+    peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) / 1024
+    return {"seconds": sorted(times)[len(times) // 2], "peak_mib": peak_mib}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--ops", nargs="+", default=OPS)
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one[0], int(args.one[1]), args.reps)), flush=True)
+        return 0
+
+    results: dict[tuple[str, int], dict] = {}
+    for t in args.lengths:
+        for op in args.ops:
+            reps = 1 if (op == "sdpa" and t >= 32768) else args.reps
+            cmd = [sys.executable, __file__, "--one", op, str(t), "--reps", str(reps)]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            results[op, t] = json.loads(line[-1][7:])
+            print(f"  {op:>24} T={t:>6}: {results[op, t]['seconds']:.3f} s, {results[op, t]['peak_mib']:.0f} MiB",
+                  flush=True)
+
+    import torch
+
+    lines = [
+        f"### bench_ops: forward+backward, B=1 H=4 d=64, float32",
+        f"{datetime.date.today()} · CPU ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__} · "
+        f"median of {args.reps} (SDPA at 32K: 1)",
+        "",
+        "| op | " + " | ".join(f"T={t}: s (x vs SDPA) / MiB" for t in args.lengths) + " | growth "
+        f"{args.lengths[-2]}->{args.lengths[-1]} |",
+        "|---|" + "---:|" * (len(args.lengths) + 1),
+    ]
+    ok = True
+    for op in args.ops:
+        cells = []
+        for t in args.lengths:
+            r, ref = results[op, t], results["sdpa", t]
+            cells.append(f"{r['seconds']:.3f} ({ref['seconds'] / r['seconds']:.1f}x) / {r['peak_mib']:.0f}")
+        growth = results[op, args.lengths[-1]]["seconds"] / results[op, args.lengths[-2]]["seconds"]
+        speedup = results["sdpa", args.lengths[-1]]["seconds"] / results[op, args.lengths[-1]]["seconds"]
+        if op in TARGETS:
+            ok &= speedup >= 5 and growth <= 4.5
+        lines.append(f"| {op} | " + " | ".join(cells) + f" | {growth:.2f}x |")
+    lines += ["", f"Targets (lightning, based, rat at T={args.lengths[-1]}: >= 5x faster than SDPA, growth <= 4.5x): "
+              + ("met" if ok else "NOT met"), ""]
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_record:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write("\n" + table)
+    return 0 if ok else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""BASED: Taylor-feature linear attention (`based`) and the gated short convolution (`baseconv`).
+
+BASED models mix three layer types: these two plus sliding-window softmax attention (`swa` with a window of
+64-256).  The linear attention projects q, k to a small feature dim (16 per head) whose 2nd-order Taylor map
+approximates exp(q.k); v keeps the head dim.  No positional encoding: the convolutions and the causal sum carry
+order.  BaseConv: in_proj to two halves u1, u2; a depthwise causal convolution (kernel 3, bias) on u1; SiLU;
+times u2; out_proj.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import based_linear_attention, based_step
+from models.registry import register_mixer
+
+
+@register_mixer("based")
+class BasedLinearAttention(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+        self.feature_dim = cfg.based.feature_dim
+        self.qkv = nn.Linear(cfg.d_model, self.n_heads * (2 * self.feature_dim + self.head_dim), bias=False)
+        self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.out.is_residual_projection = True
+
+    def _qkv(self, x: torch.Tensor):
+        b, t, _ = x.shape
+        h, f = self.n_heads, self.feature_dim
+        q, k, v = self.qkv(x).split([h * f, h * f, h * self.head_dim], dim=-1)
+        return q.view(b, t, h, f), k.view(b, t, h, f), v.view(b, t, h, self.head_dim)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        o = based_linear_attention(*self._qkv(x))
+        return self.out(o.flatten(2))
+
+    def step(self, x: torch.Tensor, pos: int, cache) -> tuple[torch.Tensor, tuple]:
+        q, k, v = self._qkv(x)
+        o, cache = based_step(cache, q[:, 0], k[:, 0], v[:, 0])
+        return self.out(o[:, None].flatten(2)), cache
+
+    @classmethod
+    def check_config(cls, config) -> str | None:
+        if config.model.based.feature_dim < 1:
+            return f"model.based.feature_dim={config.model.based.feature_dim} must be >= 1"
+        return None
+
+    @classmethod
+    def attention_flops_per_token(cls, model_cfg, seq_len: int) -> float:
+        hd = model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
+        f = model_cfg.based.feature_dim
+        n_features = 1 + f + f * f
+        # write phi(k) v^T into the state and read it with phi(q) (2 FLOPs per multiply-add each), plus the
+        # normaliser and the feature map itself
+        return model_cfg.n_heads * (4 * n_features * hd + 4 * n_features + f * f)
+
+
+@register_mixer("baseconv")
+class BaseConv(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.inner = cfg.based.conv_expand * cfg.d_model
+        self.kernel = cfg.based.conv_kernel
+        self.in_proj = nn.Linear(cfg.d_model, 2 * self.inner, bias=False)
+        self.conv = nn.Conv1d(self.inner, self.inner, self.kernel, groups=self.inner, bias=True)
+        self.out = nn.Linear(self.inner, cfg.d_model, bias=False)
+        self.out.is_residual_projection = True
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        u1, u2 = self.in_proj(x).chunk(2, dim=-1)
+        u1 = F.pad(u1.transpose(1, 2), (self.kernel - 1, 0))  # causal: only the past enters each output
+        u1 = self.conv(u1).transpose(1, 2)
+        return self.out(F.silu(u1) * u2)
+
+    def step(self, x: torch.Tensor, pos: int, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cache: the last kernel-1 inputs of the convolution, (B, inner, kernel-1)."""
+        u1, u2 = self.in_proj(x).chunk(2, dim=-1)
+        if cache is None:
+            cache = u1.new_zeros(u1.shape[0], self.inner, self.kernel - 1)
+        window = torch.cat([cache, u1.transpose(1, 2)], dim=-1)
+        conv = (window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias
+        return self.out(F.silu(conv)[:, None] * u2), window[..., 1:]
+
+    @classmethod
+    def check_config(cls, config) -> str | None:
+        b = config.model.based
+        if b.conv_kernel < 1 or b.conv_expand < 1:
+            return "model.based.conv_kernel and model.based.conv_expand must be >= 1"
+        return None
+
+    @classmethod
+    def attention_flops_per_token(cls, model_cfg, seq_len: int) -> float:
+        inner = model_cfg.based.conv_expand * model_cfg.d_model
+        return 2 * model_cfg.based.conv_kernel * inner + 2 * inner  # the convolution and the gating product

@@ -1,0 +1,82 @@
+"""RAT: recurrence inside chunks of L tokens, softmax attention across the chunks' summaries.
+
+From the pre-normed input: an output gate z (sigmoid), values v, a forget gate g (sigmoid of a linear map plus a
+bias initialised to log U(1, L-1), so sigma(b) lies in [0.5, (L-1)/L]), and queries/keys projected to
+`rat.qk_groups` groups tiled across the heads.  RoPE is applied at chunk granularity (token t rotates as
+position t // L), so attention sees how many chunks back a summary lies.  Output: out_proj(z * attn).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kernels import rat_attention, rat_step
+from models.registry import register_mixer
+from models.rope import RotaryEmbedding, apply_rope
+
+
+@register_mixer("rat")
+class RAT(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+        self.chunk = cfg.rat.chunk_size
+        self.groups = cfg.rat.qk_groups or cfg.n_heads
+        inner = self.n_heads * self.head_dim
+        self.zvg = nn.Linear(cfg.d_model, 3 * inner, bias=False)
+        self.gate_bias = nn.Parameter(torch.zeros(inner))
+        self.qk = nn.Linear(cfg.d_model, 2 * self.groups * self.head_dim, bias=False)
+        self.out = nn.Linear(inner, cfg.d_model, bias=False)
+        self.out.is_residual_projection = True
+        self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta)
+        self.init_special()
+
+    @torch.no_grad()
+    def init_special(self) -> None:
+        """Forget-gate bias log U(1, L-1): each channel starts remembering over part of a chunk."""
+        upper = max(self.chunk - 1, 1 + 1e-3)
+        self.gate_bias.copy_(torch.empty_like(self.gate_bias).uniform_(1, upper).log())
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        b, t, _ = x.shape
+        shape = (b, t, self.n_heads, self.head_dim)
+        z, v, g = self.zvg(x).chunk(3, dim=-1)
+        gate = torch.sigmoid(g.float() + self.gate_bias.float()).view(shape)
+        q, k = (y.view(b, t, self.groups, self.head_dim).repeat(1, 1, self.n_heads // self.groups, 1)
+                for y in self.qk(x).chunk(2, dim=-1))
+        cos, sin = self.rope(torch.div(positions, self.chunk, rounding_mode="floor"))
+        return torch.sigmoid(z), apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(shape), gate
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        z, q, k, v, gate = self._project(x, positions)
+        dtype = torch.promote_types(q.dtype, torch.float32)  # the scan runs in fp32 (its gates already are)
+        o = rat_attention(q.to(dtype), k.to(dtype), v.to(dtype), gate.to(dtype), self.chunk)
+        return self.out(z * o.flatten(2).to(z.dtype))
+
+    def step(self, x: torch.Tensor, pos: int, cache: dict | None) -> tuple[torch.Tensor, dict]:
+        z, q, k, v, gate = self._project(x, torch.tensor([pos], device=x.device))
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        o, cache = rat_step(cache, *(y[:, 0].to(dtype) for y in (q, k, v, gate)), self.chunk)
+        return self.out(z * o[:, None].flatten(2).to(z.dtype)), cache
+
+    @classmethod
+    def check_config(cls, config) -> str | None:
+        m = config.model
+        if m.rat.chunk_size < 1:
+            return f"model.rat.chunk_size={m.rat.chunk_size} must be >= 1"
+        groups = m.rat.qk_groups or m.n_heads
+        if m.n_heads % groups:
+            return f"model.n_heads={m.n_heads} must be a multiple of model.rat.qk_groups={groups}"
+        return None
+
+    @classmethod
+    def attention_flops_per_token(cls, model_cfg, seq_len: int) -> float:
+        hd = model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
+        # softmax over the earlier chunks' summaries (T/(2L) on average) plus the own key; the gated scans of
+        # k and v (3 FLOPs per element each)
+        keys = math.ceil(seq_len / model_cfg.rat.chunk_size) / 2 + 1
+        return model_cfg.n_heads * hd * (4 * keys + 6)
