@@ -53,6 +53,7 @@ def phase_trainer(cfg, steps: int, warmup: int) -> dict:
         cfg.logging.interval = warmup  # windows of `warmup` steps; the ones after step `warmup` are timed
         train(cfg)
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "train/tokens_per_sec" in r]  # not the sink-monitor rows
     timed = [r for r in rows if r["step"] > warmup]
     tokens = [(r["step"] - prev["step"]) * cfg.train.batch_size * cfg.train.seq_len
               for prev, r in zip(rows, rows[1:], strict=False) if r["step"] > warmup]

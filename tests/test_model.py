@@ -1,65 +1,58 @@
-import math
-
 import pytest
 import torch
 
+from kernels import attention
 from models import HybridLM
-from models.attention import sliding_window_mask
+from models.attention import collect_sink_stats, request_sink_monitor, sink_statistics
 from models.lm import layer_types
 from models.rope import apply_rope
 from trainer.config import ModelConfig
 
-
-def naive_attention(q, k, v, window=None):
-    """float64 oracle: (b, t, h, d) queries, (b, t, hk, d) keys/values, causal, optional window."""
-    b, t, h, d = q.shape
-    rep = h // k.shape[2]
-    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-    scores = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) / math.sqrt(d)
-    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
-    allowed = (j <= i) & ((i - j < window) if window else True)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v.double())
+F64 = torch.float64
+ALL_TYPES = ["full", "swa", "rat", "based", "baseconv", "tnl"]
 
 
 def small_cfg(**kw):
     base = dict(vocab_size=97, d_model=64, n_layers=4, n_heads=4, pattern=["swa", "full"], window=5)
     base.update(kw)
-    return ModelConfig(**base)
+    cfg = ModelConfig(**base)
+    cfg.rat.chunk_size = 4
+    return cfg
 
 
 @pytest.mark.parametrize("pattern", [["full"], ["swa"]])
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
-def test_attention_mixer_matches_oracle(pattern, n_kv_heads):
-    torch.manual_seed(0)
+@pytest.mark.parametrize("gate", [False, True])
+def test_attention_mixer_matches_oracle(pattern, n_kv_heads, gate):
     cfg = small_cfg(pattern=pattern, n_kv_heads=n_kv_heads, n_layers=1)
+    cfg.attn.gate = gate
     model = HybridLM(cfg).double()
     mixer = model.blocks[0].mixer
-    x = torch.randn(2, 12, cfg.d_model, dtype=torch.float64, requires_grad=True)
-    rope = model.rope(torch.arange(12))
-    out = mixer(x, rope)
+    with torch.no_grad():
+        mixer.sink.normal_()  # a trained sink, not the zero init
+    x = torch.randn(2, 12, cfg.d_model, dtype=F64, requires_grad=True)
+    positions = torch.arange(12)
+    out = mixer(x, positions)
     hd = cfg.d_model // cfg.n_heads
     q, k, v = mixer.qkv(x).split([4 * hd, n_kv_heads * hd, n_kv_heads * hd], dim=-1)
-    q = apply_rope(q.view(2, 12, 4, hd), *rope)
-    k = apply_rope(k.view(2, 12, n_kv_heads, hd), *rope)
-    ref = mixer.out(naive_attention(q, k, v.view(2, 12, n_kv_heads, hd), 5 if pattern == ["swa"] else None).flatten(2))
+    cos, sin = mixer.rope(positions)
+    q, k = apply_rope(q.view(2, 12, 4, hd), cos, sin), apply_rope(k.view(2, 12, n_kv_heads, hd), cos, sin)
+    o = attention(q, k, v.view(2, 12, n_kv_heads, hd), window=5 if pattern == ["swa"] else None, sink=mixer.sink,
+                  backend="naive")
+    if gate:
+        o = o * torch.sigmoid(mixer.gate(x))[..., None]
+    ref = mixer.out(o.flatten(2))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(out)
-    gx, = torch.autograd.grad(out, x, g)
-    gx_ref, = torch.autograd.grad(ref, x, g)
-    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)
-
-
-def test_window_mask_convention():
-    mask = sliding_window_mask(6, 3, torch.device("cpu"))
-    assert mask[5].tolist() == [False, False, False, True, True, True]  # itself and the 2 before
-    assert mask[0].tolist() == [True, False, False, False, False, False]
+    grads = torch.autograd.grad(out, [x, mixer.sink], g)
+    grads_ref = torch.autograd.grad(ref, [x, mixer.sink], g)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_lm_is_causal_and_pattern_repeats():
-    torch.manual_seed(0)
-    cfg = small_cfg(n_layers=5)
-    assert layer_types(cfg) == ["swa", "full", "swa", "full", "swa"]
+    cfg = small_cfg(n_layers=8, pattern=ALL_TYPES)
+    assert layer_types(cfg) == ALL_TYPES + ALL_TYPES[:2]
     model = HybridLM(cfg).double()
     assert [b.layer_type for b in model.blocks] == layer_types(cfg)
     tokens = torch.randint(0, 97, (2, 16))
@@ -69,6 +62,33 @@ def test_lm_is_causal_and_pattern_repeats():
     changed[:, 10:] = (changed[:, 10:] + 1) % 97
     torch.testing.assert_close(model(changed)[:, :10], logits[:, :10])
     assert not torch.allclose(model(changed)[:, 10:], logits[:, 10:])
+
+
+@pytest.mark.parametrize("layer", ALL_TYPES)
+def test_step_decoding_equals_parallel_forward(layer):
+    cfg = small_cfg(n_layers=2, pattern=[layer], tie_embeddings=False)
+    cfg.attn.pinned, cfg.attn.gate, cfg.tnl.lrpe = 2, True, True
+    model = HybridLM(cfg).double()
+    tokens = torch.randint(0, 97, (2, 19))
+    logits, caches, steps = model(tokens), None, []
+    for pos in range(19):
+        step_logits, caches = model.step(tokens[:, pos], pos, caches)
+        steps.append(step_logits)
+    torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=0, atol=1e-10)
+
+
+def test_rat_gate_bias_init_range():
+    cfg = small_cfg(pattern=["rat"], n_layers=1)
+    cfg.rat.chunk_size = 16
+    gate = torch.sigmoid(HybridLM(cfg).blocks[0].mixer.gate_bias)
+    assert gate.min() >= 0.5 - 1e-6 and gate.max() <= 15 / 16 + 1e-6 and gate.std() > 0.05
+
+
+def test_tnl_layers_get_the_decay_schedule():
+    cfg = small_cfg(pattern=["tnl"], n_layers=3)
+    slopes = [b.mixer.slopes for b in HybridLM(cfg).blocks]
+    assert slopes[0][0] == pytest.approx(0.25 * (1 + 1e-5)) and slopes[2].max() < 1e-4  # last layer barely decays
+    assert (slopes[0] > slopes[1]).all() and (slopes[1] > slopes[2]).all()
 
 
 def test_tied_and_untied_heads():
@@ -87,3 +107,49 @@ def test_flops_per_token_counts_layer_types():
     ctx = (64 * 65 / 2 + (seq - 64) * 64) / seq
     assert swa.flops_per_token(seq) == pytest.approx(dense + 3 * layers * 4 * d * ctx)
     assert swa.flops_per_token(4 * seq) - dense < (full.flops_per_token(4 * seq) - dense) / 10
+    for linear in ("based", "tnl", "baseconv"):  # linear layers: the mixing cost per token does not grow with T
+        model = HybridLM(small_cfg(pattern=[linear]))
+        assert model.flops_per_token(4 * seq) == model.flops_per_token(seq)
+    rat = HybridLM(small_cfg(pattern=["rat"]))
+    grow = rat.flops_per_token(8 * seq) - rat.flops_per_token(seq)
+    assert 0 < grow < (full.flops_per_token(8 * seq) - full.flops_per_token(seq)) / 3  # ~1/L of attention's
+
+
+# ---------------------------------------------------------------------------------------------- sink monitor
+def test_sink_monitor_sees_first_token_sink():
+    """Every query puts (almost) all its attention on token 0: the monitor reports first-token mass ~1."""
+    t, h, d = 64, 2, 8
+    k = torch.zeros(1, t, h, d)
+    k[:, 0, :, 0] = 20.0  # only token 0 has a key along the queries' direction
+    q = torch.zeros(1, t, h, d)
+    q[..., 0] = 20.0
+    v = torch.randn(1, t, h, d)
+    sink = torch.full((h,), -30.0)
+    _, lse = attention(q, k, v, sink=sink, return_lse=True)
+    stats = sink_statistics(q, k, lse, sink, window=None)
+    assert stats["first_token_mass"].min() > 0.99
+    assert stats["sink_mass"].max() < 1e-3 and (stats["secondary_count"] == 0).all()
+
+
+def test_sink_monitor_finds_learned_and_secondary_sinks():
+    t, h, d = 64, 1, 8
+    q, k = torch.zeros(1, t, h, d), torch.zeros(1, t, h, d)
+    q[..., 0] = 10.0
+    k[:, 20, :, 0] = 2.0  # token 20 draws a share of every later query's attention: a secondary sink
+    v = torch.randn(1, t, h, d)
+    sink = torch.tensor([7.0])  # and the learned sink takes most of the rest
+    _, lse = attention(q, k, v, sink=sink, return_lse=True)
+    stats = sink_statistics(q, k, lse, sink, window=None, n_queries=32, threshold=0.3)
+    assert stats["secondary_pos"][0, 0] == 20 and stats["secondary_count"][0] == 1
+    assert stats["secondary_mass"][0, 0] > 0.3 and stats["sink_mass"][0] > 0.3
+
+
+def test_sink_monitor_hooks_into_the_model_once():
+    model = HybridLM(small_cfg(pattern=["swa", "rat", "full"], n_layers=3))
+    request_sink_monitor(model, n_queries=8, threshold=0.3)
+    model(torch.randint(0, 97, (2, 16)))
+    stats = collect_sink_stats(model)
+    assert sorted(stats) == [0, 2] and stats[0]["sink_mass"].shape == (4,)
+    assert ((stats[0]["sink_mass"] > 0) & (stats[0]["sink_mass"] < 1)).all()  # sink logit 0: a share, not all
+    model(torch.randint(0, 97, (2, 16)))
+    assert collect_sink_stats(model) == {}  # one request, one report

@@ -10,8 +10,9 @@ from trainer.train import train
 TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu"]
 
 
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(run_dir, kind="train/loss"):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if kind in r]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,12 @@ def test_tensorboard_has_every_tag_once_per_logged_step(tiny_run):
     for tag in TAGS:
         assert [e.step for e in acc.Scalars(tag)] == logged_steps, tag
     assert "train/mem_gb" not in acc.Tags()["scalars"]  # only where a GPU is present
+    # the sink monitor (every logging.sink_interval = 50 steps), for both attention layers of [swa, full] x4
+    for layer in range(4):
+        for what in ("sink_mass", "first_token_mass", "secondary_top_mass"):
+            events = acc.Scalars(f"sinks/layer{layer}/{what}/head0")
+            assert [e.step for e in events] == [50] and 0 <= events[0].value <= 1
+    assert [r["step"] for r in read_metrics(run_dir, "sinks/layer0/secondary_sinks")] == [50]
     assert (run_dir / "config.yaml").read_text().count("steps: 50") == 1
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from launch.distributed import DistInfo, destroy_distributed, init_distributed
 from models import HybridLM
+from models.attention import collect_sink_stats, request_sink_monitor
 from parallel.data_parallel import apply_data_parallel, gradient_sync
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import Config, ConfigError, check_batch_layout, load_config, to_yaml
@@ -33,6 +34,20 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
         if not value.is_cuda:
             value /= dist.get_world_size()
     return value.item()
+
+
+def sink_scalars(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
+    """TensorBoard scalars from the sink monitor: sinks/layer{i}/{what}/head{h} and per-layer summaries."""
+    scalars = {}
+    for layer, s in sorted(stats.items()):
+        prefix = f"sinks/layer{layer}"
+        for h in range(len(s["sink_mass"])):
+            scalars[f"{prefix}/sink_mass/head{h}"] = float(s["sink_mass"][h])
+            scalars[f"{prefix}/first_token_mass/head{h}"] = float(s["first_token_mass"][h])
+            scalars[f"{prefix}/secondary_top_mass/head{h}"] = float(s["secondary_mass"][h, 0])
+            scalars[f"{prefix}/secondary_top_position/head{h}"] = float(s["secondary_pos"][h, 0])
+        scalars[f"{prefix}/secondary_sinks"] = float(s["secondary_count"].sum())
+    return scalars
 
 
 def _resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
@@ -115,8 +130,11 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     loss_acc = torch.zeros((), device=device)
     window_start, window_steps = time.perf_counter(), 0
     model.train()
+    sink_every = cfg.logging.sink_interval
     for step in range(start_step + 1, cfg.train.steps + 1):
         batch = next(loader).to(device, non_blocking=True).long()
+        if sink_every and step % sink_every == 0:
+            request_sink_monitor(model, cfg.logging.sink_queries, cfg.logging.sink_threshold)
         for i in range(accum):
             inputs, targets = batch[i, :, :-1], batch[i, :, 1:]
             with gradient_sync(model, i == accum - 1), _autocast(cfg, device):
@@ -129,6 +147,8 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         window_steps += 1
+        if sink_every and step % sink_every == 0:
+            logger.log(step, sink_scalars(collect_sink_stats(model)))
 
         last = step == cfg.train.steps
         if step % cfg.logging.interval == 0 or last or step == start_step + 1:
