@@ -110,7 +110,7 @@ def main() -> int:
     import torch
 
     lines = [
-        f"### bench_ops: forward+backward, B=1 H=4 d=64, float32",
+        "### bench_ops: forward+backward, B=1 H=4 d=64, float32",
         f"{datetime.date.today()} · CPU ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__} · "
         f"median of {args.reps} (SDPA at 32K: 1)",
         "",

@@ -52,6 +52,8 @@ def test_wrong_type_names_key():
         ("model.window=0", "model.window=0 must be positive"),
         ("train.seq_len=0", "train.seq_len must be positive"),
         ("notakeyvalue", "not of the form key=value"),
+        ("model.mlp=relu", "model.mlp='relu' is not one of"),
+        ("model.attn.pinned=-1", "model.attn.pinned=-1 must be >= 0"),
     ],
 )
 def test_inconsistent_values(override, fragment):
@@ -72,3 +74,19 @@ def test_batch_layout():
     cfg = load_config(None, ["train.batch_size=16", "train.micro_batch_size=3"])
     with pytest.raises(ConfigError, match="must divide the per-rank batch 8"):
         check_batch_layout(cfg, 2)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["model.pattern=[rat]", "model.rat.qk_groups=3"],
+         "model.n_heads=4 must be a multiple of model.rat.qk_groups=3"),
+        (["model.pattern=[swa,rat]", "model.rat.chunk_size=0"], "model.rat.chunk_size=0 must be >= 1"),
+        (["model.pattern=[tnl]", "model.tnl.hidden=130"], "model.tnl.hidden=130 must be divisible by model.n_heads=4"),
+        (["model.pattern=[based]", "model.based.feature_dim=0"], "model.based.feature_dim=0 must be >= 1"),
+        (["model.rat.chunk=8"], "unknown config key 'model.rat.chunk'.*Did you mean 'model.rat.chunk_size'"),
+    ],
+)
+def test_layer_settings_are_checked(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, overrides)
