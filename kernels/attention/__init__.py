@@ -6,6 +6,8 @@ Window convention: `window=W` means each query sees itself and the W-1 tokens be
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +16,12 @@ from kernels.attention.naive import naive_attention
 from kernels.attention.step import attention_step
 
 __all__ = ["attention", "attention_step", "naive_attention", "chunk_attention"]
+
+
+@lru_cache(maxsize=8)
+def _window_mask(t: int, window: int, device: torch.device) -> torch.Tensor:
+    i, j = torch.arange(t, device=device)[:, None], torch.arange(t, device=device)[None, :]
+    return (j <= i) & (i - j < window)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, causal: bool,
@@ -52,10 +60,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if backend == "naive":
         out, lse = naive_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale, n_pinned=n_pinned)
     elif backend in ("auto", "chunk"):
-        plain = sink is None and window is None and not return_lse and q.shape[1] == k.shape[1]
-        if plain:  # nothing SDPA lacks: use the library kernel
+        plain = sink is None and not return_lse and n_pinned == 0 and q.shape[1] == k.shape[1]
+        # Nothing SDPA lacks: use the library kernel.  With a window only on GPUs, where a (T, T) mask through
+        # SDPA beats the blockwise loop (until the Triton kernel lands); on CPUs the blockwise path is O(T*W).
+        if plain and (window is None or q.is_cuda):
+            mask = None if window is None else _window_mask(q.shape[1], window, q.device)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=causal, scale=scale,
+                                                 attn_mask=mask, is_causal=causal and mask is None, scale=scale,
                                                  enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
             return out
         out, lse = chunk_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale,
