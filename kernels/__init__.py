@@ -3,6 +3,7 @@ recurrent decoding.  Tensors are (batch, seq, heads, head_dim); `backend=` picks
 
 from kernels.attention import attention, attention_step
 from kernels.based import based_linear_attention, based_step
+from kernels.conv import short_conv, short_conv_step
 from kernels.lightning import lightning_attention, lightning_step, tnl_slopes
 from kernels.rat import rat_attention, rat_step
 
@@ -11,4 +12,5 @@ __all__ = [
     "based_linear_attention", "based_step",
     "lightning_attention", "lightning_step", "tnl_slopes",
     "rat_attention", "rat_step",
+    "short_conv", "short_conv_step",
 ]

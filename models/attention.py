@@ -38,6 +38,7 @@ class SoftmaxAttention(nn.Module):
         self.gate = nn.Linear(cfg.d_model, self.n_heads, bias=True) if cfg.attn.gate else None
         self.n_pinned = cfg.attn.pinned if self.window is not None else 0
         self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta)
+        self.op = attention  # context parallelism swaps in ring / Ulysses / halo versions
         self.monitor: tuple[int, float] | None = None  # (sampled queries, threshold) for the next forward only
         self.sink_stats: dict[str, torch.Tensor] | None = None
 
@@ -58,9 +59,9 @@ class SoftmaxAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x, positions)
         if self.monitor is None:
-            o = attention(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned)
+            o = self.op(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned)
         else:
-            o, lse = attention(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned, return_lse=True)
+            o, lse = self.op(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned, return_lse=True)
             self.sink_stats = sink_statistics(q, k, lse, self.sink, window=self.window, n_pinned=self.n_pinned,
                                               n_queries=self.monitor[0], threshold=self.monitor[1])
             self.monitor = None

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import based_linear_attention, based_step
+from kernels import based_linear_attention, based_step, short_conv, short_conv_step
 from models.registry import register_mixer
 
 
@@ -27,6 +27,7 @@ class BasedLinearAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, self.n_heads * (2 * self.feature_dim + self.head_dim), bias=False)
         self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.out.is_residual_projection = True
+        self.op = based_linear_attention  # context parallelism swaps in a state-passing version
 
     def _qkv(self, x: torch.Tensor):
         b, t, _ = x.shape
@@ -35,7 +36,7 @@ class BasedLinearAttention(nn.Module):
         return q.view(b, t, h, f), k.view(b, t, h, f), v.view(b, t, h, self.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        o = based_linear_attention(*self._qkv(x))
+        o = self.op(*self._qkv(x))
         return self.out(o.flatten(2))
 
     def step(self, x: torch.Tensor, pos: int, cache) -> tuple[torch.Tensor, tuple]:
@@ -66,24 +67,21 @@ class BaseConv(nn.Module):
         self.inner = cfg.based.conv_expand * cfg.d_model
         self.kernel = cfg.based.conv_kernel
         self.in_proj = nn.Linear(cfg.d_model, 2 * self.inner, bias=False)
-        self.conv = nn.Conv1d(self.inner, self.inner, self.kernel, groups=self.inner, bias=True)
+        self.conv = nn.Conv1d(self.inner, self.inner, self.kernel, groups=self.inner, bias=True)  # holds w, b
+        self.op = short_conv  # context parallelism swaps in a version that fetches the left neighbour's inputs
         self.out = nn.Linear(self.inner, cfg.d_model, bias=False)
         self.out.is_residual_projection = True
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)
-        u1 = F.pad(u1.transpose(1, 2), (self.kernel - 1, 0))  # causal: only the past enters each output
-        u1 = self.conv(u1).transpose(1, 2)
+        u1 = self.op(u1, self.conv.weight[:, 0], self.conv.bias)
         return self.out(F.silu(u1) * u2)
 
     def step(self, x: torch.Tensor, pos: int, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cache: the last kernel-1 inputs of the convolution, (B, inner, kernel-1)."""
+        """cache: the last kernel-1 inputs of the convolution, (B, kernel-1, inner)."""
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)
-        if cache is None:
-            cache = u1.new_zeros(u1.shape[0], self.inner, self.kernel - 1)
-        window = torch.cat([cache, u1.transpose(1, 2)], dim=-1)
-        conv = (window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias
-        return self.out(F.silu(conv)[:, None] * u2), window[..., 1:]
+        y, cache = short_conv_step(cache, u1[:, 0], self.conv.weight[:, 0], self.conv.bias)
+        return self.out(F.silu(y)[:, None] * u2), cache
 
     @classmethod
     def check_config(cls, config) -> str | None:

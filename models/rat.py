@@ -33,6 +33,7 @@ class RAT(nn.Module):
         self.out = nn.Linear(inner, cfg.d_model, bias=False)
         self.out.is_residual_projection = True
         self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta)
+        self.op = rat_attention  # context parallelism swaps in a version that all-gathers chunk summaries
         self.init_special()
 
     @torch.no_grad()
@@ -54,7 +55,7 @@ class RAT(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         z, q, k, v, gate = self._project(x, positions)
         dtype = torch.promote_types(q.dtype, torch.float32)  # the scan runs in fp32 (its gates already are)
-        o = rat_attention(q.to(dtype), k.to(dtype), v.to(dtype), gate.to(dtype), self.chunk)
+        o = self.op(q.to(dtype), k.to(dtype), v.to(dtype), gate.to(dtype), self.chunk)
         return self.out(z * o.flatten(2).to(z.dtype))
 
     def step(self, x: torch.Tensor, pos: int, cache: dict | None) -> tuple[torch.Tensor, dict]:

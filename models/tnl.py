@@ -32,6 +32,7 @@ class TNL(nn.Module):
         self.out.is_residual_projection = True
         self.register_buffer("slopes", tnl_slopes(cfg.n_heads, layer_idx, cfg.n_layers), persistent=False)
         self.lrpe = nn.Parameter(torch.empty(cfg.n_heads, self.head_dim)) if cfg.tnl.lrpe else None
+        self.op = lightning_attention  # context parallelism swaps in a state-passing version
         self.init_special()
 
     @torch.no_grad()
@@ -60,7 +61,7 @@ class TNL(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         q, k, v, u = self._project(x, positions)
-        return self._output(lightning_attention(q, k, v, self.slopes), u)
+        return self._output(self.op(q, k, v, self.slopes), u)
 
     def step(self, x: torch.Tensor, pos: int, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v, u = self._project(x, torch.tensor([pos], device=x.device))

@@ -121,6 +121,9 @@ class ScheduleConfig:
 class ParallelConfig:
     dp_shard: bool = False  # FSDP2 (fully_shard) instead of DDP across data-parallel ranks
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    cp: int = 1  # context parallel: ranks sharing each sequence (the other world/cp ranks are data parallel)
+    cp_mode: str = "ring"  # how full attention splits: ring (zigzag) | ulysses (all-to-all) | hybrid
+    ulysses: int = 1  # cp_mode=hybrid: Ulysses ranks inside each ring slot (cp = ulysses x ring)
 
 
 @dataclass
@@ -159,6 +162,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.fused": ("auto", "on", "off"),
     "schedule.decay": ("cosine", "linear", "constant"),
     "parallel.backend": ("auto", "nccl", "gloo"),
+    "parallel.cp_mode": ("ring", "ulysses", "hybrid"),
     "model.mlp": ("swiglu", "sglu", "gelu"),
     "model.norm": ("rms", "srms"),
 }

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from launch.distributed import DistInfo, destroy_distributed, init_distributed
 from models import HybridLM
 from models.attention import collect_sink_stats, request_sink_monitor
+from parallel.context_parallel import apply_context_parallel, build_mesh, cp_config_problem, make_context
 from parallel.data_parallel import apply_data_parallel, gradient_sync
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import Config, ConfigError, check_batch_layout, load_config, to_yaml
@@ -79,7 +80,12 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, info: DistInfo) -> dict:
-    micro, accum = check_batch_layout(cfg, info.world)
+    problem = cp_config_problem(cfg, info.world)
+    if problem:
+        raise ConfigError(problem)
+    cp = cfg.parallel.cp
+    dp, dp_rank, cp_ctx = info.world // cp, info.rank // cp, None
+    micro, accum = check_batch_layout(cfg, dp)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -91,9 +97,13 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     elif cfg.model.vocab_size < tokenizer.get_vocab_size():
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's {tokenizer.get_vocab_size()}")
     loader = DataLoader(cfg.data, tokenizer, seq_len=seq_len, global_batch=cfg.train.batch_size,
-                        micro_batch=micro, rank=info.rank, world=info.world, seed=cfg.train.seed)
+                        micro_batch=micro, rank=dp_rank, world=dp, seed=cfg.train.seed)
 
     model = HybridLM(cfg.model).to(device)
+    if cp > 1:  # ranks r*cp .. r*cp+cp-1 share sequences; gradients still average over all ranks
+        mesh = build_mesh(info.world, cp, device)
+        cp_ctx = make_context(mesh, seq_len, cfg.parallel.cp_mode, cfg.parallel.ulysses)
+        apply_context_parallel(model, cp_ctx, seq_len)
     flops_per_token = model.flops_per_token(seq_len)
     n_params = model.num_params()
     if cfg.train.compile:
@@ -115,8 +125,9 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         where = f"resuming from {resume_from}" if resume_from else "from scratch"
+        layout = f" (dp {dp} x cp {cp}, {cfg.parallel.cp_mode})" if cp > 1 else ""
         print(f"[hylo] {n_params / 1e6:.2f}M params, layers {cfg.model.pattern} x{cfg.model.n_layers}, "
-              f"{info.world} rank(s) on {device.type}, {where}; run dir {run_dir.resolve()}", flush=True)
+              f"{info.world} rank(s){layout} on {device.type}, {where}; run dir {run_dir.resolve()}", flush=True)
 
     logger = MetricsLogger(run_dir, enabled=info.is_main)
     peak = peak_flops(device, cfg.logging.peak_tflops) * info.world
@@ -130,15 +141,18 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     loss_acc = torch.zeros((), device=device)
     window_start, window_steps = time.perf_counter(), 0
     model.train()
-    sink_every = cfg.logging.sink_interval
+    sink_every = cfg.logging.sink_interval if cp == 1 else 0  # the monitor needs whole sequences
     for step in range(start_step + 1, cfg.train.steps + 1):
         batch = next(loader).to(device, non_blocking=True).long()
         if sink_every and step % sink_every == 0:
             request_sink_monitor(model, cfg.logging.sink_queries, cfg.logging.sink_threshold)
         for i in range(accum):
-            inputs, targets = batch[i, :, :-1], batch[i, :, 1:]
+            inputs, targets, positions = batch[i, :, :-1], batch[i, :, 1:], None
+            if cp_ctx is not None:  # this rank's slice of every sequence, with its global positions
+                positions = cp_ctx.positions(device)
+                inputs, targets = inputs[:, positions], targets[:, positions]
             with gradient_sync(model, i == accum - 1), _autocast(cfg, device):
-                logits = model(inputs)
+                logits = model(inputs, positions)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum
                 loss.backward()
             loss_acc += loss.detach()

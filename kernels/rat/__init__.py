@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from kernels.rat.chunk import chunk_rat_attention
+from kernels.rat.chunk import chunk_rat_attention, scan_summaries
 from kernels.rat.naive import naive_rat_attention
 from kernels.rat.step import rat_step
 
-__all__ = ["rat_attention", "rat_step", "naive_rat_attention", "chunk_rat_attention"]
+__all__ = ["rat_attention", "rat_step", "scan_summaries", "naive_rat_attention", "chunk_rat_attention"]
 
 
 def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, chunk_size: int, *,
-                  scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                  scale: float | None = None, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  backend: str = "auto") -> torch.Tensor:
     """q, k, v, gate (B, T, H, d), gate in (0, 1) -> (B, T, H, d).
 
     Inside each chunk of `chunk_size` tokens k~_l = g*k~_{l-1} + (1-g)*k_l (same for v), restarting per chunk.
     Query t attends in one softmax to the last k~ of every earlier chunk and to its own k~_t.  T need not be a
-    multiple of chunk_size (a partial last chunk is padded internally).  backend: "naive" | "chunk" | "auto".
+    multiple of chunk_size (a partial last chunk is padded internally).  `prefix` = (k, v) summaries (B, P, H, d)
+    of chunks before this segment (see `scan_summaries`), which every query also sees: how context parallelism
+    continues a sequence held by other ranks.  backend: "naive" | "chunk" | "auto".
     """
     if q.dim() != 4 or not (q.shape == k.shape == gate.shape) or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"rat_attention expects q, k, gate (B, T, H, d) and v (B, T, H, e); got q{tuple(q.shape)} "
@@ -27,7 +30,9 @@ def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     if backend == "naive":
+        if prefix is not None:
+            raise ValueError("the naive RAT oracle takes whole sequences, not a prefix of chunk summaries")
         return naive_rat_attention(q, k, v, gate, chunk_size, scale)
     if backend in ("auto", "chunk"):
-        return chunk_rat_attention(q, k, v, gate, chunk_size, scale)
+        return chunk_rat_attention(q, k, v, gate, chunk_size, scale, prefix)
     raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk'")

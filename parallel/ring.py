@@ -1,0 +1,126 @@
+"""Ring attention for full causal softmax attention with the zigzag layout.
+
+K/V blocks travel around the ring with batch_isend_irecv while the local block is computed; partial results
+merge by log-sum-exp in float32 (never rounded between steps); the learned sink joins the denominator once, after
+the last step.  Zigzag (rank r holds chunks r and 2N-1-r) gives every rank the same causal work: of the four
+(query chunk, key chunk) pairs per step, each is either fully visible, the causal diagonal, or skipped.
+Backward sends K/V around again, with their dK/dV accumulators one hop behind, so each block's gradient returns
+to its owner after N hops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from kernels.attention.chunk import (
+    Layout,
+    add_sink,
+    block_backward,
+    block_forward,
+    from_groups,
+    grad_delta,
+    sink_grad,
+    to_groups,
+)
+from parallel.context import COMM, Segment
+
+
+def _pairs(q_segs: list[Segment], k_segs: list[Segment]):
+    """(q slice, k slice, Layout) for every (query segment, key segment) pair with something visible."""
+    q_off = 0
+    for qs, qn in q_segs:
+        k_off = 0
+        for ks, kn in k_segs:
+            if ks < qs + qn:  # some key at or before the last query
+                causal = ks + kn > qs + 1  # some key after the first query: the diagonal
+                layout = Layout(qn, kn, causal=causal, q_start=qs, k_start=ks)
+                yield slice(q_off, q_off + qn), slice(k_off, k_off + kn), layout
+            k_off += kn
+        q_off += qn
+
+
+class _Ring:
+    def __init__(self, group: dist.ProcessGroup, segments: list[list[Segment]], key: str):
+        self.group, self.segments, self.key = group, segments, key
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+
+    def start(self, buf: torch.Tensor, key: str):
+        """Begin passing buf to the next rank; returns (requests, receive buffer)."""
+        recv = torch.empty_like(buf)
+        COMM.add(key, buf)
+        ops = [dist.P2POp(dist.isend, buf, self.next), dist.P2POp(dist.irecv, recv, self.prev)]
+        return dist.batch_isend_irecv(ops), recv
+
+
+def _merge(out, lse, o, lse_b):
+    new = torch.logaddexp(lse, lse_b)
+    return out * torch.exp(lse - new)[..., None] + o * torch.exp(lse_b - new)[..., None], new
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sink, scale, ring: _Ring):
+        d = k.shape[-1]
+        out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+        kv = torch.cat([k, v], dim=-1).contiguous()
+        mine = ring.segments[ring.rank]
+        for step in range(ring.size):
+            pending = ring.start(kv, ring.key) if step < ring.size - 1 else None  # overlap with the compute
+            src = (ring.rank - step) % ring.size
+            for qsl, ksl, layout in _pairs(mine, ring.segments[src]):
+                o, lb = block_forward(q[..., qsl, :], kv[..., ksl, :d], kv[..., ksl, d:], scale, layout)
+                out[..., qsl, :], lse[..., qsl] = _merge(out[..., qsl, :], lse[..., qsl], o, lb)
+            if pending:
+                for req in pending[0]:
+                    req.wait()
+                kv = pending[1]
+        out, lse = add_sink(out, lse, sink)
+        ctx.save_for_backward(q, k, v, sink, out, lse)
+        ctx.scale, ctx.ring = scale, ring
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, sink, out, lse = ctx.saved_tensors
+        ring, scale, d = ctx.ring, ctx.scale, k.shape[-1]
+        d_out = torch.zeros_like(out) if d_out is None else d_out
+        delta = grad_delta(d_out, out, d_lse)
+        dq = torch.zeros_like(q)
+        kv = torch.cat([k, v], dim=-1).contiguous()
+        dkv = torch.zeros_like(kv)
+        mine = ring.segments[ring.rank]
+        for step in range(ring.size):
+            src = (ring.rank - step) % ring.size
+            for qsl, ksl, layout in _pairs(mine, ring.segments[src]):
+                g_q, g_k, g_v = block_backward(q[..., qsl, :], kv[..., ksl, :d], kv[..., ksl, d:], d_out[..., qsl, :],
+                                               delta[..., qsl], lse[..., qsl], scale, layout)
+                dq[..., qsl, :] += g_q
+                dkv[..., ksl, :] += torch.cat([g_k, g_v], dim=-1)
+            if ring.size > 1:  # pass the block on with its gradient; after N hops dK/dV are home
+                both = torch.cat([kv, dkv], dim=-1).contiguous()
+                reqs, recv = ring.start(both, ring.key + "/backward")
+                for req in reqs:
+                    req.wait()
+                kv, dkv = recv[..., : kv.shape[-1]], recv[..., kv.shape[-1]:]
+        d_sink = sink_grad(sink, lse, delta) if sink is not None and ctx.needs_input_grad[3] else None
+        return dq, dkv[..., :d], dkv[..., d:], d_sink, None, None
+
+
+class RingAttention:
+    """`attention` (full causal) with the sequence split over a ring of ranks in the given segments."""
+
+    def __init__(self, group: dist.ProcessGroup, segments: list[list[Segment]], key: str = "ring"):
+        self.ring = _Ring(group, segments, key)
+
+    def __call__(self, q, k, v, *, causal=True, window=None, sink=None, scale=None, return_lse=False, n_pinned=0,
+                 **kw):
+        if not causal or window is not None or n_pinned:
+            raise ValueError("ring attention runs full causal attention; window layers use the halo exchange")
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        out, lse = _RingAttention.apply(*to_groups(q, k, v, sink), scale, self.ring)
+        out, lse = from_groups(out, lse, q.dtype)
+        return (out, lse) if return_lse else out

@@ -1,0 +1,151 @@
+"""Run under torchrun: every context-parallel op against its single-rank result on the same inputs.
+
+  torchrun --nproc_per_node=N tests/cp_worker.py SEED [quick|sweep]
+
+Rank 0 draws the full inputs and output gradients (float64) and broadcasts them; every rank computes the
+single-rank reference, runs the CP op on its slice, and the slices of outputs, log-sum-exps and input gradients
+are gathered and compared (relative error <= 1e-9); parameter-like inputs (sinks, conv weights) compare the
+gradient summed over ranks.  Prints one `CASE <name> ok <err>` line per case; any mismatch raises.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from kernels import attention, based_linear_attention, lightning_attention, rat_attention, short_conv, tnl_slopes
+from parallel.context import CPContext
+from parallel.context_parallel import build_mesh, full_attention_op, make_context
+from parallel.halo import HaloConv, HaloWindowAttention
+from parallel.linear_state import BasedCP, LightningCP
+from parallel.rat import RatCP
+
+F64 = torch.float64
+
+
+def broadcast_randn(*shape, positive=False):
+    x = torch.rand(*shape, dtype=F64) * 0.9 + 0.05 if positive else torch.randn(*shape, dtype=F64)
+    dist.broadcast(x, 0)
+    return x
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_case(name, ctx: CPContext, ref_fn, cp_fn, seq_inputs, param_inputs=(), with_lse=False):
+    """seq_inputs: (B, T, ...) tensors sharded along T; param_inputs: replicated tensors."""
+    pos = ctx.positions()
+    full = [x.clone().requires_grad_() for x in seq_inputs]
+    params = [p.clone().requires_grad_() for p in param_inputs]
+    ref = ref_fn(*full, *params)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    grads_out = [broadcast_randn(*r.shape) for r in ref]
+    ref_grads = torch.autograd.grad(ref, full + params, grads_out, allow_unused=True, materialize_grads=True)
+
+    local = [x.detach()[:, pos].clone().requires_grad_() for x in seq_inputs]
+    local_params = [p.clone().requires_grad_() for p in param_inputs]
+    out = cp_fn(*local, *local_params)
+    out = out if isinstance(out, tuple) else (out,)
+    # lse is (B, H, T): its sequence dim is the last
+    local_grads_out = [g[:, pos] if g.dim() != 3 or not with_lse or i == 0 else g[..., pos]
+                       for i, g in enumerate(grads_out)]
+    grads = torch.autograd.grad(out, local + local_params, local_grads_out, allow_unused=True, materialize_grads=True)
+
+    def gather(x, seq_dim):
+        parts = [torch.empty_like(x) for _ in range(ctx.size)]
+        dist.all_gather(parts, x.contiguous(), group=ctx.group)
+        whole = torch.empty(*x.shape[:seq_dim], x.shape[seq_dim] * ctx.size, *x.shape[seq_dim + 1:], dtype=x.dtype)
+        all_pos = torch.cat([torch.cat([torch.arange(s, s + n) for s, n in segs]) for segs in ctx.segments])
+        whole.index_copy_(seq_dim, all_pos, torch.cat(parts, dim=seq_dim))
+        return whole
+
+    errs = []
+    for i, (o, r) in enumerate(zip(out, ref, strict=True)):
+        errs.append((f"out{i}", rel(gather(o.detach(), 2 if (with_lse and i == 1) else 1), r.detach())))
+    for i, (g, r) in enumerate(zip(grads[: len(local)], ref_grads[: len(full)], strict=True)):
+        errs.append((f"grad{i}", rel(gather(g, 1), r)))
+    for i, (g, r) in enumerate(zip(grads[len(local):], ref_grads[len(full):], strict=True)):
+        g = g.clone()
+        dist.all_reduce(g, group=ctx.group)
+        errs.append((f"param_grad{i}", rel(g, r)))
+    worst = max(e for _, e in errs)
+    if worst > 1e-9:
+        raise AssertionError(f"{name}: {errs}")
+    if dist.get_rank() == 0:
+        print(f"CASE {name} ok {worst:.1e}", flush=True)
+
+
+def main():
+    seed, which = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo")
+    torch.manual_seed(seed)
+    n = dist.get_world_size()
+    mesh = build_mesh(n, n, torch.device("cpu"))
+    T = 32
+    modes = ["ring", "ulysses"] + (["hybrid"] if n == 4 else [])
+    contexts = {m: make_context(mesh, T, m, 2 if m == "hybrid" else 1) for m in modes}
+    sweep = which == "sweep"
+
+    # ---- full attention: every mode, sinks on/off, GQA
+    for mode in modes:
+        ctx = contexts[mode]
+        op = full_attention_op(ctx, T)
+        for h_kv, sink in ([(4, True), (2, False), (1, True)] if sweep else [(2, True)]):
+            q, k, v = broadcast_randn(2, T, 4, 8), broadcast_randn(2, T, h_kv, 8), broadcast_randn(2, T, h_kv, 8)
+            params = [broadcast_randn(4)] if sink else []
+
+            def ref(q, k, v, *s):
+                return attention(q, k, v, sink=s[0] if s else None, return_lse=True, backend="naive")
+
+            def par(q, k, v, *s, op=op):
+                return op(q, k, v, sink=s[0] if s else None, return_lse=True)
+            run_case(f"full/{mode}/kv{h_kv}/sink{int(sink)}", ctx, ref, par, [q, k, v], params, with_lse=True)
+
+    for mode in modes if sweep else modes[:1]:
+        ctx = contexts[mode]
+        # ---- sliding window: smaller and larger than a rank's segment
+        for window in ([3, 9, 20] if sweep else [3, 20]):
+            q, k, v, s = broadcast_randn(2, T, 2, 8), broadcast_randn(2, T, 1, 8), broadcast_randn(2, T, 1, 8), \
+                broadcast_randn(2)
+            op = HaloWindowAttention(ctx)
+            run_case(f"swa/{mode}/W{window}", ctx,
+                     lambda q, k, v, s, w=window: attention(q, k, v, window=w, sink=s, return_lse=True,
+                                                             backend="naive"),
+                     lambda q, k, v, s, w=window, op=op: op(q, k, v, window=w, sink=s, return_lse=True),
+                     [q, k, v], [s], with_lse=True)
+        # ---- BaseConv: kernel 3 and a kernel longer than a segment
+        for kernel in ([3, 7] if sweep else [7]):
+            x, w, b = broadcast_randn(2, T, 6), broadcast_randn(6, kernel), broadcast_randn(6)
+            op = HaloConv(ctx)
+            run_case(f"baseconv/{mode}/K{kernel}", ctx, lambda x, w, b: short_conv(x, w, b, backend="naive"),
+                     lambda x, w, b, op=op: op(x, w, b), [x], [w, b])
+        # ---- lightning: TNL slopes, and decay 0
+        for decay in ([tnl_slopes(2, 0, 2), torch.zeros(2)] if sweep else [torch.tensor([0.0, 0.3])]):
+            q, k, v = broadcast_randn(2, T, 2, 4), broadcast_randn(2, T, 2, 4), broadcast_randn(2, T, 2, 3)
+            op, dec = LightningCP(ctx), decay.double()
+            run_case(f"tnl/{mode}/decay{decay.max().item():.2f}", ctx,
+                     lambda q, k, v, d=dec: lightning_attention(q, k, v, d, backend="naive"),
+                     lambda q, k, v, d=dec, op=op: op(q, k, v, d), [q, k, v])
+        # ---- BASED linear attention
+        q, k, v = broadcast_randn(2, T, 2, 4), broadcast_randn(2, T, 2, 4), broadcast_randn(2, T, 2, 3)
+        op = BasedCP(ctx)
+        run_case(f"based/{mode}", ctx, lambda q, k, v: based_linear_attention(q, k, v, backend="naive"),
+                 lambda q, k, v, op=op: op(q, k, v), [q, k, v])
+        # ---- RAT: a segment of exactly one chunk, and several chunks per segment
+        seg = ctx.local_segments[0][1]
+        for chunk in ([seg, seg // 2] if sweep else [seg]):
+            q, k, v = broadcast_randn(2, T, 2, 4), broadcast_randn(2, T, 2, 4), broadcast_randn(2, T, 2, 4)
+            g = broadcast_randn(2, T, 2, 4, positive=True)
+            op = RatCP(ctx)
+            run_case(f"rat/{mode}/L{chunk}", ctx,
+                     lambda q, k, v, g, c=chunk: rat_attention(q, k, v, g, c, backend="naive"),
+                     lambda q, k, v, g, c=chunk, op=op: op(q, k, v, g, c), [q, k, v, g])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Context parallelism on CPU (gloo): every CP op against one rank, and whole-model runs against one rank."""
+
+import json
+
+import pytest
+
+from parallel.context import cp_segments
+from parallel.context_parallel import cp_config_problem
+from tests.conftest import run_module
+from trainer.config import load_config
+
+
+def run_worker(n, seed, which, port):
+    res = run_module(["-m", "torch.distributed.run", f"--nproc_per_node={n}", "--rdzv_backend=c10d",
+                      f"--rdzv_endpoint=127.0.0.1:{port}", "tests/cp_worker.py", str(seed), which], timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return [line.split()[1] for line in res.stdout.splitlines() if line.startswith("CASE ")]
+
+
+def test_every_layer_type_matches_one_rank_on_4_ranks(free_port, fresh_seed):
+    cases = run_worker(4, fresh_seed, "quick", free_port)
+    kinds = {c.split("/")[0] for c in cases}
+    assert kinds == {"full", "swa", "baseconv", "tnl", "based", "rat"}
+    assert {c for c in cases if c.startswith("full/")} >= {"full/ring/kv2/sink1", "full/ulysses/kv2/sink1",
+                                                           "full/hybrid/kv2/sink1"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 4])
+def test_cp_sweep(n, free_port, fresh_seed):
+    cases = run_worker(n, fresh_seed, "sweep", free_port)
+    assert len(cases) >= (24 if n == 2 else 34)
+
+
+COMMON = ["train.steps=2", "logging.interval=1", "logging.progress=false", "checkpoint.interval=0",
+          "train.batch_size=4"]
+
+
+def first_step(run_dir):
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one")
+    res = run_module(["-m", "trainer.train", "--config", "configs/hybrid_tiny.yaml", f"run.dir={run_dir}", *COMMON])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return first_step(run_dir)
+
+
+@pytest.mark.parametrize("extra", [["parallel.cp=4"], ["parallel.cp=2", "parallel.cp_mode=ulysses"]],
+                         ids=["cp4-ring", "dp2-cp2-ulysses"])
+def test_hybrid_model_under_cp_matches_one_rank(one_rank, tmp_path, free_port, extra):
+    res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=4", "--rdzv_backend=c10d",
+                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "trainer.train", "--config",
+                      "configs/hybrid_tiny.yaml", f"run.dir={tmp_path}", *COMMON, *extra])
+    assert res.returncode == 0, res.stderr[-5000:]
+    many = first_step(tmp_path)
+    assert many["train/loss"] == pytest.approx(one_rank["train/loss"], rel=1e-5)
+    assert many["train/grad_norm"] == pytest.approx(one_rank["train/grad_norm"], rel=1e-5)
+
+
+def test_layouts():
+    assert cp_segments(16, 2, "ulysses") == [[(0, 8)], [(8, 8)]]
+    assert cp_segments(16, 2, "ring") == [[(0, 4), (12, 4)], [(4, 4), (8, 4)]]
+    # hybrid: 2 ring slots x 2 Ulysses ranks; each ring slot's zigzag chunks split over its Ulysses ranks
+    assert cp_segments(16, 4, "hybrid", 2) == [[(0, 2), (12, 2)], [(2, 2), (14, 2)], [(4, 2), (8, 2)],
+                                               [(6, 2), (10, 2)]]
+    for mode, u in [("ring", 1), ("ulysses", 1), ("hybrid", 2)]:
+        covered = sorted(p for segs in cp_segments(64, 4, mode, u) for s, n in segs for p in range(s, s + n))
+        assert covered == list(range(64))
+
+
+@pytest.mark.parametrize("overrides, world, fragment", [
+    (["parallel.cp=3"], 4, "parallel.cp=3 must divide the number of ranks (4)"),
+    (["parallel.cp=4", "train.seq_len=100"], 4, "train.seq_len=100 is not divisible by 2 x parallel.cp = 8"),
+    (["parallel.cp=4", "parallel.cp_mode=ulysses", "model.n_heads=6", "model.d_model=96", "model.pattern=[full]"],
+     4, "needs model.n_heads=6 divisible by 4"),
+    (["parallel.cp=4", "parallel.cp_mode=hybrid", "parallel.ulysses=3"], 4, "parallel.ulysses=3 must divide"),
+    (["parallel.cp=4", "model.pattern=[rat]", "model.rat.chunk_size=32"], 4,
+     "RAT chunks may not straddle ranks: each rank's sequence pieces are 16 tokens"),
+    (["parallel.cp=2", "model.attn.pinned=4"], 2, "model.attn.pinned is not supported with context parallelism"),
+])
+def test_bad_cp_settings_fail_clearly(overrides, world, fragment):
+    assert fragment in cp_config_problem(load_config(None, overrides), world)
+
+
+def test_bad_cp_setting_stops_the_launch(tmp_path, free_port):
+    res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "trainer.train", f"run.dir={tmp_path}",
+                      "parallel.cp=2", "train.seq_len=126", *COMMON])
+    assert res.returncode != 0 and "train.seq_len=126 is not divisible by 2 x parallel.cp = 4" in res.stderr
