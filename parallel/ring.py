@@ -101,11 +101,12 @@ class _RingAttention(torch.autograd.Function):
                 dq[..., qsl, :] += g_q
                 dkv[..., ksl, :] += torch.cat([g_k, g_v], dim=-1)
             if ring.size > 1:  # pass the block on with its gradient; after N hops dK/dV are home
-                both = torch.cat([kv, dkv], dim=-1).contiguous()
-                reqs, recv = ring.start(both, ring.key + "/backward")
+                last = step == ring.size - 1  # the last hop only takes dK/dV home
+                buf = dkv.contiguous() if last else torch.cat([kv, dkv], dim=-1).contiguous()
+                reqs, recv = ring.start(buf, ring.key + "/backward")
                 for req in reqs:
                     req.wait()
-                kv, dkv = recv[..., : kv.shape[-1]], recv[..., kv.shape[-1]:]
+                kv, dkv = (kv, recv) if last else (recv[..., : kv.shape[-1]], recv[..., kv.shape[-1]:])
         d_sink = sink_grad(sink, lse, delta) if sink is not None and ctx.needs_input_grad[3] else None
         return dq, dkv[..., :d], dkv[..., d:], d_sink, None, None
 
