@@ -5,7 +5,8 @@ activation memory each rank keeps for backward, at N = 1, 2, 4 CP ranks.
 
 One layer op per row (B=1, H=4 query heads, 2 k/v heads, d=64, float32, T=--seq), run under torchrun with gloo
 on the CPU.  Bytes come from instrumenting the collectives (parallel.context.COMM); activation memory is the
-storage saved for backward (autograd saved-tensor hooks, the op's inputs included), per rank.  The minimum counts what the math must move:
+storage saved for backward (autograd saved-tensor hooks, the op's inputs included), per rank.
+The minimum counts what the math must move:
   ring       every rank must see every other rank's K/V once (forward), and again in backward plus the dK/dV
              on their way home: (N-1)/N * T * (2 Hkv d) bytes per pass
   ulysses    all-to-alls of q, k, v, out forward and their gradients backward: (N-1)/N of each local tensor

@@ -34,7 +34,12 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
-        dist.init_process_group(backend=backend, device_id=dev if backend == "nccl" else None)
+        store, rank, world = next(dist.rendezvous("env://"))
+        # A run restarted by `torchrun --max-restarts` meets in the same store: without a per-attempt prefix the
+        # new workers read the dead attempt's addresses and hang connecting to them.
+        store = dist.PrefixStore(f"hylo/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
+                                device_id=dev if backend == "nccl" else None)
     return DistInfo(rank, world, local_rank, dev)
 
 

@@ -4,6 +4,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import run_module
+from trainer.checkpoint import CheckpointError
 from trainer.config import load_config
 from trainer.train import train
 
@@ -66,7 +67,7 @@ def test_resume_from_wrong_model_shape_fails_clearly(tiny_run, tmp_path):
     step_25 = run_dir / "checkpoints" / "step_25"
     cfg = load_config(None, [f"run.dir={tmp_path}", "model.d_model=64", f"checkpoint.resume={step_25}",
                              "logging.progress=false"])
-    with pytest.raises(ValueError, match="does not fit this model"):
+    with pytest.raises(CheckpointError, match="does not fit this model"):
         train(cfg)
 
 

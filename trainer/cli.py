@@ -13,6 +13,10 @@ def tokenize_main(argv: list[str]) -> int:
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--output", default="tokenizer.json")
+    parser.add_argument("--out", help="pre-tokenize into token shards in this folder (with --tokenizer) instead of "
+                                      "training a tokenizer")
+    parser.add_argument("--tokenizer", default="", help="with --out: tokenizer.json to use (default: bundled)")
+    parser.add_argument("--shard-tokens", type=int, default=100_000_000)
     args = parser.parse_args(argv)
 
     from trainer.config import DataConfig
@@ -31,20 +35,31 @@ def tokenize_main(argv: list[str]) -> int:
                 return
             yield text
 
+    if args.out:
+        from pathlib import Path
+
+        from trainer.shards import write_shards
+        from trainer.tokenizer import load_tokenizer
+
+        index = write_shards(one_epoch(), load_tokenizer(args.tokenizer), Path(args.out), args.shard_tokens)
+        print(f"[hylo] wrote {index['total_tokens']:,} tokens in {len(index['shards'])} shard(s) to {args.out}; "
+              f"train with data.path={args.out}")
+        return 0
     tok = train_bpe(one_epoch(), args.vocab_size, args.output)
     print(f"[hylo] wrote {args.output} ({tok.get_vocab_size()} tokens)")
     return 0
 
 
-COMMANDS = {"train": "trainer.train", "tokenize": None}
+COMMANDS = {"train": "trainer.train", "tokenize": None, "export": None}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: hylo {train,tokenize} [args]\n"
+        print("usage: hylo {train,tokenize,export} [args]\n"
               "  train     train a model (hylo train --help)\n"
-              "  tokenize  train a byte-level BPE tokenizer (hylo tokenize --help)")
+              "  tokenize  train a byte-level BPE tokenizer, or pre-tokenize a corpus (hylo tokenize --help)\n"
+              "  export    a checkpoint as one safetensors file (hylo export --help)")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "train":
@@ -53,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(rest)
     if command == "tokenize":
         return tokenize_main(rest)
+    if command == "export":
+        from trainer.export import export_main
+
+        return export_main(rest)
     print(f"hylo: unknown command '{command}'; choose from {sorted(COMMANDS)}", file=sys.stderr)
     return 2
 

@@ -68,6 +68,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     init_std: float = 0.02
+    init_from: str = ""  # start from these weights (a safetensors file from `hylo export`) instead of random
     mlp: str = "swiglu"  # swiglu | sglu (TNL: W3(W1 x * W2 x), no activation) | gelu (4x, RAT's reference)
     norm: str = "rms"  # rms (with weight) | srms (TNL's SRMSNorm, no weight)
     embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (TNL)
@@ -80,11 +81,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # files, a folder, a glob or a Hugging Face dataset name; empty = the bundled corpus
-    format: str = "auto"  # auto | text | jsonl | parquet | hf
+    format: str = "auto"  # auto | text | jsonl | parquet | hf | tokens (a `hylo tokenize --out` folder; auto-detected)
     text_field: str = "text"  # column holding the document text (jsonl, parquet, hf)
     hf_split: str = "train"
     tokenizer: str = ""  # path to a tokenizer.json; empty = the bundled byte-level BPE
     prefetch: int = 4  # batches prepared ahead by the background thread (0 = inline)
+    verify: bool = True  # token shards: check every shard's CRC32 when opening
 
 
 @dataclass
@@ -100,6 +102,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block
     deterministic: bool = False  # torch.use_deterministic_algorithms
     device: str = "auto"  # auto | cpu | cuda
+    nan_policy: str = "stop"  # a non-finite loss/gradient: stop (exit 1, save nothing new) | skip (drop the step)
 
 
 @dataclass
@@ -130,6 +133,8 @@ class ParallelConfig:
 class CheckpointConfig:
     interval: int = 100  # save every N steps (and at the last step); 0 = never
     resume: str = "auto"  # auto (latest in run.dir, if any) | none | a checkpoint folder
+    keep_last: int = 0  # keep only the newest k complete checkpoints; 0 = keep all
+    async_save: bool = False  # write in the background (dcp.async_save); also spelled checkpoint.async
 
 
 @dataclass
@@ -156,7 +161,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.format": ("auto", "text", "jsonl", "parquet", "hf"),
+    "data.format": ("auto", "text", "jsonl", "parquet", "hf", "tokens"),
     "train.dtype": ("auto", "bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
     "optim.fused": ("auto", "on", "off"),
@@ -165,6 +170,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.cp_mode": ("ring", "ulysses", "hybrid"),
     "model.mlp": ("swiglu", "sglu", "gelu"),
     "model.norm": ("rms", "srms"),
+    "train.nan_policy": ("stop", "skip"),
 }
 
 
@@ -201,10 +207,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not path.is_file():
                 known = sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
                 raise ConfigError(f"config file '{path}' does not exist. Bundled configs in {CONFIG_DIR}: {known}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            if "async" in (loaded.get("checkpoint") or {}):  # `async` is a Python keyword: the field is async_save
+                loaded.checkpoint.async_save = loaded.checkpoint.pop("async")
+            cfg = OmegaConf.merge(cfg, loaded)
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
+            if item.startswith("checkpoint.async="):
+                item = "checkpoint.async_save=" + item.split("=", 1)[1]
             try:
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
             except OmegaConfBaseException as err:
@@ -266,8 +277,9 @@ def validate(c: Config) -> None:
         raise ConfigError(f"schedule.min_lr_ratio={c.schedule.min_lr_ratio} must lie in [0, 1]")
     if len(c.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in c.optim.betas):
         raise ConfigError(f"optim.betas={c.optim.betas} must be two numbers in [0, 1)")
-    if t.micro_batch_size < 0 or c.checkpoint.interval < 0 or t.grad_clip < 0 or c.data.prefetch < 0:
-        raise ConfigError("train.micro_batch_size, checkpoint.interval, train.grad_clip and data.prefetch must be >= 0")
+    if min(t.micro_batch_size, c.checkpoint.interval, c.checkpoint.keep_last, t.grad_clip, c.data.prefetch) < 0:
+        raise ConfigError("train.micro_batch_size, checkpoint.interval, checkpoint.keep_last, train.grad_clip and "
+                          "data.prefetch must be >= 0")
 
 
 def check_batch_layout(c: Config, dp: int) -> tuple[int, int]:

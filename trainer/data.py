@@ -8,7 +8,9 @@ takes the r-th contiguous slice.  So no two ranks see the same sequence, a 2-ran
 sequence index) is the same on every rank.
 
 The cost is that each rank tokenizes the whole stream; the tokenizer is Rust and batched, and the benchmark
-checks that it outruns training.  For many ranks, pre-tokenize once instead.
+checks that it outruns training.  For many ranks, pre-tokenize once instead (`hylo tokenize --out DIR`, read by
+trainer/shards.py with random access).  Both paths resume exactly, on the same or a different number of ranks,
+as long as the global batch size stays the same.
 """
 
 from __future__ import annotations
@@ -179,6 +181,8 @@ class SequencePacker:
         self._source: Iterator | None = None
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") == "tokens":
+            raise ValueError("the data state was saved by the token-shard loader; resume with the same data.path")
         self._start = dict(state)
         self._queue.clear()
         self._source = None
@@ -234,7 +238,12 @@ class DataLoader:
                  rank: int = 0, world: int = 1, seed: int = 0):
         if global_batch % world or (global_batch // world) % micro_batch:
             raise ValueError(f"global batch {global_batch} does not split into {world} ranks x {micro_batch}")
-        self.packer = SequencePacker(DocumentStream(cfg, seed), tokenizer, seq_len)
+        from trainer.shards import ShardSequences, TokenShards, is_shard_dir
+
+        if cfg.format == "tokens" or is_shard_dir(cfg.path):  # pre-tokenized: random access, reshardable
+            self.packer = ShardSequences(TokenShards(cfg.path, tokenizer, verify=cfg.verify), seq_len, seed)
+        else:
+            self.packer = SequencePacker(DocumentStream(cfg, seed), tokenizer, seq_len)
         self.seq_len, self.global_batch, self.micro_batch = seq_len, global_batch, micro_batch
         self.rank, self.world, self.prefetch = rank, world, cfg.prefetch
         self._state = self.packer.state_dict()
@@ -290,6 +299,10 @@ class DataLoader:
             raise RuntimeError("load the data loader's state before iterating it")
         if state["seq_len"] != self.seq_len:
             raise ValueError(f"data state was saved at seq_len={state['seq_len']}, this run uses {self.seq_len}")
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(f"data state was saved with train.batch_size={state['global_batch']}, this run uses "
+                             f"{self.global_batch}: keep the global batch when resuming (the number of ranks may "
+                             "change)")
         self.packer.load_state_dict(state["packer"])
         self._state = self.packer.state_dict()
 

@@ -20,11 +20,15 @@ from models import HybridLM
 from models.attention import collect_sink_stats, request_sink_monitor
 from parallel.context_parallel import apply_context_parallel, build_mesh, cp_config_problem, make_context
 from parallel.data_parallel import apply_data_parallel, gradient_sync
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, load_checkpoint
 from trainer.config import Config, ConfigError, check_batch_layout, load_config, to_yaml
 from trainer.data import DataLoader
+from trainer.export import load_weights
+from trainer.faults import fault_due, maybe_kill
 from trainer.metrics import MetricsLogger, peak_flops
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.preemption import PreemptionWatcher
+from trainer.shards import DataError
 from trainer.tokenizer import load_tokenizer
 
 
@@ -100,6 +104,8 @@ def _train(cfg: Config, info: DistInfo) -> dict:
                         micro_batch=micro, rank=dp_rank, world=dp, seed=cfg.train.seed)
 
     model = HybridLM(cfg.model).to(device)
+    if cfg.model.init_from and _resume_path(cfg, run_dir / "checkpoints") is None:
+        load_weights(model, cfg.model.init_from)
     if cp > 1:  # ranks r*cp .. r*cp+cp-1 share sequences; gradients still average over all ranks
         mesh = build_mesh(info.world, cp, device)
         cp_ctx = make_context(mesh, seq_len, cfg.parallel.cp_mode, cfg.parallel.ulysses)
@@ -116,6 +122,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     start_step = 0
     resume_from = _resume_path(cfg, ckpt_dir)
+    checkpointer = Checkpointer(ckpt_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
@@ -142,7 +149,20 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     window_start, window_steps = time.perf_counter(), 0
     model.train()
     sink_every = cfg.logging.sink_interval if cp == 1 else 0  # the monitor needs whole sequences
+    preemption = PreemptionWatcher(device)
+    skipped = 0
+
+    def save(step: int) -> Path:
+        trainer_state = {"step": step, "tokens": step * tokens_per_step, "skipped_steps": skipped,
+                         "scheduler": scheduler.state_dict(), "data": loader.state_dict()}
+        path = checkpointer.save(step, model, optimizer, trainer_state)
+        if bar is not None:
+            bar.write(f"[hylo] {'saving' if cfg.checkpoint.async_save else 'saved'} checkpoint {path}")
+        return path
+
     for step in range(start_step + 1, cfg.train.steps + 1):
+        maybe_kill("kill", step, info.rank)
+        checkpointer.poll()
         batch = next(loader).to(device, non_blocking=True).long()
         if sink_every and step % sink_every == 0:
             request_sink_monitor(model, cfg.logging.sink_queries, cfg.logging.sink_threshold)
@@ -154,10 +174,25 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             with gradient_sync(model, i == accum - 1), _autocast(cfg, device):
                 logits = model(inputs, positions)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum
+                if fault_due("nan", step, info.rank):
+                    loss = loss * float("nan")
                 loss.backward()
             loss_acc += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
-        optimizer.step()
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        if not torch.isfinite(grad_norm):  # identical on every rank: they all decide alike
+            if cfg.train.nan_policy == "stop":
+                raise FloatingPointError(
+                    f"non-finite gradient norm at step {step}; stopped without saving (the last good checkpoint "
+                    f"is {latest_checkpoint(ckpt_dir)}). Lower train.lr, check the data, or set "
+                    "train.nan_policy=skip")
+            skipped += 1
+            loss_acc.zero_()
+            if bar is not None:
+                bar.write(f"[hylo] step {step}: non-finite gradient, step skipped ({skipped} so far)")
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         window_steps += 1
@@ -167,10 +202,6 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         last = step == cfg.train.steps
         if step % cfg.logging.interval == 0 or last or step == start_step + 1:
             mean_loss = _mean_over_ranks(loss_acc / window_steps)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            if not torch.isfinite(torch.tensor(mean_loss)):
-                raise FloatingPointError(f"loss became {mean_loss} at step {step}; lower train.lr or check the data")
             elapsed = time.perf_counter() - window_start
             tokens_per_sec = window_steps * tokens_per_step / elapsed
             scalars = {
@@ -194,13 +225,18 @@ def _train(cfg: Config, info: DistInfo) -> dict:
 
         interval = cfg.checkpoint.interval
         if interval and (step % interval == 0 or last):
-            trainer_state = {"step": step, "tokens": step * tokens_per_step,
-                             "scheduler": scheduler.state_dict(), "data": loader.state_dict()}
-            path = save_checkpoint(ckpt_dir, step, model, optimizer, trainer_state, info.is_main)
+            save(step)
             window_start = time.perf_counter()  # keep checkpoint time out of tokens/s
-            if bar is not None:
-                bar.write(f"[hylo] saved checkpoint {path}")
+        if preemption.requested():
+            if not (interval and (step % interval == 0 or last)):
+                save(step)
+            checkpointer.wait()
+            if info.is_main:
+                print(f"[hylo] preempted: saved step {step}; resume with checkpoint.resume=auto", flush=True)
+            break
 
+    checkpointer.wait()
+    preemption.close()
     loader.close()
     logger.close()
     if bar is not None:
@@ -232,9 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config_path, overrides)
         train(cfg)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, DataError) as err:
         print(f"[hylo] error: {err}", file=sys.stderr, flush=True)
         return 2
+    except (CheckpointError, FloatingPointError) as err:
+        print(f"[hylo] error: {err}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -1,0 +1,77 @@
+"""`hylo export`: one consolidated safetensors file (plus the model config) from a sharded DCP checkpoint, and the
+loader behind `model.init_from`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from models import HybridLM
+from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.config import ConfigError, load_config
+
+
+def run_config_for(checkpoint: Path):
+    """The resolved config saved with the run that wrote `checkpoint` (<run>/checkpoints/step_N)."""
+    path = checkpoint.parent.parent / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"no config.yaml beside the checkpoint (looked for {path}); export needs the run's "
+                              "resolved config to rebuild the model")
+    return load_config(path)
+
+
+def export(checkpoint: Path, out: Path, dtype: str = "bf16") -> Path:
+    from safetensors.torch import save_file
+
+    cfg = run_config_for(checkpoint)
+    model = HybridLM(cfg.model)
+    load_checkpoint(checkpoint, model, None)
+    cast = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    tensors = {name: t.detach().to(cast).contiguous() for name, t in model.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model_cfg = OmegaConf.to_container(OmegaConf.structured(cfg.model))
+    save_file(tensors, str(out), metadata={"hylo_model_config": json.dumps(model_cfg), "dtype": dtype})
+    out.with_suffix(".json").write_text(json.dumps(model_cfg, indent=2))
+    return out
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Initialise `model` from a safetensors file; shapes and names must match exactly."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ConfigError(f"model.init_from='{path}' does not exist (expected a .safetensors file from hylo export)")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"model.init_from='{path}' is not a readable safetensors file: {err}") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    wrong = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ConfigError(f"model.init_from='{path}' does not fit this model: missing {missing[:5]}, unexpected "
+                          f"{unexpected[:5]}, wrong shape {wrong[:5]}")
+    with torch.no_grad():
+        for name, t in own.items():
+            t.copy_(tensors[name].to(t.dtype))
+
+
+def export_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hylo export", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a step_<N> folder")
+    parser.add_argument("--out", required=True, help="output .safetensors path (a .json config is written beside)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    args = parser.parse_args(argv)
+    try:
+        out = export(Path(args.checkpoint), Path(args.out), args.dtype)
+    except (CheckpointError, ConfigError) as err:
+        print(f"[hylo] error: {err}", file=sys.stderr)
+        return 2
+    print(f"[hylo] wrote {out} and {out.with_suffix('.json')}")
+    return 0
