@@ -215,3 +215,22 @@ def test_export_and_init_from(shards, tmp_path):
     assert wrong.returncode == 2 and "does not fit this model" in wrong.stderr
     missing = run_module(["-m", "trainer.cli", "export", "--checkpoint", str(tmp_path / "nope"), "--out", str(out)])
     assert missing.returncode == 2 and "no config.yaml" in missing.stderr
+
+
+@pytest.mark.parametrize("save, resume", [(["parallel.dp_shard=false"], 1),
+                                          (["parallel.dp_shard=true"], 4)], ids=["ddp2-to-1", "fsdp2-to-dp2xcp2"])
+def test_resume_on_another_layout_continues(straight, shards, tmp_path, free_port, save, resume):
+    """DCP reshards model and optimizer; the losses continue as in the uninterrupted run (to float rounding:
+    a different layout sums in a different order)."""
+    args = [f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=10", *SMALL]
+    first = torchrun(2, free_port, [*args, "train.steps=10", *save])
+    assert first.returncode == 0, first.stderr[-3000:]
+    extra = ["parallel.cp=2", "parallel.dp_shard=true"] if resume == 4 else []
+    if resume == 1:
+        second = run_module(["-m", "trainer.train", *args, "train.steps=20"])
+    else:
+        second = torchrun(resume, free_port, [*args, "train.steps=20", *extra])
+    assert second.returncode == 0, second.stderr[-3000:]
+    got = losses(tmp_path)
+    for step in range(11, 21):
+        assert got[step] == pytest.approx(straight[step], rel=1e-4), step
