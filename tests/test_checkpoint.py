@@ -234,3 +234,26 @@ def test_resume_on_another_layout_continues(straight, shards, tmp_path, free_por
     got = losses(tmp_path)
     for step in range(11, 21):
         assert got[step] == pytest.approx(straight[step], rel=1e-4), step
+
+
+def test_full_disk_fails_clearly_and_keeps_earlier(tmp_path, monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    from models import HybridLM
+    from trainer.checkpoint import Checkpointer, CheckpointError, latest_checkpoint
+    from trainer.config import ModelConfig
+
+    model = HybridLM(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    saver = Checkpointer(tmp_path)
+    saver.save(1, model, optimizer, {"step": 1})
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", no_space)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint step_2.tmp \(the disk is full\)"):
+        saver.save(2, model, optimizer, {"step": 2})
+    assert latest_checkpoint(tmp_path).name == "step_1" and not (tmp_path / "step_2.tmp").exists()

@@ -132,7 +132,10 @@ class Checkpointer:
         final, tmp = self.root / f"step_{step}", self.root / f"step_{step}.tmp"
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
+            try:
+                (tmp / "rng").mkdir(parents=True)
+            except OSError as err:
+                self._abandon(tmp, err)
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         optim_tensors, groups = _split_optimizer(optim_sd)
