@@ -50,16 +50,18 @@ def tokenize_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": "trainer.train", "tokenize": None, "export": None}
+COMMANDS = {"train": "trainer.train", "tokenize": None, "export": None, "eval": None, "generate": None}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: hylo {train,tokenize,export} [args]\n"
+        print("usage: hylo {train,tokenize,export,eval,generate} [args]\n"
               "  train     train a model (hylo train --help)\n"
               "  tokenize  train a byte-level BPE tokenizer, or pre-tokenize a corpus (hylo tokenize --help)\n"
-              "  export    a checkpoint as one safetensors file (hylo export --help)")
+              "  export    a checkpoint as one safetensors file (hylo export --help)\n"
+              "  eval      held-out perplexity, overall and by position (hylo eval --help)\n"
+              "  generate  decode from a checkpoint with the recurrent caches (hylo generate --help)")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "train":
@@ -72,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.export import export_main
 
         return export_main(rest)
+    if command == "eval":
+        from trainer.evaluate import eval_main
+
+        return eval_main(rest)
+    if command == "generate":
+        from trainer.generate import generate_main
+
+        return generate_main(rest)
     print(f"hylo: unknown command '{command}'; choose from {sorted(COMMANDS)}", file=sys.stderr)
     return 2
 

@@ -148,6 +148,16 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    interval: int = 0  # steps between held-out evaluations (and at the last step); 0 = off
+    data_path: str = "bundled:val"  # held-out data; the default is the bundled corpus's validation split
+    seq_len: int = 0  # 0 = train.seq_len; longer measures extrapolation (not under context parallelism)
+    batches: int = 4  # global batches per evaluation (the same ones every time)
+    batch_size: int = 4  # sequences per batch per data-parallel rank
+    bucket: int = 0  # tokens per position bucket of eval/ppl_by_position; 0 = automatic
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -158,6 +168,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -271,6 +282,12 @@ def validate(c: Config) -> None:
         problem = MIXERS[name].check_config(c)
         if problem:
             raise ConfigError(problem)
+    if min(c.eval.interval, c.eval.seq_len, c.eval.bucket) < 0 or c.eval.batches < 1 or c.eval.batch_size < 1:
+        raise ConfigError("eval.interval, eval.seq_len and eval.bucket must be >= 0; eval.batches and "
+                          "eval.batch_size >= 1")
+    if c.parallel.cp > 1 and c.eval.seq_len not in (0, t.seq_len):
+        raise ConfigError(f"eval.seq_len={c.eval.seq_len} differs from train.seq_len={t.seq_len}, which context "
+                          "parallelism lays out; evaluate longer lengths afterwards with `hylo eval --seq-len`")
     if c.schedule.warmup_steps < 0:
         raise ConfigError(f"schedule.warmup_steps={c.schedule.warmup_steps} must be >= 0")
     if not 0.0 <= c.schedule.min_lr_ratio <= 1.0:

@@ -82,8 +82,8 @@ def resolve_source(cfg: DataConfig) -> tuple[str, list[str] | str]:
         if not cfg.path:
             raise ValueError("data.format=hf needs data.path set to a Hugging Face dataset name")
         return "hf", cfg.path
-    if not cfg.path:
-        return "text", bundled_corpus_files("train")
+    if cfg.path in ("", "bundled:train", "bundled:val"):
+        return "text", bundled_corpus_files("val" if cfg.path == "bundled:val" else "train")
     path = Path(cfg.path).expanduser()
     if any(ch in cfg.path for ch in "*?["):
         files = sorted(f for f in glob.glob(os.path.expanduser(cfg.path), recursive=True) if os.path.isfile(f))

@@ -25,12 +25,20 @@ def run_config_for(checkpoint: Path):
     return load_config(path)
 
 
-def export(checkpoint: Path, out: Path, dtype: str = "bf16") -> Path:
-    from safetensors.torch import save_file
-
+def load_trained_model(checkpoint: Path):
+    """(model, run config) rebuilt from the run's config.yaml and loaded from `checkpoint`, on the CPU."""
+    if not Path(checkpoint).is_dir():
+        raise CheckpointError(f"checkpoint '{checkpoint}' does not exist")
     cfg = run_config_for(checkpoint)
     model = HybridLM(cfg.model)
     load_checkpoint(checkpoint, model, None)
+    return model, cfg
+
+
+def export(checkpoint: Path, out: Path, dtype: str = "bf16") -> Path:
+    from safetensors.torch import save_file
+
+    model, cfg = load_trained_model(checkpoint)
     cast = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     tensors = {name: t.detach().to(cast).contiguous() for name, t in model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,9 @@ from models.attention import collect_sink_stats, request_sink_monitor
 from parallel.context_parallel import apply_context_parallel, build_mesh, cp_config_problem, make_context
 from parallel.data_parallel import apply_data_parallel, gradient_sync
 from trainer.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, load_checkpoint
-from trainer.config import Config, ConfigError, check_batch_layout, load_config, to_yaml
+from trainer.config import Config, ConfigError, DataConfig, check_batch_layout, load_config, to_yaml
 from trainer.data import DataLoader
+from trainer.evaluate import default_bucket, eval_batches, eval_scalars, perplexity
 from trainer.export import load_weights
 from trainer.faults import fault_due, maybe_kill
 from trainer.metrics import MetricsLogger, peak_flops
@@ -110,6 +111,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         mesh = build_mesh(info.world, cp, device)
         cp_ctx = make_context(mesh, seq_len, cfg.parallel.cp_mode, cfg.parallel.ulysses)
         apply_context_parallel(model, cp_ctx, seq_len)
+    cp_positions = None if cp_ctx is None else cp_ctx.positions(device)  # global positions of this rank's tokens
     flops_per_token = model.flops_per_token(seq_len)
     n_params = model.num_params()
     if cfg.train.compile:
@@ -137,6 +139,14 @@ def _train(cfg: Config, info: DistInfo) -> dict:
               f"{info.world} rank(s){layout} on {device.type}, {where}; run dir {run_dir.resolve()}", flush=True)
 
     logger = MetricsLogger(run_dir, enabled=info.is_main)
+    eval_data = None
+    if cfg.eval.interval:
+        ev = cfg.eval
+        eval_len = ev.seq_len or seq_len
+        eval_source = DataConfig(**{**cfg.data.__dict__, "path": ev.data_path, "prefetch": 0})
+        eval_data = [b.to(device) for b in eval_batches(eval_source, tokenizer, eval_len, ev.batch_size, ev.batches,
+                                                        dp_rank, dp)]
+        eval_bucket = ev.bucket or default_bucket(eval_len)
     peak = peak_flops(device, cfg.logging.peak_tflops) * info.world
     tokens_per_step = cfg.train.batch_size * seq_len
     bar = None
@@ -167,12 +177,11 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         if sink_every and step % sink_every == 0:
             request_sink_monitor(model, cfg.logging.sink_queries, cfg.logging.sink_threshold)
         for i in range(accum):
-            inputs, targets, positions = batch[i, :, :-1], batch[i, :, 1:], None
-            if cp_ctx is not None:  # this rank's slice of every sequence, with its global positions
-                positions = cp_ctx.positions(device)
-                inputs, targets = inputs[:, positions], targets[:, positions]
+            inputs, targets = batch[i, :, :-1], batch[i, :, 1:]
+            if cp_positions is not None:  # this rank's slice of every sequence
+                inputs, targets = inputs[:, cp_positions], targets[:, cp_positions]
             with gradient_sync(model, i == accum - 1), _autocast(cfg, device):
-                logits = model(inputs, positions)
+                logits = model(inputs, cp_positions)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum
                 if fault_due("nan", step, info.rank):
                     loss = loss * float("nan")
@@ -227,6 +236,14 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         if interval and (step % interval == 0 or last):
             save(step)
             window_start = time.perf_counter()  # keep checkpoint time out of tokens/s
+        if eval_data is not None and (step % cfg.eval.interval == 0 or last):
+            model.eval()
+            result = perplexity(model, eval_data, eval_bucket, cp_positions, _autocast(cfg, device))
+            model.train()
+            logger.log(step, eval_scalars(result))
+            if bar is not None:
+                bar.write(f"[hylo] step {step}: eval loss {result['loss']:.4f}, ppl {result['ppl']:.2f}")
+            window_start = time.perf_counter()
         if preemption.requested():
             if not (interval and (step % interval == 0 or last)):
                 save(step)
