@@ -156,7 +156,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", dynamic_ncols=True)
     first_loss = last_loss = None
     loss_acc = torch.zeros((), device=device)
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, loss_steps = time.perf_counter(), 0, 0
     model.train()
     sink_every = cfg.logging.sink_interval if cp == 1 else 0  # the monitor needs whole sequences
     preemption = PreemptionWatcher(device)
@@ -176,6 +176,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         batch = next(loader).to(device, non_blocking=True).long()
         if sink_every and step % sink_every == 0:
             request_sink_monitor(model, cfg.logging.sink_queries, cfg.logging.sink_threshold)
+        step_loss = torch.zeros((), device=device)
         for i in range(accum):
             inputs, targets = batch[i, :, :-1], batch[i, :, 1:]
             if cp_positions is not None:  # this rank's slice of every sequence
@@ -186,7 +187,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
                 if fault_due("nan", step, info.rank):
                     loss = loss * float("nan")
                 loss.backward()
-            loss_acc += loss.detach()
+            step_loss += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -196,12 +197,13 @@ def _train(cfg: Config, info: DistInfo) -> dict:
                     f"non-finite gradient norm at step {step}; stopped without saving (the last good checkpoint "
                     f"is {latest_checkpoint(ckpt_dir)}). Lower train.lr, check the data, or set "
                     "train.nan_policy=skip")
-            skipped += 1
-            loss_acc.zero_()
+            skipped += 1  # its loss stays out of the logged mean
             if bar is not None:
                 bar.write(f"[hylo] step {step}: non-finite gradient, step skipped ({skipped} so far)")
         else:
             optimizer.step()
+            loss_acc += step_loss
+            loss_steps += 1
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         window_steps += 1
@@ -210,7 +212,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
 
         last = step == cfg.train.steps
         if step % cfg.logging.interval == 0 or last or step == start_step + 1:
-            mean_loss = _mean_over_ranks(loss_acc / window_steps)
+            mean_loss = _mean_over_ranks(loss_acc / max(loss_steps, 1))
             elapsed = time.perf_counter() - window_start
             tokens_per_sec = window_steps * tokens_per_step / elapsed
             scalars = {
@@ -228,7 +230,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
             loss_acc.zero_()
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, loss_steps = time.perf_counter(), 0, 0
         if bar is not None:
             bar.update(1)
 
