@@ -56,6 +56,28 @@ def sink_scalars(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
     return scalars
 
 
+def forward_backward(model, batch: torch.Tensor, cp_positions: torch.Tensor | None, cfg: Config,
+                     device: torch.device, poison: bool = False) -> torch.Tensor:
+    """Forward and backward over the micro-batches of one step (gradients accumulate); returns the step's loss.
+
+    batch: (micro-batches, sequences, seq_len + 1); with context parallelism each rank takes its positions of every
+    sequence.  `poison` turns the loss into NaN (fault-injection tests only)."""
+    accum = batch.shape[0]
+    step_loss = torch.zeros((), device=device)
+    for i in range(accum):
+        inputs, targets = batch[i, :, :-1], batch[i, :, 1:]
+        if cp_positions is not None:
+            inputs, targets = inputs[:, cp_positions], targets[:, cp_positions]
+        with gradient_sync(model, i == accum - 1), _autocast(cfg, device):
+            logits = model(inputs, cp_positions)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum
+            if poison:
+                loss = loss * float("nan")
+            loss.backward()
+        step_loss += loss.detach()
+    return step_loss
+
+
 def _resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
     resume = cfg.checkpoint.resume
     if resume == "auto":
@@ -90,7 +112,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         raise ConfigError(problem)
     cp = cfg.parallel.cp
     dp, dp_rank, cp_ctx = info.world // cp, info.rank // cp, None
-    micro, accum = check_batch_layout(cfg, dp)
+    micro, _ = check_batch_layout(cfg, dp)  # accumulation steps = the loader batch's first dim
     torch.manual_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -170,24 +192,21 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             bar.write(f"[hylo] {'saving' if cfg.checkpoint.async_save else 'saved'} checkpoint {path}")
         return path
 
+    def evaluate(step: int) -> None:
+        model.eval()
+        result = perplexity(model, eval_data, eval_bucket, cp_positions, _autocast(cfg, device))
+        model.train()
+        logger.log(step, eval_scalars(result))
+        if bar is not None:
+            bar.write(f"[hylo] step {step}: eval loss {result['loss']:.4f}, ppl {result['ppl']:.2f}")
+
     for step in range(start_step + 1, cfg.train.steps + 1):
         maybe_kill("kill", step, info.rank)
         checkpointer.poll()
         batch = next(loader).to(device, non_blocking=True).long()
         if sink_every and step % sink_every == 0:
             request_sink_monitor(model, cfg.logging.sink_queries, cfg.logging.sink_threshold)
-        step_loss = torch.zeros((), device=device)
-        for i in range(accum):
-            inputs, targets = batch[i, :, :-1], batch[i, :, 1:]
-            if cp_positions is not None:  # this rank's slice of every sequence
-                inputs, targets = inputs[:, cp_positions], targets[:, cp_positions]
-            with gradient_sync(model, i == accum - 1), _autocast(cfg, device):
-                logits = model(inputs, cp_positions)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum
-                if fault_due("nan", step, info.rank):
-                    loss = loss * float("nan")
-                loss.backward()
-            step_loss += loss.detach()
+        step_loss = forward_backward(model, batch, cp_positions, cfg, device, poison=fault_due("nan", step, info.rank))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -239,13 +258,8 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             save(step)
             window_start = time.perf_counter()  # keep checkpoint time out of tokens/s
         if eval_data is not None and (step % cfg.eval.interval == 0 or last):
-            model.eval()
-            result = perplexity(model, eval_data, eval_bucket, cp_positions, _autocast(cfg, device))
-            model.train()
-            logger.log(step, eval_scalars(result))
-            if bar is not None:
-                bar.write(f"[hylo] step {step}: eval loss {result['loss']:.4f}, ppl {result['ppl']:.2f}")
-            window_start = time.perf_counter()
+            evaluate(step)
+            window_start = time.perf_counter()  # keep evaluation time out of tokens/s
         if preemption.requested():
             if not (interval and (step % interval == 0 or last)):
                 save(step)
