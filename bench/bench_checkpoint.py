@@ -13,9 +13,6 @@ Target (issue 6): the async stall is <= 20% of a synchronous save.  Prints a tab
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.record import machine, publish  # noqa: E402
 
 SIZES = {"tiny (configs/tiny.yaml)": [], "~50M (d 640 x 8)": ["model.d_model=640", "model.n_layers=8"],
          "~125M (configs/gpu_125m.yaml)": ["--config", "configs/gpu_125m.yaml"]}
@@ -82,11 +81,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
-    import torch
 
     rows = ["### bench_checkpoint: save / load / async stall (one process, local disk)",
-            f"{datetime.date.today()} · CPU ({os.cpu_count()} cores, {platform.machine()}), "
-            f"torch {torch.__version__} · best of 3",
+            f"{machine()} · best of 3",
             "", "| model | params | sync save s | async stall s | stall / sync | async total s | load s |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     ok = True
@@ -98,10 +95,7 @@ def main() -> int:
                     f"{r['async_total']:.3f} | {r['load']:.3f} |")
         print(rows[-1], flush=True)
     table = "\n".join(rows + [""])
-    print(table)
-    if not args.no_record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + table)
+    publish(table, record=not args.no_record)
     return 0 if ok else 3
 
 

@@ -19,16 +19,16 @@ Prints a table and appends it to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.record import machine, publish  # noqa: E402
 
 B, H, HKV, D, W, K, L, C = 1, 4, 2, 64, 512, 3, 16, 256
 F32 = 4
@@ -187,12 +187,10 @@ def main() -> int:
             return 1
         measured[n] = {(r["kind"], r["mode"]): r for r in json.loads(line[0][7:])}
 
-    import torch
 
     mib = 2**20
     rows = [f"### bench_cp: bytes sent per rank (forward+backward) and activation memory per rank, T={args.seq}",
-            f"{datetime.date.today()} · CPU ({os.cpu_count()} cores, {platform.machine()}), gloo, torch "
-            f"{torch.__version__} · B={B} H={H} Hkv={HKV} d={D} fp32, window {W}, conv kernel {K} x {C}, RAT L={L}",
+            f"{machine()}, gloo · B={B} H={H} Hkv={HKV} d={D} fp32, window {W}, conv kernel {K} x {C}, RAT L={L}",
             "",
             "| layer | mode | sent MiB N=2 (x min) | sent MiB N=4 (x min) | saved MiB N=1 | N=2 | N=4 | N=4 / N=1 |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -211,10 +209,7 @@ def main() -> int:
         ratio = f"{saved[2] / saved[0]:.2f}" if saved[2] is not None and saved[0] else "-"
         rows.append(f"| {kind} | {mode} | {cells[0]} | {cells[1]} | {mem[0]} | {mem[1]} | {mem[2]} | {ratio} |")
     table = "\n".join(rows + [""])
-    print(table)
-    if not args.no_record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + table)
+    publish(table, record=not args.no_record)
     return 0
 
 

@@ -11,15 +11,14 @@ Prints a table and appends it to bench/RESULTS.md.  (The GPU comparison at 4K/32
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.record import machine, publish  # noqa: E402
 
 TYPES = {"full (softmax)": ["full"], "swa (W=256)": ["swa"], "rat (L=16)": ["rat"], "based": ["based"],
          "tnl": ["tnl"]}
@@ -38,7 +37,7 @@ def main() -> int:
 
     torch.manual_seed(0)
     rows = ["### bench_eval: evaluation and generation throughput per layer type (4 layers, d 256, CPU)",
-            f"{datetime.date.today()} · CPU ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__}",
+            machine(),
             "", "| layer type | eval tok/s (T=512) | " + " | ".join(f"gen tok/s @{p}" for p in args.prompts) + " |",
             "|---|---:|" + "---:|" * len(args.prompts)]
     for name, pattern in TYPES.items():
@@ -65,10 +64,7 @@ def main() -> int:
         rows.append(f"| {name} | {eval_rate:,.0f} | " + " | ".join(f"{g:,.0f}" for g in gen) + " |")
         print(rows[-1], flush=True)
     table = "\n".join(rows + [""])
-    print(table)
-    if not args.no_record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + table)
+    publish(table, record=not args.no_record)
     return 0
 
 

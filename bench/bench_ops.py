@@ -11,10 +11,7 @@ time grows <= 4.5x from 8K to 32K.  Prints a table and appends it to bench/RESUL
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -23,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.record import machine, publish  # noqa: E402
 
 OPS = ["sdpa", "lightning", "based", "rat", "attention_swa1024_sink"]
 TARGETS = ("lightning", "based", "rat")
@@ -107,12 +106,10 @@ def main() -> int:
             print(f"  {op:>24} T={t:>6}: {results[op, t]['seconds']:.3f} s, {results[op, t]['peak_mib']:.0f} MiB",
                   flush=True)
 
-    import torch
 
     lines = [
         "### bench_ops: forward+backward, B=1 H=4 d=64, float32",
-        f"{datetime.date.today()} · CPU ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__} · "
-        f"best of {args.reps} after a warm-up run (SDPA at 32K: 1)",
+        f"{machine()} · best of {args.reps} after a warm-up run (SDPA at 32K: 1)",
         "",
         "| op | " + " | ".join(f"T={t}: s (x vs SDPA) / MiB" for t in args.lengths) + " | growth "
         f"{args.lengths[-2]}->{args.lengths[-1]} |",
@@ -132,10 +129,7 @@ def main() -> int:
     lines += ["", f"Targets (lightning, based, rat at T={args.lengths[-1]}: >= 5x faster than SDPA, growth <= 4.5x): "
               + ("met" if ok else "NOT met"), ""]
     table = "\n".join(lines)
-    print(table)
-    if not args.no_record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + table)
+    publish(table, record=not args.no_record)
     return 0 if ok else 3
 
 

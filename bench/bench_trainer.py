@@ -14,10 +14,7 @@ Prints a table and appends it to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -27,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.record import machine, publish  # noqa: E402
 
 
 def peak_mem_gb(device) -> float:
@@ -130,17 +129,6 @@ def phase_data(cfg, steps: int, warmup: int) -> dict:
 PHASES = {"trainer": phase_trainer, "bare": phase_bare, "data": phase_data}
 
 
-def machine() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-        return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}"
-    except ImportError:
-        return platform.platform()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
@@ -176,7 +164,7 @@ def main() -> int:
     config_name = Path(args.config).name + (" " + " ".join(args.overrides) if args.overrides else "")
     table = "\n".join([
         f"### bench_trainer: {config_name}",
-        f"{datetime.date.today()} · {machine()} · {args.steps} timed steps after {args.warmup} warm-up",
+        f"{machine()} · {args.steps} timed steps after {args.warmup} warm-up",
         "",
         "| phase | tokens/s | peak memory (GiB) | note |",
         "|---|---:|---:|---|",
@@ -186,10 +174,7 @@ def main() -> int:
         f"| data pipeline | {data:,.0f} | - | {headroom:.1f}x what training consumes (target >= 5x) |",
         "",
     ])
-    print(table)
-    if not args.no_record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + table)
+    publish(table, record=not args.no_record)
     return 0 if overhead <= 0.10 and headroom >= 5 else 3
 
 
