@@ -1,0 +1,59 @@
+"""What every Triton kernel here shares: when the Triton backend can run, and autotuning that also works under
+the CPU interpreter.
+
+`TRITON_INTERPRET=1` (read by Triton when a kernel is decorated, so set it before the kernel modules are
+imported) runs kernels on CPU tensors, exactly and slowly: that is how CI checks them.  `triton.autotune`
+benchmarks candidate configs on a GPU and so cannot run under the interpreter; `autotune` below then launches
+the first config instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+except ImportError:  # pragma: no cover - triton ships with Linux x86_64 torch wheels
+    triton = None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton backend can run on these tensors: CUDA tensors, or any tensors under the interpreter."""
+    if triton is None:
+        return False
+    return interpreting() or all(t.is_cuda for t in tensors)
+
+
+def require_triton(*tensors: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    if not triton_usable(*tensors):
+        raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before hylo's kernels "
+                           "are imported to run the kernels on the CPU interpreter")
+
+
+class _FirstConfig:
+    """Stands in for an autotuned kernel under the interpreter: launches with the first config's meta-parameters."""
+
+    def __init__(self, fn, config):
+        self.fn, self.config = fn, config
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            return self.fn[grid](*args, **{**self.config.kwargs, **kwargs})
+        return launch
+
+
+def autotune(configs: list, key: list[str], **kwargs):
+    """`triton.autotune` on a GPU; the first of `configs` under the interpreter (which has no benchmarker)."""
+    def wrap(fn):
+        if interpreting():
+            return _FirstConfig(fn, configs[0])
+        return triton.autotune(configs=configs, key=key, **kwargs)(fn)
+    return wrap
