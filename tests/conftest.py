@@ -10,8 +10,10 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Without a GPU the Triton kernels run (exactly, slowly) on the CPU interpreter.  Triton reads this when a kernel
 # is decorated, so it is set before any test imports the kernel modules.
+# DeepSpeed likewise needs to be told to run on the CPU.
 if not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @pytest.fixture

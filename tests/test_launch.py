@@ -2,7 +2,9 @@
 
 import json
 
-from launch.launcher import build_command
+import pytest
+
+from launch.launcher import HostfileError, build_command, parse_hostfile
 from tests.conftest import run_module
 
 
@@ -23,8 +25,43 @@ def test_command_lines():
 def test_bad_launches_fail_clearly():
     multi = run_module(["-m", "trainer.cli", "launch", "--nodes", "2", "--dry-run"])
     assert multi.returncode == 2 and "needs --master-addr" in multi.stderr
-    ds = run_module(["-m", "trainer.cli", "launch", "--engine", "deepspeed", "--dry-run"])
-    assert ds.returncode == 2 and "only the torch engine exists so far" in ds.stderr
+    ds = run_module(["-m", "trainer.cli", "launch", "--engine", "deepspeed", "--nodes", "2", "--dry-run"])
+    assert ds.returncode == 2 and "needs --hostfile" in ds.stderr
+
+
+def test_deepspeed_command_lines(tmp_path):
+    assert build_command(1, 8, ["--config", "c.yaml"], engine="deepspeed") == [
+        "deepspeed", "--num_gpus=8", "--master_port=29500", "--no_local_rank", "--module", "trainer.train",
+        "--config", "c.yaml", "train.engine=deepspeed"]
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nnode001 slots=8\n\nnode002 slots=8  # spare\n")
+    assert build_command(2, 8, ["train.engine=deepspeed"], engine="deepspeed", hostfile=str(hostfile)) == [
+        "deepspeed", f"--hostfile={hostfile}", "--num_nodes=2", "--num_gpus=8", "--master_addr=node001",
+        "--master_port=29500", "--no_local_rank", "--module", "trainer.train", "train.engine=deepspeed"]
+    srun = build_command(2, 4, [], slurm=True, engine="deepspeed")  # torchrun starts ranks; the engine is DeepSpeed
+    assert srun[5].startswith("torchrun --nnodes=2 --nproc_per_node=4") and srun[5].endswith("train.engine=deepspeed")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("node001 8", "is not '<hostname> slots=<gpus>'"),
+    ("node001 slots=x", "is not '<hostname> slots=<gpus>'"),
+    ("node001 slots=4\nnode001 slots=4", "listed twice"),
+    ("# nothing\n", "lists no hosts"),
+])
+def test_bad_hostfiles_are_explained(text, message):
+    with pytest.raises(HostfileError, match=message):
+        parse_hostfile(text)
+
+
+def test_hostfile_must_fit_the_job(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=8\nb slots=4\n")
+    with pytest.raises(HostfileError, match="lists 2 host"):
+        build_command(3, 4, [], engine="deepspeed", hostfile=str(hostfile))
+    with pytest.raises(HostfileError, match="fewer slots"):
+        build_command(2, 8, [], engine="deepspeed", hostfile=str(hostfile))
+    with pytest.raises(HostfileError, match="cannot read"):
+        build_command(2, 8, [], engine="deepspeed", hostfile=str(tmp_path / "missing"))
 
 
 def test_cpu_smoke_run_through_hylo_launch(tmp_path):

@@ -66,7 +66,9 @@ def _rank() -> int:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / MARKER).is_file() and (path / ".metadata").is_file() and (path / TRAINER_STATE).is_file()
+    """The marker, the trainer state and the shards' index: DCP's .metadata, or DeepSpeed's model states."""
+    shards = (path / ".metadata").is_file() or any(path.glob("*model_states.pt"))
+    return (path / MARKER).is_file() and (path / TRAINER_STATE).is_file() and shards
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -137,25 +139,31 @@ class Checkpointer:
             except OSError as err:
                 self._abandon(tmp, err)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        optim_tensors, groups = _split_optimizer(optim_sd)
-        state = {"model": model_sd, "optim": optim_tensors}
-        meta = dict(trainer_state, optimizer_param_groups=groups)
+        state, meta = self._collect(model, optimizer, trainer_state)
         try:
             (tmp / "rng" / f"rank_{_rank()}.json").write_text(json.dumps(rng_state()))
             if fault_due("kill_in_save", trainer_state["step"], _rank()):
-                dcp.save(state, checkpoint_id=str(tmp))
+                self._write(tmp, state)
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.async_save:
                 future = dcp.async_save(state, checkpoint_id=str(tmp))
                 self.pending = (future, tmp, final, meta)
             else:
-                dcp.save(state, checkpoint_id=str(tmp))
+                self._write(tmp, state)
                 self._finalise(tmp, final, meta)
         except OSError as err:
             self._abandon(tmp, err)
         self.last_stall = time.perf_counter() - start
         return final
+
+    def _collect(self, model: nn.Module, optimizer: Optimizer, trainer_state: dict[str, Any]) -> tuple[dict, dict]:
+        """(tensors for the shards, JSON metadata)."""
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        optim_tensors, groups = _split_optimizer(optim_sd)
+        return {"model": model_sd, "optim": optim_tensors}, dict(trainer_state, optimizer_param_groups=groups)
+
+    def _write(self, tmp: Path, state: dict) -> None:
+        dcp.save(state, checkpoint_id=str(tmp))
 
     def poll(self) -> None:
         """Finalise a background save if it has finished (call once per step)."""
@@ -219,6 +227,18 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Optimizer | None) -
         meta = json.loads((path / TRAINER_STATE).read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint '{path}': {TRAINER_STATE} is unreadable ({err})") from None
+    if meta.get("engine", "torch") == "deepspeed":
+        if optimizer is not None:
+            raise CheckpointError(f"checkpoint '{path}' was written by train.engine=deepspeed; resume it with "
+                                  "train.engine=deepspeed, or start a new run from its weights (hylo export, then "
+                                  "model.init_from)")
+        from trainer.deepspeed_engine import consolidated_weights  # weights only: eval, generate, export
+
+        try:
+            model.load_state_dict(consolidated_weights(path))
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint '{path}' does not fit this model: {str(err).splitlines()[0]}") from None
+        return meta
     if optimizer is None:
         model_sd = get_state_dict(model, [])[0]
         state: dict[str, Any] = {"model": model_sd}

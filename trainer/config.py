@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -103,6 +104,7 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms
     device: str = "auto"  # auto | cpu | cuda
     nan_policy: str = "stop"  # a non-finite loss/gradient: stop (exit 1, save nothing new) | skip (drop the step)
+    engine: str = "torch"  # torch (DDP/FSDP2, DCP checkpoints) | deepspeed (ZeRO, DeepSpeed checkpoints)
 
 
 @dataclass
@@ -127,6 +129,12 @@ class ParallelConfig:
     cp: int = 1  # context parallel: ranks sharing each sequence (the other world/cp ranks are data parallel)
     cp_mode: str = "ring"  # how full attention splits: ring (zigzag) | ulysses (all-to-all) | hybrid
     ulysses: int = 1  # cp_mode=hybrid: Ulysses ranks inside each ring slot (cp = ulysses x ring)
+
+
+@dataclass
+class DeepSpeedConfig:  # train.engine=deepspeed: batch sizes, clipping and precision come from `train`
+    zero_stage: int = 2  # 0 (plain data parallel) | 1 (optimizer states) | 2 (+ gradients) | 3 (+ parameters)
+    config: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys merged on top (advanced; see README)
 
 
 @dataclass
@@ -166,6 +174,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -182,6 +191,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.mlp": ("swiglu", "sglu", "gelu"),
     "model.norm": ("rms", "srms"),
     "train.nan_policy": ("stop", "skip"),
+    "train.engine": ("torch", "deepspeed"),
 }
 
 
@@ -297,6 +307,12 @@ def validate(c: Config) -> None:
     if min(t.micro_batch_size, c.checkpoint.interval, c.checkpoint.keep_last, t.grad_clip, c.data.prefetch) < 0:
         raise ConfigError("train.micro_batch_size, checkpoint.interval, checkpoint.keep_last, train.grad_clip and "
                           "data.prefetch must be >= 0")
+    if t.engine == "deepspeed":
+        from trainer.deepspeed_engine import unsupported
+
+        problem = unsupported(c)
+        if problem:
+            raise ConfigError(problem)
 
 
 def check_batch_layout(c: Config, dp: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from parallel.data_parallel import apply_data_parallel, gradient_sync
 from trainer.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, load_checkpoint
 from trainer.config import Config, ConfigError, DataConfig, check_batch_layout, load_config, to_yaml
 from trainer.data import DataLoader
+from trainer.deepspeed_engine import DeepSpeedCheckpointer, DeepSpeedEngine
 from trainer.evaluate import default_bucket, eval_batches, eval_scalars, perplexity
 from trainer.export import load_weights
 from trainer.faults import fault_due, maybe_kill
@@ -92,8 +93,13 @@ def _resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
     return Path(resume)
 
 
+def _use_bf16(cfg: Config, device: torch.device) -> bool:
+    return cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+
+
 def _autocast(cfg: Config, device: torch.device):
-    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    # The DeepSpeed engine holds bf16 weights itself (its `bf16` section) and needs no autocast.
+    use_bf16 = _use_bf16(cfg, device) and cfg.train.engine == "torch"
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
@@ -112,7 +118,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         raise ConfigError(problem)
     cp = cfg.parallel.cp
     dp, dp_rank, cp_ctx = info.world // cp, info.rank // cp, None
-    micro, _ = check_batch_layout(cfg, dp)  # accumulation steps = the loader batch's first dim
+    micro, accum = check_batch_layout(cfg, dp)  # accumulation steps = the loader batch's first dim
     torch.manual_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -139,16 +145,24 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     if cfg.train.compile:
         for block in model.blocks:
             block.compile()
-    model = apply_data_parallel(model, info.world, cfg.parallel.dp_shard, device)
-    optimizer = build_optimizer(model, cfg, device)
+    ds = None  # the DeepSpeed engine (train.engine=deepspeed), which then owns data parallelism and the step
+    ckpt_dir = run_dir / "checkpoints"
+    if cfg.train.engine == "deepspeed":
+        optimizer = build_optimizer(model, cfg, device)
+        ds = DeepSpeedEngine(model, optimizer, cfg, micro, accum, bf16=_use_bf16(cfg, device))
+        model = ds.engine
+        checkpointer = DeepSpeedCheckpointer(ckpt_dir, ds.engine, keep_last=cfg.checkpoint.keep_last)
+    else:
+        model = apply_data_parallel(model, info.world, cfg.parallel.dp_shard, device)
+        optimizer = build_optimizer(model, cfg, device)
+        checkpointer = Checkpointer(ckpt_dir, keep_last=cfg.checkpoint.keep_last,
+                                    async_save=cfg.checkpoint.async_save)
     scheduler = build_scheduler(optimizer, cfg)
 
-    ckpt_dir = run_dir / "checkpoints"
     start_step = 0
     resume_from = _resume_path(cfg, ckpt_dir)
-    checkpointer = Checkpointer(ckpt_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
+        state = load_checkpoint(resume_from, model, optimizer) if ds is None else ds.load(resume_from)
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["data"])
         start_step = state["step"]
@@ -186,7 +200,10 @@ def _train(cfg: Config, info: DistInfo) -> dict:
 
     def save(step: int) -> Path:
         trainer_state = {"step": step, "tokens": step * tokens_per_step, "skipped_steps": skipped,
-                         "scheduler": scheduler.state_dict(), "data": loader.state_dict()}
+                         "scheduler": scheduler.state_dict(), "data": loader.state_dict(),
+                         "engine": cfg.train.engine, "world_size": info.world}
+        if ds is not None:
+            trainer_state["zero_stage"] = cfg.deepspeed.zero_stage
         path = checkpointer.save(step, model, optimizer, trainer_state)
         if bar is not None:
             bar.write(f"[hylo] {'saving' if cfg.checkpoint.async_save else 'saved'} checkpoint {path}")
@@ -206,10 +223,15 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         batch = next(loader).to(device, non_blocking=True).long()
         if sink_every and step % sink_every == 0:
             request_sink_monitor(model, cfg.logging.sink_queries, cfg.logging.sink_threshold)
-        step_loss = forward_backward(model, batch, cp_positions, cfg, device, poison=fault_due("nan", step, info.rank))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        poison = fault_due("nan", step, info.rank)
+        if ds is None:
+            step_loss = forward_backward(model, batch, cp_positions, cfg, device, poison)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+        else:  # DeepSpeed clips and steps the optimizer inside (nan_policy=skip is refused for this engine)
+            step_loss = ds.forward_backward(batch, cp_positions, poison)
+            grad_norm = ds.grad_norm()
         if not torch.isfinite(grad_norm):  # identical on every rank: they all decide alike
             if cfg.train.nan_policy == "stop":
                 raise FloatingPointError(
@@ -220,11 +242,13 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             if bar is not None:
                 bar.write(f"[hylo] step {step}: non-finite gradient, step skipped ({skipped} so far)")
         else:
-            optimizer.step()
+            if ds is None:
+                optimizer.step()
             loss_acc += step_loss
             loss_steps += 1
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if ds is None:
+            optimizer.zero_grad(set_to_none=True)
         window_steps += 1
         if sink_every and step % sink_every == 0:
             logger.log(step, sink_scalars(collect_sink_stats(model)))
