@@ -28,6 +28,8 @@ class BasedLinearAttention(nn.Module):
         self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.out.is_residual_projection = True
         self.op = based_linear_attention  # context parallelism swaps in a state-passing version
+        self.layer_idx = layer_idx
+        self.monitor_state, self.state_norms = False, None  # trainer.monitor: the final state's norm per head
 
     def _qkv(self, x: torch.Tensor):
         b, t, _ = x.shape
@@ -36,8 +38,13 @@ class BasedLinearAttention(nn.Module):
         return q.view(b, t, h, f), k.view(b, t, h, f), v.view(b, t, h, self.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        o = self.op(*self._qkv(x))
-        return self.out(o.flatten(2))
+        q, k, v = self._qkv(x)
+        if self.monitor_state:  # one extra no-grad pass of the plain op for the state after the last token
+            self.monitor_state = False
+            with torch.no_grad():
+                _, (state, _) = based_linear_attention(q, k, v, output_final_state=True)
+                self.state_norms = state.float().norm(dim=(-2, -1)).mean(0)  # (heads,)
+        return self.out(self.op(q, k, v).flatten(2))
 
     def step(self, x: torch.Tensor, pos: int, cache) -> tuple[torch.Tensor, tuple]:
         q, k, v = self._qkv(x)

@@ -33,6 +33,8 @@ class TNL(nn.Module):
         self.register_buffer("slopes", tnl_slopes(cfg.n_heads, layer_idx, cfg.n_layers), persistent=False)
         self.lrpe = nn.Parameter(torch.empty(cfg.n_heads, self.head_dim)) if cfg.tnl.lrpe else None
         self.op = lightning_attention  # context parallelism swaps in a state-passing version
+        self.layer_idx = layer_idx
+        self.monitor_state, self.state_norms = False, None  # trainer.monitor: the final state's norm per head
         self.init_special()
 
     @torch.no_grad()
@@ -61,6 +63,11 @@ class TNL(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         q, k, v, u = self._project(x, positions)
+        if self.monitor_state:  # one extra no-grad pass of the plain op for the state after the last token
+            self.monitor_state = False
+            with torch.no_grad():
+                _, state = lightning_attention(q, k, v, self.slopes, output_final_state=True)
+                self.state_norms = state.float().norm(dim=(-2, -1)).mean(0)  # (heads,)
         return self._output(self.op(q, k, v, self.slopes), u)
 
     def step(self, x: torch.Tensor, pos: int, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

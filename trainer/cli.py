@@ -51,19 +51,20 @@ def tokenize_main(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": "trainer.train", "tokenize": None, "export": None, "eval": None, "generate": None,
-            "launch": None}
+            "launch": None, "report": None}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: hylo {train,tokenize,export,eval,generate,launch} [args]\n"
+        print("usage: hylo {train,tokenize,export,eval,generate,launch,report} [args]\n"
               "  train     train a model (hylo train --help)\n"
               "  tokenize  train a byte-level BPE tokenizer, or pre-tokenize a corpus (hylo tokenize --help)\n"
               "  export    a checkpoint as one safetensors file (hylo export --help)\n"
-              "  eval      held-out perplexity, overall and by position (hylo eval --help)\n"
+              "  eval      perplexity by position, MQAR and passkey recall (hylo eval --help)\n"
               "  generate  decode from a checkpoint with the recurrent caches (hylo generate --help)\n"
-              "  launch    print and run the torchrun / srun command for N nodes x G GPUs (hylo launch --help)")
+              "  launch    print and run the torchrun / deepspeed / srun command for N nodes x G GPUs\n"
+              "  report    a PNG/HTML summary of a run directory (hylo report --help)")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "train":
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         from launch.launcher import launch_main
 
         return launch_main(rest)
+    if command == "report":
+        from trainer.report import report_main
+
+        return report_main(rest)
     print(f"hylo: unknown command '{command}'; choose from {sorted(COMMANDS)}", file=sys.stderr)
     return 2
 

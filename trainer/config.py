@@ -80,6 +80,13 @@ class ModelConfig:
 
 
 @dataclass
+class MQARDataConfig:  # data.format=mqar: synthetic multi-query associative recall (seq_len = train.seq_len)
+    pairs: int = 8  # key-value pairs per sequence; every key is queried once after them
+    n_keys: int = 64
+    n_values: int = 64  # model.vocab_size must be >= 1 + n_keys + n_values
+
+
+@dataclass
 class DataConfig:
     path: str = ""  # files, a folder, a glob or a Hugging Face dataset name; empty = the bundled corpus
     format: str = "auto"  # auto | text | jsonl | parquet | hf | tokens (a `hylo tokenize --out` folder; auto-detected)
@@ -88,6 +95,7 @@ class DataConfig:
     tokenizer: str = ""  # path to a tokenizer.json; empty = the bundled byte-level BPE
     prefetch: int = 4  # batches prepared ahead by the background thread (0 = inline)
     verify: bool = True  # token shards: check every shard's CRC32 when opening
+    mqar: MQARDataConfig = field(default_factory=MQARDataConfig)
 
 
 @dataclass
@@ -153,6 +161,8 @@ class LoggingConfig:
     sink_interval: int = 50  # steps between attention-sink reports (sinks/layer{i}/...); 0 = off
     sink_threshold: float = 0.3  # mean received attention above which a non-first position is a secondary sink
     sink_queries: int = 64  # queries sampled per layer for the received-attention column sums
+    layer_interval: int = 50  # steps between per-layer gradient norms and linear-attention state norms; 0 = off
+    spike_zscore: float = 6.0  # flag a step whose loss exceeds the running mean by this many std devs; 0 = off
 
 
 @dataclass
@@ -163,6 +173,19 @@ class EvalConfig:
     batches: int = 4  # global batches per evaluation (the same ones every time)
     batch_size: int = 4  # sequences per batch per data-parallel rank
     bucket: int = 0  # tokens per position bucket of eval/ppl_by_position; 0 = automatic
+    tasks: list[str] = field(default_factory=lambda: ["ppl"])  # any of ppl, mqar, passkey
+    mqar_samples: int = 256  # MQAR sequences scored (settings from data.mqar; seq_len = train.seq_len)
+    passkey_lengths: list[int] = field(default_factory=list)  # empty = train.seq_len / 4, / 2, x 1 and x 2
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 4  # random pass keys per (length, depth) cell
+
+
+@dataclass
+class ProfileConfig:
+    enabled: bool = False  # torch.profiler trace of steps [start_step, start_step + steps) into <run>/tb/profile
+    start_step: int = 5
+    steps: int = 3
+    memory_snapshot: bool = True  # on GPU: record allocations and dump <run>/oom_snapshot.pickle on out-of-memory
 
 
 @dataclass
@@ -178,10 +201,11 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.format": ("auto", "text", "jsonl", "parquet", "hf", "tokens"),
+    "data.format": ("auto", "text", "jsonl", "parquet", "hf", "tokens", "mqar"),
     "train.dtype": ("auto", "bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
     "optim.fused": ("auto", "on", "off"),
@@ -295,6 +319,27 @@ def validate(c: Config) -> None:
     if min(c.eval.interval, c.eval.seq_len, c.eval.bucket) < 0 or c.eval.batches < 1 or c.eval.batch_size < 1:
         raise ConfigError("eval.interval, eval.seq_len and eval.bucket must be >= 0; eval.batches and "
                           "eval.batch_size >= 1")
+    for task in c.eval.tasks:
+        if task not in ("ppl", "mqar", "passkey"):
+            raise ConfigError(f"eval.tasks entry '{task}' is not one of ['ppl', 'mqar', 'passkey']")
+    if c.data.format == "mqar" or "mqar" in c.eval.tasks:
+        q = c.data.mqar
+        if q.pairs < 1 or q.n_keys < q.pairs or q.n_values < 1:
+            raise ConfigError(f"data.mqar needs 1 <= pairs <= n_keys and n_values >= 1, got {q}")
+        if t.seq_len < 4 * q.pairs:
+            raise ConfigError(f"data.mqar.pairs={q.pairs} needs train.seq_len >= {4 * q.pairs} (the pairs, then a "
+                              f"query for each); got {t.seq_len}")
+        if m.vocab_size and m.vocab_size < 1 + q.n_keys + q.n_values:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than MQAR's 1 + n_keys + n_values = "
+                              f"{1 + q.n_keys + q.n_values}")
+    if c.parallel.cp > 1 and c.eval.interval and {"mqar", "passkey"} & set(c.eval.tasks):
+        raise ConfigError("eval.tasks mqar and passkey score whole sequences and do not run under parallel.cp > 1; "
+                          "evaluate them afterwards with `hylo eval --task mqar|passkey`")
+    if c.data.format == "mqar" and "ppl" in c.eval.tasks and c.eval.interval:
+        raise ConfigError("data.format=mqar trains on synthetic recall sequences; held-out text perplexity means "
+                          "nothing there: set eval.tasks=[mqar]")
+    if c.profile.enabled and (c.profile.start_step < 1 or c.profile.steps < 1):
+        raise ConfigError("profile.start_step and profile.steps must be >= 1")
     if c.parallel.cp > 1 and c.eval.seq_len not in (0, t.seq_len):
         raise ConfigError(f"eval.seq_len={c.eval.seq_len} differs from train.seq_len={t.seq_len}, which context "
                           "parallelism lays out; evaluate longer lengths afterwards with `hylo eval --seq-len`")

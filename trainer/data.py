@@ -310,3 +310,14 @@ class DataLoader:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def inputs_and_targets(micro_batch: torch.Tensor, positions: torch.Tensor | None = None):
+    """One micro-batch -> (inputs, targets).  Text batches are (sequences, T + 1) tokens, the targets being the
+    inputs shifted by one; recall-task batches are (sequences, 2, T + 1): tokens and, shifted the same way,
+    targets that are -100 (ignored) where nothing is scored.  `positions`: this rank's context-parallel slice."""
+    tokens, targets = (micro_batch[:, 0], micro_batch[:, 1]) if micro_batch.dim() == 3 else (micro_batch,) * 2
+    inputs, targets = tokens[:, :-1], targets[:, 1:]
+    if positions is not None:
+        inputs, targets = inputs[:, positions], targets[:, positions]
+    return inputs, targets

@@ -24,6 +24,7 @@ from torch import nn
 
 from trainer.checkpoint import MARKER, TRAINER_STATE, Checkpointer, CheckpointError, is_complete, set_rng_state
 from trainer.config import Config, ConfigError
+from trainer.data import inputs_and_targets
 
 # Keys hylo derives from its own config; restating them in deepspeed.config would create a second truth.
 DERIVED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
@@ -99,9 +100,7 @@ class DeepSpeedEngine:
         at the last micro-batch, clips and steps the optimizer.  Returns the step's mean loss."""
         step_loss = torch.zeros((), device=batch.device)
         for i in range(self.accum):
-            inputs, targets = batch[i, :, :-1], batch[i, :, 1:]
-            if cp_positions is not None:
-                inputs, targets = inputs[:, cp_positions], targets[:, cp_positions]
+            inputs, targets = inputs_and_targets(batch[i], cp_positions)
             logits = self.engine(inputs, cp_positions)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             if poison:

@@ -6,6 +6,7 @@ extrapolates past its training length).  Used by `hylo eval` and by periodic eva
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -74,6 +75,37 @@ def eval_batches(data: DataConfig, tokenizer, seq_len: int, batch_size: int, n_b
         loader.close()
 
 
+def passkey_lengths(cfg) -> list[int]:
+    """eval.passkey_lengths, or a quarter, half, all and twice the training length (extrapolation)."""
+    t = cfg.train.seq_len
+    return list(cfg.eval.passkey_lengths) or [max(64, t // 4), max(64, t // 2), t, 2 * t]
+
+
+def run_eval_tasks(model, cfg, tokenizer, device, ppl_batches, positions, logger, step: int,
+                   autocast=contextlib.nullcontext) -> dict[str, float]:
+    """Periodic evaluation of `eval.tasks` during training -> scalars under eval/ (the passkey heat-map goes to
+    TensorBoard as an image).  mqar and passkey need whole sequences (refused under context parallelism)."""
+    from trainer.recall import heatmap_image, mqar_accuracy, mqar_spec, passkey_grid
+
+    scalars: dict[str, float] = {}
+    if "ppl" in cfg.eval.tasks and ppl_batches is not None:
+        bucket = cfg.eval.bucket or default_bucket(cfg.eval.seq_len or cfg.train.seq_len)
+        scalars.update(eval_scalars(perplexity(model, ppl_batches, bucket, positions, autocast())))
+    if "mqar" in cfg.eval.tasks:
+        with autocast():
+            scalars["eval/mqar_accuracy"] = mqar_accuracy(model, mqar_spec(cfg), cfg.eval.mqar_samples, device=device)
+    if "passkey" in cfg.eval.tasks:
+        lengths, depths = passkey_lengths(cfg), list(cfg.eval.passkey_depths)
+        with autocast():
+            grid = passkey_grid(model, tokenizer, lengths, depths, cfg.eval.passkey_trials, device=device)
+        scalars["eval/passkey_accuracy"] = float(grid.mean())
+        for i, length in enumerate(lengths):
+            for j, depth in enumerate(depths):
+                scalars[f"eval/passkey/len{length:06d}/depth{depth:.2f}"] = float(grid[i, j])
+        logger.image("eval/passkey_heatmap", heatmap_image(grid), step)
+    return scalars
+
+
 def default_bucket(seq_len: int) -> int:
     """1K-token buckets for long contexts, 8 buckets for short ones."""
     return 1024 if seq_len >= 8192 else max(1, seq_len // 8)
@@ -82,13 +114,21 @@ def default_bucket(seq_len: int) -> int:
 def eval_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hylo eval", description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a step_<N> folder")
-    parser.add_argument("--task", choices=["ppl"], default="ppl")
-    parser.add_argument("--data", default="bundled:val", help="held-out data (default: the bundled corpus's "
+    parser.add_argument("--task", choices=["ppl", "mqar", "passkey"], default="ppl")
+    parser.add_argument("--data", default="bundled:val", help="ppl: held-out data (default: the bundled corpus's "
                                                                "validation split)")
-    parser.add_argument("--seq-len", type=int, default=0, help="0 = the training length; longer to extrapolate")
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--bucket", type=int, default=0, help="tokens per position bucket (0 = automatic)")
+    parser.add_argument("--seq-len", type=int, default=0, help="ppl/mqar: 0 = the training length; longer to "
+                                                               "extrapolate")
+    parser.add_argument("--batches", type=int, default=4, help="ppl: batches")
+    parser.add_argument("--batch-size", type=int, default=4, help="ppl: sequences per batch")
+    parser.add_argument("--bucket", type=int, default=0, help="ppl: tokens per position bucket (0 = automatic)")
+    parser.add_argument("--pairs", type=int, default=0, help="mqar: key-value pairs (0 = the run's data.mqar)")
+    parser.add_argument("--samples", type=int, default=256, help="mqar: sequences scored")
+    parser.add_argument("--lengths", default="", help="passkey: comma-separated prompt lengths (default: 1/4, "
+                                                      "1/2, 1 and 2 x the training length)")
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: needle depths in [0, 1]")
+    parser.add_argument("--trials", type=int, default=4, help="passkey: random keys per (length, depth) cell")
+    parser.add_argument("--heatmap", default="", help="passkey: also write the heat-map as this PNG")
     args = parser.parse_args(argv)
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
@@ -97,17 +137,65 @@ def eval_main(argv: list[str]) -> int:
 
     try:
         model, cfg = load_trained_model(Path(args.checkpoint))
-        seq_len = args.seq_len or cfg.train.seq_len
-        data = DataConfig(**{**cfg.data.__dict__, "path": args.data, "prefetch": 0})
-        batches = eval_batches(data, load_tokenizer(cfg.data.tokenizer), seq_len, args.batch_size, args.batches)
+        model.eval()
+        if args.task == "ppl":
+            return _eval_ppl(model, cfg, args)
+        if args.task == "mqar":
+            return _eval_mqar(model, cfg, args)
+        return _eval_passkey(model, cfg, load_tokenizer(cfg.data.tokenizer), args)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
         print(f"[hylo] error: {err}", file=sys.stderr)
         return 2
-    model.eval()
+
+
+def _eval_ppl(model, cfg, args) -> int:
+    from trainer.tokenizer import load_tokenizer
+
+    seq_len = args.seq_len or cfg.train.seq_len
+    data = DataConfig(**{**cfg.data.__dict__, "path": args.data, "prefetch": 0})
+    batches = eval_batches(data, load_tokenizer(cfg.data.tokenizer), seq_len, args.batch_size, args.batches)
     result = perplexity(model, batches, args.bucket or default_bucket(seq_len))
     print(f"[hylo] {args.checkpoint}: loss {result['loss']:.4f}, ppl {result['ppl']:.2f} over {result['tokens']:,} "
           f"tokens at length {seq_len} (trained at {cfg.train.seq_len})")
     for b in result["buckets"]:
         print(f"  positions {b['lo']:>6}-{b['hi']:<6} ppl {b['ppl']:9.2f}  ({b['tokens']:,} tokens)")
     print(json.dumps(result))
+    return 0
+
+
+def _eval_mqar(model, cfg, args) -> int:
+    from trainer.recall import mqar_accuracy, mqar_spec
+
+    spec = mqar_spec(cfg)
+    spec.seq_len = args.seq_len or spec.seq_len
+    spec.pairs = args.pairs or spec.pairs
+    spec.check()
+    if model.cfg.vocab_size < spec.vocab:
+        raise ValueError(f"MQAR with {spec.n_keys} keys and {spec.n_values} values needs {spec.vocab} token ids; "
+                         f"this model has {model.cfg.vocab_size}")
+    accuracy = mqar_accuracy(model, spec, n=args.samples)
+    print(f"[hylo] {args.checkpoint}: MQAR accuracy {accuracy:.4f} ({spec.pairs} pairs, length {spec.seq_len}, "
+          f"{args.samples} sequences)")
+    print(json.dumps({"task": "mqar", "accuracy": accuracy, "pairs": spec.pairs, "seq_len": spec.seq_len}))
+    return 0
+
+
+def _eval_passkey(model, cfg, tokenizer, args) -> int:
+    from trainer.recall import passkey_grid
+
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else passkey_lengths(cfg)
+    depths = [float(x) for x in args.depths.split(",")]
+    if any(not 0 <= d <= 1 for d in depths):
+        raise ValueError(f"--depths must lie in [0, 1], got {depths}")
+    grid = passkey_grid(model, tokenizer, lengths, depths, args.trials)
+    print(f"[hylo] {args.checkpoint}: passkey accuracy {grid.mean():.3f} (rows: length, columns: depth)")
+    print("  length " + " ".join(f"{d:>6.2f}" for d in depths))
+    for length, row in zip(lengths, grid, strict=True):
+        print(f"  {length:>6} " + " ".join(f"{v:>6.2f}" for v in row))
+    if args.heatmap:
+        from trainer.report import plot_heatmap
+
+        plot_heatmap(grid, lengths, depths, "passkey accuracy", Path(args.heatmap))
+        print(f"[hylo] heat-map written to {args.heatmap}")
+    print(json.dumps({"task": "passkey", "lengths": lengths, "depths": depths, "accuracy": grid.tolist()}))
     return 0

@@ -51,6 +51,11 @@ class MetricsLogger:
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self.jsonl.flush()
 
+    def image(self, tag: str, image, step: int) -> None:
+        """A (3, H, W) uint8 image, e.g. the passkey heat-map."""
+        if self.enabled:
+            self.writer.add_image(tag, image, step, dataformats="CHW")
+
     def close(self) -> None:
         if self.enabled:
             self.writer.close()

@@ -22,14 +22,23 @@ from parallel.context_parallel import apply_context_parallel, build_mesh, cp_con
 from parallel.data_parallel import apply_data_parallel, gradient_sync
 from trainer.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, load_checkpoint
 from trainer.config import Config, ConfigError, DataConfig, check_batch_layout, load_config, to_yaml
-from trainer.data import DataLoader
+from trainer.data import DataLoader, inputs_and_targets
 from trainer.deepspeed_engine import DeepSpeedCheckpointer, DeepSpeedEngine
-from trainer.evaluate import default_bucket, eval_batches, eval_scalars, perplexity
+from trainer.evaluate import eval_batches, run_eval_tasks
 from trainer.export import load_weights
 from trainer.faults import fault_due, maybe_kill
 from trainer.metrics import MetricsLogger, peak_flops
+from trainer.monitor import (
+    LossSpikes,
+    ProfileWindow,
+    collect_state_norms,
+    layer_grad_norms,
+    oom_snapshot,
+    request_state_monitor,
+)
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.preemption import PreemptionWatcher
+from trainer.recall import MQARLoader, mqar_spec
 from trainer.shards import DataError
 from trainer.tokenizer import load_tokenizer
 
@@ -66,9 +75,7 @@ def forward_backward(model, batch: torch.Tensor, cp_positions: torch.Tensor | No
     accum = batch.shape[0]
     step_loss = torch.zeros((), device=device)
     for i in range(accum):
-        inputs, targets = batch[i, :, :-1], batch[i, :, 1:]
-        if cp_positions is not None:
-            inputs, targets = inputs[:, cp_positions], targets[:, cp_positions]
+        inputs, targets = inputs_and_targets(batch[i], cp_positions)
         with gradient_sync(model, i == accum - 1), _autocast(cfg, device):
             logits = model(inputs, cp_positions)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum
@@ -106,8 +113,10 @@ def _autocast(cfg: Config, device: torch.device):
 def train(cfg: Config) -> dict:
     """Run training to `train.steps`; returns a summary (first and last logged loss, where outputs are)."""
     info: DistInfo = init_distributed(cfg.train.device, cfg.parallel.backend)
+    snapshot = Path(cfg.run.dir) / f"oom_snapshot_rank{info.rank}.pickle"
     try:
-        return _train(cfg, info)
+        with oom_snapshot(cfg.profile.memory_snapshot, info.device, snapshot):
+            return _train(cfg, info)
     finally:
         destroy_distributed()
 
@@ -127,10 +136,13 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 64 * -(-tokenizer.get_vocab_size() // 64)
-    elif cfg.model.vocab_size < tokenizer.get_vocab_size():
+    elif cfg.model.vocab_size < tokenizer.get_vocab_size() and cfg.data.format != "mqar":  # MQAR ids are not text
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's {tokenizer.get_vocab_size()}")
-    loader = DataLoader(cfg.data, tokenizer, seq_len=seq_len, global_batch=cfg.train.batch_size,
-                        micro_batch=micro, rank=dp_rank, world=dp, seed=cfg.train.seed)
+    if cfg.data.format == "mqar":
+        loader = MQARLoader(mqar_spec(cfg), cfg.train.batch_size, micro, dp_rank, dp, cfg.train.seed)
+    else:
+        loader = DataLoader(cfg.data, tokenizer, seq_len=seq_len, global_batch=cfg.train.batch_size,
+                            micro_batch=micro, rank=dp_rank, world=dp, seed=cfg.train.seed)
 
     model = HybridLM(cfg.model).to(device)
     if cfg.model.init_from and _resume_path(cfg, run_dir / "checkpoints") is None:
@@ -145,6 +157,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     if cfg.train.compile:
         for block in model.blocks:
             block.compile()
+    spikes = LossSpikes(cfg.logging.spike_zscore)
     ds = None  # the DeepSpeed engine (train.engine=deepspeed), which then owns data parallelism and the step
     ckpt_dir = run_dir / "checkpoints"
     if cfg.train.engine == "deepspeed":
@@ -166,6 +179,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["data"])
         start_step = state["step"]
+        spikes.load_state_dict(state.get("loss_spikes", spikes.state_dict()))
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -176,13 +190,12 @@ def _train(cfg: Config, info: DistInfo) -> dict:
 
     logger = MetricsLogger(run_dir, enabled=info.is_main)
     eval_data = None
-    if cfg.eval.interval:
+    if cfg.eval.interval and "ppl" in cfg.eval.tasks:
         ev = cfg.eval
         eval_len = ev.seq_len or seq_len
         eval_source = DataConfig(**{**cfg.data.__dict__, "path": ev.data_path, "prefetch": 0})
         eval_data = [b.to(device) for b in eval_batches(eval_source, tokenizer, eval_len, ev.batch_size, ev.batches,
                                                         dp_rank, dp)]
-        eval_bucket = ev.bucket or default_bucket(eval_len)
     peak = peak_flops(device, cfg.logging.peak_tflops) * info.world
     tokens_per_step = cfg.train.batch_size * seq_len
     bar = None
@@ -197,11 +210,15 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     sink_every = cfg.logging.sink_interval if cp == 1 else 0  # the monitor needs whole sequences
     preemption = PreemptionWatcher(device)
     skipped = 0
+    layer_every = cfg.logging.layer_interval
+    profiler = ProfileWindow(cfg.profile.enabled, cfg.profile.start_step, cfg.profile.steps, run_dir / "tb" / "profile",
+                             info.rank, device)
 
     def save(step: int) -> Path:
         trainer_state = {"step": step, "tokens": step * tokens_per_step, "skipped_steps": skipped,
                          "scheduler": scheduler.state_dict(), "data": loader.state_dict(),
-                         "engine": cfg.train.engine, "world_size": info.world}
+                         "engine": cfg.train.engine, "world_size": info.world,
+                         "loss_spikes": spikes.state_dict()}
         if ds is not None:
             trainer_state["zero_stage"] = cfg.deepspeed.zero_stage
         path = checkpointer.save(step, model, optimizer, trainer_state)
@@ -211,24 +228,32 @@ def _train(cfg: Config, info: DistInfo) -> dict:
 
     def evaluate(step: int) -> None:
         model.eval()
-        result = perplexity(model, eval_data, eval_bucket, cp_positions, _autocast(cfg, device))
+        scalars = run_eval_tasks(model, cfg, tokenizer, device, eval_data, cp_positions, logger, step,
+                                 autocast=lambda: _autocast(cfg, device))
         model.train()
-        logger.log(step, eval_scalars(result))
+        logger.log(step, scalars)
         if bar is not None:
-            bar.write(f"[hylo] step {step}: eval loss {result['loss']:.4f}, ppl {result['ppl']:.2f}")
+            bar.write(f"[hylo] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()
+                                                          if k.count("/") == 1))
 
     for step in range(start_step + 1, cfg.train.steps + 1):
         maybe_kill("kill", step, info.rank)
+        profiler.step(step)
         checkpointer.poll()
         batch = next(loader).to(device, non_blocking=True).long()
         if sink_every and step % sink_every == 0:
             request_sink_monitor(model, cfg.logging.sink_queries, cfg.logging.sink_threshold)
+        layer_due = layer_every and step % layer_every == 0
+        if layer_due and cp == 1:  # a rank's final state is only the sequence's on one rank
+            request_state_monitor(model)
         poison = fault_due("nan", step, info.rank)
         if ds is None:
             step_loss = forward_backward(model, batch, cp_positions, cfg, device, poison)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
+            if layer_due:
+                logger.log(step, layer_grad_norms(model, cfg.model.n_layers))
         else:  # DeepSpeed clips and steps the optimizer inside (nan_policy=skip is refused for this engine)
             step_loss = ds.forward_backward(batch, cp_positions, poison)
             grad_norm = ds.grad_norm()
@@ -252,6 +277,13 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         window_steps += 1
         if sink_every and step % sink_every == 0:
             logger.log(step, sink_scalars(collect_sink_stats(model)))
+        if layer_due and cp == 1:
+            logger.log(step, collect_state_norms(model))
+        spike = spikes.update(float(step_loss)) if info.is_main and spikes.zscore > 0 else None  # rank 0's loss
+        if spike is not None:
+            logger.log(step, {"train/loss_spike_zscore": spike})
+            if info.is_main:
+                print(f"[hylo] step {step}: loss spike ({spike:.1f} std devs above the running mean)", flush=True)
 
         last = step == cfg.train.steps
         if step % cfg.logging.interval == 0 or last or step == start_step + 1:
@@ -281,7 +313,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         if interval and (step % interval == 0 or last):
             save(step)
             window_start = time.perf_counter()  # keep checkpoint time out of tokens/s
-        if eval_data is not None and (step % cfg.eval.interval == 0 or last):
+        if cfg.eval.interval and (step % cfg.eval.interval == 0 or last):
             evaluate(step)
             window_start = time.perf_counter()  # keep evaluation time out of tokens/s
         if preemption.requested():
@@ -293,6 +325,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             break
 
     checkpointer.wait()
+    profiler.close()
     preemption.close()
     loader.close()
     logger.close()

@@ -1,0 +1,177 @@
+"""Recall tasks: multi-query associative recall (MQAR, from the Zoology and BASED papers) and passkey retrieval
+(needle in a haystack).  Generators, scoring, a training data source for MQAR, and a heat-map image for passkey.
+
+MQAR sequence (token ids are task ids, not text):  k1 v1 k2 v2 ... kN vN | q1 a1 q2 a2 ... qN aN | 0 0 ...
+Keys come from [1, 1 + n_keys), values from [1 + n_keys, 1 + n_keys + n_values); the query part asks every key
+once, in a random order, and the model must predict each answer a_i at the position of its query key q_i (the
+target of input position t is the token at t + 1).  Only those N positions are scored and trained on.
+
+Passkey: filler text with "The pass key is 48213. Remember it. 48213 is the pass key." inserted at a depth
+(0 = start, 1 = just before the question), then "What is the pass key? The pass key is"; the model must produce
+the digits.  Accuracy per (length, depth) cell, all answer tokens right under teacher forcing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE = -100  # cross_entropy's ignore_index: positions that are neither trained on nor scored
+
+
+# ---------------------------------------------------------------------------------------------------- MQAR
+@dataclass
+class MQARSpec:
+    pairs: int = 8  # key-value pairs per sequence (and queries: each key is asked once)
+    seq_len: int = 64  # tokens per sequence (>= 4 * pairs); the rest is padding (token 0)
+    n_keys: int = 64
+    n_values: int = 64
+
+    @property
+    def vocab(self) -> int:
+        return 1 + self.n_keys + self.n_values
+
+    def check(self) -> None:
+        if self.pairs < 1 or self.n_keys < self.pairs or self.n_values < 1:
+            raise ValueError(f"MQAR needs 1 <= pairs <= n_keys and n_values >= 1, got pairs={self.pairs}, "
+                             f"n_keys={self.n_keys}, n_values={self.n_values}")
+        if self.seq_len < 4 * self.pairs:
+            raise ValueError(f"MQAR with {self.pairs} pairs needs seq_len >= {4 * self.pairs} (pairs, then queries); "
+                             f"got {self.seq_len}")
+
+
+def mqar_spec(cfg) -> MQARSpec:
+    """The MQAR setting of a run config: data.mqar at train.seq_len."""
+    q = cfg.data.mqar
+    return MQARSpec(pairs=q.pairs, seq_len=cfg.train.seq_len, n_keys=q.n_keys, n_values=q.n_values)
+
+
+def mqar_batch(spec: MQARSpec, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n sequences -> (inputs (n, seq_len), targets (n, seq_len)) with IGNORE everywhere but the answers."""
+    spec.check()
+    p = spec.pairs
+    keys = torch.rand(n, spec.n_keys, generator=generator).argsort(-1)[:, :p] + 1  # distinct keys per sequence
+    values = torch.randint(0, spec.n_values, (n, p), generator=generator) + 1 + spec.n_keys
+    order = torch.rand(n, p, generator=generator).argsort(-1)
+    asked, answers = keys.gather(1, order), values.gather(1, order)
+    tokens = torch.zeros(n, spec.seq_len + 1, dtype=torch.long)
+    tokens[:, 0:2 * p:2], tokens[:, 1:2 * p:2] = keys, values
+    tokens[:, 2 * p:4 * p:2], tokens[:, 2 * p + 1:4 * p:2] = asked, answers
+    targets = torch.full((n, spec.seq_len), IGNORE, dtype=torch.long)
+    targets[:, 2 * p:4 * p:2] = answers  # input position of query key q_i predicts a_i
+    return tokens[:, :-1], targets
+
+
+def recall_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    """(correct, scored) over the positions whose target is not IGNORE; argmax prediction."""
+    scored = targets != IGNORE
+    correct = (logits.argmax(-1) == targets) & scored
+    return int(correct.sum()), int(scored.sum())
+
+
+@torch.no_grad()
+def mqar_accuracy(model: torch.nn.Module, spec: MQARSpec, n: int = 256, batch_size: int = 64, seed: int = 1234,
+                  device: torch.device | str = "cpu") -> float:
+    """Accuracy on a fixed set of n sequences (the same for a given seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    correct = total = 0
+    for start in range(0, n, batch_size):
+        inputs, targets = mqar_batch(spec, min(batch_size, n - start), generator)
+        c, t = recall_accuracy(model(inputs.to(device)).float().cpu(), targets)
+        correct, total = correct + c, total + t
+    return correct / total
+
+
+class MQARLoader:
+    """Training batches of MQAR for `data.format=mqar`, laid out like the text loader's (accum, micro, 2, T + 1):
+    channel 0 the tokens, channel 1 the target of the previous position (so `batch[..., 1, 1:]` lines up with
+    `batch[..., 0, :-1]`).  Global batch `step` is a function of (seed, step) only: exact resume on any layout."""
+
+    def __init__(self, spec: MQARSpec, global_batch: int, micro_batch: int, rank: int, world: int, seed: int):
+        spec.check()
+        self.spec, self.global_batch, self.micro, self.rank, self.world = spec, global_batch, micro_batch, rank, world
+        self.seed, self.step = seed, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        self.step += 1
+        inputs, targets = mqar_batch(self.spec, self.global_batch, generator)
+        local = self.global_batch // self.world
+        inputs, targets = (x[self.rank * local:(self.rank + 1) * local] for x in (inputs, targets))
+        batch = torch.stack([torch.nn.functional.pad(inputs, (0, 1)),
+                             torch.nn.functional.pad(targets, (1, 0), value=IGNORE)], dim=1)
+        return batch.view(local // self.micro, self.micro, 2, self.spec.seq_len + 1)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------- passkey
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "What is the pass key? The pass key is"
+
+
+@dataclass
+class PasskeySample:
+    tokens: torch.Tensor  # (T,) prompt followed by the answer tokens
+    answer: torch.Tensor  # the answer's token ids (the last len(answer) tokens of `tokens`)
+    needle_start: int  # token index where the needle begins
+    needle_len: int
+    depth: float  # requested depth in [0, 1]
+
+
+def passkey_sample(tokenizer, length: int, depth: float, rng: np.random.Generator) -> PasskeySample:
+    """A prompt of exactly `length` tokens (filler, needle at `depth` of the filler, question, answer)."""
+    key = str(rng.integers(10_000, 100_000))
+    enc = lambda text: tokenizer.encode(text).ids  # noqa: E731
+    needle, question, answer = enc(NEEDLE.format(key=key)), enc(QUESTION), enc(" " + key)
+    filler_len = length - len(needle) - len(question) - len(answer)
+    if filler_len < 0:
+        raise ValueError(f"passkey length {length} is shorter than the needle, question and answer "
+                         f"({length - filler_len} tokens)")
+    unit = enc(FILLER)
+    filler = (unit * (filler_len // len(unit) + 1))[:filler_len]
+    at = round(depth * filler_len)
+    tokens = filler[:at] + needle + filler[at:] + question + answer
+    return PasskeySample(torch.tensor(tokens), torch.tensor(answer), at, len(needle), depth)
+
+
+def passkey_correct(logits: torch.Tensor, sample: PasskeySample) -> bool:
+    """logits (T, vocab) of the sample's tokens: right iff every answer token is the argmax where it is due."""
+    n = len(sample.answer)
+    predicted = logits[-n - 1:-1].argmax(-1)  # position t predicts token t + 1
+    return bool((predicted.cpu() == sample.answer).all())
+
+
+@torch.no_grad()
+def passkey_grid(model: torch.nn.Module, tokenizer, lengths: list[int], depths: list[float], trials: int = 4,
+                 seed: int = 0, device: torch.device | str = "cpu") -> np.ndarray:
+    """Accuracy (len(lengths), len(depths)) over `trials` random pass keys per cell."""
+    rng = np.random.default_rng(seed)
+    grid = np.zeros((len(lengths), len(depths)))
+    for i, length in enumerate(lengths):
+        for j, depth in enumerate(depths):
+            samples = [passkey_sample(tokenizer, length, depth, rng) for _ in range(trials)]
+            logits = model(torch.stack([s.tokens for s in samples]).to(device)).float()
+            grid[i, j] = np.mean([passkey_correct(lg, s) for lg, s in zip(logits, samples, strict=True)])
+    return grid
+
+
+def heatmap_image(grid: np.ndarray) -> np.ndarray:
+    """(3, H, W) uint8 image of a [0, 1] grid for TensorBoard's add_image: red (0) -> green (1), 16 px per cell,
+    rows = lengths (short at the top), columns = depths (start at the left)."""
+    g = np.clip(grid, 0.0, 1.0)
+    rgb = np.stack([(1 - g) * 220 + 20, g * 200 + 30, np.full_like(g, 40)]).astype(np.uint8)
+    return rgb.repeat(16, axis=1).repeat(16, axis=2)
