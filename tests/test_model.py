@@ -153,3 +153,24 @@ def test_sink_monitor_hooks_into_the_model_once():
     assert ((stats[0]["sink_mass"] > 0) & (stats[0]["sink_mass"] < 1)).all()  # sink logit 0: a share, not all
     model(torch.randint(0, 97, (2, 16)))
     assert collect_sink_stats(model) == {}  # one request, one report
+
+
+def test_activation_checkpointing_changes_nothing_but_memory():
+    from parallel.activation_checkpointing import apply_activation_checkpointing
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=6, n_heads=2,
+                      pattern=["full", "swa", "rat", "based", "baseconv", "tnl"], window=4)
+    plain = HybridLM(cfg).double()
+    recomputed = HybridLM(cfg).double()
+    recomputed.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(recomputed)
+    assert recomputed.state_dict().keys() == plain.state_dict().keys()  # checkpoints stay interchangeable
+    tokens = torch.randint(0, 64, (2, 33))
+    losses = []
+    for model in (plain, recomputed):
+        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-14), name

@@ -109,6 +109,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile each block
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (long contexts)
     deterministic: bool = False  # torch.use_deterministic_algorithms
     device: str = "auto"  # auto | cpu | cuda
     nan_policy: str = "stop"  # a non-finite loss/gradient: stop (exit 1, save nothing new) | skip (drop the step)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from launch.distributed import DistInfo, destroy_distributed, init_distributed
 from models import HybridLM
 from models.attention import collect_sink_stats, request_sink_monitor
+from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.context_parallel import apply_context_parallel, build_mesh, cp_config_problem, make_context
 from parallel.data_parallel import apply_data_parallel, gradient_sync
 from trainer.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, load_checkpoint
@@ -154,6 +155,8 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     cp_positions = None if cp_ctx is None else cp_ctx.positions(device)  # global positions of this rank's tokens
     flops_per_token = model.flops_per_token(seq_len)
     n_params = model.num_params()
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
     if cfg.train.compile:
         for block in model.blocks:
             block.compile()

@@ -1,0 +1,80 @@
+"""End-to-end training throughput, MFU and peak memory of the 1B presets against a dense model, on one GPU.
+
+  python bench/bench_e2e.py [--configs hybrid_1b,rat_swa_1b,based_1b,tnl_1b,dense_1b] [--lengths 8192,32768,131072]
+                            [--compile off,on] [--steps 6 --warmup 3] [--time-limit 120]
+
+One `trainer.train` process per (config, length, compile), one sequence per step (batch_size = micro = 1), bf16,
+activation checkpointing from 32K on, checkpoints and evals off.  tokens/s and MFU are the trainer's own numbers
+over the steps after --warmup; peak memory is torch.cuda.max_memory_allocated.  Prints one table with each
+hybrid's speed-up over the dense model at the same length and appends it to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.record import machine, publish  # noqa: E402
+
+
+def run(config: str, seq_len: int, compiled: bool, args) -> dict:
+    with tempfile.TemporaryDirectory() as run_dir:
+        overrides = [f"run.dir={run_dir}", f"train.seq_len={seq_len}", "train.batch_size=1", "train.micro_batch_size=1",
+                     f"train.steps={args.warmup + args.steps}", f"logging.interval={args.warmup}",
+                     "checkpoint.interval=0", "eval.interval=0", "logging.sink_interval=0", "logging.layer_interval=0",
+                     "logging.progress=false", "train.dtype=bf16", f"train.compile={str(compiled).lower()}",
+                     f"train.activation_checkpointing={str(seq_len >= 32768).lower()}"]
+        try:
+            res = subprocess.run([sys.executable, "-m", "trainer.train", "--config", f"configs/{config}.yaml",
+                                  *overrides], cwd=ROOT, capture_output=True, text=True, timeout=args.time_limit,
+                                 env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+        except subprocess.TimeoutExpired:
+            return {"error": f"over {args.time_limit}s"}
+        if res.returncode:
+            tail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
+            return {"error": "OOM" if "out of memory" in res.stderr.lower() else tail[:80]}
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["step"] > args.warmup and "train/tokens_per_sec" in r][-1]
+    return {"tok_s": last["train/tokens_per_sec"], "mfu": last["train/mfu"], "mem": last.get("train/mem_gb", 0.0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="dense_1b,hybrid_1b,rat_swa_1b,based_1b,tnl_1b")
+    parser.add_argument("--lengths", default="8192,32768,131072")
+    parser.add_argument("--compile", default="off,on")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--time-limit", type=int, default=150, help="seconds per run")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    results = {}
+    for compiled in [c == "on" for c in args.compile.split(",")]:
+        for seq_len in map(int, args.lengths.split(",")):
+            for config in args.configs.split(","):
+                results[config, seq_len, compiled] = r = run(config, seq_len, compiled, args)
+                print(config, seq_len, "compiled" if compiled else "eager", r, flush=True)
+    lines = [f"### End to end, one GPU: 1B presets vs dense ({args.steps} timed steps, 1 sequence/step, bf16, "
+             "activation checkpointing from 32K)", machine(), "",
+             "| config | T | compile | tokens/s | vs dense | MFU | peak GiB |", "|---|---|---|---|---|---|---|"]
+    for (config, seq_len, compiled), r in results.items():
+        if "error" in r:
+            lines.append(f"| {config} | {seq_len // 1024}K | {'on' if compiled else 'off'} | {r['error']} | | | |")
+            continue
+        dense = results.get(("dense_1b", seq_len, compiled), {})
+        ratio = f"{r['tok_s'] / dense['tok_s']:.2f}x" if "tok_s" in dense else "-"
+        lines.append(f"| {config} | {seq_len // 1024}K | {'on' if compiled else 'off'} | {r['tok_s']:,.0f} | {ratio} | "
+                     f"{r['mfu']:.1%} | {r['mem']:.1f} |")
+    publish("\n".join(lines) + "\n", record=not args.no_record)
+
+
+if __name__ == "__main__":
+    main()
