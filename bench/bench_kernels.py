@@ -1,0 +1,120 @@
+"""Triton kernels against SDPA (flash backend), forward + backward, side by side in one run on one GPU.
+
+  python bench/bench_kernels.py [--lengths 4096,16384,65536] [--tokens 65536] [--heads 16] [--dim 128]
+  TRITON_INTERPRET=1 python bench/bench_kernels.py --smoke      (CPU: tiny shapes, checks the script only)
+
+B*T = --tokens at every length.  Median times from triton.testing.do_bench (GPU) of forward + backward.
+Rows: SDPA causal (the reference), our flash attention causal, sliding window W=4096 (and its speed-up over our
+full causal at the same T), lightning (TNL), BASED linear attention (feature dim 16), RAT (L=16).  Attention
+rows report TFLOP/s (causal fwd+bwd = 3.5 x 2·B·H·T²·D); every row reports tokens/s and its speed-up over SDPA
+at the same T.  Prints one table and appends it to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.record import machine, publish  # noqa: E402
+from kernels import attention, based_linear_attention, lightning_attention, rat_attention, tnl_slopes  # noqa: E402
+
+
+def timed(fn, smoke: bool) -> float:
+    """Median milliseconds of fn() (forward + backward)."""
+    if smoke:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
+
+
+def fwd_bwd(op, *tensors):
+    def run():
+        for t in tensors:
+            t.grad = None
+        op(*tensors).float().sum().backward()
+    return run
+
+
+def cases(b: int, t: int, h: int, d: int, device, dtype, window: int):
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+
+    q, k, v = rand(b, t, h, d), rand(b, t, h, d), rand(b, t, h, d)
+
+    def sdpa(q, k, v):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.FLASH_ATTENTION] if q.is_cuda else [SDPBackend.MATH]
+        with sdpa_kernel(backends):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True)
+
+    slopes = tnl_slopes(h, 0, 24).to(device)
+    gate = torch.rand(b, t, h, d, device=device, dtype=dtype).requires_grad_()
+    qf, kf = rand(b, t, h, 16), rand(b, t, h, 16)
+    yield "SDPA flash, causal", fwd_bwd(sdpa, q, k, v), "attn"
+    yield "flash (triton), causal", fwd_bwd(lambda q, k, v: attention(q, k, v, backend="triton"), q, k, v), "attn"
+    yield "flash (triton), causal + sinks", fwd_bwd(
+        lambda q, k, v, s: attention(q, k, v, sink=s, backend="triton"), q, k, v,
+        torch.zeros(h, device=device, requires_grad=True)), "attn"
+    yield f"flash (triton), window {window}", fwd_bwd(
+        lambda q, k, v: attention(q, k, v, window=window, backend="triton"), q, k, v), "window"
+    yield "lightning (triton)", fwd_bwd(
+        lambda q, k, v: lightning_attention(q, k, v, slopes, backend="triton"), q, k, v), "linear"
+    yield "BASED (triton, d_f 16)", fwd_bwd(
+        lambda q, k, v: based_linear_attention(q, k, v, backend="triton"), qf, kf, v), "linear"
+    yield "RAT L=16 (triton)", fwd_bwd(
+        lambda q, k, v, g: rat_attention(q, k, v, torch.sigmoid(g), 16, backend="triton"), q, k, v, gate), "linear"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="4096,16384,65536")
+    parser.add_argument("--tokens", type=int, default=65536, help="B*T at every length")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--window", type=int, default=4096)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
+    if args.smoke:
+        args.lengths, args.tokens, args.heads, args.dim, args.window = "32,64", 64, 2, 16, 16
+    lines = [f"### Triton kernels vs SDPA, fwd+bwd, B*T={args.tokens}, H={args.heads}, D={args.dim}, {dtype}",
+             machine() + (" (smoke run on the CPU interpreter: timings meaningless)" if args.smoke else ""), "",
+             "| kernel | T | ms | TFLOP/s | Mtok/s | vs SDPA |", "|---|---|---|---|---|---|"]
+    for t in map(int, args.lengths.split(",")):
+        b = max(1, args.tokens // t)
+        flops = 3.5 * 2 * b * args.heads * t * t * args.dim  # causal: half of 4·T²·D, fwd + 2.5x bwd
+        base = full = None
+        for name, fn, kind in cases(b, t, args.heads, args.dim, device, dtype, args.window):
+            try:
+                ms = timed(fn, args.smoke)
+            except Exception as err:  # a failing kernel is a table row, not the end of the run
+                lines.append(f"| {name} | {t // 1024 or t}{'K' if t >= 1024 else ''} | failed: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0][:60]} | | | |")
+                continue
+            base = ms if base is None else base
+            if name.startswith("flash (triton), causal") and full is None:
+                full = ms
+            tflops = f"{flops / ms / 1e9:.0f}" if kind == "attn" else ""
+            note = f"{base / ms:.2f}x" + (f" ({full / ms:.1f}x full)" if kind == "window" and full else "")
+            lines.append(f"| {name} | {t // 1024 if t >= 1024 else t}{'K' if t >= 1024 else ''} | {ms:.2f} | "
+                         f"{tflops} | {b * t / ms / 1e3:.2f} | {note} |")
+            print(lines[-1], flush=True)
+    publish("\n".join(lines) + "\n", record=not args.no_record and not args.smoke)
+
+
+if __name__ == "__main__":
+    main()
