@@ -7,6 +7,7 @@ import torch
 from kernels.based.chunk import chunk_based_linear_attention, taylor_features
 from kernels.based.naive import naive_based_linear_attention
 from kernels.based.step import based_step
+from kernels.triton_support import require_triton, triton_usable
 
 __all__ = ["based_linear_attention", "based_step", "taylor_features", "naive_based_linear_attention",
            "chunk_based_linear_attention"]
@@ -20,15 +21,25 @@ def based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     y_t = sum_{j<=t} (1 + s + s^2/2) v_j / (sum_{j<=t} (1 + s + s^2/2) + eps), s = q_t . k_j / sqrt(d_f).
     The kernel is >= 1/2, so the normaliser never vanishes.  State passing: `initial_state=(S, z)` continues an
     earlier segment (S (B, H, F, e), z (B, H, F), F = 1 + d_f + d_f^2); `output_final_state=True` also returns
-    the state after the last token.  backend: "naive" | "chunk" | "auto".
+    the state after the last token.  backend: "naive" | "chunk" | "triton" | "auto" (Triton for CUDA q, k, v
+    of one dtype, not float64; the chunk path otherwise).  The chunk and Triton paths return states in float32
+    (chunk: float64 for float64 inputs) in one feature order, so either continues the other's segment.
     """
     if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"based_linear_attention expects q, k (B, T, H, d_f) and v (B, T, H, e); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if backend == "auto":
+        fits = q.is_cuda and q.dtype != torch.float64 and k.dtype == v.dtype == q.dtype
+        backend = "triton" if fits and triton_usable(q) else "chunk"
+    if backend == "triton":
+        require_triton(q, k, v)
+        from kernels.based.triton import triton_based_linear_attention  # imports triton: only when asked for
+
+        return triton_based_linear_attention(q, k, v, eps, initial_state, output_final_state)
     if backend == "naive":
         out, final = naive_based_linear_attention(q, k, v, eps, initial_state)
-    elif backend in ("auto", "chunk"):
+    elif backend == "chunk":
         out, final = chunk_based_linear_attention(q, k, v, eps, initial_state)
     else:
-        raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk'")
+        raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk', 'triton'")
     return (out, final) if output_final_state else out

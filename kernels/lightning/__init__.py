@@ -9,6 +9,7 @@ import torch
 from kernels.lightning.chunk import chunk_lightning_attention
 from kernels.lightning.naive import naive_lightning_attention
 from kernels.lightning.step import lightning_step
+from kernels.triton_support import require_triton, triton_usable
 
 __all__ = ["lightning_attention", "lightning_step", "tnl_slopes", "naive_lightning_attention",
            "chunk_lightning_attention"]
@@ -38,7 +39,10 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
 
     O_i = sum_{j<=i} exp(-s_h (i-j)) (q_i . k_j) v_j  [+ exp(-s_h (i+1)) q_i S0 with an `initial_state` S0].
     `output_final_state=True` also returns the state after the last token, (B, H, d, e) in float32 (float64 for
-    float64 inputs): feed it as the next segment's `initial_state`.  backend: "naive" | "chunk" | "auto".
+    float64 inputs): feed it as the next segment's `initial_state`.
+    backend: "naive" | "chunk" | "triton" | "auto" (Triton for CUDA tensors when it can run them: q, k, v of one
+    dtype, not float64, and no gradient wanted for `decay`, which the Triton path treats as a constant; the chunk
+    path otherwise).
     """
     if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"lightning_attention expects q, k (B, T, H, d) and v (B, T, H, e); got "
@@ -51,10 +55,19 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
     if initial_state is not None and initial_state.shape != state_shape:
         raise ValueError(f"initial_state must have shape (B, H, d, e) = {state_shape}, got "
                          f"{tuple(initial_state.shape)}")
+    if backend == "auto":
+        fits = (q.is_cuda and q.dtype != torch.float64 and k.dtype == v.dtype == q.dtype
+                and not decay.requires_grad)
+        backend = "triton" if fits and triton_usable(q) else "chunk"
+    if backend == "triton":
+        require_triton(q, k, v)
+        from kernels.lightning.triton import triton_lightning_attention  # imports triton: only when asked for
+
+        return triton_lightning_attention(q, k, v, decay, initial_state, output_final_state)
     if backend == "naive":
         out, final = naive_lightning_attention(q, k, v, decay, initial_state)
-    elif backend in ("auto", "chunk"):
+    elif backend == "chunk":
         out, final = chunk_lightning_attention(q, k, v, decay, initial_state)
     else:
-        raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk'")
+        raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk', 'triton'")
     return (out, final) if output_final_state else out
