@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from kernels.attention.chunk import chunk_attention
 from kernels.attention.naive import naive_attention
 from kernels.attention.step import attention_step
+from kernels.triton_support import require_triton, triton_usable
 
 __all__ = ["attention", "attention_step", "naive_attention", "chunk_attention"]
 
@@ -43,6 +44,23 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int 
         raise ValueError(f"n_pinned={n_pinned} must be >= 0")
 
 
+def _triton_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """`auto` takes the Triton kernels for CUDA tensors of a dtype and head dim they handle."""
+    if not q.is_cuda or not triton_usable(q, k, v):
+        return False
+    from kernels.attention.triton import supported
+
+    return supported(q, k, v)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None,
+          scale: float | None) -> torch.Tensor:
+    mask = None if window is None else _window_mask(q.shape[1], window, q.device)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                          is_causal=causal and mask is None, scale=scale,
+                                          enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, window: int | None = None,
               sink: torch.Tensor | None = None, scale: float | None = None, return_lse: bool = False,
               n_pinned: int = 0, backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -52,25 +70,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     window    each query sees itself and the window-1 keys before it (None: all earlier keys)
     sink      (H,) learned logits that join each query's softmax denominator and carry no value
     n_pinned  with a window, the first n_pinned tokens stay visible to every query (StreamingLLM)
-    backend   "naive" (quadratic oracle) | "chunk" (blockwise PyTorch) | "auto"
+    backend   "naive" (quadratic oracle) | "chunk" (blockwise PyTorch) | "triton" (flash kernels) | "auto"
+              (on GPUs: SDPA for plain attention, else Triton where it takes the dtype and head dim; chunk on CPUs)
     """
     check_inputs(q, k, v, window, causal, sink, n_pinned)
     if window is not None and window >= k.shape[1]:
         window = None  # the window covers everything: plain causal attention
     if backend == "naive":
         out, lse = naive_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale, n_pinned=n_pinned)
+    elif backend == "triton" or (backend == "auto" and _triton_fits(q, k, v)):
+        plain = sink is None and not return_lse and n_pinned == 0 and window is None and q.shape[1] == k.shape[1]
+        if backend == "auto" and plain:  # nothing SDPA lacks: the library kernel
+            return _sdpa(q, k, v, causal, None, scale)
+        require_triton(q, k, v)
+        from kernels.attention.triton import triton_attention  # imports triton, which CPU-only installs may lack
+
+        out, lse = triton_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale,
+                                    n_pinned=n_pinned)
     elif backend in ("auto", "chunk"):
         plain = sink is None and not return_lse and n_pinned == 0 and q.shape[1] == k.shape[1]
-        # Nothing SDPA lacks: use the library kernel.  With a window only on GPUs, where a (T, T) mask through
-        # SDPA beats the blockwise loop (until the Triton kernel lands); on CPUs the blockwise path is O(T*W).
+        # Nothing SDPA lacks: the library kernel.  With a window only on GPUs (where the Triton kernels could not
+        # take the inputs), as a (T, T) mask; on CPUs the blockwise path is O(T*W).
         if plain and (window is None or q.is_cuda):
-            mask = None if window is None else _window_mask(q.shape[1], window, q.device)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=mask, is_causal=causal and mask is None, scale=scale,
-                                                 enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
-            return out
+            return _sdpa(q, k, v, causal, window, scale)
         out, lse = chunk_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale,
                                    n_pinned=n_pinned)
     else:
-        raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk'")
+        raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk', 'triton'")
     return (out, lse) if return_lse else out

@@ -1,0 +1,557 @@
+"""Softmax attention as Triton flash-attention kernels: forward, and backward with deterministic dK/dV and dQ.
+
+Same semantics as `chunk.py` (causal or not, sliding window, pinned first tokens, learned sinks, grouped-query
+heads, fewer queries than keys, differentiable log-sum-exp), on (B, T, H, d) tensors read through their strides.
+
+* Positions follow `chunk.Layout`: query i sits at q_start + i, key j at k_start + j (by default the queries are
+  the last Tq of the keys).  Ring attention calls the kernels on one (query segment, key segment) pair at a time.
+* Each query block only visits the key blocks it can see, computed from causality and the window, so a window-W
+  layer costs O(T*W); pinned keys add one extra short loop over the first blocks.
+* Grouped-query attention indexes the k/v head as h // G instead of repeating k/v.  The dK/dV kernel loops over
+  the G query heads of its k/v head, so no two programs write the same gradient (no atomics: deterministic).
+* Softmax statistics and accumulators are float32 whatever the input dtype; exponentials are taken in base 2
+  with log2(e) folded into the scale.
+* The sink logit, and optionally an incoming partial result (out, lse), join the online softmax before the key
+  loop as pseudo-keys: the sink with logit `sink` and value 0, the partial with logit lse and value out.  That
+  merges in one pass what `merge` below does after the fact.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_support import autotune, interpreting
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Kernels may only read globals declared constexpr.
+_LOG2E, _LN2 = tl.constexpr(LOG2E), tl.constexpr(LN2)
+# Two CPU interpreter quirks are worked around when it runs (see _dot and _cast).
+_INTERPRETING = tl.constexpr(interpreting())
+HEAD_DIMS = (16, 32, 64, 128, 256)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The first config is the one the CPU interpreter runs: small blocks there make the tests' short sequences span
+# several blocks (so block skipping and masking get exercised).  On a GPU autotune picks among all of them.
+CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)] + [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    for m, n, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 3), (64, 128, 4, 2),
+                       (128, 128, 8, 2), (128, 128, 8, 3)]
+]
+TUNE_KEY = ["t_q", "t_k", "D", "DV", "CAUSAL", "WINDOW", "PRECISION"]
+
+
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    """Float32 tiles are twice as large: at head dim >= 128 the big ones overflow shared memory and take minutes
+    to compile, so autotune does not try them."""
+    head_dim = kwargs.get("D", named_args.get("D", 0))
+    if named_args["Q"].element_size() == 4 and head_dim >= 128:
+        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return configs
+
+
+PRUNE = {"early_config_prune": _prune}
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernels take these inputs (dtype and head dims); `auto` falls back to the chunk path if not."""
+    return (q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] in HEAD_DIMS and v.shape[-1] in HEAD_DIMS)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"the Triton attention kernels take float32/float16/bfloat16 q, k, v of one dtype, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype} (backend='chunk' takes any float dtype)")
+    for name, d in (("q/k", q.shape[-1]), ("v", v.shape[-1])):
+        if d not in HEAD_DIMS:
+            raise ValueError(f"the Triton attention kernels need {name} head dims in {HEAD_DIMS}, got {d} "
+                             f"(backend='chunk' takes any head dim)")
+
+
+def _poison() -> bool:
+    # HYLO_POISON=1 prefills outputs with NaN, so a test sees any element a kernel forgot to write.
+    return os.environ.get("HYLO_POISON", "0") == "1"
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if _poison():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any batch/seq/head strides but need the head dim contiguous."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs keep float32 products unless the user allowed TF32 matmuls, as torch.matmul does.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a call attends to, apart from the tensors: the scale, the mask and where queries and keys sit."""
+
+    scale: float
+    causal: bool = True
+    window: int | None = None
+    n_pinned: int = 0
+    q_start: int = 0
+    k_start: int = 0
+
+    def args(self) -> tuple:
+        return self.q_start, self.k_start, self.window or 0, self.n_pinned if self.window is not None else 0
+
+
+def make_spec(q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, window: int | None = None,
+              scale: float | None = None, n_pinned: int = 0, q_start: int | None = None, k_start: int = 0) -> Spec:
+    if window is not None and (window < 1 or not causal):
+        raise ValueError(f"window={window} needs causal=True and window >= 1")
+    if n_pinned < 0:
+        raise ValueError(f"n_pinned={n_pinned} must be >= 0")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q_start = k_start + k.shape[1] - q.shape[1] if q_start is None else q_start
+    return Spec(scale, causal, window, n_pinned, q_start, k_start)
+
+
+# ---------------------------------------------------------------------------------------------- shared pieces
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if _INTERPRETING:
+        # the interpreter multiplies bfloat16 operands as their raw uint16 bits; 16-bit products are exact in
+        # float32, as on tensor cores
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tile(base, rows, stride, cols):
+    """Pointers to a (rows, cols) tile; row offsets in int64, since T * H * d can pass 2**31 at long context."""
+    return base + rows.to(tl.int64)[:, None] * stride + cols[None, :]
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    if _INTERPRETING:
+        if x.dtype == tl.float32 and dtype == tl.bfloat16:
+            # the interpreter truncates float32 -> bfloat16 where GPUs round to nearest even: round first, so the
+            # tests see GPU rounding errors (truncation's are twice as large and all of one sign)
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _visible(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned,
+             CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask: which (query, key) pairs exist and are visible."""
+    q_pos = q_start + offs_m[:, None]
+    k_pos = k_start + offs_n[None, :]
+    ok = (offs_m[:, None] < t_q) & (offs_n[None, :] < t_k)
+    if CAUSAL:
+        ok = ok & (k_pos <= q_pos)
+    if WINDOW:
+        ok = ok & ((q_pos - k_pos < window) | (k_pos < n_pinned))
+    return ok
+
+
+@triton.jit
+def _key_range(m0, t_q, t_k, q_start, k_start, window, n_pinned,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Key indices that queries [m0, m0 + BLOCK_M) may see: pinned keys [0, pin_hi) and the band [lo, hi).
+
+    lo is rounded down to a block so the two loops never visit a key twice (pin_hi <= lo)."""
+    last = tl.minimum(m0 + BLOCK_M, t_q) - 1
+    hi = t_k
+    if CAUSAL:
+        hi = tl.minimum(t_k, q_start + last - k_start + 1)
+    lo = 0
+    pin_hi = 0
+    if WINDOW:
+        lo = tl.maximum(0, q_start + m0 - window + 1 - k_start)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        pin_hi = tl.maximum(0, tl.minimum(n_pinned - k_start, lo))
+    return pin_hi, lo, hi
+
+
+@triton.jit
+def _query_range(n0, t_q, t_k, q_start, k_start, window, n_pinned,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Query indices [lo, hi) that may see keys [n0, n0 + BLOCK_N); lo rounded down to a query block."""
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(0, k_start + n0 - q_start)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    hi = t_q
+    if WINDOW:
+        last = tl.minimum(n0 + BLOCK_N, t_k) - 1
+        # a pinned key stays visible to every later query; otherwise the window ends W-1 positions on
+        if k_start + n0 >= n_pinned:
+            hi = tl.minimum(t_q, k_start + last + window - q_start)
+    return lo, hi
+
+
+@triton.jit
+def _join(acc, m_i, l_i, logit2, value):
+    """Fold one pseudo-key per row (base-2 logit, value (BLOCK_M, DV)) into the online softmax state."""
+    m_new = tl.maximum(m_i, logit2)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # exp2(-inf - -inf) would be NaN
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(logit2 - m_safe)
+    return acc * alpha[:, None] + p[:, None] * value, m_new, l_i * alpha + p
+
+
+# ---------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_keys(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, start, end,
+              t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+              D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_k = (offs_n < t_k)[:, None]
+        k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d), mask=in_k, other=0.0)
+        v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e), mask=in_k, other=0.0)
+        s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale
+        s = tl.where(_visible(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, CAUSAL, WINDOW),
+                     s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _dot(_cast(p, v.dtype), v, acc * alpha[:, None], PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE)
+@triton.jit
+def _fwd_kernel(Q, K, V, Sink, InitOut, InitLse, Out, Lse,
+                sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, si_b, si_t, si_h,
+                n_heads, group, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+                D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                HAS_SINK: tl.constexpr, HAS_INIT: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)
+    h_kv = h // group
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
+    in_q = offs_m < t_q
+    q = tl.load(_tile(Q + b * sq_b + h * sq_h, offs_m, sq_t, offs_d), mask=in_q[:, None], other=0.0)
+
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    lse_rows = (b * n_heads + h) * t_q + offs_m
+    if HAS_INIT:
+        init = tl.load(_tile(InitOut + b * si_b + h * si_h, offs_m, si_t, offs_e),
+                       mask=in_q[:, None], other=0.0).to(tl.float32)
+        init_lse = tl.load(InitLse + lse_rows, mask=in_q, other=float("-inf")).to(tl.float32)
+        acc, m_i, l_i = _join(acc, m_i, l_i, init_lse * _LOG2E, init)
+    if HAS_SINK:
+        sink = tl.load(Sink + h).to(tl.float32) * _LOG2E
+        acc, m_i, l_i = _join(acc, m_i, l_i, tl.zeros([BLOCK_M], dtype=tl.float32) + sink,
+                              tl.zeros([BLOCK_M, DV], dtype=tl.float32))
+
+    pin_hi, lo, hi = _key_range(m0, t_q, t_k, q_start, k_start, window, n_pinned, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    k_base, v_base = K + b * sk_b + h_kv * sk_h, V + b * sv_b + h_kv * sv_h
+    if WINDOW:
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_base, v_base, sk_t, sv_t, offs_m, 0, pin_hi,
+                                  t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+                                  D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N)
+    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_base, v_base, sk_t, sv_t, offs_m, lo, hi,
+                              t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+                              D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N)
+
+    # Rows that saw nothing at all (l = 0) get out 0 and lse -inf.
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
+    tl.store(_tile(Out + b * so_b + h * so_h, offs_m, so_t, offs_e), _cast(out, Out.dtype.element_ty),
+             mask=in_q[:, None])
+    tl.store(Lse + lse_rows, lse, mask=in_q)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _delta_kernel(Out, DOut, DLse, Delta, so_b, so_t, so_h, sd_b, sd_t, sd_h, n_heads, t_q,
+                  DV: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse: the part of dS shared by every key of a query."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, DV)
+    in_q = offs_m < t_q
+    o = tl.load(_tile(Out + b * so_b + h * so_h, offs_m, so_t, offs_e), mask=in_q[:, None], other=0.0)
+    do = tl.load(_tile(DOut + b * sd_b + h * sd_h, offs_m, sd_t, offs_e), mask=in_q[:, None],
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    rows = (b * n_heads + h) * t_q + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLse + rows, mask=in_q, other=0.0).to(tl.float32)
+    tl.store(Delta + rows, delta, mask=in_q)
+
+
+@triton.jit
+def _probs(q, k, lse2, offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+           CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """The final softmax probabilities of a (query block, key block) tile, recomputed from the saved lse."""
+    s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale
+    p = tl.exp2(s - lse2[:, None])
+    return tl.where(_visible(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, CAUSAL, WINDOW), p, 0.0)
+
+
+@triton.jit
+def _load_rows(Lse, Delta, rows, in_q):
+    lse = tl.load(Lse + rows, mask=in_q, other=0.0)
+    # a row with lse = -inf saw nothing; any finite stand-in works since all its probabilities are masked to 0
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
+    return lse2, tl.load(Delta + rows, mask=in_q, other=0.0)
+
+
+@autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE)
+@triton.jit
+def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_,
+                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h,
+                   sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+                   n_heads, group, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, scale,
+                   D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key block of one k/v head, summed over the G query heads sharing it."""
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    n_kv = n_heads // group
+    b, h_kv = (pid_bh // n_kv).to(tl.int64), (pid_bh % n_kv).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
+    in_k = (offs_n < t_k)[:, None]
+    k = tl.load(_tile(K + b * sk_b + h_kv * sk_h, offs_n, sk_t, offs_d), mask=in_k, other=0.0)
+    v = tl.load(_tile(V + b * sv_b + h_kv * sv_h, offs_n, sv_t, offs_e), mask=in_k, other=0.0)
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
+
+    lo, hi = _query_range(n0, t_q, t_k, q_start, k_start, window, n_pinned, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    for g in range(group):
+        h = h_kv * group + g
+        q_base, do_base = Q + b * sq_b + h * sq_h, DOut + b * sd_b + h * sd_h
+        for m0 in range(lo, hi, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            in_q = offs_m < t_q
+            q = tl.load(_tile(q_base, offs_m, sq_t, offs_d), mask=in_q[:, None], other=0.0)
+            do = tl.load(_tile(do_base, offs_m, sd_t, offs_e), mask=in_q[:, None], other=0.0)
+            lse2, delta = _load_rows(Lse, Delta, (b * n_heads + h) * t_q + offs_m, in_q)
+            p = _probs(q, k, lse2, offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+                       CAUSAL, WINDOW, PRECISION)
+            dv = _dot(tl.trans(_cast(p, do.dtype)), do, dv, PRECISION)
+            dp = _dot(do, tl.trans(v), None, PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk = _dot(tl.trans(_cast(ds, q.dtype)), q, dk, PRECISION)
+    tl.store(_tile(DK + b * sdk_b + h_kv * sdk_h, offs_n, sdk_t, offs_d),
+             _cast(dk * scale, DK.dtype.element_ty), mask=in_k)
+    tl.store(_tile(DV_ + b * sdv_b + h_kv * sdv_h, offs_n, sdv_t, offs_e),
+             _cast(dv, DV_.dtype.element_ty), mask=in_k)
+
+
+@triton.jit
+def _dq_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, start, end,
+             t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+             D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_k = (offs_n < t_k)[:, None]
+        k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d), mask=in_k, other=0.0)
+        v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e), mask=in_k, other=0.0)
+        p = _probs(q, k, lse2, offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+                   CAUSAL, WINDOW, PRECISION)
+        dp = _dot(do, tl.trans(v), None, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(_cast(ds, k.dtype), k, dq, PRECISION)
+    return dq
+
+
+@autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE)
+@triton.jit
+def _bwd_q_kernel(Q, K, V, DOut, Lse, Delta, DQ,
+                  sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,
+                  n_heads, group, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, scale,
+                  D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query block: the same key loops as the forward."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)
+    h_kv = h // group
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
+    in_q = (offs_m < t_q)[:, None]
+    q = tl.load(_tile(Q + b * sq_b + h * sq_h, offs_m, sq_t, offs_d), mask=in_q, other=0.0)
+    do = tl.load(_tile(DOut + b * sd_b + h * sd_h, offs_m, sd_t, offs_e), mask=in_q, other=0.0)
+    lse2, delta = _load_rows(Lse, Delta, (b * n_heads + h) * t_q + offs_m, offs_m < t_q)
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+
+    pin_hi, lo, hi = _key_range(m0, t_q, t_k, q_start, k_start, window, n_pinned, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    k_base, v_base = K + b * sk_b + h_kv * sk_h, V + b * sv_b + h_kv * sv_h
+    if WINDOW:
+        dq = _dq_keys(dq, q, do, lse2, delta, k_base, v_base, sk_t, sv_t, offs_m, 0, pin_hi,
+                      t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, D, DV, CAUSAL, WINDOW, PRECISION,
+                      BLOCK_N)
+    dq = _dq_keys(dq, q, do, lse2, delta, k_base, v_base, sk_t, sv_t, offs_m, lo, hi,
+                  t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N)
+    tl.store(_tile(DQ + b * sdq_b + h * sdq_h, offs_m, sdq_t, offs_d),
+             _cast(dq * scale, DQ.dtype.element_ty), mask=in_q)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _flags(q: torch.Tensor, spec: Spec) -> dict:
+    return {"D": q.shape[-1], "CAUSAL": spec.causal, "WINDOW": spec.window is not None,
+            "PRECISION": _precision(q.dtype)}
+
+
+def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sink: torch.Tensor | None = None,
+                  init_out: torch.Tensor | None = None, init_lse: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel, without autograd.  q (B, Tq, H, d), k/v (B, Tk, Hkv, d/dv) -> out (B, Tq, H, dv),
+    lse (B, H, Tq) float32.  With (init_out, init_lse) the keys merge into that partial result (out then takes
+    init_out's dtype, so a float32 accumulator stays float32); the sink (H,) joins the denominator."""
+    _check(q, k, v)
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    b, t_q, h, _ = q.shape
+    t_k, h_kv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    out_dtype = q.dtype if init_out is None else init_out.dtype
+    out = _empty((b, t_q, h, dv), out_dtype, q.device)
+    lse = _empty((b, h, t_q), torch.float32, q.device)
+    if out.numel() == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    if init_out is not None:
+        init_out, init_lse = _rows(init_out), init_lse.float().contiguous()
+    # unused pointers still need a tensor; their loads are compiled out
+    sink_arg = sink.contiguous() if sink is not None else lse
+    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)  # noqa: E731
+    _fwd_kernel[grid](
+        q, k, v, sink_arg, out if init_out is None else init_out, lse if init_lse is None else init_lse, out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(out if init_out is None else init_out),
+        h, h // h_kv, t_q, t_k, *spec.args(), spec.scale * LOG2E,
+        DV=dv, HAS_SINK=sink is not None, HAS_INIT=init_out is not None, **_flags(q, spec))
+    return out, lse
+
+
+def flash_delta(out: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """delta = rowsum(dO * O) - dlse, (B, H, Tq) float32, from out/d_out (B, Tq, H, dv) and d_lse (B, H, Tq)."""
+    out, d_out = _rows(out), _rows(d_out)
+    b, t_q, h, dv = out.shape
+    delta = _empty((b, h, t_q), torch.float32, out.device)
+    if delta.numel() == 0:
+        return delta
+    d_lse = d_lse.contiguous() if d_lse is not None else None
+    block = 64
+    _delta_kernel[(triton.cdiv(t_q, block), b * h)](
+        out, d_out, delta if d_lse is None else d_lse, delta, *_strides(out), *_strides(d_out), h, t_q,
+        DV=dv, HAS_DLSE=d_lse is not None, BLOCK_M=block)
+    return delta
+
+
+def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor, delta: torch.Tensor,
+                   lse: torch.Tensor, spec: Spec, grad_dtype: torch.dtype | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of one (queries, keys) pair given the *final* lse (every key, sink and merged partial) and
+    delta = rowsum(dO * O) - dlse.  Gradients come in `grad_dtype` (default: the input dtype); pass float32
+    when summing the gradients of several key segments."""
+    _check(q, k, v)
+    q, k, v, d_out = _rows(q), _rows(k), _rows(v), _rows(d_out)
+    lse, delta = lse.float().contiguous(), delta.float().contiguous()
+    b, t_q, h, _ = q.shape
+    t_k, h_kv = k.shape[1], k.shape[2]
+    grad_dtype = q.dtype if grad_dtype is None else grad_dtype
+    dq = _empty(q.shape, grad_dtype, q.device)
+    dk, dv = _empty(k.shape, grad_dtype, q.device), _empty(v.shape, grad_dtype, q.device)
+    if t_q == 0 or t_k == 0 or b * h == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    common = (h, h // h_kv, t_q, t_k, *spec.args(), spec.scale * LOG2E, spec.scale)
+    flags = {"DV": v.shape[-1], **_flags(q, spec)}
+    _bwd_kv_kernel[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h_kv)](
+        q, k, v, d_out, lse, delta, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk), *_strides(dv), *common, **flags)
+    _bwd_q_kernel[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
+        q, k, v, d_out, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dq), *common, **flags)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+def _weight(lse_part: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """exp(lse_part - lse): the share of a partial result in the total, 0 where neither saw anything."""
+    return torch.exp(lse_part - lse.masked_fill(torch.isneginf(lse), 0.0)).masked_fill(torch.isneginf(lse_part), 0.0)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sink, init_out, init_lse, spec: Spec):
+        out, lse = flash_forward(q, k, v, spec, sink, init_out, init_lse)
+        ctx.save_for_backward(q, k, v, sink, init_out, init_lse, out, lse)
+        ctx.spec = spec
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, sink, init_out, init_lse, out, lse = ctx.saved_tensors
+        d_out = torch.zeros_like(out) if d_out is None else d_out
+        delta = flash_delta(out, d_out, d_lse)
+        dq, dk, dv = flash_backward(q, k, v, d_out, delta, lse, ctx.spec)
+        d_sink = d_init_out = d_init_lse = None
+        if sink is not None and ctx.needs_input_grad[3]:
+            # the sink is a key with logit `sink` and value 0: dS = p_sink * (0 - delta)
+            d_sink = -(_weight(sink.float()[None, :, None], lse) * delta).sum(dim=(0, 2)).to(sink.dtype)
+        if init_out is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]):
+            # the partial result is a key with logit init_lse and value init_out
+            p = _weight(init_lse.float(), lse)
+            d_init_out = (p.transpose(1, 2)[..., None] * d_out.float()).to(init_out.dtype)
+            d_init_lse = (p * ((d_out.float() * init_out.float()).sum(-1).transpose(1, 2) - delta)).to(init_lse.dtype)
+        return dq, dk, dv, d_sink, d_init_out, d_init_lse, None
+
+
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                     window: int | None = None, sink: torch.Tensor | None = None, scale: float | None = None,
+                     n_pinned: int = 0, q_start: int | None = None, k_start: int = 0,
+                     init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable flash attention.  q (B, Tq, H, d); k, v (B, Tk, Hkv, d/dv) -> out (B, Tq, H, dv) in q's
+    dtype, lse (B, H, Tq) float32.
+
+    Query i sits at position q_start + i (default: the last Tq positions, k_start + Tk - Tq), key j at
+    k_start + j.  `init=(out, lse)` merges these keys into a partial result over other keys (out in its dtype);
+    the sink, if given, should join exactly one of the partial results that are merged.
+    """
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} key/value heads")
+    spec = make_spec(q, k, causal=causal, window=window, scale=scale, n_pinned=n_pinned, q_start=q_start,
+                     k_start=k_start)
+    init_out, init_lse = (None, None) if init is None else init
+    return _FlashAttention.apply(q, k, v, sink, init_out, init_lse, spec)
+
+
+def merge(out: torch.Tensor, lse: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial results over disjoint key sets: out (B, T, H, dv), lse (B, H, T) each.  Differentiable;
+    rows neither part saw stay out 0, lse -inf."""
+    total = torch.logaddexp(lse, lse2)
+    w, w2 = _weight(lse, total), _weight(lse2, total)
+    return out * w.transpose(1, 2)[..., None] + out2 * w2.transpose(1, 2)[..., None], total
