@@ -23,7 +23,43 @@ from kernels.attention.chunk import (
     sink_grad,
     to_groups,
 )
+from kernels.triton_support import triton_usable
 from parallel.context import COMM, Segment
+
+
+# One (query segment, key segment) pair, forward and backward, on the grouped layout q (B, Hkv, G, Tq, d),
+# k/v (B, Hkv, 1, Tk, d): the blockwise PyTorch path, or the Triton flash kernels on views of the same tensors.
+def _bthd(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1, 2).transpose(1, 2)  # (B, Hkv, G, T, d) -> (B, T, Hkv * G, d), a view
+
+
+def _triton_spec(q, k, scale, layout: Layout):
+    from kernels.attention.triton import make_spec
+
+    return make_spec(q, k, causal=layout.causal, scale=scale, q_start=layout.q_start, k_start=layout.k_start)
+
+
+def _triton_forward(q, k, v, scale: float, layout: Layout):
+    from kernels.attention.triton import flash_forward
+
+    qb, kb, vb = _bthd(q), _bthd(k), _bthd(v)
+    out, lse = flash_forward(qb, kb, vb, _triton_spec(qb, kb, scale, layout))
+    b, h_kv, g, t, _ = q.shape
+    return out.transpose(1, 2).reshape(b, h_kv, g, t, -1), lse.view(b, h_kv, g, t).to(q.dtype)
+
+
+def _triton_backward(q, k, v, d_out, delta, lse, scale: float, layout: Layout):
+    from kernels.attention.triton import flash_backward
+
+    qb, kb, vb = _bthd(q), _bthd(k), _bthd(v)
+    dq, dk, dv = flash_backward(qb, kb, vb, _bthd(d_out), delta.flatten(1, 2), lse.flatten(1, 2),
+                                _triton_spec(qb, kb, scale, layout), grad_dtype=q.dtype)
+    b, h_kv, g, t, _ = q.shape
+    regroup = lambda x: x.transpose(1, 2)[:, :, None]  # noqa: E731  (B, Tk, Hkv, d) -> (B, Hkv, 1, Tk, d)
+    return dq.transpose(1, 2).reshape(b, h_kv, g, t, -1), regroup(dk), regroup(dv)
+
+
+PAIR_KERNELS = {"chunk": (block_forward, block_backward), "triton": (_triton_forward, _triton_backward)}
 
 
 def _pairs(q_segs: list[Segment], k_segs: list[Segment]):
@@ -62,7 +98,8 @@ def _merge(out, lse, o, lse_b):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sink, scale, ring: _Ring):
+    def forward(ctx, q, k, v, sink, scale, ring: _Ring, backend: str):
+        pair_forward = PAIR_KERNELS[backend][0]
         d = k.shape[-1]
         out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
@@ -72,7 +109,7 @@ class _RingAttention(torch.autograd.Function):
             pending = ring.start(kv, ring.key) if step < ring.size - 1 else None  # overlap with the compute
             src = (ring.rank - step) % ring.size
             for qsl, ksl, layout in _pairs(mine, ring.segments[src]):
-                o, lb = block_forward(q[..., qsl, :], kv[..., ksl, :d], kv[..., ksl, d:], scale, layout)
+                o, lb = pair_forward(q[..., qsl, :], kv[..., ksl, :d], kv[..., ksl, d:], scale, layout)
                 out[..., qsl, :], lse[..., qsl] = _merge(out[..., qsl, :], lse[..., qsl], o, lb)
             if pending:
                 for req in pending[0]:
@@ -80,13 +117,14 @@ class _RingAttention(torch.autograd.Function):
                 kv = pending[1]
         out, lse = add_sink(out, lse, sink)
         ctx.save_for_backward(q, k, v, sink, out, lse)
-        ctx.scale, ctx.ring = scale, ring
+        ctx.scale, ctx.ring, ctx.backend = scale, ring, backend
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, sink, out, lse = ctx.saved_tensors
         ring, scale, d = ctx.ring, ctx.scale, k.shape[-1]
+        pair_backward = PAIR_KERNELS[ctx.backend][1]
         d_out = torch.zeros_like(out) if d_out is None else d_out
         delta = grad_delta(d_out, out, d_lse)
         dq = torch.zeros_like(q)
@@ -96,7 +134,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(ring.size):
             src = (ring.rank - step) % ring.size
             for qsl, ksl, layout in _pairs(mine, ring.segments[src]):
-                g_q, g_k, g_v = block_backward(q[..., qsl, :], kv[..., ksl, :d], kv[..., ksl, d:], d_out[..., qsl, :],
+                g_q, g_k, g_v = pair_backward(q[..., qsl, :], kv[..., ksl, :d], kv[..., ksl, d:], d_out[..., qsl, :],
                                                delta[..., qsl], lse[..., qsl], scale, layout)
                 dq[..., qsl, :] += g_q
                 dkv[..., ksl, :] += torch.cat([g_k, g_v], dim=-1)
@@ -108,20 +146,35 @@ class _RingAttention(torch.autograd.Function):
                     req.wait()
                 kv, dkv = (kv, recv) if last else (recv[..., : kv.shape[-1]], recv[..., kv.shape[-1]:])
         d_sink = sink_grad(sink, lse, delta) if sink is not None and ctx.needs_input_grad[3] else None
-        return dq, dkv[..., :d], dkv[..., d:], d_sink, None, None
+        return dq, dkv[..., :d], dkv[..., d:], d_sink, None, None, None
 
 
 class RingAttention:
-    """`attention` (full causal) with the sequence split over a ring of ranks in the given segments."""
+    """`attention` (full causal) with the sequence split over a ring of ranks in the given segments.
 
-    def __init__(self, group: dist.ProcessGroup, segments: list[list[Segment]], key: str = "ring"):
-        self.ring = _Ring(group, segments, key)
+    backend: "auto" (the Triton flash kernels for CUDA tensors they support, else the blockwise PyTorch path),
+    "chunk" or "triton" (which also runs on the CPU interpreter, how the tests check it)."""
+
+    def __init__(self, group: dist.ProcessGroup, segments: list[list[Segment]], key: str = "ring",
+                 backend: str = "auto"):
+        if backend not in ("auto", "chunk", "triton"):
+            raise ValueError(f"backend='{backend}' is not one of 'auto', 'chunk', 'triton'")
+        self.ring, self.backend = _Ring(group, segments, key), backend
 
     def __call__(self, q, k, v, *, causal=True, window=None, sink=None, scale=None, return_lse=False, n_pinned=0,
                  **kw):
         if not causal or window is not None or n_pinned:
             raise ValueError("ring attention runs full causal attention; window layers use the halo exchange")
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        out, lse = _RingAttention.apply(*to_groups(q, k, v, sink), scale, self.ring)
+        backend = self.backend
+        if backend == "auto":
+            backend = "triton" if q.is_cuda and triton_usable(q) and _triton_supports(q, k, v) else "chunk"
+        out, lse = _RingAttention.apply(*to_groups(q, k, v, sink), scale, self.ring, backend)
         out, lse = from_groups(out, lse, q.dtype)
         return (out, lse) if return_lse else out
+
+
+def _triton_supports(q, k, v) -> bool:
+    from kernels.attention.triton import supported
+
+    return supported(q, k, v)
