@@ -7,6 +7,7 @@ import torch
 from kernels.rat.chunk import chunk_rat_attention, scan_summaries
 from kernels.rat.naive import naive_rat_attention
 from kernels.rat.step import rat_step
+from kernels.triton_support import triton
 
 __all__ = ["rat_attention", "rat_step", "scan_summaries", "naive_rat_attention", "chunk_rat_attention"]
 
@@ -20,7 +21,8 @@ def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
     Query t attends in one softmax to the last k~ of every earlier chunk and to its own k~_t.  T need not be a
     multiple of chunk_size (a partial last chunk is padded internally).  `prefix` = (k, v) summaries (B, P, H, d)
     of chunks before this segment (see `scan_summaries`), which every query also sees: how context parallelism
-    continues a sequence held by other ranks.  backend: "naive" | "chunk" | "auto".
+    continues a sequence held by other ranks.  backend: "naive" | "chunk" | "triton" | "auto" (Triton for
+    fp32/bf16/fp16 CUDA tensors when triton is installed, else chunk).
     """
     if q.dim() != 4 or not (q.shape == k.shape == gate.shape) or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"rat_attention expects q, k, gate (B, T, H, d) and v (B, T, H, e); got q{tuple(q.shape)} "
@@ -33,6 +35,13 @@ def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
         if prefix is not None:
             raise ValueError("the naive RAT oracle takes whole sequences, not a prefix of chunk summaries")
         return naive_rat_attention(q, k, v, gate, chunk_size, scale)
-    if backend in ("auto", "chunk"):
+    if backend == "auto":
+        fits = q.is_cuda and triton is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        backend = "triton" if fits else "chunk"
+    if backend == "triton":
+        from kernels.rat.triton import triton_rat_attention  # imported late: needs triton, and TRITON_INTERPRET set
+
+        return triton_rat_attention(q, k, v, gate, chunk_size, scale, prefix)
+    if backend == "chunk":
         return chunk_rat_attention(q, k, v, gate, chunk_size, scale, prefix)
-    raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk'")
+    raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk', 'triton'")
