@@ -161,6 +161,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         for block in model.blocks:
             block.compile()
     spikes = LossSpikes(cfg.logging.spike_zscore)
+    unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet seen by the spike detector
     ds = None  # the DeepSpeed engine (train.engine=deepspeed), which then owns data parallelism and the step
     ckpt_dir = run_dir / "checkpoints"
     if cfg.train.engine == "deepspeed":
@@ -217,7 +218,17 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     profiler = ProfileWindow(cfg.profile.enabled, cfg.profile.start_step, cfg.profile.steps, run_dir / "tb" / "profile",
                              info.rank, device)
 
+    def check_spikes() -> None:
+        values = torch.stack([loss for _, loss in unchecked]).tolist() if unchecked else []
+        for (at, _), value in zip(unchecked, values, strict=True):
+            z = spikes.update(value)
+            if z is not None:
+                logger.log(at, {"train/loss_spike_zscore": z})
+                print(f"[hylo] step {at}: loss spike ({z:.1f} std devs above the running mean)", flush=True)
+        unchecked.clear()
+
     def save(step: int) -> Path:
+        check_spikes()
         trainer_state = {"step": step, "tokens": step * tokens_per_step, "skipped_steps": skipped,
                          "scheduler": scheduler.state_dict(), "data": loader.state_dict(),
                          "engine": cfg.train.engine, "world_size": info.world,
@@ -282,15 +293,13 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             logger.log(step, sink_scalars(collect_sink_stats(model)))
         if layer_due and cp == 1:
             logger.log(step, collect_state_norms(model))
-        spike = spikes.update(float(step_loss)) if info.is_main and spikes.zscore > 0 else None  # rank 0's loss
-        if spike is not None:
-            logger.log(step, {"train/loss_spike_zscore": spike})
-            if info.is_main:
-                print(f"[hylo] step {step}: loss spike ({spike:.1f} std devs above the running mean)", flush=True)
+        if info.is_main and spikes.zscore > 0:
+            unchecked.append((step, step_loss))  # rank 0's loss, checked at the next logging step (no sync here)
 
         last = step == cfg.train.steps
         if step % cfg.logging.interval == 0 or last or step == start_step + 1:
             mean_loss = _mean_over_ranks(loss_acc / max(loss_steps, 1))
+            check_spikes()
             elapsed = time.perf_counter() - window_start
             tokens_per_sec = window_steps * tokens_per_step / elapsed
             scalars = {
