@@ -1,11 +1,14 @@
 """Evaluation and generation throughput on the CPU, per layer type.
 
   python bench/bench_eval.py [--no-record]
+  python bench/bench_eval.py --device cuda --d-model 2048 --n-layers 24 --heads 16 --prompts 4096 32768  (GPU)
 
-Models: 4 layers at d 256 of one layer type each (random weights: throughput does not depend on them).
+Models: --n-layers layers at --d-model of one layer type each (random weights: throughput does not depend on
+them; default 4 x 256).
   eval tok/s     `perplexity` over 4 x 4 sequences of 512 tokens (forward only)
-  gen tok/s @P   greedy decoding of 32 tokens through the recurrent caches after a P-token prompt
-Prints a table and appends it to bench/RESULTS.md.  (The GPU comparison at 4K/32K context is issue 8's GPU part.)
+  gen tok/s @P   greedy decoding of --new-tokens tokens through the recurrent caches after a P-token prompt
+                 (the prompt itself goes through `prefill`, one parallel pass)
+Prints a table and appends it to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--prompts", type=int, nargs="+", default=[256, 2048])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--n-layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     import torch
 
@@ -36,31 +44,38 @@ def main() -> int:
     from trainer.evaluate import perplexity
 
     torch.manual_seed(0)
-    rows = ["### bench_eval: evaluation and generation throughput per layer type (4 layers, d 256, CPU)",
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = [f"### bench_eval: evaluation and generation throughput per layer type ({args.n_layers} layers, "
+            f"d {args.d_model}, {device.type}, {dtype})",
             machine(),
             "", "| layer type | eval tok/s (T=512) | " + " | ".join(f"gen tok/s @{p}" for p in args.prompts) + " |",
             "|---|---:|" + "---:|" * len(args.prompts)]
     for name, pattern in TYPES.items():
-        cfg = ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, pattern=pattern, window=256)
-        model = HybridLM(cfg).eval()
-        batches = [torch.randint(0, 4096, (4, 513)) for _ in range(4)]
+        cfg = ModelConfig(vocab_size=4096, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.heads,
+                          pattern=pattern, window=256)
+        model = HybridLM(cfg).to(device, dtype).eval()
+        batches = [torch.randint(0, 4096, (4, 513), device=device) for _ in range(4)]
         perplexity(model, batches[:1], 64)  # warm-up
+        sync()
         start = time.perf_counter()
         perplexity(model, batches, 64)
+        sync()
         eval_rate = 4 * 4 * 512 / (time.perf_counter() - start)
         gen = []
         for p in args.prompts:
-            prompt = torch.randint(0, 4096, (1, p))
+            prompt = torch.randint(0, 4096, (1, p), device=device)
             with torch.no_grad():
-                caches = None
-                for pos in range(p):
-                    _, caches = model.step(prompt[:, pos], pos, caches)
-                token = prompt[:, -1]
+                logits, caches = model.prefill(prompt)
+                token = logits.argmax(-1)
+                sync()
                 start = time.perf_counter()
-                for pos in range(p, p + 32):
+                for pos in range(p, p + args.new_tokens):
                     logits, caches = model.step(token, pos, caches)
                     token = logits.argmax(-1)
-            gen.append(32 / (time.perf_counter() - start))
+                sync()
+            gen.append(args.new_tokens / (time.perf_counter() - start))
         rows.append(f"| {name} | {eval_rate:,.0f} | " + " | ".join(f"{g:,.0f}" for g in gen) + " |")
         print(rows[-1], flush=True)
     table = "\n".join(rows + [""])

@@ -4,6 +4,7 @@
 #            bench/bench_kernels.py: fwd+bwd vs SDPA flash at B*T=64K, H=16, D=128, T in 4K/16K/64K
 #   engines  (issue 7) torch DDP/FSDP2 vs DeepSpeed ZeRO-1/2/3 step time for hybrid_1b at 4K
 #   trainer  (issue 2) trainer overhead and data headroom, tiny and ~125M
+#   generation (issue 8) eval and cached-generation tokens/s per layer type, 1B-shaped models, 4K and 32K prompts
 # Tables are appended to bench/RESULTS.md (copied to $OUT when set).  `kernels` is sized for < 8 minutes.
 # The GPU image lacks omegaconf/datasets/deepspeed: carry wheels in .whl/ (pip download ... -d .whl on this side).
 set -uo pipefail
@@ -29,7 +30,10 @@ for section in "${@:-kernels}"; do
       python3 bench/bench_trainer.py --config configs/tiny.yaml --steps 60 --warmup 10 || status=1
       python3 bench/bench_trainer.py --config configs/gpu_125m.yaml --steps 20 --warmup 5 || status=1
       python3 bench/bench_trainer.py --config configs/gpu_125m.yaml --steps 20 --warmup 5 train.compile=true || status=1 ;;
-    *) echo "gpu_check.sh: unknown section '$section' (kernels, engines, trainer)" >&2; status=2 ;;
+    generation)
+      timeout 420 python3 bench/bench_eval.py --device cuda --d-model 2048 --n-layers 24 --heads 16 \
+        --prompts 4096 32768 || status=1 ;;
+    *) echo "gpu_check.sh: unknown section '$section' (kernels, engines, trainer, generation)" >&2; status=2 ;;
   esac
 done
 [ -n "${OUT:-}" ] && cp bench/RESULTS.md "$OUT/RESULTS.md"

@@ -67,6 +67,16 @@ class SoftmaxAttention(nn.Module):
             self.monitor = None
         return self._output(x, o)
 
+    def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The parallel forward of a prompt plus the cache `step` would hold after it."""
+        q, k, v = self._qkv(x, positions)
+        o = attention(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned)
+        n_pin = min(self.n_pinned, k.shape[1]) if self.window is not None else 0
+        rest = slice(n_pin, None) if self.window is None else slice(max(n_pin, k.shape[1] - self.window), None)
+        cache = {"pos": k.shape[1], "pinned_k": k[:, :n_pin], "pinned_v": v[:, :n_pin], "k": k[:, rest],
+                 "v": v[:, rest]}
+        return self._output(x, o), cache
+
     def step(self, x: torch.Tensor, pos: int, cache: dict | None) -> tuple[torch.Tensor, dict]:
         """x (B, 1, D) at global position `pos` -> (y (B, 1, D), cache)."""
         q, k, v = self._qkv(x, torch.tensor([pos], device=x.device))

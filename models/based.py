@@ -46,6 +46,11 @@ class BasedLinearAttention(nn.Module):
                 self.state_norms = state.float().norm(dim=(-2, -1)).mean(0)  # (heads,)
         return self.out(self.op(q, k, v).flatten(2))
 
+    def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """The parallel forward of a prompt plus the state `step` would hold after it."""
+        o, state = based_linear_attention(*self._qkv(x), output_final_state=True)
+        return self.out(o.flatten(2)), state
+
     def step(self, x: torch.Tensor, pos: int, cache) -> tuple[torch.Tensor, tuple]:
         q, k, v = self._qkv(x)
         o, cache = based_step(cache, q[:, 0], k[:, 0], v[:, 0])
@@ -83,6 +88,14 @@ class BaseConv(nn.Module):
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)
         u1 = self.op(u1, self.conv.weight[:, 0], self.conv.bias)
         return self.out(F.silu(u1) * u2)
+
+    def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parallel forward of a prompt plus the last kernel-1 convolution inputs `step` would hold."""
+        u1, u2 = self.in_proj(x).chunk(2, dim=-1)
+        k = self.conv.weight.shape[-1]
+        cache = F.pad(u1, (0, 0, k - 1, 0))[:, -(k - 1):] if k > 1 else u1[:, :0]
+        y = short_conv(u1, self.conv.weight[:, 0], self.conv.bias)
+        return self.out(F.silu(y) * u2), cache
 
     def step(self, x: torch.Tensor, pos: int, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cache: the last kernel-1 inputs of the convolution, (B, kernel-1, inner)."""

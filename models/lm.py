@@ -35,6 +35,11 @@ class Block(nn.Module):
         x = x + self.mixer(self.mixer_norm(x), positions)
         return x + self.mlp(self.mlp_norm(x))
 
+    def prefill(self, x: torch.Tensor, positions: torch.Tensor):
+        y, cache = self.mixer.prefill(self.mixer_norm(x), positions)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), cache
+
     def step(self, x: torch.Tensor, pos: int, cache):
         y, cache = self.mixer.step(self.mixer_norm(x), pos, cache)
         x = x + y
@@ -97,14 +102,27 @@ class HybridLM(nn.Module):
         return self._logits(x)[:, 0], new
 
     @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """A prompt in one parallel forward: tokens (batch, T) -> (logits of the last token (batch, vocab), the
+        caches `step` continues from at position T) — the same caches as stepping through the prompt."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens) * self.embed_scale
+        caches = []
+        for block in self.blocks:
+            x, cache = block.prefill(x, positions)
+            caches.append(cache)
+        return self._logits(x[:, -1:])[:, 0], caches
+
+    @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding with each layer's recurrent cache: prompt (batch, T0) -> (batch, T0 + max_new_tokens)."""
-        tokens, caches = prompt, None
-        for pos in range(prompt.shape[1] - 1):  # feed the prompt through the caches
-            _, caches = self.step(prompt[:, pos], pos, caches)
-        for pos in range(prompt.shape[1] - 1, prompt.shape[1] - 1 + max_new_tokens):
-            logits, caches = self.step(tokens[:, pos], pos, caches)
+        """Greedy decoding: the prompt in one parallel pass (`prefill`), then token by token through each layer's
+        recurrent cache.  prompt (batch, T0) -> (batch, T0 + max_new_tokens)."""
+        tokens = prompt
+        logits, caches = self.prefill(prompt)
+        for pos in range(prompt.shape[1], prompt.shape[1] + max_new_tokens):
             tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+            if pos < prompt.shape[1] + max_new_tokens - 1:
+                logits, caches = self.step(tokens[:, pos], pos, caches)
         return tokens
 
     def num_params(self, exclude_embedding: bool = False) -> int:

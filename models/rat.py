@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kernels import rat_attention, rat_step
+from kernels.rat import scan_summaries
 from models.registry import register_mixer
 from models.rope import RotaryEmbedding, apply_rope
 
@@ -57,6 +58,25 @@ class RAT(nn.Module):
         dtype = torch.promote_types(q.dtype, torch.float32)  # the scan runs in fp32 (its gates already are)
         o = self.op(q.to(dtype), k.to(dtype), v.to(dtype), gate.to(dtype), self.chunk)
         return self.out(z * o.flatten(2).to(z.dtype))
+
+    def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The parallel forward of a prompt plus the cache `step` would hold after it: the summaries of the
+        finished chunks and the running scanned key/value of the last one."""
+        z, q, k, v, gate = self._project(x, positions)
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        q, k, v, gate = (y.to(dtype) for y in (q, k, v, gate))
+        o = rat_attention(q, k, v, gate, self.chunk)
+        t, whole = k.shape[1], k.shape[1] // self.chunk * self.chunk
+        if whole:
+            k_sum, v_sum = scan_summaries(k[:, :whole], v[:, :whole], gate[:, :whole], self.chunk)
+        else:
+            k_sum, v_sum = k[:, :0], v[:, :0]
+        k_run, v_run = k_sum[:, -1] if whole == t else None, v_sum[:, -1] if whole == t else None
+        for i in range(whole, t):  # the unfinished last chunk: at most chunk-1 tokens
+            k_run = (1 - gate[:, i]) * k[:, i] + (gate[:, i] * k_run if i > whole else 0)
+            v_run = (1 - gate[:, i]) * v[:, i] + (gate[:, i] * v_run if i > whole else 0)
+        cache = {"pos": t, "k_sum": k_sum, "v_sum": v_sum, "k_run": k_run, "v_run": v_run}
+        return self.out(z * o.flatten(2).to(z.dtype)), cache
 
     def step(self, x: torch.Tensor, pos: int, cache: dict | None) -> tuple[torch.Tensor, dict]:
         z, q, k, v, gate = self._project(x, torch.tensor([pos], device=x.device))

@@ -70,6 +70,12 @@ class TNL(nn.Module):
                 self.state_norms = state.float().norm(dim=(-2, -1)).mean(0)  # (heads,)
         return self._output(self.op(q, k, v, self.slopes), u)
 
+    def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parallel forward of a prompt plus the state `step` would hold after it."""
+        q, k, v, u = self._project(x, positions)
+        o, state = lightning_attention(q, k, v, self.slopes, output_final_state=True)
+        return self._output(o, u), state
+
     def step(self, x: torch.Tensor, pos: int, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v, u = self._project(x, torch.tensor([pos], device=x.device))
         o, cache = lightning_step(cache, q[:, 0], k[:, 0], v[:, 0], self.slopes)

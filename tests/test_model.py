@@ -174,3 +174,24 @@ def test_activation_checkpointing_changes_nothing_but_memory():
     assert torch.equal(losses[0], losses[1])
     for (name, a), b in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-14), name
+
+
+@pytest.mark.parametrize("t", [1, 7, 16, 21])
+def test_prefill_caches_equal_stepping_through_the_prompt(t):
+    """One parallel pass over the prompt leaves every layer's cache where token-by-token decoding would."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=6, n_heads=2,
+                      pattern=["full", "swa", "rat", "based", "baseconv", "tnl"], window=5)
+    cfg.attn.pinned = 2
+    cfg.rat.chunk_size = 4
+    model = HybridLM(cfg).double().eval()
+    tokens = torch.randint(0, 64, (2, t + 3))
+    with torch.no_grad():
+        caches = None
+        for pos in range(t):
+            stepped, caches = model.step(tokens[:, pos], pos, caches)
+        prefilled, pre_caches = model.prefill(tokens[:, :t])
+        torch.testing.assert_close(prefilled, stepped, rtol=1e-9, atol=1e-9)
+        for pos in range(t, t + 3):  # decoding continues identically from either cache
+            a, caches = model.step(tokens[:, pos], pos, caches)
+            b, pre_caches = model.step(tokens[:, pos], pos, pre_caches)
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
