@@ -70,14 +70,17 @@ def test_zero_stage_trains_matches_torch_and_resumes_exactly(stage, extra, torch
         assert wrong.returncode == 1 and "written by train.engine=deepspeed" in wrong.stderr
 
 
-def test_context_parallel_under_deepspeed_matches_one_rank(tmp_path, free_port):
-    """cp=2 (ring for `full`, state passing for tnl/based, summaries for rat) inside ZeRO-2 == one plain rank."""
+@pytest.mark.parametrize("cp_mode", ["ring", "ulysses"])
+def test_context_parallel_under_deepspeed_matches_one_rank(cp_mode, tmp_path, free_port):
+    """cp=2 (ring or Ulysses for `full`, state passing for tnl/based, summaries for rat) inside ZeRO-2 == one
+    plain rank."""
     model = ["model.pattern=[full,rat,based,tnl]", "model.n_layers=4"]
     one = run_module(["-m", "trainer.train", f"run.dir={tmp_path / 'one'}", "train.steps=2", "checkpoint.interval=0",
                       *SMALL, *model])
     assert one.returncode == 0, one.stderr[-3000:]
     cp = torchrun(2, free_port, [f"run.dir={tmp_path / 'cp'}", "train.engine=deepspeed", "deepspeed.zero_stage=2",
-                                 "parallel.cp=2", "train.steps=2", "checkpoint.interval=0", *SMALL, *model])
+                                 "parallel.cp=2", f"parallel.cp_mode={cp_mode}", "train.steps=2",
+                                 "checkpoint.interval=0", *SMALL, *model])
     assert cp.returncode == 0, cp.stderr[-3000:]
     ref, got = rows(tmp_path / "one"), rows(tmp_path / "cp")
     for a, b in zip(ref, got, strict=True):
