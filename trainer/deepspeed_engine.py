@@ -14,6 +14,7 @@ same number of ranks and ZeRO stage (DeepSpeed's universal-checkpoint conversion
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from torch import nn
 from trainer.checkpoint import MARKER, TRAINER_STATE, Checkpointer, CheckpointError, is_complete, set_rng_state
 from trainer.config import Config, ConfigError
 from trainer.data import inputs_and_targets
+from trainer.optim import build_optimizer
 
 # Keys hylo derives from its own config; restating them in deepspeed.config would create a second truth.
 DERIVED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
@@ -84,15 +86,32 @@ def deepspeed_config(c: Config, micro: int, accum: int, bf16: bool) -> dict[str,
 
 
 class DeepSpeedEngine:
-    """Wraps a plain (possibly context-parallel) model and hylo's optimizer in `deepspeed.initialize`."""
+    """Wraps a plain (possibly context-parallel) model and hylo's optimizer in `deepspeed.initialize`; the same
+    interface as trainer.engine.TorchEngine."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, c: Config, micro: int, accum: int,
-                 bf16: bool):
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, c: Config, micro: int, accum: int, bf16: bool):
         deepspeed = require_deepspeed()
         self.config = deepspeed_config(c, micro, accum, bf16)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
+        device = next(model.parameters()).device
+        self.optimizer = build_optimizer(model, c, device)  # the LR schedule drives its param groups
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.config,
                                                dist_init_required=False)
-        self.accum = accum
+        self.model = self.engine
+        self.accum, self.keep_last = accum, c.checkpoint.keep_last
+
+    def autocast(self):
+        return contextlib.nullcontext()  # the engine holds bf16 weights itself (its `bf16` section)
+
+    def checkpointer(self, root: Path) -> DeepSpeedCheckpointer:
+        return DeepSpeedCheckpointer(root, self.engine, keep_last=self.keep_last)
+
+    def optimizer_step(self) -> None:
+        pass  # already taken inside engine.step() at the last micro-batch
+
+    def zero_grad(self) -> None:
+        pass  # engine.step() zeroes the gradients
 
     def forward_backward(self, batch: torch.Tensor, cp_positions: torch.Tensor | None,
                          poison: bool = False) -> torch.Tensor:
@@ -110,8 +129,8 @@ class DeepSpeedEngine:
             step_loss += loss.detach() / self.accum
         return step_loss
 
-    def grad_norm(self) -> torch.Tensor:
-        """The global gradient norm of the last step (before clipping), as every rank sees it."""
+    def clip_gradients(self) -> torch.Tensor:
+        """DeepSpeed clipped inside engine.step(); the global gradient norm it saw before clipping."""
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(float("nan") if norm is None else float(norm))
 

@@ -6,25 +6,22 @@ Works as is on one process, under `torchrun --standalone --nproc_per_node=N` and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from launch.distributed import DistInfo, destroy_distributed, init_distributed
 from models import HybridLM
 from models.attention import collect_sink_stats, request_sink_monitor
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.context_parallel import apply_context_parallel, build_mesh, cp_config_problem, make_context
-from parallel.data_parallel import apply_data_parallel, gradient_sync
-from trainer.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, load_checkpoint
+from trainer.checkpoint import CheckpointError, latest_checkpoint
 from trainer.config import Config, ConfigError, DataConfig, check_batch_layout, load_config, to_yaml
-from trainer.data import DataLoader, inputs_and_targets
-from trainer.deepspeed_engine import DeepSpeedCheckpointer, DeepSpeedEngine
+from trainer.data import DataLoader
+from trainer.engine import build_engine
 from trainer.evaluate import eval_batches, run_eval_tasks
 from trainer.export import load_weights
 from trainer.faults import fault_due, maybe_kill
@@ -37,7 +34,7 @@ from trainer.monitor import (
     oom_snapshot,
     request_state_monitor,
 )
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_scheduler
 from trainer.preemption import PreemptionWatcher
 from trainer.recall import MQARLoader, mqar_spec
 from trainer.shards import DataError
@@ -67,26 +64,6 @@ def sink_scalars(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
     return scalars
 
 
-def forward_backward(model, batch: torch.Tensor, cp_positions: torch.Tensor | None, cfg: Config,
-                     device: torch.device, poison: bool = False) -> torch.Tensor:
-    """Forward and backward over the micro-batches of one step (gradients accumulate); returns the step's loss.
-
-    batch: (micro-batches, sequences, seq_len + 1); with context parallelism each rank takes its positions of every
-    sequence.  `poison` turns the loss into NaN (fault-injection tests only)."""
-    accum = batch.shape[0]
-    step_loss = torch.zeros((), device=device)
-    for i in range(accum):
-        inputs, targets = inputs_and_targets(batch[i], cp_positions)
-        with gradient_sync(model, i == accum - 1), _autocast(cfg, device):
-            logits = model(inputs, cp_positions)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum
-            if poison:
-                loss = loss * float("nan")
-            loss.backward()
-        step_loss += loss.detach()
-    return step_loss
-
-
 def _resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
     resume = cfg.checkpoint.resume
     if resume == "auto":
@@ -99,16 +76,6 @@ def _resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
             )
         return None
     return Path(resume)
-
-
-def _use_bf16(cfg: Config, device: torch.device) -> bool:
-    return cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-
-
-def _autocast(cfg: Config, device: torch.device):
-    # The DeepSpeed engine holds bf16 weights itself (its `bf16` section) and needs no autocast.
-    use_bf16 = _use_bf16(cfg, device) and cfg.train.engine == "torch"
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
 def train(cfg: Config) -> dict:
@@ -162,24 +129,16 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             block.compile()
     spikes = LossSpikes(cfg.logging.spike_zscore)
     unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet seen by the spike detector
-    ds = None  # the DeepSpeed engine (train.engine=deepspeed), which then owns data parallelism and the step
+    engine = build_engine(model, cfg, info.world, micro, accum, device)  # data parallelism, optimizer, step
+    model = engine.model
     ckpt_dir = run_dir / "checkpoints"
-    if cfg.train.engine == "deepspeed":
-        optimizer = build_optimizer(model, cfg, device)
-        ds = DeepSpeedEngine(model, optimizer, cfg, micro, accum, bf16=_use_bf16(cfg, device))
-        model = ds.engine
-        checkpointer = DeepSpeedCheckpointer(ckpt_dir, ds.engine, keep_last=cfg.checkpoint.keep_last)
-    else:
-        model = apply_data_parallel(model, info.world, cfg.parallel.dp_shard, device)
-        optimizer = build_optimizer(model, cfg, device)
-        checkpointer = Checkpointer(ckpt_dir, keep_last=cfg.checkpoint.keep_last,
-                                    async_save=cfg.checkpoint.async_save)
-    scheduler = build_scheduler(optimizer, cfg)
+    checkpointer = engine.checkpointer(ckpt_dir)
+    scheduler = build_scheduler(engine.optimizer, cfg)
 
     start_step = 0
     resume_from = _resume_path(cfg, ckpt_dir)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer) if ds is None else ds.load(resume_from)
+        state = engine.load(resume_from)
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["data"])
         start_step = state["step"]
@@ -233,9 +192,9 @@ def _train(cfg: Config, info: DistInfo) -> dict:
                          "scheduler": scheduler.state_dict(), "data": loader.state_dict(),
                          "engine": cfg.train.engine, "world_size": info.world,
                          "loss_spikes": spikes.state_dict()}
-        if ds is not None:
+        if engine.name == "deepspeed":
             trainer_state["zero_stage"] = cfg.deepspeed.zero_stage
-        path = checkpointer.save(step, model, optimizer, trainer_state)
+        path = checkpointer.save(step, model, engine.optimizer, trainer_state)
         if bar is not None:
             bar.write(f"[hylo] {'saving' if cfg.checkpoint.async_save else 'saved'} checkpoint {path}")
         return path
@@ -243,7 +202,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     def evaluate(step: int) -> None:
         model.eval()
         scalars = run_eval_tasks(model, cfg, tokenizer, device, eval_data, cp_positions, logger, step,
-                                 autocast=lambda: _autocast(cfg, device))
+                                 autocast=engine.autocast)
         model.train()
         logger.log(step, scalars)
         if bar is not None:
@@ -260,17 +219,10 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         layer_due = layer_every and step % layer_every == 0
         if layer_due and cp == 1:  # a rank's final state is only the sequence's on one rank
             request_state_monitor(model)
-        poison = fault_due("nan", step, info.rank)
-        if ds is None:
-            step_loss = forward_backward(model, batch, cp_positions, cfg, device, poison)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            if layer_due:
-                logger.log(step, layer_grad_norms(model, cfg.model.n_layers))
-        else:  # DeepSpeed clips and steps the optimizer inside (nan_policy=skip is refused for this engine)
-            step_loss = ds.forward_backward(batch, cp_positions, poison)
-            grad_norm = ds.grad_norm()
+        step_loss = engine.forward_backward(batch, cp_positions, poison=fault_due("nan", step, info.rank))
+        grad_norm = engine.clip_gradients()
+        if layer_due and engine.name == "torch":  # DeepSpeed has already stepped and zeroed its gradients
+            logger.log(step, layer_grad_norms(model, cfg.model.n_layers))
         if not torch.isfinite(grad_norm):  # identical on every rank: they all decide alike
             if cfg.train.nan_policy == "stop":
                 raise FloatingPointError(
@@ -281,13 +233,11 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             if bar is not None:
                 bar.write(f"[hylo] step {step}: non-finite gradient, step skipped ({skipped} so far)")
         else:
-            if ds is None:
-                optimizer.step()
+            engine.optimizer_step()
             loss_acc += step_loss
             loss_steps += 1
         scheduler.step()
-        if ds is None:
-            optimizer.zero_grad(set_to_none=True)
+        engine.zero_grad()
         window_steps += 1
         if sink_every and step % sink_every == 0:
             logger.log(step, sink_scalars(collect_sink_stats(model)))
