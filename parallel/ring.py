@@ -45,7 +45,7 @@ def _triton_forward(q, k, v, scale: float, layout: Layout):
     qb, kb, vb = _bthd(q), _bthd(k), _bthd(v)
     out, lse = flash_forward(qb, kb, vb, _triton_spec(qb, kb, scale, layout))
     b, h_kv, g, t, _ = q.shape
-    return out.transpose(1, 2).reshape(b, h_kv, g, t, -1), lse.view(b, h_kv, g, t).to(q.dtype)
+    return out.transpose(1, 2).reshape(b, h_kv, g, t, -1), lse.view(b, h_kv, g, t)  # lse stays fp32
 
 
 def _triton_backward(q, k, v, d_out, delta, lse, scale: float, layout: Layout):
@@ -53,7 +53,7 @@ def _triton_backward(q, k, v, d_out, delta, lse, scale: float, layout: Layout):
 
     qb, kb, vb = _bthd(q), _bthd(k), _bthd(v)
     dq, dk, dv = flash_backward(qb, kb, vb, _bthd(d_out), delta.flatten(1, 2), lse.flatten(1, 2),
-                                _triton_spec(qb, kb, scale, layout), grad_dtype=q.dtype)
+                                _triton_spec(qb, kb, scale, layout), grad_dtype=torch.float32)
     b, h_kv, g, t, _ = q.shape
     regroup = lambda x: x.transpose(1, 2)[:, :, None]  # noqa: E731  (B, Tk, Hkv, d) -> (B, Hkv, 1, Tk, d)
     return dq.transpose(1, 2).reshape(b, h_kv, g, t, -1), regroup(dk), regroup(dv)
@@ -101,8 +101,9 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, sink, scale, ring: _Ring, backend: str):
         pair_forward = PAIR_KERNELS[backend][0]
         d = k.shape[-1]
-        out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-        lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+        acc = torch.promote_types(q.dtype, torch.float32)  # partial results merge in fp32 even for bf16 inputs
+        out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=acc, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
         kv = torch.cat([k, v], dim=-1).contiguous()
         mine = ring.segments[ring.rank]
         for step in range(ring.size):
@@ -110,7 +111,7 @@ class _RingAttention(torch.autograd.Function):
             src = (ring.rank - step) % ring.size
             for qsl, ksl, layout in _pairs(mine, ring.segments[src]):
                 o, lb = pair_forward(q[..., qsl, :], kv[..., ksl, :d], kv[..., ksl, d:], scale, layout)
-                out[..., qsl, :], lse[..., qsl] = _merge(out[..., qsl, :], lse[..., qsl], o, lb)
+                out[..., qsl, :], lse[..., qsl] = _merge(out[..., qsl, :], lse[..., qsl], o.to(acc), lb.to(acc))
             if pending:
                 for req in pending[0]:
                     req.wait()
@@ -127,9 +128,10 @@ class _RingAttention(torch.autograd.Function):
         pair_backward = PAIR_KERNELS[ctx.backend][1]
         d_out = torch.zeros_like(out) if d_out is None else d_out
         delta = grad_delta(d_out, out, d_lse)
-        dq = torch.zeros_like(q)
+        d_out = d_out.to(q.dtype)  # the kernels' operand dtype (fp32 on the chunk path, which upcasts)
+        dq = torch.zeros(q.shape, dtype=out.dtype, device=q.device)
         kv = torch.cat([k, v], dim=-1).contiguous()
-        dkv = torch.zeros_like(kv)
+        dkv = torch.zeros_like(kv, dtype=out.dtype)  # gradients accumulate in fp32 across the ring
         mine = ring.segments[ring.rank]
         for step in range(ring.size):
             src = (ring.rank - step) % ring.size
@@ -144,9 +146,10 @@ class _RingAttention(torch.autograd.Function):
                 reqs, recv = ring.start(buf, ring.key + "/backward")
                 for req in reqs:
                     req.wait()
-                kv, dkv = (kv, recv) if last else (recv[..., : kv.shape[-1]], recv[..., kv.shape[-1]:])
+                # one buffer in fp32: k/v come back to their own (exactly representable) dtype
+                kv, dkv = (kv, recv) if last else (recv[..., : kv.shape[-1]].to(k.dtype), recv[..., kv.shape[-1]:])
         d_sink = sink_grad(sink, lse, delta) if sink is not None and ctx.needs_input_grad[3] else None
-        return dq, dkv[..., :d], dkv[..., d:], d_sink, None, None, None
+        return dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype), d_sink, None, None, None
 
 
 class RingAttention:
@@ -169,9 +172,21 @@ class RingAttention:
         backend = self.backend
         if backend == "auto":
             backend = "triton" if q.is_cuda and triton_usable(q) and _triton_supports(q, k, v) else "chunk"
-        out, lse = _RingAttention.apply(*to_groups(q, k, v, sink), scale, self.ring, backend)
+        # The Triton kernels take bf16/fp16 operands as they are (fp32 accumulation inside, fp32 merges here);
+        # the blockwise PyTorch path computes in fp32.
+        groups = _grouped(q, k, v, sink) if backend == "triton" else to_groups(q, k, v, sink)
+        out, lse = _RingAttention.apply(*groups, scale, self.ring, backend)
         out, lse = from_groups(out, lse, q.dtype)
         return (out, lse) if return_lse else out
+
+
+def _grouped(q, k, v, sink):
+    """to_groups without the upcast: q (B, Hkv, G, Tq, d), k/v (B, Hkv, 1, Tk, d) in their own dtype."""
+    b, t_q, h, d = q.shape
+    h_kv = k.shape[2]
+    sink_g = None if sink is None else sink.float().view(h_kv, h // h_kv)
+    return (q.transpose(1, 2).reshape(b, h_kv, h // h_kv, t_q, d), k.transpose(1, 2)[:, :, None],
+            v.transpose(1, 2)[:, :, None], sink_g)
 
 
 def _triton_supports(q, k, v) -> bool:

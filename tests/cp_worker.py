@@ -111,10 +111,12 @@ def main():
         ring = RingAttention(contexts["ring"].group, contexts["ring"].segments, key="full/ring", backend="triton")
         q, k, v, s = broadcast_randn(2, T, 4, 16), broadcast_randn(2, T, 2, 16), broadcast_randn(2, T, 2, 16), \
             broadcast_randn(4)
-        run_case("full/ring-triton/kv2/sink1", contexts["ring"],
-                 lambda q, k, v, s: attention(q, k, v, sink=s, return_lse=True, backend="naive"),
-                 lambda q, k, v, s: ring(q.float(), k.float(), v.float(), sink=s.float(), return_lse=True),
-                 [q, k, v], [s], with_lse=True, tol=1e-5)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):  # bf16: operands stay bf16
+            run_case(f"full/ring-triton-{str(dtype)[6:]}/kv2/sink1", contexts["ring"],
+                     lambda q, k, v, s: attention(q, k, v, sink=s, return_lse=True, backend="naive"),
+                     lambda q, k, v, s, dt=dtype: ring(q.to(dt), k.to(dt), v.to(dt), sink=s.float(),
+                                                       return_lse=True),
+                     [q, k, v], [s], with_lse=True, tol=tol)
 
     for mode in modes if sweep else modes[:1]:
         ctx = contexts[mode]

@@ -21,8 +21,9 @@ def test_every_layer_type_matches_one_rank_on_4_ranks(free_port, fresh_seed):
     cases = run_worker(4, fresh_seed, "quick", free_port)
     kinds = {c.split("/")[0] for c in cases}
     assert kinds == {"full", "swa", "baseconv", "tnl", "based", "rat"}
-    assert {c for c in cases if c.startswith("full/")} >= {"full/ring/kv2/sink1", "full/ulysses/kv2/sink1",
-                                                           "full/hybrid/kv2/sink1", "full/ring-triton/kv2/sink1"}
+    assert {c for c in cases if c.startswith("full/")} >= {
+        "full/ring/kv2/sink1", "full/ulysses/kv2/sink1", "full/hybrid/kv2/sink1",
+        "full/ring-triton-float32/kv2/sink1", "full/ring-triton-bfloat16/kv2/sink1"}
 
 
 @pytest.mark.slow
