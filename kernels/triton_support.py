@@ -38,6 +38,14 @@ def require_triton(*tensors: torch.Tensor) -> None:
                            "are imported to run the kernels on the CPU interpreter")
 
 
+def output_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty for a kernel's output; filled with NaN when HYLO_POISON=1, so tests catch any element a kernel
+    never writes."""
+    if os.environ.get("HYLO_POISON", "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 class _FirstConfig:
     """Stands in for an autotuned kernel under the interpreter: launches with the first config's meta-parameters."""
 

@@ -18,14 +18,13 @@ heads, fewer queries than keys, differentiable log-sum-exp), on (B, T, H, d) ten
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_support import autotune, interpreting
+from kernels.triton_support import autotune, interpreting, output_buffer
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -72,17 +71,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if d not in HEAD_DIMS:
             raise ValueError(f"the Triton attention kernels need {name} head dims in {HEAD_DIMS}, got {d} "
                              f"(backend='chunk' takes any head dim)")
-
-
-def _poison() -> bool:
-    # HYLO_POISON=1 prefills outputs with NaN, so a test sees any element a kernel forgot to write.
-    return os.environ.get("HYLO_POISON", "0") == "1"
-
-
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if _poison():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -438,8 +426,8 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec,
     b, t_q, h, _ = q.shape
     t_k, h_kv, dv = k.shape[1], k.shape[2], v.shape[-1]
     out_dtype = q.dtype if init_out is None else init_out.dtype
-    out = _empty((b, t_q, h, dv), out_dtype, q.device)
-    lse = _empty((b, h, t_q), torch.float32, q.device)
+    out = output_buffer((b, t_q, h, dv), out_dtype, q.device)
+    lse = output_buffer((b, h, t_q), torch.float32, q.device)
     if out.numel() == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     if init_out is not None:
@@ -459,7 +447,7 @@ def flash_delta(out: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | No
     """delta = rowsum(dO * O) - dlse, (B, H, Tq) float32, from out/d_out (B, Tq, H, dv) and d_lse (B, H, Tq)."""
     out, d_out = _rows(out), _rows(d_out)
     b, t_q, h, dv = out.shape
-    delta = _empty((b, h, t_q), torch.float32, out.device)
+    delta = output_buffer((b, h, t_q), torch.float32, out.device)
     if delta.numel() == 0:
         return delta
     d_lse = d_lse.contiguous() if d_lse is not None else None
@@ -482,8 +470,8 @@ def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: tor
     b, t_q, h, _ = q.shape
     t_k, h_kv = k.shape[1], k.shape[2]
     grad_dtype = q.dtype if grad_dtype is None else grad_dtype
-    dq = _empty(q.shape, grad_dtype, q.device)
-    dk, dv = _empty(k.shape, grad_dtype, q.device), _empty(v.shape, grad_dtype, q.device)
+    dq = output_buffer(q.shape, grad_dtype, q.device)
+    dk, dv = output_buffer(k.shape, grad_dtype, q.device), output_buffer(v.shape, grad_dtype, q.device)
     if t_q == 0 or t_k == 0 or b * h == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     common = (h, h // h_kv, t_q, t_k, *spec.args(), spec.scale * LOG2E, spec.scale)

@@ -22,23 +22,12 @@ normaliser's terms (h, z) are added by the first value tile only.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels.triton_dots import dot, mm, round_to
-from kernels.triton_support import autotune
-
-
-def poison_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty, filled with NaN when HYLO_POISON=1 so that tests catch elements a kernel never writes."""
-    x = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("HYLO_POISON") == "1":
-        x.fill_(float("nan"))
-    return x
-
+from kernels.triton_support import autotune, output_buffer
 
 # First config: what the CPU interpreter runs (small tiles, so tiny shapes span several blocks and value tiles).
 # The order-2 state is BD*BD x BV float32 (256 x BV for d = 16), which bounds the useful tile sizes.
@@ -395,10 +384,10 @@ class _BasedTriton(torch.autograd.Function):
         state_dtypes = (s0.dtype, z0.dtype) if has_initial else None
         if has_initial:
             s0, z0 = (x.detach().to(torch.float32).contiguous() for x in (s0, z0))
-        out = poison_empty((b, t, h, e), q.dtype, q.device)
-        den = poison_empty((b, t, h), torch.float32, q.device)
-        s_out = poison_empty((b, h, n_feat, e), torch.float32, q.device) if output_final_state else None
-        z_out = poison_empty((b, h, n_feat), torch.float32, q.device) if output_final_state else None
+        out = output_buffer((b, t, h, e), q.dtype, q.device)
+        den = output_buffer((b, t, h), torch.float32, q.device)
+        s_out = output_buffer((b, h, n_feat, e), torch.float32, q.device) if output_final_state else None
+        z_out = output_buffer((b, h, n_feat), torch.float32, q.device) if output_final_state else None
         dummy = den  # never read or written: the constexpr flags compile those accesses out
         _fwd_kernel[_grid(b, h, e)](
             q, k, v, out, den, s0 if has_initial else dummy, z0 if has_initial else dummy,
@@ -427,14 +416,14 @@ class _BasedTriton(torch.autograd.Function):
             dz_final = (torch.zeros(b, h, n_feat, device=q.device) if dz_final is None
                         else dz_final.to(torch.float32).contiguous())
         want_ds0 = s0 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        ds0 = poison_empty((b, h, n_feat, e), torch.float32, q.device) if want_ds0 else None
-        dz0 = poison_empty((b, h, n_feat), torch.float32, q.device) if want_ds0 else None
+        ds0 = output_buffer((b, h, n_feat, e), torch.float32, q.device) if want_ds0 else None
+        dz0 = output_buffer((b, h, n_feat), torch.float32, q.device) if want_ds0 else None
 
         # dq and dk come as one float32 partial sum per value tile; the autotuner zeroes them between trials.
         slots = triton.cdiv(e, _MIN_BV)
         dq_part = torch.zeros(slots, b, t, h, d, device=q.device)
         dk_part = torch.zeros(slots, b, t, h, d, device=q.device)
-        dv = poison_empty(v.shape, v.dtype, v.device)
+        dv = output_buffer(v.shape, v.dtype, v.device)
         dummy = den
         consts = (b * t * h * d, t, h, d, e, d ** -0.25, 1 / (2 ** 0.5 * d ** 0.5))
         _dq_kernel[_grid(b, h, e)](

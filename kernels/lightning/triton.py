@@ -18,23 +18,12 @@ The decay slopes are constants here (TNL uses fixed slopes); their gradient is n
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels.triton_dots import dot, mm, round_to
-from kernels.triton_support import autotune
-
-
-def poison_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty, filled with NaN when HYLO_POISON=1 so that tests catch elements a kernel never writes."""
-    x = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("HYLO_POISON") == "1":
-        x.fill_(float("nan"))
-    return x
-
+from kernels.triton_support import autotune, output_buffer
 
 # The first config is what the CPU interpreter runs: small tiles, so tiny test shapes still span several blocks and
 # several value tiles.  On a GPU the autotuner picks among all of them.
@@ -240,8 +229,8 @@ class _LightningTriton(torch.autograd.Function):
         q, k, v = (_unit_last(x) for x in (q, k, v))
         decay = decay.detach().to(device=q.device, dtype=torch.float32).contiguous()
         s0 = None if initial_state is None else initial_state.detach().to(torch.float32).contiguous()
-        out = poison_empty((b, t, h, e), q.dtype, q.device)
-        final = poison_empty((b, h, d, e), torch.float32, q.device) if output_final_state else None
+        out = output_buffer((b, t, h, e), q.dtype, q.device)
+        final = output_buffer((b, h, d, e), torch.float32, q.device) if output_final_state else None
         _scan(q, k, v, out, decay, s0, _state_strides(s0), final)
         ctx.save_for_backward(q, k, v, decay, s0)
         ctx.state_dtype = None if initial_state is None else initial_state.dtype
@@ -253,9 +242,9 @@ class _LightningTriton(torch.autograd.Function):
         q, k, v, decay, s0 = ctx.saved_tensors
         d_out = torch.zeros_like(v, dtype=q.dtype) if d_out is None else _unit_last(d_out.to(q.dtype))
         d_final = None if d_final is None else d_final.to(torch.float32).contiguous()
-        dq, dk, dv = (poison_empty(x.shape, x.dtype, x.device) for x in (q, k, v))
+        dq, dk, dv = (output_buffer(x.shape, x.dtype, x.device) for x in (q, k, v))
         want_ds0 = s0 is not None and ctx.needs_input_grad[4]
-        ds0 = poison_empty(s0.shape, torch.float32, q.device) if want_ds0 else None
+        ds0 = output_buffer(s0.shape, torch.float32, q.device) if want_ds0 else None
         _scan(d_out, v, k, dq, decay, s0, _state_strides(s0, transpose=True), None)
         _reverse(q, k, d_out, dv, decay, d_final, _state_strides(d_final), ds0)
         _reverse(d_out, v, q, dk, decay, d_final, _state_strides(d_final, transpose=True), None)

@@ -27,14 +27,13 @@ interpreter, which would otherwise truncate).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.triton_dots import round_to
-from kernels.triton_support import autotune, require_triton
+from kernels.triton_support import autotune, output_buffer, require_triton
 
 LOG2E = math.log2(math.e)
 
@@ -326,14 +325,6 @@ def _scan_bwd_kernel(Q, K, V, G, DO, KS, VS, LSE, DELTA, DSK, DSV, DK, DV, DG,
 
 
 # ---------------------------------------------------------------------------------------------- wrapper
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty; filled with NaN when HYLO_POISON=1, so that tests catch any element a kernel fails to write."""
-    x = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("HYLO_POISON") == "1":
-        x.fill_(float("nan"))
-    return x
-
-
 def _bhnd(x: torch.Tensor) -> tuple[int, int, int, int]:
     """Strides of a (B, N, H, D) tensor in (b, h, n, d) order, the order the summary kernels take."""
     return x.stride(0), x.stride(2), x.stride(1), x.stride(3)
@@ -360,13 +351,13 @@ class _TritonRat(torch.autograd.Function):
         b, t, h, d = q.shape
         shape = _launch_shape(q, chunk_size)
         n_chunks = triton.cdiv(t, chunk_size)
-        k_scan = _empty((b, h, t, d), torch.float32, q.device)
-        v_scan = _empty((b, h, t, d), torch.float32, q.device)
+        k_scan = output_buffer((b, h, t, d), torch.float32, q.device)
+        v_scan = output_buffer((b, h, t, d), torch.float32, q.device)
         _scan_fwd_kernel[(n_chunks, b * h)](k, v, gate, k_scan, v_scan, *k.stride(), *v.stride(), *gate.stride(),
                                             t, h, d, chunk_size, BLOCK_D=shape["BLOCK_D"],
                                             num_warps=1 if d <= 64 else 2)
-        o = _empty((b, t, h, d), q.dtype, q.device)
-        lse = _empty((b, h, t), torch.float32, q.device)
+        o = output_buffer((b, t, h, d), q.dtype, q.device)
+        lse = output_buffer((b, h, t), torch.float32, q.device)
         pk, pv, sp, n_prefix = _prefix_or_dummy(prefix_k, prefix_v, k_scan)
         grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)  # noqa: E731
         _attn_fwd_kernel[grid](q, k_scan, v_scan, pk, pv, o, lse, *q.stride(), *o.stride(), *sp,
@@ -385,8 +376,8 @@ class _TritonRat(torch.autograd.Function):
         pk, pv, sp, n_prefix = _prefix_or_dummy(prefix_k, prefix_v, k_scan)
         n_summaries = (t - 1) // chunk_size  # chunks some later query sees; a partial last chunk never is
 
-        dq = _empty((b, t, h, d), q.dtype, q.device)
-        delta = _empty((b, h, t), torch.float32, q.device)
+        dq = output_buffer((b, t, h, d), q.dtype, q.device)
+        delta = output_buffer((b, h, t), torch.float32, q.device)
         grid_q = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)  # noqa: E731
         _attn_bwd_dq_kernel[grid_q](q, do, o, k_scan, v_scan, pk, pv, lse, delta, dq,
                                     *q.stride(), *do.stride(), *o.stride(), *dq.stride(), *sp,
@@ -403,23 +394,23 @@ class _TritonRat(torch.autograd.Function):
 
         # In-segment summaries: every L-th row of the scanned k/v, as a (B, N, H, D) view.  Their gradients go
         # to (B, H, N, D) fp32 buffers, which seed the backward scan.
-        dsk = _empty((b, h, max(n_summaries, 1), d), torch.float32, q.device)
-        dsv = _empty((b, h, max(n_summaries, 1), d), torch.float32, q.device)
+        dsk = output_buffer((b, h, max(n_summaries, 1), d), torch.float32, q.device)
+        dsv = output_buffer((b, h, max(n_summaries, 1), d), torch.float32, q.device)
         summary_k = k_scan.transpose(1, 2)[:, chunk_size - 1::chunk_size][:, :n_summaries]
         summary_v = v_scan.transpose(1, 2)[:, chunk_size - 1::chunk_size][:, :n_summaries]
         summary_grads(summary_k, summary_v, _bhnd(summary_k), n_summaries, 0, dsk, dsv, dsk.stride())
 
         d_prefix_k = d_prefix_v = None
         if n_prefix and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]):
-            d_prefix_k = _empty(pk.shape, prefix_k.dtype, q.device)
-            d_prefix_v = _empty(pv.shape, prefix_v.dtype, q.device)
+            d_prefix_k = output_buffer(pk.shape, prefix_k.dtype, q.device)
+            d_prefix_v = output_buffer(pv.shape, prefix_v.dtype, q.device)
             summary_grads(pk, pv, sp, n_prefix, -n_prefix, d_prefix_k, d_prefix_v, _bhnd(d_prefix_k))
         elif prefix_k is not None and prefix_k.shape[1] == 0:
             d_prefix_k, d_prefix_v = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
 
-        dk = _empty((b, t, h, d), k.dtype, q.device)
-        dv = _empty((b, t, h, d), v.dtype, q.device)
-        dg = _empty((b, t, h, d), gate.dtype, q.device)  # fresh tensors of one shape: dk, dv, dg share strides
+        dk = output_buffer((b, t, h, d), k.dtype, q.device)
+        dv = output_buffer((b, t, h, d), v.dtype, q.device)
+        dg = output_buffer((b, t, h, d), gate.dtype, q.device)  # fresh tensors of one shape: dk, dv, dg share strides
         _scan_bwd_kernel[(triton.cdiv(t, chunk_size), b * h)](
             q, k, v, gate, do, k_scan, v_scan, lse, delta, dsk, dsv, dk, dv, dg,
             *q.stride(), *k.stride(), *v.stride(), *gate.stride(), *do.stride(), *dk.stride(),
