@@ -46,6 +46,21 @@ def output_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def contiguous_last(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any batch/seq/head strides but step along the last dim one element at a time."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def strides3(x: torch.Tensor) -> tuple[int, int, int]:
+    """The first three strides of a (B, T, H, d) tensor, as the kernels take them (the last is 1)."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def padded_width(n: int) -> int:
+    """A contracted dim padded for tl.dot: a power of two, and at least 16 (its minimum on GPUs)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 class _FirstConfig:
     """Stands in for an autotuned kernel under the interpreter: launches with the first config's meta-parameters."""
 

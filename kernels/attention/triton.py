@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_support import autotune, interpreting, output_buffer
+from kernels.triton_support import autotune, contiguous_last, interpreting, output_buffer, strides3
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -71,11 +71,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if d not in HEAD_DIMS:
             raise ValueError(f"the Triton attention kernels need {name} head dims in {HEAD_DIMS}, got {d} "
                              f"(backend='chunk' takes any head dim)")
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """The kernels take any batch/seq/head strides but need the head dim contiguous."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -406,10 +401,6 @@ def _bwd_q_kernel(Q, K, V, DOut, Lse, Delta, DQ,
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _strides(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
 def _flags(q: torch.Tensor, spec: Spec) -> dict:
     return {"D": q.shape[-1], "CAUSAL": spec.causal, "WINDOW": spec.window is not None,
             "PRECISION": _precision(q.dtype)}
@@ -422,7 +413,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec,
     lse (B, H, Tq) float32.  With (init_out, init_lse) the keys merge into that partial result (out then takes
     init_out's dtype, so a float32 accumulator stays float32); the sink (H,) joins the denominator."""
     _check(q, k, v)
-    q, k, v = _rows(q), _rows(k), _rows(v)
+    q, k, v = contiguous_last(q), contiguous_last(k), contiguous_last(v)
     b, t_q, h, _ = q.shape
     t_k, h_kv, dv = k.shape[1], k.shape[2], v.shape[-1]
     out_dtype = q.dtype if init_out is None else init_out.dtype
@@ -431,13 +422,13 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec,
     if out.numel() == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     if init_out is not None:
-        init_out, init_lse = _rows(init_out), init_lse.float().contiguous()
+        init_out, init_lse = contiguous_last(init_out), init_lse.float().contiguous()
     # unused pointers still need a tensor; their loads are compiled out
     sink_arg = sink.contiguous() if sink is not None else lse
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)  # noqa: E731
     _fwd_kernel[grid](
         q, k, v, sink_arg, out if init_out is None else init_out, lse if init_lse is None else init_lse, out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(out if init_out is None else init_out),
+        *strides3(q), *strides3(k), *strides3(v), *strides3(out), *strides3(out if init_out is None else init_out),
         h, h // h_kv, t_q, t_k, *spec.args(), spec.scale * LOG2E,
         DV=dv, HAS_SINK=sink is not None, HAS_INIT=init_out is not None, **_flags(q, spec))
     return out, lse
@@ -445,7 +436,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec,
 
 def flash_delta(out: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | None = None) -> torch.Tensor:
     """delta = rowsum(dO * O) - dlse, (B, H, Tq) float32, from out/d_out (B, Tq, H, dv) and d_lse (B, H, Tq)."""
-    out, d_out = _rows(out), _rows(d_out)
+    out, d_out = contiguous_last(out), contiguous_last(d_out)
     b, t_q, h, dv = out.shape
     delta = output_buffer((b, h, t_q), torch.float32, out.device)
     if delta.numel() == 0:
@@ -453,7 +444,7 @@ def flash_delta(out: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | No
     d_lse = d_lse.contiguous() if d_lse is not None else None
     block = 64
     _delta_kernel[(triton.cdiv(t_q, block), b * h)](
-        out, d_out, delta if d_lse is None else d_lse, delta, *_strides(out), *_strides(d_out), h, t_q,
+        out, d_out, delta if d_lse is None else d_lse, delta, *strides3(out), *strides3(d_out), h, t_q,
         DV=dv, HAS_DLSE=d_lse is not None, BLOCK_M=block)
     return delta
 
@@ -465,7 +456,7 @@ def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: tor
     delta = rowsum(dO * O) - dlse.  Gradients come in `grad_dtype` (default: the input dtype); pass float32
     when summing the gradients of several key segments."""
     _check(q, k, v)
-    q, k, v, d_out = _rows(q), _rows(k), _rows(v), _rows(d_out)
+    q, k, v, d_out = contiguous_last(q), contiguous_last(k), contiguous_last(v), contiguous_last(d_out)
     lse, delta = lse.float().contiguous(), delta.float().contiguous()
     b, t_q, h, _ = q.shape
     t_k, h_kv = k.shape[1], k.shape[2]
@@ -478,10 +469,10 @@ def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: tor
     flags = {"DV": v.shape[-1], **_flags(q, spec)}
     _bwd_kv_kernel[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h_kv)](
         q, k, v, d_out, lse, delta, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk), *_strides(dv), *common, **flags)
+        *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *strides3(dk), *strides3(dv), *common, **flags)
     _bwd_q_kernel[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
         q, k, v, d_out, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dq), *common, **flags)
+        *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *strides3(dq), *common, **flags)
     return dq, dk, dv
 
 

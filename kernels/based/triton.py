@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_dots import dot, mm, round_to
-from kernels.triton_support import autotune, output_buffer
+from kernels.triton_support import autotune, contiguous_last, output_buffer, padded_width, strides3
 
 # First config: what the CPU interpreter runs (small tiles, so tiny shapes span several blocks and value tiles).
 # The order-2 state is BD*BD x BV float32 (256 x BV for d = 16), which bounds the useful tile sizes.
@@ -355,20 +355,6 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, hn_ptr, dsf_ptr, dzf_ptr, 
         tl.store(dz0_ptr + z_base + row2, dz2, mask=mf & (f < tl.where(first, BD * BD, 0)))
 
 
-def _block(n: int) -> int:
-    """The padded feature width: a power of two, and at least 16 (tl.dot's minimum on GPUs)."""
-    return max(16, triton.next_power_of_2(n))
-
-
-def _strides(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    """The kernels step along the last dim one element at a time; other strides are passed through."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _grid(b: int, h: int, e: int):
     return lambda meta: (b * h, triton.cdiv(e, meta["BV"]))
 
@@ -379,7 +365,7 @@ class _BasedTriton(torch.autograd.Function):
         b, t, h, d = q.shape
         e = v.shape[-1]
         n_feat = 1 + d + d * d
-        q, k, v = (_unit_last(x) for x in (q, k, v))
+        q, k, v = (contiguous_last(x) for x in (q, k, v))
         has_initial = s0 is not None
         state_dtypes = (s0.dtype, z0.dtype) if has_initial else None
         if has_initial:
@@ -392,9 +378,9 @@ class _BasedTriton(torch.autograd.Function):
         _fwd_kernel[_grid(b, h, e)](
             q, k, v, out, den, s0 if has_initial else dummy, z0 if has_initial else dummy,
             dummy if s_out is None else s_out, dummy if z_out is None else z_out,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            *strides3(q), *strides3(k), *strides3(v), *strides3(out),
             t, h, d, e, d ** -0.25, 1 / (2 ** 0.5 * d ** 0.5), eps,
-            HAS_INITIAL=has_initial, STORE_FINAL=output_final_state, BD=_block(d))
+            HAS_INITIAL=has_initial, STORE_FINAL=output_final_state, BD=padded_width(d))
         ctx.save_for_backward(q, k, v, out, den, s0, z0)
         ctx.state_dtypes = state_dtypes
         ctx.set_materialize_grads(False)
@@ -406,7 +392,7 @@ class _BasedTriton(torch.autograd.Function):
         b, t, h, d = q.shape
         e = v.shape[-1]
         n_feat = 1 + d + d * d
-        d_out = torch.zeros_like(out) if d_out is None else _unit_last(d_out.to(out.dtype))
+        d_out = torch.zeros_like(out) if d_out is None else contiguous_last(d_out.to(out.dtype))
         # d loss / d normaliser, per token: -(dy . y) / m.  (d loss / d numerator, dy / m, is formed in the kernels.)
         h_norm = -(d_out.float() * out.float()).sum(-1) / den
         has_dfinal = ds_final is not None or dz_final is not None
@@ -428,13 +414,13 @@ class _BasedTriton(torch.autograd.Function):
         consts = (b * t * h * d, t, h, d, e, d ** -0.25, 1 / (2 ** 0.5 * d ** 0.5))
         _dq_kernel[_grid(b, h, e)](
             q, k, v, d_out, den, h_norm, dummy if s0 is None else s0, dummy if z0 is None else z0, dq_part,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *consts,
-            HAS_INITIAL=s0 is not None, BD=_block(d))
+            *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *consts,
+            HAS_INITIAL=s0 is not None, BD=padded_width(d))
         _dkv_kernel[_grid(b, h, e)](
             q, k, v, d_out, den, h_norm, ds_final if has_dfinal else dummy, dz_final if has_dfinal else dummy,
             dv, dk_part, dummy if ds0 is None else ds0, dummy if dz0 is None else dz0,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dv), *consts,
-            HAS_DFINAL=has_dfinal, STORE_DS0=want_ds0, BD=_block(d))
+            *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *strides3(dv), *consts,
+            HAS_DFINAL=has_dfinal, STORE_DS0=want_ds0, BD=padded_width(d))
         dq, dk = dq_part.sum(0).to(q.dtype), dk_part.sum(0).to(k.dtype)
         if want_ds0:
             ds0, dz0 = ds0.to(ctx.state_dtypes[0]), dz0.to(ctx.state_dtypes[1])

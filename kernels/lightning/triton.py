@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_dots import dot, mm, round_to
-from kernels.triton_support import autotune, output_buffer
+from kernels.triton_support import autotune, contiguous_last, output_buffer, padded_width, strides3
 
 # The first config is what the CPU interpreter runs: small tiles, so tiny test shapes still span several blocks and
 # several value tiles.  On a GPU the autotuner picks among all of them.
@@ -176,20 +176,6 @@ def _reverse_kernel(q_ptr, k_ptr, do_ptr, dv_ptr, decay_ptr, dfinal_ptr, ds0_ptr
         tl.store(ds0_ptr + bh.to(tl.int64) * DK * DV + rk[:, None] * DV + rv[None, :], g, mask=state_mask)
 
 
-def _block(n: int) -> int:
-    """The padded width of a contracted dim: a power of two, and at least 16 (tl.dot's minimum on GPUs)."""
-    return max(16, triton.next_power_of_2(n))
-
-
-def _strides(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    """The kernels step along the last dim one element at a time; other strides are passed through."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _scan(q, k, v, out, decay, s0, s0_strides, final) -> None:
     """out = the forward scan of (q, k, v) from state s0 (None: zero); final (or None) receives the last state."""
     b, t, h, dk = q.shape
@@ -197,9 +183,9 @@ def _scan(q, k, v, out, decay, s0, s0_strides, final) -> None:
     dummy = decay  # never read: the constexpr flags compile the accesses out
     _scan_kernel[lambda meta: (b * h, triton.cdiv(dv, meta["BV"]))](
         q, k, v, out, decay, dummy if s0 is None else s0, dummy if final is None else final,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *s0_strides, *_state_strides(final),
+        *strides3(q), *strides3(k), *strides3(v), *strides3(out), *s0_strides, *_state_strides(final),
         t, h, dk, dv,
-        HAS_INITIAL=s0 is not None, STORE_FINAL=final is not None, BK=_block(dk))
+        HAS_INITIAL=s0 is not None, STORE_FINAL=final is not None, BK=padded_width(dk))
 
 
 def _reverse(q, k, do, dv_out, decay, dfinal, dfinal_strides, ds0) -> None:
@@ -208,9 +194,9 @@ def _reverse(q, k, do, dv_out, decay, dfinal, dfinal_strides, ds0) -> None:
     dummy = decay
     _reverse_kernel[lambda meta: (b * h, triton.cdiv(dv, meta["BV"]))](
         q, k, do, dv_out, decay, dummy if dfinal is None else dfinal, dummy if ds0 is None else ds0,
-        *_strides(q), *_strides(k), *_strides(do), *_strides(dv_out), *dfinal_strides,
+        *strides3(q), *strides3(k), *strides3(do), *strides3(dv_out), *dfinal_strides,
         t, h, dk, dv,
-        HAS_DFINAL=dfinal is not None, STORE_DS0=ds0 is not None, BK=_block(dk))
+        HAS_DFINAL=dfinal is not None, STORE_DS0=ds0 is not None, BK=padded_width(dk))
 
 
 def _state_strides(x: torch.Tensor | None, transpose: bool = False) -> tuple[int, int, int]:
@@ -226,7 +212,7 @@ class _LightningTriton(torch.autograd.Function):
     def forward(ctx, q, k, v, decay, initial_state, output_final_state):
         b, t, h, d = q.shape
         e = v.shape[-1]
-        q, k, v = (_unit_last(x) for x in (q, k, v))
+        q, k, v = (contiguous_last(x) for x in (q, k, v))
         decay = decay.detach().to(device=q.device, dtype=torch.float32).contiguous()
         s0 = None if initial_state is None else initial_state.detach().to(torch.float32).contiguous()
         out = output_buffer((b, t, h, e), q.dtype, q.device)
@@ -240,7 +226,7 @@ class _LightningTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_final=None):
         q, k, v, decay, s0 = ctx.saved_tensors
-        d_out = torch.zeros_like(v, dtype=q.dtype) if d_out is None else _unit_last(d_out.to(q.dtype))
+        d_out = torch.zeros_like(v, dtype=q.dtype) if d_out is None else contiguous_last(d_out.to(q.dtype))
         d_final = None if d_final is None else d_final.to(torch.float32).contiguous()
         dq, dk, dv = (output_buffer(x.shape, x.dtype, x.device) for x in (q, k, v))
         want_ds0 = s0 is not None and ctx.needs_input_grad[4]

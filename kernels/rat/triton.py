@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_dots import round_to
-from kernels.triton_support import autotune, output_buffer, require_triton
+from kernels.triton_support import autotune, output_buffer, padded_width, require_triton
 
 LOG2E = math.log2(math.e)
 
@@ -332,7 +332,7 @@ def _bhnd(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 def _launch_shape(q: torch.Tensor, chunk_size: int) -> dict:
     b, t, h, d = q.shape
-    return {"T": t, "H": h, "D": d, "L": chunk_size, "BLOCK_D": max(16, triton.next_power_of_2(d)),
+    return {"T": t, "H": h, "D": d, "L": chunk_size, "BLOCK_D": padded_width(d),
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
