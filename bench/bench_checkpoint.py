@@ -47,7 +47,8 @@ def build(overrides: list[str]):
 
 
 def measure(overrides: list[str], reps: int = 3) -> dict:
-    from trainer.checkpoint import Checkpointer, load_checkpoint
+    from trainer.checkpointing.dcp import DCPCheckpointer as Checkpointer
+    from trainer.checkpointing.dcp import load_dcp as load_checkpoint
 
     model, optimizer, cfg = build(overrides)
     n = sum(p.numel() for p in model.parameters())

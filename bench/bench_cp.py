@@ -93,7 +93,7 @@ def run_op(kind: str, mode: str, t: int, ctx):
         elif kind == "full":
             from parallel.context_parallel import full_attention_op
 
-            fn = full_attention_op(ctx, t)
+            fn = full_attention_op(ctx)
         else:
             from parallel.halo import HaloWindowAttention
 
@@ -138,11 +138,12 @@ def worker(t: int) -> None:
     import torch.distributed as dist
 
     from parallel.context import COMM
-    from parallel.context_parallel import build_mesh, make_context
+    from parallel.context_parallel import make_context
+    from parallel.dims import ParallelDims
 
     dist.init_process_group("gloo")
     n = dist.get_world_size()
-    mesh = build_mesh(n, n, torch.device("cpu"))
+    mesh = ParallelDims.build(n, dist.get_rank(), n, torch.device("cpu")).mesh
     contexts = {}
     results = []
     for kind, mode in cases(n):

@@ -1,16 +1,16 @@
 """Sequence-mixing ops, one folder each (the fla pattern): `naive.py` oracle, `chunk.py` PyTorch path, `step.py`
 recurrent decoding.  Tensors are (batch, seq, heads, head_dim); `backend=` picks a path."""
 
-from kernels.attention import attention, attention_step
+from kernels.attention import attention, attention_prefill, attention_step
 from kernels.based import based_linear_attention, based_step
-from kernels.conv import short_conv, short_conv_step
+from kernels.conv import short_conv, short_conv_prefill, short_conv_step
 from kernels.lightning import lightning_attention, lightning_step, tnl_slopes
-from kernels.rat import rat_attention, rat_step
+from kernels.rat import rat_attention, rat_prefill, rat_step
 
 __all__ = [
-    "attention", "attention_step",
+    "attention", "attention_prefill", "attention_step",
     "based_linear_attention", "based_step",
     "lightning_attention", "lightning_step", "tnl_slopes",
-    "rat_attention", "rat_step",
-    "short_conv", "short_conv_step",
+    "rat_attention", "rat_prefill", "rat_step",
+    "short_conv", "short_conv_prefill", "short_conv_step",
 ]

@@ -17,8 +17,11 @@ import shlex
 import subprocess
 import sys
 
+from trainer.checkpointing.deepspeed import require_deepspeed
+from trainer.errors import ConfigError
 
-class HostfileError(ValueError):
+
+class HostfileError(ConfigError):
     """A DeepSpeed hostfile that does not parse or does not fit the job."""
 
 
@@ -52,15 +55,15 @@ def build_command(nodes: int, gpus_per_node: int, train_args: list[str], *, mast
     """The launcher command line for this job shape.  With `engine="deepspeed"` (and not `slurm`) it is
     DeepSpeed's own launcher; under SLURM torchrun starts the ranks and the trainer runs the DeepSpeed engine."""
     if nodes < 1 or gpus_per_node < 1:
-        raise ValueError("--nodes and --gpus-per-node must be >= 1")
+        raise ConfigError("--nodes and --gpus-per-node must be >= 1")
     if engine not in ("torch", "deepspeed"):
-        raise ValueError(f"--engine {engine} is not one of torch, deepspeed")
+        raise ConfigError(f"--engine {engine} is not one of torch, deepspeed")
     if engine == "deepspeed":
         train_args = _with_engine(train_args, engine)
         if not slurm:
             return _deepspeed_command(nodes, gpus_per_node, train_args, master_addr, master_port, hostfile)
     elif hostfile:
-        raise ValueError("--hostfile is for --engine deepspeed (DeepSpeed's launcher); torchrun needs --master-addr")
+        raise ConfigError("--hostfile is for --engine deepspeed (DeepSpeed's launcher); torchrun needs --master-addr")
     train = ["-m", "trainer.train", *train_args]
     if slurm:  # one torchrun per node; the shell on each node resolves the head node and the job id
         head = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
@@ -71,7 +74,7 @@ def build_command(nodes: int, gpus_per_node: int, train_args: list[str], *, mast
     if nodes == 1:
         return ["torchrun", "--standalone", f"--nproc_per_node={gpus_per_node}", *train]
     if not master_addr:
-        raise ValueError("--nodes > 1 needs --master-addr (the first node's address), or --slurm inside a job")
+        raise ConfigError("--nodes > 1 needs --master-addr (the first node's address), or --slurm inside a job")
     return ["torchrun", f"--nnodes={nodes}", f"--nproc_per_node={gpus_per_node}", "--rdzv_backend=c10d",
             f"--rdzv_endpoint={master_addr}:{master_port}", f"--rdzv_id={run_id}", *train]
 
@@ -83,7 +86,7 @@ def _deepspeed_command(nodes: int, gpus_per_node: int, train_args: list[str], ma
     if nodes == 1 and not hostfile:
         return ["deepspeed", f"--num_gpus={gpus_per_node}", f"--master_port={master_port}", *tail]
     if not hostfile:
-        raise ValueError("--engine deepspeed with --nodes > 1 needs --hostfile (lines '<hostname> slots=<gpus>'; "
+        raise ConfigError("--engine deepspeed with --nodes > 1 needs --hostfile (lines '<hostname> slots=<gpus>'; "
                          "see launch/hostfile.example)")
     try:
         text = open(hostfile, encoding="utf-8").read()
@@ -118,13 +121,9 @@ def launch_main(argv: list[str]) -> int:
     parser.add_argument("--hostfile", default="", help="--engine deepspeed: DeepSpeed hostfile for multi-node runs")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        cmd = build_command(args.nodes, args.gpus_per_node, train_args, master_addr=args.master_addr,
-                            master_port=args.master_port, run_id=args.run_id, slurm=args.slurm, engine=args.engine,
-                            hostfile=args.hostfile)
-    except ValueError as err:  # HostfileError included
-        print(f"[hylo] error: {err}", file=sys.stderr)
-        return 2
+    cmd = build_command(args.nodes, args.gpus_per_node, train_args, master_addr=args.master_addr,
+                        master_port=args.master_port, run_id=args.run_id, slurm=args.slurm, engine=args.engine,
+                        hostfile=args.hostfile)
     line = " ".join(cmd[:-1]) + " " + shlex.quote(cmd[-1]) if args.slurm else shlex.join(cmd)
     print(line, flush=True)
     if args.dry_run:
@@ -132,10 +131,6 @@ def launch_main(argv: list[str]) -> int:
     if cmd[0] == "torchrun":  # the interpreter running hylo, so the same environment
         cmd = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
     elif cmd[0] == "deepspeed":
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            print("[hylo] error: --engine deepspeed needs DeepSpeed: pip install 'hylo[deepspeed]'", file=sys.stderr)
-            return 2
+        require_deepspeed()
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *cmd[1:]]
     return subprocess.call(cmd)

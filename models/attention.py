@@ -7,9 +7,9 @@ a head-wise sigmoid output gate, and for window layers StreamingLLM-style pinned
 Window convention: with `model.window = W` a query at position i sees keys i-W+1 .. i (itself and the W-1
 tokens before it).
 
-The sink monitor: when asked (`request_sink_monitor`), the next forward of each attention layer records per head
-the mass on the learned sink, the mass on the first token, and the positions receiving the most attention from
-a sample of queries, flagging them as *secondary sinks* above a threshold (Gu et al.'s 0.3 by default).
+Monitoring (group "sinks"): per head the mass on the learned sink, the mass on the first token, and the positions
+receiving the most attention from a sample of the last queries, flagged as *secondary sinks* above a threshold
+(Gu et al.'s 0.3 by default) — exact under context parallelism too (partial sums reduced over the CP group).
 """
 
 from __future__ import annotations
@@ -17,17 +17,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import attention, attention_step
+from kernels import attention, attention_prefill, attention_step
+from models.mixer import Mixer, Reduce
 from models.registry import register_mixer
 from models.rope import RotaryEmbedding, apply_rope
+from parallel.context import cp_degree_ulysses
+from parallel.context_parallel import full_attention_op
+from parallel.halo import HaloWindowAttention
 
 
-class SoftmaxAttention(nn.Module):
+class SoftmaxAttention(Mixer):
     window: int | None = None
+    monitor_group = "sinks"
 
     def __init__(self, cfg, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(cfg, layer_idx)
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
@@ -39,8 +43,6 @@ class SoftmaxAttention(nn.Module):
         self.n_pinned = cfg.attn.pinned if self.window is not None else 0
         self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta)
         self.op = attention  # context parallelism swaps in ring / Ulysses / halo versions
-        self.monitor: tuple[int, float] | None = None  # (sampled queries, threshold) for the next forward only
-        self.sink_stats: dict[str, torch.Tensor] | None = None
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
         b, t, _ = x.shape
@@ -58,24 +60,13 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x, positions)
-        if self.monitor is None:
-            o = self.op(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned)
-        else:
-            o, lse = self.op(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned, return_lse=True)
-            self.sink_stats = sink_statistics(q, k, lse, self.sink, window=self.window, n_pinned=self.n_pinned,
-                                              n_queries=self.monitor[0], threshold=self.monitor[1])
-            self.monitor = None
-        return self._output(x, o)
+        return self._output(x, self.op(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned))
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The parallel forward of a prompt plus the cache `step` would hold after it."""
         q, k, v = self._qkv(x, positions)
         o = attention(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned)
-        n_pin = min(self.n_pinned, k.shape[1]) if self.window is not None else 0
-        rest = slice(n_pin, None) if self.window is None else slice(max(n_pin, k.shape[1] - self.window), None)
-        cache = {"pos": k.shape[1], "pinned_k": k[:, :n_pin], "pinned_v": v[:, :n_pin], "k": k[:, rest],
-                 "v": v[:, rest]}
-        return self._output(x, o), cache
+        return self._output(x, o), attention_prefill(k, v, window=self.window, n_pinned=self.n_pinned)
 
     def step(self, x: torch.Tensor, pos: int, cache: dict | None) -> tuple[torch.Tensor, dict]:
         """x (B, 1, D) at global position `pos` -> (y (B, 1, D), cache)."""
@@ -83,6 +74,15 @@ class SoftmaxAttention(nn.Module):
         o, cache = attention_step(cache, q[:, 0], k[:, 0], v[:, 0], window=self.window, sink=self.sink,
                                   n_pinned=self.n_pinned)
         return self._output(x, o[:, None]), cache
+
+    @torch.no_grad()
+    def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce, n_queries: int = 64,
+                threshold: float = 0.3) -> dict[str, torch.Tensor]:
+        q, k, v = self._qkv(x, positions)
+        _, lse = self.op(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned, return_lse=True)
+        stats = sink_statistics(q, k, lse, self.sink, window=self.window, n_pinned=self.n_pinned,
+                                n_queries=n_queries, threshold=threshold, positions=positions, reduce=reduce)
+        return sink_scalars(self.layer_idx, stats)
 
     @classmethod
     def check_config(cls, config) -> str | None:
@@ -107,6 +107,22 @@ class SoftmaxAttention(nn.Module):
 class FullAttention(SoftmaxAttention):
     window = None
 
+    @classmethod
+    def cp_problem(cls, config, segments) -> str | None:
+        p, m = config.parallel, config.model
+        u = cp_degree_ulysses(p.cp, p.cp_mode, p.ulysses)
+        if u > 1:
+            kv = m.n_kv_heads or m.n_heads
+            if m.n_heads % u:
+                return f"cp_mode={p.cp_mode}: Ulysses over {u} ranks needs model.n_heads={m.n_heads} divisible by {u}"
+            if kv % u and u % kv:
+                return (f"cp_mode={p.cp_mode}: model.n_kv_heads={kv} must divide or be divisible by the {u} "
+                        "Ulysses ranks")
+        return None
+
+    def context_parallel_op(self, ctx):
+        return full_attention_op(ctx)
+
 
 @register_mixer("swa")
 class SlidingWindowAttention(SoftmaxAttention):
@@ -121,6 +137,15 @@ class SlidingWindowAttention(SoftmaxAttention):
         return super().check_config(config)
 
     @classmethod
+    def cp_problem(cls, config, segments) -> str | None:
+        if config.model.attn.pinned:
+            return "model.attn.pinned is not supported with context parallelism yet; set model.attn.pinned=0"
+        return None
+
+    def context_parallel_op(self, ctx):
+        return HaloWindowAttention(ctx)
+
+    @classmethod
     def context_per_token(cls, model_cfg, seq_len: int) -> float:
         w = min(model_cfg.window, seq_len)
         # positions 0..w-1 see i+1 keys, the rest see w keys (pinned tokens add at most attn.pinned more)
@@ -128,10 +153,15 @@ class SlidingWindowAttention(SoftmaxAttention):
 
 
 # ------------------------------------------------------------------------------------------------ sink monitor
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 @torch.no_grad()
 def sink_statistics(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor | None, *,
                     window: int | None, n_pinned: int = 0, n_queries: int = 64, threshold: float = 0.3,
-                    top: int = 3) -> dict[str, torch.Tensor]:
+                    top: int = 3, positions: torch.Tensor | None = None,
+                    reduce: Reduce = _same) -> dict[str, torch.Tensor]:
     """Per-head attention-sink statistics from one forward's q (B,T,H,d), k (B,T,Hkv,d) and lse (B,H,T).
 
     sink_mass         mean over all queries of exp(b_h - lse): the mass on the learned sink (exact)
@@ -140,49 +170,68 @@ def sink_statistics(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, sink: t
                       the last `n_queries` queries of the first sequence (only positions seen by at least a
                       quarter of them), and their alpha_j
     secondary_count   how many positions other than 0 have alpha_j > threshold: secondary sinks
+
+    Under context parallelism q, k, lse are this rank's tokens at global `positions` (lse the global one, as the
+    CP ops return it) and `reduce` sums over the CP group: the queries, keys and sums a statistic needs from other
+    ranks arrive through it, so every rank returns the whole sequence's numbers.
     """
-    b, t, h, d = q.shape
+    b, t_local, h, d = q.shape
+    device = q.device
+    pos = torch.arange(t_local, device=device) if positions is None else positions.to(device)
+    t = int(reduce(torch.tensor(t_local, device=device)))
     group = h // k.shape[2]
     kh = k.float().repeat_interleave(group, dim=2)
     qf, lse = q.float(), lse.float()
     scale = d**-0.5
-    pos = torch.arange(t, device=q.device)
-    stats = {"sink_mass": (torch.exp(sink.float()[None, :, None] - lse).mean(dim=(0, 2)) if sink is not None
-                           else torch.zeros(h, device=q.device))}
+    if sink is not None:
+        sink_mass = reduce(torch.exp(sink.float()[None, :, None] - lse).sum(dim=(0, 2))) / (b * t)
+    else:
+        sink_mass = torch.zeros(h, device=device)
+
+    k0 = reduce(kh[:, pos == 0].sum(1))  # (B, H, d): the first token's key, from the rank that holds it
     sees_first = (pos < window) | (n_pinned > 0) if window is not None else torch.ones_like(pos, dtype=torch.bool)
-    first_logit = torch.einsum("bthd,bhd->bht", qf, kh[:, 0]) * scale
-    first_mass = torch.exp(first_logit - lse)[:, :, sees_first]
-    stats["first_token_mass"] = first_mass.mean(dim=(0, 2))
+    first_mass = torch.exp(torch.einsum("bthd,bhd->bht", qf, k0) * scale - lse)[:, :, sees_first]
+    first_count = reduce(torch.tensor(float(b * int(sees_first.sum())), device=device))
+    first_token_mass = reduce(first_mass.sum(dim=(0, 2))) / first_count.clamp(min=1)
 
     n = min(n_queries, t)
-    rows = pos[t - n:]
-    scores = torch.einsum("qhd,khd->hqk", qf[0, t - n:], kh[0]) * scale
-    visible = rows[:, None] >= pos[None, :]
-    if window is not None:
-        visible &= (rows[:, None] - pos[None, :] < window) | (pos[None, :] < n_pinned)
-    probs = torch.exp(scores - lse[0, :, t - n:, None]).masked_fill(~visible, 0)  # (H, n, T)
-    seen_by = visible.sum(0)
-    alpha = probs.sum(1) / seen_by.clamp(min=1)
-    eligible = (seen_by >= max(1, n // 4)) & (pos > 0)
+    rows = torch.arange(t - n, t, device=device)  # the last n queries of sequence 0, from whichever rank
+    mine = pos >= t - n
+    q_rows = torch.zeros(n, h, d, device=device)
+    q_rows[pos[mine] - (t - n)] = qf[0, mine]
+    lse_rows = torch.zeros(h, n, device=device)
+    lse_rows[:, pos[mine] - (t - n)] = lse[0][:, mine]
+    q_rows, lse_rows = reduce(q_rows), reduce(lse_rows)
+
+    def visible(keys: torch.Tensor) -> torch.Tensor:
+        seen = rows[:, None] >= keys[None, :]
+        if window is not None:
+            seen &= (rows[:, None] - keys[None, :] < window) | (keys[None, :] < n_pinned)
+        return seen
+
+    scores = torch.einsum("qhd,khd->hqk", q_rows, kh[0]) * scale  # against this rank's keys
+    probs = torch.exp(scores - lse_rows[:, :, None]).masked_fill(~visible(pos), 0)  # (H, n, T_local)
+    received = torch.zeros(h, t, device=device)
+    received[:, pos] = probs.sum(1)
+    received = reduce(received)
+    every = torch.arange(t, device=device)
+    seen_by = visible(every).sum(0)
+    alpha = received / seen_by.clamp(min=1)
+    eligible = (seen_by >= max(1, n // 4)) & (every > 0)
     alpha = alpha.masked_fill(~eligible, 0)
-    k_top = min(top, t)
-    mass, where = alpha.topk(k_top, dim=-1)
-    stats.update(secondary_pos=where, secondary_mass=mass, secondary_count=(alpha > threshold).sum(-1))
-    return stats
+    mass, where = alpha.topk(min(top, t), dim=-1)
+    return {"sink_mass": sink_mass, "first_token_mass": first_token_mass, "secondary_pos": where,
+            "secondary_mass": mass, "secondary_count": (alpha > threshold).sum(-1)}
 
 
-def request_sink_monitor(model: nn.Module, n_queries: int, threshold: float) -> None:
-    """Ask every attention layer to record sink statistics during its next forward."""
-    for module in model.modules():
-        if isinstance(module, SoftmaxAttention):
-            module.monitor = (n_queries, threshold)
-
-
-def collect_sink_stats(model: nn.Module) -> dict[int, dict[str, torch.Tensor]]:
-    """{layer index: statistics} from the attention layers that recorded them since the last request."""
-    found = {}
-    for module in model.modules():
-        if isinstance(module, SoftmaxAttention) and module.sink_stats is not None:
-            found[module.layer_idx] = module.sink_stats
-            module.sink_stats = None
-    return found
+def sink_scalars(layer: int, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """TensorBoard tags of one layer's sink statistics: sinks/layer{i}/{what}/head{h} and secondary_sinks."""
+    prefix = f"sinks/layer{layer}"
+    scalars = {}
+    for h in range(len(s["sink_mass"])):
+        scalars[f"{prefix}/sink_mass/head{h}"] = s["sink_mass"][h]
+        scalars[f"{prefix}/first_token_mass/head{h}"] = s["first_token_mass"][h]
+        scalars[f"{prefix}/secondary_top_mass/head{h}"] = s["secondary_mass"][h, 0]
+        scalars[f"{prefix}/secondary_top_position/head{h}"] = s["secondary_pos"][h, 0]
+    scalars[f"{prefix}/secondary_sinks"] = s["secondary_count"].sum()
+    return scalars

@@ -13,14 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import based_linear_attention, based_step, short_conv, short_conv_step
+from kernels import based_linear_attention, based_step, short_conv, short_conv_prefill, short_conv_step
+from models.mixer import Mixer, Reduce, state_norm_scalars
 from models.registry import register_mixer
+from parallel.halo import HaloConv
+from parallel.linear_state import BasedCP
 
 
 @register_mixer("based")
-class BasedLinearAttention(nn.Module):
+class BasedLinearAttention(Mixer):
+    monitor_group = "states"
+
     def __init__(self, cfg, layer_idx: int):
-        super().__init__()
+        super().__init__(cfg, layer_idx)
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
         self.feature_dim = cfg.based.feature_dim
@@ -28,8 +33,6 @@ class BasedLinearAttention(nn.Module):
         self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.out.is_residual_projection = True
         self.op = based_linear_attention  # context parallelism swaps in a state-passing version
-        self.layer_idx = layer_idx
-        self.monitor_state, self.state_norms = False, None  # trainer.monitor: the final state's norm per head
 
     def _qkv(self, x: torch.Tensor):
         b, t, _ = x.shape
@@ -38,13 +41,13 @@ class BasedLinearAttention(nn.Module):
         return q.view(b, t, h, f), k.view(b, t, h, f), v.view(b, t, h, self.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x)
-        if self.monitor_state:  # one extra no-grad pass of the plain op for the state after the last token
-            self.monitor_state = False
-            with torch.no_grad():
-                _, (state, _) = based_linear_attention(q, k, v, output_final_state=True)
-                self.state_norms = state.float().norm(dim=(-2, -1)).mean(0)  # (heads,)
-        return self.out(self.op(q, k, v).flatten(2))
+        return self.out(self.op(*self._qkv(x)).flatten(2))
+
+    @torch.no_grad()
+    def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce) -> dict[str, torch.Tensor]:
+        """The norm of the state after the sequence's last token (mean over the batch), per head."""
+        _, (state, _) = self.op(*self._qkv(x), output_final_state=True)
+        return state_norm_scalars(self.layer_idx, reduce(state.float().norm(dim=(-2, -1)).mean(0)))
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """The parallel forward of a prompt plus the state `step` would hold after it."""
@@ -55,6 +58,9 @@ class BasedLinearAttention(nn.Module):
         q, k, v = self._qkv(x)
         o, cache = based_step(cache, q[:, 0], k[:, 0], v[:, 0])
         return self.out(o[:, None].flatten(2)), cache
+
+    def context_parallel_op(self, ctx):
+        return BasedCP(ctx)
 
     @classmethod
     def check_config(cls, config) -> str | None:
@@ -73,9 +79,9 @@ class BasedLinearAttention(nn.Module):
 
 
 @register_mixer("baseconv")
-class BaseConv(nn.Module):
+class BaseConv(Mixer):
     def __init__(self, cfg, layer_idx: int):
-        super().__init__()
+        super().__init__(cfg, layer_idx)
         self.inner = cfg.based.conv_expand * cfg.d_model
         self.kernel = cfg.based.conv_kernel
         self.in_proj = nn.Linear(cfg.d_model, 2 * self.inner, bias=False)
@@ -92,16 +98,17 @@ class BaseConv(nn.Module):
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The parallel forward of a prompt plus the last kernel-1 convolution inputs `step` would hold."""
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)
-        k = self.conv.weight.shape[-1]
-        cache = F.pad(u1, (0, 0, k - 1, 0))[:, -(k - 1):] if k > 1 else u1[:, :0]
         y = short_conv(u1, self.conv.weight[:, 0], self.conv.bias)
-        return self.out(F.silu(y) * u2), cache
+        return self.out(F.silu(y) * u2), short_conv_prefill(u1, self.kernel)
 
     def step(self, x: torch.Tensor, pos: int, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cache: the last kernel-1 inputs of the convolution, (B, kernel-1, inner)."""
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)
         y, cache = short_conv_step(cache, u1[:, 0], self.conv.weight[:, 0], self.conv.bias)
         return self.out(F.silu(y)[:, None] * u2), cache
+
+    def context_parallel_op(self, ctx):
+        return HaloConv(ctx)
 
     @classmethod
     def check_config(cls, config) -> str | None:

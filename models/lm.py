@@ -75,8 +75,7 @@ class HybridLM(nn.Module):
             elif isinstance(module, RMSNorm) and module.weight is not None:
                 nn.init.ones_(module.weight)
         for block in self.blocks:
-            if hasattr(block.mixer, "init_special"):
-                block.mixer.init_special()
+            block.mixer.init_special()
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)

@@ -13,16 +13,17 @@ import math
 import torch
 from torch import nn
 
-from kernels import rat_attention, rat_step
-from kernels.rat import scan_summaries
+from kernels import rat_attention, rat_prefill, rat_step
+from models.mixer import Mixer
 from models.registry import register_mixer
 from models.rope import RotaryEmbedding, apply_rope
+from parallel.rat import RatCP
 
 
 @register_mixer("rat")
-class RAT(nn.Module):
+class RAT(Mixer):
     def __init__(self, cfg, layer_idx: int):
-        super().__init__()
+        super().__init__(cfg, layer_idx)
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
         self.chunk = cfg.rat.chunk_size
@@ -60,23 +61,12 @@ class RAT(nn.Module):
         return self.out(z * o.flatten(2).to(z.dtype))
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The parallel forward of a prompt plus the cache `step` would hold after it: the summaries of the
-        finished chunks and the running scanned key/value of the last one."""
+        """The parallel forward of a prompt plus the cache `step` would hold after it."""
         z, q, k, v, gate = self._project(x, positions)
         dtype = torch.promote_types(q.dtype, torch.float32)
         q, k, v, gate = (y.to(dtype) for y in (q, k, v, gate))
         o = rat_attention(q, k, v, gate, self.chunk)
-        t, whole = k.shape[1], k.shape[1] // self.chunk * self.chunk
-        if whole:
-            k_sum, v_sum = scan_summaries(k[:, :whole], v[:, :whole], gate[:, :whole], self.chunk)
-        else:
-            k_sum, v_sum = k[:, :0], v[:, :0]
-        k_run, v_run = k_sum[:, -1] if whole == t else None, v_sum[:, -1] if whole == t else None
-        for i in range(whole, t):  # the unfinished last chunk: at most chunk-1 tokens
-            k_run = (1 - gate[:, i]) * k[:, i] + (gate[:, i] * k_run if i > whole else 0)
-            v_run = (1 - gate[:, i]) * v[:, i] + (gate[:, i] * v_run if i > whole else 0)
-        cache = {"pos": t, "k_sum": k_sum, "v_sum": v_sum, "k_run": k_run, "v_run": v_run}
-        return self.out(z * o.flatten(2).to(z.dtype)), cache
+        return self.out(z * o.flatten(2).to(z.dtype)), rat_prefill(k, v, gate, self.chunk)
 
     def step(self, x: torch.Tensor, pos: int, cache: dict | None) -> tuple[torch.Tensor, dict]:
         z, q, k, v, gate = self._project(x, torch.tensor([pos], device=x.device))
@@ -93,6 +83,19 @@ class RAT(nn.Module):
         if m.n_heads % groups:
             return f"model.n_heads={m.n_heads} must be a multiple of model.rat.qk_groups={groups}"
         return None
+
+    @classmethod
+    def cp_problem(cls, config, segments) -> str | None:
+        piece, chunk = segments[0][0][1], config.model.rat.chunk_size
+        if piece % chunk:
+            p = config.parallel
+            return (f"RAT chunks may not straddle ranks: each rank's sequence pieces are {piece} tokens "
+                    f"(train.seq_len={config.train.seq_len}, parallel.cp={p.cp}, cp_mode={p.cp_mode}), not a "
+                    f"multiple of model.rat.chunk_size={chunk}")
+        return None
+
+    def context_parallel_op(self, ctx):
+        return RatCP(ctx)
 
     @classmethod
     def attention_flops_per_token(cls, model_cfg, seq_len: int) -> float:

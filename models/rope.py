@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import upcast
+from kernels.dispatch import upcast
 
 
 class RotaryEmbedding(nn.Module):

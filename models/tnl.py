@@ -15,14 +15,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import lightning_attention, lightning_step, tnl_slopes
-from models.layers import RMSNorm, upcast
+from kernels.dispatch import upcast
+from models.layers import RMSNorm
+from models.mixer import Mixer, Reduce, state_norm_scalars
 from models.registry import register_mixer
+from parallel.linear_state import LightningCP
 
 
 @register_mixer("tnl")
-class TNL(nn.Module):
+class TNL(Mixer):
+    monitor_group = "states"
+
     def __init__(self, cfg, layer_idx: int):
-        super().__init__()
+        super().__init__(cfg, layer_idx)
         hidden = cfg.tnl.hidden or cfg.d_model
         self.n_heads = cfg.n_heads
         self.head_dim = hidden // cfg.n_heads
@@ -33,8 +38,6 @@ class TNL(nn.Module):
         self.register_buffer("slopes", tnl_slopes(cfg.n_heads, layer_idx, cfg.n_layers), persistent=False)
         self.lrpe = nn.Parameter(torch.empty(cfg.n_heads, self.head_dim)) if cfg.tnl.lrpe else None
         self.op = lightning_attention  # context parallelism swaps in a state-passing version
-        self.layer_idx = layer_idx
-        self.monitor_state, self.state_norms = False, None  # trainer.monitor: the final state's norm per head
         self.init_special()
 
     @torch.no_grad()
@@ -63,12 +66,14 @@ class TNL(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         q, k, v, u = self._project(x, positions)
-        if self.monitor_state:  # one extra no-grad pass of the plain op for the state after the last token
-            self.monitor_state = False
-            with torch.no_grad():
-                _, state = lightning_attention(q, k, v, self.slopes, output_final_state=True)
-                self.state_norms = state.float().norm(dim=(-2, -1)).mean(0)  # (heads,)
         return self._output(self.op(q, k, v, self.slopes), u)
+
+    @torch.no_grad()
+    def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce) -> dict[str, torch.Tensor]:
+        """The norm of the state after the sequence's last token (mean over the batch), per head."""
+        q, k, v, _ = self._project(x, positions)
+        _, state = self.op(q, k, v, self.slopes, output_final_state=True)
+        return state_norm_scalars(self.layer_idx, reduce(state.float().norm(dim=(-2, -1)).mean(0)))
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The parallel forward of a prompt plus the state `step` would hold after it."""
@@ -80,6 +85,9 @@ class TNL(nn.Module):
         q, k, v, u = self._project(x, torch.tensor([pos], device=x.device))
         o, cache = lightning_step(cache, q[:, 0], k[:, 0], v[:, 0], self.slopes)
         return self._output(o[:, None], u), cache
+
+    def context_parallel_op(self, ctx):
+        return LightningCP(ctx)
 
     @classmethod
     def check_config(cls, config) -> str | None:

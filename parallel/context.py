@@ -13,12 +13,17 @@ which neighbour holds the tokens before one of its own.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 
 Segment = tuple[int, int]  # (global start, length)
+
+
+def cp_degree_ulysses(cp: int, mode: str, ulysses: int) -> int:
+    """How many ranks split heads with all-to-all (Ulysses) in this layout: all of them, none, or the hybrid's U."""
+    return cp if mode == "ulysses" else ulysses if mode == "hybrid" else 1
 
 
 def cp_segments(seq_len: int, cp: int, mode: str, ulysses: int = 1) -> list[list[Segment]]:
@@ -82,6 +87,14 @@ class CPContext:
     @property
     def local_segments(self) -> list[Segment]:
         return self.segments[self.rank]
+
+    @property
+    def seq_len(self) -> int:
+        return sum(n for segs in self.segments for _, n in segs)
+
+    def tagged(self, tag: str) -> CPContext:
+        """The same context, counting its communication under `tag` (a layer type)."""
+        return replace(self, tag=tag)
 
     def positions(self, device: torch.device | None = None) -> torch.Tensor:
         """Global positions of this rank's tokens, in local order."""

@@ -29,6 +29,3 @@ def gradient_sync(model: nn.Module, enabled: bool):
         model.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model

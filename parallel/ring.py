@@ -23,7 +23,7 @@ from kernels.attention.chunk import (
     sink_grad,
     to_groups,
 )
-from kernels.triton_support import triton_usable
+from kernels.dispatch import check_backend, choose_backend
 from parallel.context import COMM, Segment
 
 
@@ -160,8 +160,7 @@ class RingAttention:
 
     def __init__(self, group: dist.ProcessGroup, segments: list[list[Segment]], key: str = "ring",
                  backend: str = "auto"):
-        if backend not in ("auto", "chunk", "triton"):
-            raise ValueError(f"backend='{backend}' is not one of 'auto', 'chunk', 'triton'")
+        check_backend("ring attention", backend, ("chunk", "triton"))
         self.ring, self.backend = _Ring(group, segments, key), backend
 
     def __call__(self, q, k, v, *, causal=True, window=None, sink=None, scale=None, return_lse=False, n_pinned=0,
@@ -169,9 +168,8 @@ class RingAttention:
         if not causal or window is not None or n_pinned:
             raise ValueError("ring attention runs full causal attention; window layers use the halo exchange")
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        backend = self.backend
-        if backend == "auto":
-            backend = "triton" if q.is_cuda and triton_usable(q) and _triton_supports(q, k, v) else "chunk"
+        backend = choose_backend("ring attention", self.backend, ("chunk", "triton"), (q, k, v),
+                                 triton_ok=lambda: _triton_supports(q, k, v))
         # The Triton kernels take bf16/fp16 operands as they are (fp32 accumulation inside, fp32 merges here);
         # the blockwise PyTorch path computes in fp32.
         groups = _grouped(q, k, v, sink) if backend == "triton" else to_groups(q, k, v, sink)

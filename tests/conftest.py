@@ -41,3 +41,21 @@ def fresh_seed():
     torch.manual_seed(seed)
     print(f"torch seed {seed} (replay with HYLO_TEST_SEED={seed})")
     return seed
+
+
+def run_layer_monitor(model, group: str, forward, **settings) -> dict[str, float]:
+    """Drive trainer/callbacks/monitors.py's LayerMonitor for one due step around `forward()` (no Trainer): the
+    scalars it logs."""
+    from types import SimpleNamespace
+
+    from trainer.callbacks.monitors import LayerMonitor
+
+    logged: dict[str, float] = {}
+    trainer = SimpleNamespace(model=model, cfg=SimpleNamespace(train=SimpleNamespace(compile=False)), is_main=True,
+                              cp_reduce=lambda t: t, step=1, log=lambda scalars, step=None: logged.update(scalars))
+    monitor = LayerMonitor(group, 1, group, **settings)
+    monitor.on_train_start(trainer)
+    monitor.on_step_start(trainer)
+    forward()
+    monitor.on_step_end(trainer, None)
+    return logged

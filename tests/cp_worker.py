@@ -18,7 +18,8 @@ import torch.distributed as dist
 from kernels import attention, based_linear_attention, lightning_attention, rat_attention, short_conv, tnl_slopes
 from kernels.triton_support import triton_usable
 from parallel.context import CPContext
-from parallel.context_parallel import build_mesh, full_attention_op, make_context
+from parallel.context_parallel import full_attention_op, make_context
+from parallel.dims import ParallelDims
 from parallel.halo import HaloConv, HaloWindowAttention
 from parallel.linear_state import BasedCP, LightningCP
 from parallel.rat import RatCP
@@ -85,7 +86,7 @@ def main():
     dist.init_process_group("gloo")
     torch.manual_seed(seed)
     n = dist.get_world_size()
-    mesh = build_mesh(n, n, torch.device("cpu"))
+    mesh = ParallelDims.build(n, dist.get_rank(), n, torch.device("cpu")).mesh
     T = 32
     modes = ["ring", "ulysses"] + (["hybrid"] if n == 4 else [])
     contexts = {m: make_context(mesh, T, m, 2 if m == "hybrid" else 1) for m in modes}
@@ -94,7 +95,7 @@ def main():
     # ---- full attention: every mode, sinks on/off, GQA
     for mode in modes:
         ctx = contexts[mode]
-        op = full_attention_op(ctx, T)
+        op = full_attention_op(ctx)
         for h_kv, sink in ([(4, True), (2, False), (1, True)] if sweep else [(2, True)]):
             q, k, v = broadcast_randn(2, T, 4, 8), broadcast_randn(2, T, h_kv, 8), broadcast_randn(2, T, h_kv, 8)
             params = [broadcast_randn(4)] if sink else []

@@ -16,7 +16,8 @@ import torch
 from tests.conftest import ROOT, run_module, subprocess_env
 from trainer.config import DataConfig
 from trainer.data import DataLoader, bundled_corpus_files
-from trainer.shards import DataError, TokenShards, write_shards
+from trainer.errors import DataError
+from trainer.shards import TokenShards, write_shards
 from trainer.tokenizer import load_tokenizer
 
 SMALL = ["model.d_model=64", "model.n_layers=2", "train.batch_size=8", "train.seq_len=64", "logging.interval=1",
@@ -38,9 +39,11 @@ def losses(run_dir):
 
 
 def torchrun(n, port, args, extra_env=None, restarts=0):
+    """Train on n ranks; with HYLO_FAULT in extra_env through the fault-injecting entry (tests/fault_run.py)."""
     env = {**subprocess_env(), **(extra_env or {})}
+    module = "tests.fault_run" if "HYLO_FAULT" in (extra_env or {}) else "trainer.train"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--rdzv_backend=c10d",
-           f"--rdzv_endpoint=127.0.0.1:{port}", f"--max-restarts={restarts}", "-m", "trainer.train", *args]
+           f"--rdzv_endpoint=127.0.0.1:{port}", f"--max-restarts={restarts}", "-m", module, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -76,7 +79,7 @@ def test_killed_rank_restarts_and_matches(straight, shards, tmp_path, free_port)
 
 
 def test_save_killed_halfway_is_ignored(shards, tmp_path):
-    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "train.steps=12",
+    args = ["-m", "tests.fault_run", f"run.dir={tmp_path}", f"data.path={shards}", "train.steps=12",
             "checkpoint.interval=5", *SMALL]
     env = {**subprocess_env(), "HYLO_FAULT": "kill_in_save:10"}
     dead = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -146,11 +149,11 @@ def test_keep_last_prunes_and_corrupt_checkpoints_fail_clearly(shards, tmp_path)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_15", "step_20"]
     (ckpts / "step_20" / "COMPLETE").unlink()  # as if cut off: ignored by auto, refused when named
     named = run_module([*args, "train.steps=25", f"checkpoint.resume={ckpts / 'step_20'}"])
-    assert named.returncode == 1 and "is incomplete" in named.stderr
+    assert named.returncode == 2 and "is incomplete" in named.stderr
     shard = next((ckpts / "step_15").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     broken = run_module([*args, "train.steps=25"])
-    assert broken.returncode == 1 and "step_15" in broken.stderr and "corrupt" in broken.stderr
+    assert broken.returncode == 2 and "step_15" in broken.stderr and "corrupt" in broken.stderr
 
 
 def test_preemption_saves_and_exits_zero(shards, tmp_path):
@@ -171,7 +174,7 @@ def test_preemption_saves_and_exits_zero(shards, tmp_path):
 
 
 def test_non_finite_steps(shards, tmp_path):
-    base = ["-m", "trainer.train", f"data.path={shards}", "train.steps=6", "checkpoint.interval=2", *SMALL]
+    base = ["-m", "tests.fault_run", f"data.path={shards}", "train.steps=6", "checkpoint.interval=2", *SMALL]
     env = {**subprocess_env(), "HYLO_FAULT": "nan:5"}
     stop = subprocess.run([sys.executable, *base, f"run.dir={tmp_path / 'stop'}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -196,12 +199,12 @@ def test_export_and_init_from(shards, tmp_path):
     from safetensors.torch import load_file
 
     from models import HybridLM
-    from trainer.checkpoint import load_checkpoint
+    from trainer.checkpointing import load_weights
     from trainer.export import run_config_for
 
     cfg = run_config_for(run / "checkpoints" / "step_3")
     model = HybridLM(cfg.model)
-    load_checkpoint(run / "checkpoints" / "step_3", model, None)
+    load_weights(run / "checkpoints" / "step_3", model)
     exported = load_file(str(out))
     for name, t in model.state_dict().items():
         torch.testing.assert_close(exported[name], t, rtol=0, atol=0)
@@ -242,8 +245,10 @@ def test_full_disk_fails_clearly_and_keeps_earlier(tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
     from models import HybridLM
-    from trainer.checkpoint import Checkpointer, CheckpointError, latest_checkpoint
+    from trainer.checkpointing import DCPCheckpointer as Checkpointer
+    from trainer.checkpointing import latest_checkpoint
     from trainer.config import ModelConfig
+    from trainer.errors import CheckpointWriteError
 
     model = HybridLM(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2))
     optimizer = torch.optim.AdamW(model.parameters())
@@ -254,6 +259,6 @@ def test_full_disk_fails_clearly_and_keeps_earlier(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(dcp, "save", no_space)
-    with pytest.raises(CheckpointError, match=r"could not write checkpoint step_2.tmp \(the disk is full\)"):
+    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint step_2.tmp \(the disk is full\)"):
         saver.save(2, model, optimizer, {"step": 2})
     assert latest_checkpoint(tmp_path).name == "step_1" and not (tmp_path / "step_2.tmp").exists()

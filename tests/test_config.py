@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from trainer.config import CONFIG_DIR, Config, ConfigError, check_batch_layout, load_config
+from trainer.config import CONFIG_DIR, Config, ConfigError, check_batch_layout, load_config, to_yaml
 
 
 def test_tiny_yaml_is_the_embedded_default():
@@ -11,9 +11,33 @@ def test_tiny_yaml_is_the_embedded_default():
     assert from_yaml == OmegaConf.to_container(OmegaConf.structured(Config()))
 
 
-def test_every_bundled_config_loads():
-    for path in sorted(Path(CONFIG_DIR).glob("*.yaml")):
-        assert isinstance(load_config(path), Config)
+def _leaves(node, prefix=""):
+    """(dotted key, value) of every leaf a YAML file sets."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "config" and prefix == "deepspeed.":  # raw DeepSpeed passthrough: a dict value of its own
+                yield prefix + key, value
+            else:
+                yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], node
+
+
+def test_every_bundled_config_loads_with_every_value_it_sets(tmp_path):
+    paths = sorted(Path(CONFIG_DIR).glob("*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
+        cfg = load_config(path)
+        resolved = OmegaConf.structured(cfg)
+        for key, value in _leaves(OmegaConf.to_container(OmegaConf.load(path))):
+            if key == "checkpoint.async":  # a Python keyword: the field is async_save
+                key = "checkpoint.async_save"
+            got = OmegaConf.select(resolved, key)
+            got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+            assert got == value, f"{path.name}: {key} = {got!r}, the file says {value!r}"
+        written = tmp_path / path.name  # the resolved config a run saves loads back to the same config
+        written.write_text(to_yaml(cfg))
+        assert OmegaConf.structured(load_config(written)) == resolved, path.name
 
 
 def test_overrides_are_typed():

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from parallel.context import cp_segments
-from parallel.context_parallel import cp_config_problem
 from tests.conftest import run_module
 from trainer.config import load_config
+from trainer.trainer import run_problem
 
 
 def run_worker(n, seed, which, port):
@@ -34,11 +34,17 @@ def test_cp_sweep(n, free_port, fresh_seed):
 
 
 COMMON = ["train.steps=2", "logging.interval=1", "logging.progress=false", "checkpoint.interval=0",
-          "train.batch_size=4"]
+          "train.batch_size=4", "logging.sink_interval=1", "logging.layer_interval=1"]
 
 
 def first_step(run_dir):
-    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    """Everything logged at step 1: train/*, and the sink, state and gradient-norm monitors."""
+    merged = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["step"] == 1:
+            merged.update(row)
+    return merged
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +65,15 @@ def test_hybrid_model_under_cp_matches_one_rank(one_rank, tmp_path, free_port, e
     many = first_step(tmp_path)
     assert many["train/loss"] == pytest.approx(one_rank["train/loss"], rel=1e-5)
     assert many["train/grad_norm"] == pytest.approx(one_rank["train/grad_norm"], rel=1e-5)
+    monitored = [tag for tag in one_rank if tag.startswith(("sinks/", "states/", "grads/"))
+                 and "position" not in tag]  # a position is an argmax: ties may order differently
+    assert {"sinks/layer5/sink_mass/head0", "sinks/layer2/secondary_top_mass/head3", "states/layer1/norm",
+            "states/layer3/max_head", "grads/layer0"} <= set(monitored)
+    if extra == ["parallel.cp=4"]:  # the same sequences as one rank: the monitors see the whole of each
+        for tag in monitored:
+            assert many[tag] == pytest.approx(one_rank[tag], rel=1e-4, abs=1e-6), tag
+    else:  # rank 0's data-parallel share: the monitors run and report the same tags
+        assert set(monitored) <= set(many)
 
 
 def test_layouts():
@@ -83,7 +98,7 @@ def test_layouts():
     (["parallel.cp=2", "model.attn.pinned=4"], 2, "model.attn.pinned is not supported with context parallelism"),
 ])
 def test_bad_cp_settings_fail_clearly(overrides, world, fragment):
-    assert fragment in cp_config_problem(load_config(None, overrides), world)
+    assert fragment in run_problem(load_config(None, overrides), world)
 
 
 def test_bad_cp_setting_stops_the_launch(tmp_path, free_port):

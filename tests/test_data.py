@@ -6,6 +6,7 @@ import torch
 
 from trainer.config import DataConfig
 from trainer.data import DataLoader, DocumentStream, SequencePacker, bundled_corpus_files, resolve_source
+from trainer.errors import DataError
 from trainer.tokenizer import EOS, load_tokenizer, train_bpe
 
 TOK = load_tokenizer()
@@ -27,11 +28,11 @@ def test_bundled_corpus_is_real_text_with_stable_holdout():
 
 
 def test_missing_and_empty_paths_fail_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"data.path '/no/such/dir' does not exist.*data.format=hf"):
+    with pytest.raises(DataError, match=r"data.path '/no/such/dir' does not exist.*data.format=hf"):
         resolve_source(DataConfig(path="/no/such/dir"))
-    with pytest.raises(FileNotFoundError, match="holds no data files"):
+    with pytest.raises(DataError, match="holds no data files"):
         resolve_source(DataConfig(path=str(tmp_path)))
-    with pytest.raises(FileNotFoundError, match="matches no files"):
+    with pytest.raises(DataError, match="matches no files"):
         resolve_source(DataConfig(path=str(tmp_path / "*.jsonl")))
 
 
@@ -91,7 +92,7 @@ def test_jsonl_and_parquet_sources(tmp_path):
         cfg = DataConfig(path=str(tmp_path / name), text_field="content")
         texts = [t for _, (_, _, t) in zip(range(10), DocumentStream(cfg, 0).iterate(), strict=False)]
         assert sorted(texts) == sorted(r["content"] for r in rows)
-    with pytest.raises(KeyError, match="no field 'text'"):
+    with pytest.raises(DataError, match="no field 'text'"):
         next(DocumentStream(DataConfig(path=str(tmp_path / "a.jsonl")), 0).iterate())
 
 
@@ -102,7 +103,7 @@ def test_train_bpe_roundtrip(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid tokenizer.json"):
         load_tokenizer(tmp_path / "bad.json")
-    with pytest.raises(FileNotFoundError, match="hylo tokenize"):
+    with pytest.raises(DataError, match="hylo tokenize"):
         load_tokenizer(tmp_path / "missing.json")
 
 

@@ -323,3 +323,21 @@ def test_based_state_passing_matches_oracle_and_chains():
 
     seg, _ = chunk_based_linear_attention(q, k, v, block=16, segment=48)
     torch.testing.assert_close(seg, whole, rtol=0, atol=1e-10)
+
+
+def test_a_named_backend_runs_that_backend_or_refuses():
+    """kernels/dispatch.py: `chunk` means the chunk path (never SDPA), `sdpa` is explicit and plain-only, and a
+    backend an op does not offer is refused by name."""
+    from kernels.attention import chunk_attention
+
+    q, k, v = (torch.randn(1, 24, 2, 8, dtype=F64) for _ in range(3))
+    out, _ = chunk_attention(q, k, v, causal=True, window=None, sink=None, scale=None, n_pinned=0)
+    assert torch.equal(attention(q, k, v, backend="chunk"), out)  # plain attention, yet the chunk path itself
+    ref = attention(q, k, v, backend="naive")
+    torch.testing.assert_close(attention(q, k, v, backend="sdpa"), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attention(q, k, v, window=5, backend="sdpa"),
+                               attention(q, k, v, window=5, backend="naive"), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="backend='sdpa' takes plain attention only"):
+        attention(q, k, v, sink=torch.zeros(2, dtype=F64), backend="sdpa")
+    with pytest.raises(ValueError, match=r"backend='sdpa' is not one of \['auto', 'naive', 'chunk', 'triton'\]"):
+        lightning_attention(q, k, v, torch.full((2,), 0.1, dtype=F64), backend="sdpa")

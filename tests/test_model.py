@@ -3,9 +3,10 @@ import torch
 
 from kernels import attention
 from models import HybridLM
-from models.attention import collect_sink_stats, request_sink_monitor, sink_statistics
+from models.attention import sink_statistics
 from models.lm import layer_types
 from models.rope import apply_rope
+from tests.conftest import run_layer_monitor
 from trainer.config import ModelConfig
 
 F64 = torch.float64
@@ -145,14 +146,25 @@ def test_sink_monitor_finds_learned_and_secondary_sinks():
 
 
 def test_sink_monitor_hooks_into_the_model_once():
+    """The monitor callback's forward hooks report every attention layer once per due step, also when activation
+    checkpointing re-runs the forward in backward, and are gone afterwards."""
+    from parallel.activation_checkpointing import apply_activation_checkpointing
+
     model = HybridLM(small_cfg(pattern=["swa", "rat", "full"], n_layers=3))
-    request_sink_monitor(model, n_queries=8, threshold=0.3)
-    model(torch.randint(0, 97, (2, 16)))
-    stats = collect_sink_stats(model)
-    assert sorted(stats) == [0, 2] and stats[0]["sink_mass"].shape == (4,)
-    assert ((stats[0]["sink_mass"] > 0) & (stats[0]["sink_mass"] < 1)).all()  # sink logit 0: a share, not all
-    model(torch.randint(0, 97, (2, 16)))
-    assert collect_sink_stats(model) == {}  # one request, one report
+    apply_activation_checkpointing(model)
+    tokens = torch.randint(0, 97, (2, 16))
+    calls = []
+    for block in model.blocks:
+        if block.layer_type != "rat":
+            original = block.mixer.monitor
+            block.mixer.monitor = lambda *a, f=original, **kw: calls.append(1) or f(*a, **kw)
+    scalars = run_layer_monitor(model, "sinks", lambda: model(tokens).sum().backward(), n_queries=8, threshold=0.3)
+    assert len(calls) == 2  # two attention layers, once each (not again in the recompute)
+    layers = {tag.split("/")[1] for tag in scalars}
+    assert layers == {"layer0", "layer2"} and len(scalars) == 2 * (4 * 4 + 1)
+    for h in range(4):  # sink logit 0: a share of the mass, not all of it
+        assert 0 < scalars[f"sinks/layer0/sink_mass/head{h}"] < 1
+    assert all(not block.mixer._forward_hooks for block in model.blocks)
 
 
 def test_activation_checkpointing_changes_nothing_but_memory():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models import HybridLM
+from trainer.checkpointing import load_weights
 from trainer.config import load_config
 from trainer.train import train
 
@@ -31,15 +32,17 @@ def test_large_preset_builds_at_its_size(name):
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_preset_trains_and_decodes(name, tmp_path):
     cfg = load_config(f"configs/{name}.yaml", [f"run.dir={tmp_path}", "train.steps=50", "logging.interval=10",
-                                               "checkpoint.interval=0", "logging.progress=false"])
+                                               "checkpoint.interval=50", "logging.progress=false"])
     summary = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first = [r["train/loss"] for r in rows if "train/loss" in r][0]
     assert summary["last_loss"] < first - 1.0, (first, summary["last_loss"])
 
-    # Greedy generation through the recurrent caches == re-running the full forward on the growing sequence.
-    torch.manual_seed(0)
-    model = HybridLM(cfg.model).double().eval()
+    # Greedy generation through the recurrent caches == re-running the full forward on the growing sequence, with
+    # the weights just trained (trained gates, decays and sinks, not the initialisation).
+    model = HybridLM(cfg.model)
+    load_weights(tmp_path / "checkpoints" / "step_50", model)
+    model = model.double().eval()
     prompt = torch.randint(0, cfg.model.vocab_size, (2, 7))
     generated = model.generate(prompt, max_new_tokens=25)
     tokens = prompt

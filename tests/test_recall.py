@@ -10,9 +10,10 @@ import torch
 
 from kernels import based_linear_attention, lightning_attention
 from models import HybridLM
-from tests.conftest import run_module
+from tests.conftest import run_layer_monitor, run_module
+from trainer.callbacks.metrics import LossSpikes
+from trainer.callbacks.monitors import layer_grad_norms
 from trainer.config import ConfigError, ModelConfig, load_config
-from trainer.monitor import LossSpikes, collect_state_norms, layer_grad_norms, request_state_monitor
 from trainer.recall import (
     IGNORE,
     MQARLoader,
@@ -166,10 +167,8 @@ def test_state_norms_are_the_kernels_final_states():
     captured = {}
     for i, block in enumerate(model.blocks):
         block.mixer.register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args))
-    request_state_monitor(model)
     with torch.no_grad():
-        model(tokens)
-        scalars = collect_state_norms(model)
+        scalars = run_layer_monitor(model, "states", lambda: model(tokens))
         tnl, based = model.blocks[0].mixer, model.blocks[1].mixer
         q, k, v, _ = tnl._project(*captured[0])
         _, state = lightning_attention(q, k, v, tnl.slopes, output_final_state=True, backend="naive")
@@ -177,7 +176,8 @@ def test_state_norms_are_the_kernels_final_states():
         _, (s, _) = based_linear_attention(*based._qkv(captured[1][0]), output_final_state=True, backend="naive")
         assert scalars["states/layer1/max_head"] == pytest.approx(float(s.norm(dim=(-2, -1)).mean(0).max()),
                                                                   rel=1e-4)
-    assert collect_state_norms(model) == {}  # recorded once per request
+    assert sorted(scalars) == ["states/layer0/max_head", "states/layer0/norm", "states/layer1/max_head",
+                               "states/layer1/norm"]
 
 
 def test_loss_spikes_are_flagged():

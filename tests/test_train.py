@@ -4,8 +4,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import run_module
-from trainer.checkpoint import CheckpointError
 from trainer.config import load_config
+from trainer.errors import CheckpointError, ConfigError
 from trainer.train import train
 
 TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu"]
@@ -58,7 +58,7 @@ def test_checkpoints_and_resume(tiny_run):
     summary = train(cfg)
     assert summary["start_step"] == 50
     assert read_metrics(run_dir)[-1]["step"] == 55
-    with pytest.raises(Exception, match="already holds checkpoints"):
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
         train(load_config(None, [f"run.dir={run_dir}", "checkpoint.resume=none"]))
 
 
@@ -88,3 +88,49 @@ def test_hylo_tokenize(tmp_path):
                       "--output", str(out)])
     assert res.returncode == 0, res.stderr
     assert out.is_file() and "wrote" in res.stdout
+
+
+def test_the_loop_reads_nothing_from_the_device_between_logging_steps(tmp_path, monkeypatch):
+    """No host synchronisation per step: outside the engine's own step, a step that is not a logging step reads
+    no tensor value (no .item(), bool(), float(), int(), .tolist()) — not the non-finite check, not the loss, not
+    the spike detector, not the preemption poll.  Logging steps do (the counter counts)."""
+    import torch
+
+    from trainer.callbacks import Callback
+    from trainer.engines.torch_engine import TorchEngine
+
+    reads: dict[int, int] = {}
+    now = {"step": 0, "in_engine": False}
+
+    def count(name: str) -> None:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, **kwargs):
+            if not now["in_engine"]:
+                reads[now["step"]] = reads.get(now["step"], 0) + 1
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        count(name)
+    engine_step = TorchEngine.train_step
+
+    def step_in_engine(self, *args, **kwargs):
+        now["in_engine"] = True
+        try:
+            return engine_step(self, *args, **kwargs)
+        finally:
+            now["in_engine"] = False
+    monkeypatch.setattr(TorchEngine, "train_step", step_in_engine)
+
+    class MarkStep(Callback):
+        def on_step_start(self, trainer):
+            now["step"] = trainer.step
+
+    cfg = load_config(None, [f"run.dir={tmp_path}", "train.steps=12", "logging.interval=6", "checkpoint.interval=0",
+                             "logging.progress=false", "logging.sink_interval=0", "logging.layer_interval=0",
+                             "data.prefetch=0", "model.n_layers=2", "train.batch_size=4", "train.seq_len=64"])
+    train(cfg, callbacks=[MarkStep()])
+    quiet = [s for s in range(2, 12) if s != 6]
+    assert all(reads.get(s, 0) == 0 for s in quiet), reads
+    assert reads[6] > 0 and reads[12] > 0, reads

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+from trainer.errors import run_command
 
 
 def tokenize_main(argv: list[str]) -> int:
@@ -23,11 +26,7 @@ def tokenize_main(argv: list[str]) -> int:
     from trainer.data import DocumentStream
     from trainer.tokenizer import train_bpe
 
-    try:
-        stream = DocumentStream(DataConfig(path=args.input, format=args.format, text_field=args.text_field), seed=0)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"[hylo] error: {err}", file=sys.stderr)
-        return 2
+    stream = DocumentStream(DataConfig(path=args.input, format=args.format, text_field=args.text_field), seed=0)
 
     def one_epoch():
         for epoch, _, text in stream.iterate():
@@ -50,8 +49,12 @@ def tokenize_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": "trainer.train", "tokenize": None, "export": None, "eval": None, "generate": None,
-            "launch": None, "report": None}
+# name -> (module, function); a subcommand's module is imported only when it runs (`hylo launch` need not import
+# the training stack).
+COMMANDS = {"train": ("trainer.train", "main"), "tokenize": ("trainer.cli", "tokenize_main"),
+            "export": ("trainer.export", "export_main"), "eval": ("trainer.evaluate", "eval_main"),
+            "generate": ("trainer.generate", "generate_main"), "launch": ("launch.launcher", "launch_main"),
+            "report": ("trainer.report", "report_main")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,37 +67,15 @@ def main(argv: list[str] | None = None) -> int:
               "  eval      perplexity by position, MQAR and passkey recall (hylo eval --help)\n"
               "  generate  decode from a checkpoint with the recurrent caches (hylo generate --help)\n"
               "  launch    print and run the torchrun / deepspeed / srun command for N nodes x G GPUs\n"
-              "  report    a PNG/HTML summary of a run directory (hylo report --help)")
+              "  report    a PNG/HTML summary of a run directory (hylo report --help)\n"
+              "exit codes: 0 done, 2 refused (config, arguments, data, a checkpoint to read), 1 failed while running")
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        from trainer.train import main as train_main
-
-        return train_main(rest)
-    if command == "tokenize":
-        return tokenize_main(rest)
-    if command == "export":
-        from trainer.export import export_main
-
-        return export_main(rest)
-    if command == "eval":
-        from trainer.evaluate import eval_main
-
-        return eval_main(rest)
-    if command == "generate":
-        from trainer.generate import generate_main
-
-        return generate_main(rest)
-    if command == "launch":
-        from launch.launcher import launch_main
-
-        return launch_main(rest)
-    if command == "report":
-        from trainer.report import report_main
-
-        return report_main(rest)
-    print(f"hylo: unknown command '{command}'; choose from {sorted(COMMANDS)}", file=sys.stderr)
-    return 2
+    if command not in COMMANDS:
+        print(f"hylo: unknown command '{command}'; choose from {sorted(COMMANDS)}", file=sys.stderr)
+        return 2
+    module, function = COMMANDS[command]
+    return run_command(getattr(importlib.import_module(module), function), rest)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from models import MIXERS
+from trainer.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration the trainer refuses to start with; the message says what to change."""
 
 
 @dataclass
@@ -186,7 +185,7 @@ class ProfileConfig:
     enabled: bool = False  # torch.profiler trace of steps [start_step, start_step + steps) into <run>/tb/profile
     start_step: int = 5
     steps: int = 3
-    memory_snapshot: bool = True  # on GPU: record allocations and dump <run>/oom_snapshot.pickle on out-of-memory
+    memory_snapshot: bool = True  # GPU: record allocations, dump <run>/oom_snapshot_rank<r>.pickle on out-of-memory
 
 
 @dataclass
@@ -278,9 +277,8 @@ def to_yaml(config: Config) -> str:
 
 
 def validate(c: Config) -> None:
-    """Cross-field checks the types alone cannot express."""
-    from models.registry import MIXERS  # the registry knows which layer types exist and what each needs
-
+    """Cross-field checks the types alone cannot express.  What depends on the number of ranks or the engine
+    is checked when the run starts (trainer.trainer.run_problem)."""
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(c, section), name)
@@ -353,12 +351,6 @@ def validate(c: Config) -> None:
     if min(t.micro_batch_size, c.checkpoint.interval, c.checkpoint.keep_last, t.grad_clip, c.data.prefetch) < 0:
         raise ConfigError("train.micro_batch_size, checkpoint.interval, checkpoint.keep_last, train.grad_clip and "
                           "data.prefetch must be >= 0")
-    if t.engine == "deepspeed":
-        from trainer.deepspeed_engine import unsupported
-
-        problem = unsupported(c)
-        if problem:
-            raise ConfigError(problem)
 
 
 def check_batch_layout(c: Config, dp: int) -> tuple[int, int]:

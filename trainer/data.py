@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from trainer.config import DataConfig
+from trainer.errors import DataError
 from trainer.tokenizer import EOS
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
@@ -54,7 +55,7 @@ def bundled_corpus_files(split: str = "train") -> list[str]:
         if held_out == (split == "val"):
             files.append(str(path))
     if not files:
-        raise FileNotFoundError(f"found no Python source files under {root} to use as the bundled corpus")
+        raise DataError(f"found no Python source files under {root} to use as the bundled corpus")
     return files
 
 
@@ -67,7 +68,7 @@ def _builder_for(files: list[str], fmt: str) -> str:
     if suffixes <= JSON_SUFFIXES:
         return "json"
     if suffixes & (PARQUET_SUFFIXES | JSON_SUFFIXES):
-        raise ValueError(
+        raise DataError(
             f"data.path mixes file kinds {sorted(suffixes)}; point it at one kind or set data.format explicitly"
         )
     return "text"
@@ -80,7 +81,7 @@ def resolve_source(cfg: DataConfig) -> tuple[str, list[str] | str]:
     """
     if cfg.format == "hf":
         if not cfg.path:
-            raise ValueError("data.format=hf needs data.path set to a Hugging Face dataset name")
+            raise DataError("data.format=hf needs data.path set to a Hugging Face dataset name")
         return "hf", cfg.path
     if cfg.path in ("", "bundled:train", "bundled:val"):
         return "text", bundled_corpus_files("val" if cfg.path == "bundled:val" else "train")
@@ -88,18 +89,18 @@ def resolve_source(cfg: DataConfig) -> tuple[str, list[str] | str]:
     if any(ch in cfg.path for ch in "*?["):
         files = sorted(f for f in glob.glob(os.path.expanduser(cfg.path), recursive=True) if os.path.isfile(f))
         if not files:
-            raise FileNotFoundError(f"data.path glob '{cfg.path}' matches no files")
+            raise DataError(f"data.path glob '{cfg.path}' matches no files")
     elif path.is_file():
         files = [str(path)]
     elif path.is_dir():
         known = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
         files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in known)
         if not files:
-            raise FileNotFoundError(
+            raise DataError(
                 f"data.path folder '{path}' holds no data files (looked for {sorted(known)} recursively)"
             )
     else:
-        raise FileNotFoundError(
+        raise DataError(
             f"data.path '{cfg.path}' does not exist. Give a file, a folder or a glob of text/JSONL/Parquet files, "
             "leave it empty for the bundled corpus, or set data.format=hf for a Hugging Face dataset name"
         )
@@ -126,7 +127,7 @@ class DocumentStream:
             try:
                 ds = load_dataset(self.source, split=self.cfg.hf_split, streaming=True)
             except Exception as err:
-                raise RuntimeError(
+                raise DataError(
                     f"could not open Hugging Face dataset '{self.source}' (split '{self.cfg.hf_split}'): {err}. "
                     "Offline machines need local files in data.path instead."
                 ) from None
@@ -150,7 +151,7 @@ class DocumentStream:
             for example in ds:
                 text = example.get(self.cfg.text_field)
                 if text is None:
-                    raise KeyError(
+                    raise DataError(
                         f"documents have no field '{self.cfg.text_field}' (fields: {sorted(example)}); "
                         "set data.text_field"
                     )
@@ -158,7 +159,7 @@ class DocumentStream:
                 yield epoch, before, text
                 before = ds.state_dict()
             if empty_epoch:
-                raise ValueError(f"the data source {str(self.source)[:200]} yielded no documents")
+                raise DataError(f"the data source {str(self.source)[:200]} yielded no documents")
             epoch += 1
 
 
@@ -182,7 +183,7 @@ class SequencePacker:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") == "tokens":
-            raise ValueError("the data state was saved by the token-shard loader; resume with the same data.path")
+            raise DataError("the data state was saved by the token-shard loader; resume with the same data.path")
         self._start = dict(state)
         self._queue.clear()
         self._source = None
@@ -298,9 +299,9 @@ class DataLoader:
         if self._thread is not None:
             raise RuntimeError("load the data loader's state before iterating it")
         if state["seq_len"] != self.seq_len:
-            raise ValueError(f"data state was saved at seq_len={state['seq_len']}, this run uses {self.seq_len}")
+            raise DataError(f"data state was saved at seq_len={state['seq_len']}, this run uses {self.seq_len}")
         if state["global_batch"] != self.global_batch:
-            raise ValueError(f"data state was saved with train.batch_size={state['global_batch']}, this run uses "
+            raise DataError(f"data state was saved with train.batch_size={state['global_batch']}, this run uses "
                              f"{self.global_batch}: keep the global batch when resuming (the number of ranks may "
                              "change)")
         self.packer.load_state_dict(state["packer"])

@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import json
 import math
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,6 +17,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.config import DataConfig
+from trainer.data import DataLoader
+from trainer.errors import ConfigError, DataError
+from trainer.export import load_trained_model
+from trainer.tokenizer import load_tokenizer
 
 
 @torch.no_grad()
@@ -45,7 +48,7 @@ def perplexity(model: torch.nn.Module, batches: Iterable[torch.Tensor], bucket: 
         sums.index_add_(0, which.flatten(), nll.flatten().double())
         counts.index_add_(0, which.flatten(), torch.ones_like(nll.flatten(), dtype=torch.float64))
     if sums is None:
-        raise ValueError("no evaluation batches")
+        raise DataError("no evaluation batches")
     if dist.is_initialized():
         dist.all_reduce(sums)
         dist.all_reduce(counts)
@@ -65,8 +68,6 @@ def eval_scalars(result: dict) -> dict[str, float]:
 def eval_batches(data: DataConfig, tokenizer, seq_len: int, batch_size: int, n_batches: int, rank: int = 0,
                  world: int = 1) -> list[torch.Tensor]:
     """The first n_batches global batches of the held-out data (the same every time), this rank's share."""
-    from trainer.data import DataLoader
-
     loader = DataLoader(data, tokenizer, seq_len=seq_len, global_batch=batch_size * world,
                         micro_batch=batch_size, rank=rank, world=world, seed=0)
     try:
@@ -130,27 +131,16 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--trials", type=int, default=4, help="passkey: random keys per (length, depth) cell")
     parser.add_argument("--heatmap", default="", help="passkey: also write the heat-map as this PNG")
     args = parser.parse_args(argv)
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError
-    from trainer.export import load_trained_model
-    from trainer.tokenizer import load_tokenizer
-
-    try:
-        model, cfg = load_trained_model(Path(args.checkpoint))
-        model.eval()
-        if args.task == "ppl":
-            return _eval_ppl(model, cfg, args)
-        if args.task == "mqar":
-            return _eval_mqar(model, cfg, args)
-        return _eval_passkey(model, cfg, load_tokenizer(cfg.data.tokenizer), args)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"[hylo] error: {err}", file=sys.stderr)
-        return 2
+    model, cfg = load_trained_model(Path(args.checkpoint))
+    model.eval()
+    if args.task == "ppl":
+        return _eval_ppl(model, cfg, args)
+    if args.task == "mqar":
+        return _eval_mqar(model, cfg, args)
+    return _eval_passkey(model, cfg, load_tokenizer(cfg.data.tokenizer), args)
 
 
 def _eval_ppl(model, cfg, args) -> int:
-    from trainer.tokenizer import load_tokenizer
-
     seq_len = args.seq_len or cfg.train.seq_len
     data = DataConfig(**{**cfg.data.__dict__, "path": args.data, "prefetch": 0})
     batches = eval_batches(data, load_tokenizer(cfg.data.tokenizer), seq_len, args.batch_size, args.batches)
@@ -169,9 +159,12 @@ def _eval_mqar(model, cfg, args) -> int:
     spec = mqar_spec(cfg)
     spec.seq_len = args.seq_len or spec.seq_len
     spec.pairs = args.pairs or spec.pairs
-    spec.check()
+    try:
+        spec.check()
+    except ValueError as err:
+        raise ConfigError(f"--pairs/--seq-len: {err}") from None
     if model.cfg.vocab_size < spec.vocab:
-        raise ValueError(f"MQAR with {spec.n_keys} keys and {spec.n_values} values needs {spec.vocab} token ids; "
+        raise ConfigError(f"MQAR with {spec.n_keys} keys and {spec.n_values} values needs {spec.vocab} token ids; "
                          f"this model has {model.cfg.vocab_size}")
     accuracy = mqar_accuracy(model, spec, n=args.samples)
     print(f"[hylo] {args.checkpoint}: MQAR accuracy {accuracy:.4f} ({spec.pairs} pairs, length {spec.seq_len}, "
@@ -186,7 +179,7 @@ def _eval_passkey(model, cfg, tokenizer, args) -> int:
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else passkey_lengths(cfg)
     depths = [float(x) for x in args.depths.split(",")]
     if any(not 0 <= d <= 1 for d in depths):
-        raise ValueError(f"--depths must lie in [0, 1], got {depths}")
+        raise ConfigError(f"--depths must lie in [0, 1], got {depths}")
     grid = passkey_grid(model, tokenizer, lengths, depths, args.trials)
     print(f"[hylo] {args.checkpoint}: passkey accuracy {grid.mean():.3f} (rows: length, columns: depth)")
     print("  length " + " ".join(f"{d:>6.2f}" for d in depths))

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from models import HybridLM
-from trainer.checkpoint import CheckpointError, load_checkpoint
-from trainer.config import ConfigError, load_config
+from trainer.checkpointing import load_weights as load_checkpoint_weights
+from trainer.config import load_config
+from trainer.errors import CheckpointError, ConfigError
 
 
 def run_config_for(checkpoint: Path):
@@ -31,7 +31,7 @@ def load_trained_model(checkpoint: Path):
         raise CheckpointError(f"checkpoint '{checkpoint}' does not exist")
     cfg = run_config_for(checkpoint)
     model = HybridLM(cfg.model)
-    load_checkpoint(checkpoint, model, None)
+    load_checkpoint_weights(checkpoint, model)
     return model, cfg
 
 
@@ -76,10 +76,6 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output .safetensors path (a .json config is written beside)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     args = parser.parse_args(argv)
-    try:
-        out = export(Path(args.checkpoint), Path(args.out), args.dtype)
-    except (CheckpointError, ConfigError) as err:
-        print(f"[hylo] error: {err}", file=sys.stderr)
-        return 2
+    out = export(Path(args.checkpoint), Path(args.out), args.dtype)
     print(f"[hylo] wrote {out} and {out.with_suffix('.json')}")
     return 0

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import torch
 
+from trainer.errors import ConfigError
+from trainer.export import load_trained_model
+from trainer.tokenizer import load_tokenizer
+
 
 @torch.no_grad()
 def generate_tokens(model, prompt: torch.Tensor, max_new_tokens: int, use_cache: bool = True) -> torch.Tensor:
@@ -30,22 +34,12 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--no-cache", action="store_true", help="re-run the full forward per token (reference)")
     args = parser.parse_args(argv)
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError
-    from trainer.export import load_trained_model
-    from trainer.tokenizer import load_tokenizer
-
-    try:
-        model, cfg = load_trained_model(Path(args.checkpoint))
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-    except (CheckpointError, ConfigError, FileNotFoundError) as err:
-        print(f"[hylo] error: {err}", file=sys.stderr)
-        return 2
+    model, cfg = load_trained_model(Path(args.checkpoint))
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
     model.eval()
     ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
     if not ids:
-        print("[hylo] error: the prompt is empty after tokenization", file=sys.stderr)
-        return 2
+        raise ConfigError("--prompt is empty after tokenization")
     prompt = torch.tensor([ids])
     start = time.perf_counter()
     out = generate_tokens(model, prompt, args.max_new_tokens, use_cache=not args.no_cache)

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.errors import ConfigError
+
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """tag -> [(step, value)] in logging order (a resumed run's repeated steps keep their last value)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is '{run_dir}' a hylo run directory (run.dir)?")
+        raise ConfigError(f"{path} does not exist: is '{run_dir}' a hylo run directory (run.dir)?")
     series: dict[str, dict[int, float]] = defaultdict(dict)
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
@@ -102,7 +104,7 @@ def render(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     if passkey:
         panels.append(("grid", "passkey accuracy (length x depth)", passkey, False))
     if not panels:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no metrics yet")
+        raise ConfigError(f"{run_dir / 'metrics.jsonl'} holds no metrics yet")
 
     cols = 2
     fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(11, 3.2 * -(-len(panels) // cols)),
@@ -152,10 +154,6 @@ def report_main(argv: list[str]) -> int:
     parser.add_argument("run_dir", help="a run directory (run.dir) holding metrics.jsonl")
     parser.add_argument("--out", default="", help="where to write report.png/.html (default: the run directory)")
     args = parser.parse_args(argv)
-    try:
-        png, page = render(Path(args.run_dir), Path(args.out) if args.out else None)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"[hylo] error: {err}", file=sys.stderr)
-        return 2
+    png, page = render(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"[hylo] report: {png} and {page}")
     return 0

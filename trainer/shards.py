@@ -18,12 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.errors import DataError
+
 INDEX = "index.json"
-
-
-class DataError(ValueError):
-    """Token shards that cannot be used as they are; the message says how to fix them."""
-
 FORMAT = "hylo-tokens-v1"
 
 
@@ -155,6 +152,6 @@ class ShardSequences:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "tokens":
-            raise ValueError("the data state was saved by the streaming loader, not by token shards; resume with "
+            raise DataError("the data state was saved by the streaming loader, not by token shards; resume with "
                              "the same data.path")
         self.next_index = state["next_index"]

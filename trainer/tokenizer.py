@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from trainer.errors import ConfigError, DataError
+
 EOS = "<|endoftext|>"
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "stdlib_bpe_4k.json"
 
@@ -18,7 +20,7 @@ BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "stdlib_bpe_4k.
 def train_bpe(texts: Iterable[str], vocab_size: int, out: str | Path | None = None) -> Tokenizer:
     """Train a byte-level BPE with EOS as its only special token (id 0); save to `out` if given."""
     if vocab_size < 257 + 1:
-        raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 258 (256 bytes + EOS)")
+        raise ConfigError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 258 (256 bytes + EOS)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -39,14 +41,14 @@ def load_tokenizer(path: str | Path = "") -> Tokenizer:
     """Load `path` (empty = the bundled tokenizer); errors say what is wrong and how to get a tokenizer."""
     path = Path(path) if path else BUNDLED_TOKENIZER
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DataError(
             f"tokenizer file '{path}' does not exist; set data.tokenizer to a tokenizer.json, leave it empty for "
             "the bundled one, or train one with `hylo tokenize --input DATA --output tokenizer.json`"
         )
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as err:  # the Rust side raises a bare Exception for malformed JSON
-        raise ValueError(f"'{path}' is not a valid tokenizer.json ({err}); retrain it with `hylo tokenize`") from None
+        raise DataError(f"'{path}' is not a valid tokenizer.json ({err}); retrain it with `hylo tokenize`") from None
     if tok.token_to_id(EOS) is None:
-        raise ValueError(f"tokenizer '{path}' has no '{EOS}' token, which separates packed documents")
+        raise DataError(f"tokenizer '{path}' has no '{EOS}' token, which separates packed documents")
     return tok

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from kernels.attention.chunk import chunk_attention
 from kernels.attention.naive import naive_attention
-from kernels.attention.step import attention_step
-from kernels.triton_support import require_triton, triton_usable
+from kernels.attention.step import attention_prefill, attention_step
+from kernels.dispatch import choose_backend, triton_fits
 
-__all__ = ["attention", "attention_step", "naive_attention", "chunk_attention"]
+__all__ = ["attention", "attention_prefill", "attention_step", "naive_attention", "chunk_attention"]
 
 
 @lru_cache(maxsize=8)
@@ -44,11 +44,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int 
         raise ValueError(f"n_pinned={n_pinned} must be >= 0")
 
 
-def _triton_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """`auto` takes the Triton kernels for CUDA tensors of a dtype and head dim they handle."""
-    if not q.is_cuda or not triton_usable(q, k, v):
-        return False
-    from kernels.attention.triton import supported
+def _triton_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    from kernels.attention.triton import supported  # imports triton, which CPU-only installs may lack
 
     return supported(q, k, v)
 
@@ -70,31 +67,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     window    each query sees itself and the window-1 keys before it (None: all earlier keys)
     sink      (H,) learned logits that join each query's softmax denominator and carry no value
     n_pinned  with a window, the first n_pinned tokens stay visible to every query (StreamingLLM)
-    backend   "naive" (quadratic oracle) | "chunk" (blockwise PyTorch) | "triton" (flash kernels) | "auto"
-              (on GPUs: SDPA for plain attention, else Triton where it takes the dtype and head dim; chunk on CPUs)
+    backend   "naive" (quadratic oracle) | "chunk" (blockwise PyTorch) | "triton" (flash kernels) | "sdpa"
+              (torch's SDPA, plain attention only) | "auto" (kernels/dispatch.py: SDPA for plain attention,
+              else Triton for CUDA tensors it takes, else chunk)
     """
     check_inputs(q, k, v, window, causal, sink, n_pinned)
     if window is not None and window >= k.shape[1]:
         window = None  # the window covers everything: plain causal attention
+    plain = sink is None and not return_lse and n_pinned == 0 and q.shape[1] == k.shape[1]
+    # SDPA takes plain attention; with a window only on GPUs where the Triton kernels cannot take the inputs (as a
+    # (T, T) mask) — on CPUs the blockwise path is O(T*W).
+    sdpa_ok = plain and (window is None or (q.is_cuda and not (triton_fits(q, k, v) and _triton_takes(q, k, v))))
+    backend = choose_backend("attention", backend, ("naive", "chunk", "triton", "sdpa"), (q, k, v),
+                             triton_ok=lambda: _triton_takes(q, k, v), sdpa_ok=sdpa_ok)
+    if backend == "sdpa":
+        if not plain:
+            raise ValueError("backend='sdpa' takes plain attention only: no sink, lse, pinned tokens, or fewer "
+                             "queries than keys")
+        return _sdpa(q, k, v, causal, window, scale)
     if backend == "naive":
         out, lse = naive_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale, n_pinned=n_pinned)
-    elif backend == "triton" or (backend == "auto" and _triton_fits(q, k, v)):
-        plain = sink is None and not return_lse and n_pinned == 0 and window is None and q.shape[1] == k.shape[1]
-        if backend == "auto" and plain:  # nothing SDPA lacks: the library kernel
-            return _sdpa(q, k, v, causal, None, scale)
-        require_triton(q, k, v)
+    elif backend == "triton":
         from kernels.attention.triton import triton_attention  # imports triton, which CPU-only installs may lack
 
         out, lse = triton_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale,
                                     n_pinned=n_pinned)
-    elif backend in ("auto", "chunk"):
-        plain = sink is None and not return_lse and n_pinned == 0 and q.shape[1] == k.shape[1]
-        # Nothing SDPA lacks: the library kernel.  With a window only on GPUs (where the Triton kernels could not
-        # take the inputs), as a (T, T) mask; on CPUs the blockwise path is O(T*W).
-        if plain and (window is None or q.is_cuda):
-            return _sdpa(q, k, v, causal, window, scale)
+    else:
         out, lse = chunk_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale,
                                    n_pinned=n_pinned)
-    else:
-        raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk', 'triton'")
     return (out, lse) if return_lse else out

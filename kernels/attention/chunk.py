@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.dispatch import compute_dtype
+
 BLOCK = 256
 
 
@@ -142,7 +144,7 @@ def to_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Ten
     in the compute dtype (float32 for half inputs)."""
     b, t_q, h, d = q.shape
     h_kv = k.shape[2]
-    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    compute = compute_dtype(q.dtype)
     qg = q.to(compute).transpose(1, 2).reshape(b, h_kv, h // h_kv, t_q, d)
     kg = k.to(compute).transpose(1, 2)[:, :, None]
     vg = v.to(compute).transpose(1, 2)[:, :, None]

@@ -30,3 +30,12 @@ def attention_step(state: dict | None, q: torch.Tensor, k: torch.Tensor, v: torc
     values = torch.cat([state["pinned_v"], state["v"]], dim=1)
     out, _ = naive_attention(q[:, None], keys, values, causal=False, sink=sink, scale=scale)
     return out[:, 0], state
+
+
+def attention_prefill(k: torch.Tensor, v: torch.Tensor, *, window: int | None = None, n_pinned: int = 0) -> dict:
+    """The state `attention_step` holds after stepping through a prompt whose keys/values are k, v (B, T, Hkv, d):
+    the pinned first tokens and, for a window, only the last `window` of the rest."""
+    t = k.shape[1]
+    n_pin = min(n_pinned, t) if window is not None else 0
+    rest = slice(n_pin, None) if window is None else slice(max(n_pin, t - window), None)
+    return {"pos": t, "pinned_k": k[:, :n_pin], "pinned_v": v[:, :n_pin], "k": k[:, rest], "v": v[:, rest]}

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dispatch import TRITON_DTYPES
 from kernels.triton_support import autotune, contiguous_last, interpreting, output_buffer, strides3
 
 LOG2E = 1.4426950408889634
@@ -33,7 +34,7 @@ _LOG2E, _LN2 = tl.constexpr(LOG2E), tl.constexpr(LN2)
 # Two CPU interpreter quirks are worked around when it runs (see _dot and _cast).
 _INTERPRETING = tl.constexpr(interpreting())
 HEAD_DIMS = (16, 32, 64, 128, 256)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = TRITON_DTYPES
 
 # The first config is the one the CPU interpreter runs: small blocks there make the tests' short sequences span
 # several blocks (so block skipping and masking get exercised).  On a GPU autotune picks among all of them.

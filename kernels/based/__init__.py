@@ -7,7 +7,7 @@ import torch
 from kernels.based.chunk import chunk_based_linear_attention, taylor_features
 from kernels.based.naive import naive_based_linear_attention
 from kernels.based.step import based_step
-from kernels.triton_support import require_triton, triton_usable
+from kernels.dispatch import choose_backend
 
 __all__ = ["based_linear_attention", "based_step", "taylor_features", "naive_based_linear_attention",
            "chunk_based_linear_attention"]
@@ -28,18 +28,13 @@ def based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"based_linear_attention expects q, k (B, T, H, d_f) and v (B, T, H, e); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if backend == "auto":
-        fits = q.is_cuda and q.dtype != torch.float64 and k.dtype == v.dtype == q.dtype
-        backend = "triton" if fits and triton_usable(q) else "chunk"
+    backend = choose_backend("based_linear_attention", backend, ("naive", "chunk", "triton"), (q, k, v))
     if backend == "triton":
-        require_triton(q, k, v)
         from kernels.based.triton import triton_based_linear_attention  # imports triton: only when asked for
 
         return triton_based_linear_attention(q, k, v, eps, initial_state, output_final_state)
     if backend == "naive":
         out, final = naive_based_linear_attention(q, k, v, eps, initial_state)
-    elif backend == "chunk":
-        out, final = chunk_based_linear_attention(q, k, v, eps, initial_state)
     else:
-        raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk', 'triton'")
+        out, final = chunk_based_linear_attention(q, k, v, eps, initial_state)
     return (out, final) if output_final_state else out

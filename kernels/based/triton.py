@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dispatch import TRITON_DTYPES
 from kernels.triton_dots import dot, mm, round_to
 from kernels.triton_support import autotune, contiguous_last, output_buffer, padded_width, strides3
 
@@ -432,7 +433,7 @@ def triton_based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   output_final_state: bool = False):
     """-> out (B, T, H, e) in q's dtype, or (out, (S (B, H, F, e), z (B, H, F)) float32) with `output_final_state`;
     states in taylor_features' order, interchangeable with the chunk path's.  Inputs float32/bfloat16/float16."""
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in TRITON_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"backend='triton' takes float32/bfloat16/float16 q, k, v of one dtype, got {q.dtype}, "
                         f"{k.dtype}, {v.dtype} (float64 runs on backend='chunk')")
     d = q.shape[-1]

@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels.conv.naive import naive_short_conv
+from kernels.conv.step import short_conv_prefill, short_conv_step
+from kernels.dispatch import choose_backend
 
-__all__ = ["short_conv", "short_conv_step", "naive_short_conv"]
+__all__ = ["short_conv", "short_conv_prefill", "short_conv_step", "naive_short_conv"]
 
 
 def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -21,10 +23,8 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if initial_state is not None and initial_state.shape != (x.shape[0], k - 1, x.shape[2]):
         raise ValueError(f"initial_state must be (B, K-1, C) = {(x.shape[0], k - 1, x.shape[2])}, "
                          f"got {tuple(initial_state.shape)}")
-    if backend == "naive":
+    if choose_backend("short_conv", backend, ("naive", "chunk"), (x,)) == "naive":
         return naive_short_conv(x, weight, bias, initial_state)
-    if backend not in ("auto", "chunk"):
-        raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk'")
     xt = x.transpose(1, 2)
     if initial_state is None:
         xt = F.pad(xt, (k - 1, 0))
@@ -32,14 +32,3 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         xt = torch.cat([initial_state.transpose(1, 2).to(x.dtype), xt], dim=-1)
     return F.conv1d(xt, weight[:, None, :].to(x.dtype), None if bias is None else bias.to(x.dtype),
                     groups=x.shape[2]).transpose(1, 2)
-
-
-def short_conv_step(state: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token: x (B, C) -> (y (B, C), state (B, K-1, C): the last K-1 inputs)."""
-    k = weight.shape[1]
-    if state is None:
-        state = x.new_zeros(x.shape[0], k - 1, x.shape[1])
-    window = torch.cat([state, x[:, None]], dim=1)  # (B, K, C)
-    y = (window * weight.t()).sum(1)
-    return (y + bias if bias is not None else y), window[:, 1:]

@@ -6,10 +6,10 @@ import math
 
 import torch
 
+from kernels.dispatch import choose_backend
 from kernels.lightning.chunk import chunk_lightning_attention
 from kernels.lightning.naive import naive_lightning_attention
 from kernels.lightning.step import lightning_step
-from kernels.triton_support import require_triton, triton_usable
 
 __all__ = ["lightning_attention", "lightning_step", "tnl_slopes", "naive_lightning_attention",
            "chunk_lightning_attention"]
@@ -55,19 +55,14 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
     if initial_state is not None and initial_state.shape != state_shape:
         raise ValueError(f"initial_state must have shape (B, H, d, e) = {state_shape}, got "
                          f"{tuple(initial_state.shape)}")
-    if backend == "auto":
-        fits = (q.is_cuda and q.dtype != torch.float64 and k.dtype == v.dtype == q.dtype
-                and not decay.requires_grad)
-        backend = "triton" if fits and triton_usable(q) else "chunk"
+    backend = choose_backend("lightning_attention", backend, ("naive", "chunk", "triton"), (q, k, v),
+                             triton_ok=lambda: not decay.requires_grad)
     if backend == "triton":
-        require_triton(q, k, v)
         from kernels.lightning.triton import triton_lightning_attention  # imports triton: only when asked for
 
         return triton_lightning_attention(q, k, v, decay, initial_state, output_final_state)
     if backend == "naive":
         out, final = naive_lightning_attention(q, k, v, decay, initial_state)
-    elif backend == "chunk":
-        out, final = chunk_lightning_attention(q, k, v, decay, initial_state)
     else:
-        raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk', 'triton'")
+        out, final = chunk_lightning_attention(q, k, v, decay, initial_state)
     return (out, final) if output_final_state else out

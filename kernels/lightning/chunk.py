@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.dispatch import compute_dtype
+
 BLOCK = 64
 SEGMENT = 2048
 
@@ -48,7 +50,7 @@ def chunk_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               segment: int = SEGMENT) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out (B, T, H, e) in q's dtype, final state (B, H, d, e) in the compute dtype)."""
     b, t, h, d = q.shape
-    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    compute = compute_dtype(q.dtype)
     state = (torch.zeros(b, h, d, v.shape[-1], dtype=compute, device=q.device) if initial_state is None
              else initial_state.to(compute))
     s = decay.to(compute)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from kernels.dispatch import compute_dtype
+
 
 def lightning_step(state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    decay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One token: q, k (B, H, d), v (B, H, e) -> (o (B, H, e), state (B, H, d, e)).  KV <- lambda KV + k^T v."""
-    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    compute = compute_dtype(q.dtype)
     kv = k.to(compute)[..., :, None] * v.to(compute)[..., None, :]
     lam = torch.exp(-decay.to(compute))[None, :, None, None]
     state = kv if state is None else state * lam + kv

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dispatch import TRITON_DTYPES
 from kernels.triton_dots import dot, mm, round_to
 from kernels.triton_support import autotune, contiguous_last, output_buffer, padded_width, strides3
 
@@ -242,7 +243,7 @@ def triton_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                initial_state: torch.Tensor | None = None, output_final_state: bool = False):
     """-> out (B, T, H, e) in q's dtype, or (out, final state (B, H, d, e) float32) with `output_final_state`.
     Inputs float32/bfloat16/float16 (float32 state and accumulation); `decay` is a constant (no gradient)."""
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in TRITON_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"backend='triton' takes float32/bfloat16/float16 q, k, v of one dtype, got {q.dtype}, "
                         f"{k.dtype}, {v.dtype} (float64 runs on backend='chunk')")
     if decay.requires_grad:

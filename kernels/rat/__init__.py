@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from kernels.dispatch import choose_backend
 from kernels.rat.chunk import chunk_rat_attention, scan_summaries
 from kernels.rat.naive import naive_rat_attention
-from kernels.rat.step import rat_step
-from kernels.triton_support import triton
+from kernels.rat.step import rat_prefill, rat_step
 
-__all__ = ["rat_attention", "rat_step", "scan_summaries", "naive_rat_attention", "chunk_rat_attention"]
+__all__ = ["rat_attention", "rat_prefill", "rat_step", "scan_summaries", "naive_rat_attention", "chunk_rat_attention"]
 
 
 def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, chunk_size: int, *,
@@ -31,17 +31,13 @@ def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
         raise ValueError("the gate is shared by the key and value scans: k and v need the same head dim")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    backend = choose_backend("rat_attention", backend, ("naive", "chunk", "triton"), (q, k, v))
     if backend == "naive":
         if prefix is not None:
             raise ValueError("the naive RAT oracle takes whole sequences, not a prefix of chunk summaries")
         return naive_rat_attention(q, k, v, gate, chunk_size, scale)
-    if backend == "auto":
-        fits = q.is_cuda and triton is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        backend = "triton" if fits else "chunk"
     if backend == "triton":
         from kernels.rat.triton import triton_rat_attention  # imported late: needs triton, and TRITON_INTERPRET set
 
         return triton_rat_attention(q, k, v, gate, chunk_size, scale, prefix)
-    if backend == "chunk":
-        return chunk_rat_attention(q, k, v, gate, chunk_size, scale, prefix)
-    raise ValueError(f"backend='{backend}' is not one of 'auto', 'naive', 'chunk', 'triton'")
+    return chunk_rat_attention(q, k, v, gate, chunk_size, scale, prefix)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention.chunk import chunk_attention
+from kernels.dispatch import compute_dtype
 
 
 def _scan_chunks(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,7 @@ def chunk_rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate:
     the chunks held by other ranks); every query also attends to them."""
     b, t, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
-    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    compute = compute_dtype(q.dtype)
     L = chunk_size
     n = -(-t // L)
     pad = n * L - t  # a partial last chunk: its summary is never read (no chunk comes after it)

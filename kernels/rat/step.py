@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.rat.chunk import scan_summaries
+
 
 def rat_step(state: dict | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor,
              chunk_size: int, scale: float | None = None) -> tuple[torch.Tensor, dict]:
@@ -26,3 +28,18 @@ def rat_step(state: dict | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if pos % chunk_size == chunk_size - 1:  # chunk finished: its running key/value becomes its summary
         state["k_sum"], state["v_sum"] = keys, values
     return out, state
+
+
+def rat_prefill(k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, chunk_size: int) -> dict:
+    """The state `rat_step` holds after stepping through a prompt with keys, values and gates (B, T, H, d): the
+    summaries of its finished chunks and the running scanned key/value of the unfinished last one."""
+    t, whole = k.shape[1], k.shape[1] // chunk_size * chunk_size
+    if whole:
+        k_sum, v_sum = scan_summaries(k[:, :whole], v[:, :whole], gate[:, :whole], chunk_size)
+    else:
+        k_sum, v_sum = k[:, :0], v[:, :0]
+    k_run, v_run = (k_sum[:, -1], v_sum[:, -1]) if whole == t else (None, None)
+    for i in range(whole, t):  # the unfinished last chunk: at most chunk_size - 1 tokens
+        k_run = (1 - gate[:, i]) * k[:, i] + (gate[:, i] * k_run if i > whole else 0)
+        v_run = (1 - gate[:, i]) * v[:, i] + (gate[:, i] * v_run if i > whole else 0)
+    return {"pos": t, "k_sum": k_sum, "v_sum": v_sum, "k_run": k_run, "v_run": v_run}

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dispatch import TRITON_DTYPES
 from kernels.triton_dots import round_to
 from kernels.triton_support import autotune, output_buffer, padded_width, require_triton
 
@@ -425,7 +426,7 @@ def triton_rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate
     """RAT on Triton: q, k, v, gate (B, T, H, d) -> (B, T, H, d) in q's dtype; `prefix` = (k, v) summaries
     (B, P, H, d) of earlier chunks (see `rat_attention`).  fp32/bf16/fp16, any strides."""
     require_triton(q, k, v, gate)
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if q.dtype not in TRITON_DTYPES:
         raise ValueError(f"backend='triton' computes in fp32 and takes fp32/bf16/fp16 inputs, not {q.dtype}")
     if v.shape != q.shape:
         raise ValueError("backend='triton' needs v with the same head dim as q and k")

@@ -1,0 +1,80 @@
+"""The mixer contract: what every sequence-mixing layer type provides, in one place.
+
+A layer type is one `Mixer` subclass in models/ (registered by name with `@register_mixer`), one op folder in
+kernels/, and at most one context-parallel strategy in parallel/; nothing else in the framework names layer types.
+
+  forward(x, positions)            x: the pre-normed (batch, seq, d_model) input; positions: its tokens' global
+                                   positions (under context parallelism a rank holds only some of them)
+  prefill(x, positions)            the parallel forward of a prompt plus the decoding cache stepping would hold
+                                   after it (built by the op's kernels/<op>/step.py)
+  step(x, pos, cache)              one token at global position `pos`; cache=None starts a sequence
+  check_config(config)             a reason this run's config does not suit the layer, or None
+  attention_flops_per_token(...)   forward FLOPs a token spends in the sequence mixing itself (beyond the
+                                   projections 6N counts): linear layers are not counted as quadratic
+  cp_problem(config, segments)     a reason the layer cannot run on this context-parallel layout, or None
+  context_parallel_op(ctx)         the op that replaces `self.op` under context parallelism (a parallel/ strategy)
+  monitor_group, monitor(...)      what the layer reports to a monitor callback (trainer/callbacks/monitors.py)
+
+Mixers call their op through `self.op` and never talk to other ranks themselves: context parallelism swaps the op,
+and monitors hand them a `reduce` (a sum over the CP group) for statistics that span ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Mixer(nn.Module):
+    layer_type: ClassVar[str]  # set by @register_mixer
+    monitor_group: ClassVar[str | None] = None  # "sinks" | "states": which monitor callback asks this layer
+
+    op: Callable[..., Any]
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor, pos: int, cache: Any) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, config) -> str | None:
+        return None
+
+    @classmethod
+    def attention_flops_per_token(cls, model_cfg, seq_len: int) -> float:
+        raise NotImplementedError
+
+    @classmethod
+    def cp_problem(cls, config, segments: list[list[tuple[int, int]]]) -> str | None:
+        """segments: each CP rank's (global start, length) pieces of a sequence (parallel/context.py)."""
+        return None
+
+    def context_parallel_op(self, ctx) -> Callable[..., Any]:
+        raise NotImplementedError(f"layer type '{self.layer_type}' has no context-parallel implementation")
+
+    def init_special(self) -> None:
+        """Initialisation beyond the LM's generic one (gate biases, decay rates); called after it."""
+
+    @torch.no_grad()
+    def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce, **settings) -> dict[str, torch.Tensor]:
+        """Scalars for TensorBoard (full tags) from this forward's input; `reduce` sums a tensor over the CP group
+        so that every rank returns the whole sequence's values."""
+        return {}
+
+
+def state_norm_scalars(layer: int, norms: torch.Tensor) -> dict[str, torch.Tensor]:
+    """states/layer{i}/norm (mean over heads) and .../max_head from a linear layer's per-head final-state norms."""
+    return {f"states/layer{layer}/norm": norms.mean(), f"states/layer{layer}/max_head": norms.max()}

@@ -1,0 +1,54 @@
+"""Fault injection for the resilience tests, kept out of the production path: `python -m tests.fault_run <train
+args>` runs `trainer.train` with one extra callback.  HYLO_FAULT="<kind>:<step>[:<rank>]" makes that rank
+(default 0)
+
+  kill          SIGKILL itself at the start of that step,
+  kill_in_save  SIGKILL itself inside that step's checkpoint save, after the shards are written,
+  nan           turn that step's model output (so its loss and gradients) into NaN,
+
+on the first attempt only (a run restarted by `torchrun --max-restarts` carries TORCHELASTIC_RESTART_COUNT > 0).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from trainer.callbacks import Callback
+from trainer.train import main
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FaultInjector(Callback):
+    def __init__(self, spec: str):
+        kind, step, *rank = spec.split(":")
+        self.kind, self.step, self.rank = kind, int(step), int(rank[0]) if rank else 0
+        self.armed = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+    def _due(self, trainer) -> bool:
+        return self.armed and trainer.step == self.step and trainer.dims.rank == self.rank
+
+    def on_train_start(self, trainer) -> None:
+        if self.kind == "nan":
+            trainer.model.register_forward_hook(lambda m, a, out: out * float("nan") if self._due(trainer) else out)
+        elif self.kind == "kill_in_save":
+            write = trainer.checkpointer._write
+
+            def write_then_die(tmp, state):
+                write(tmp, state)
+                if self._due(trainer):
+                    _kill()
+            trainer.checkpointer._write = write_then_die
+
+    def on_step_start(self, trainer) -> None:
+        if self.kind == "kill" and self._due(trainer):
+            _kill()
+
+
+if __name__ == "__main__":
+    spec = os.environ.get("HYLO_FAULT", "")
+    sys.exit(main(sys.argv[1:], callbacks=[FaultInjector(spec)] if spec else []))

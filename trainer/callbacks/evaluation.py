@@ -1,0 +1,40 @@
+"""Periodic evaluation of eval.tasks (held-out perplexity by position, MQAR, passkey) every eval.interval steps
+and at the last step; its time stays out of tokens/s."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from trainer.callbacks.base import Callback
+from trainer.config import DataConfig
+from trainer.evaluate import eval_batches, run_eval_tasks
+
+if TYPE_CHECKING:
+    from trainer.engines import StepResult
+    from trainer.trainer import Trainer
+
+
+class EvalCallback(Callback):
+    def __init__(self, interval: int):
+        self.interval = interval
+        self.ppl_batches = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        ev, cfg = trainer.cfg.eval, trainer.cfg
+        if "ppl" in ev.tasks:
+            source = DataConfig(**{**cfg.data.__dict__, "path": ev.data_path, "prefetch": 0})
+            batches = eval_batches(source, trainer.tokenizer, ev.seq_len or cfg.train.seq_len, ev.batch_size,
+                                   ev.batches, trainer.dims.dp_rank, trainer.dims.dp)
+            self.ppl_batches = [b.to(trainer.device) for b in batches]
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        if not (trainer.step % self.interval == 0 or trainer.is_last_step()):
+            return
+        trainer.check_finite()
+        trainer.model.eval()
+        scalars = run_eval_tasks(trainer.model, trainer.cfg, trainer.tokenizer, trainer.device, self.ppl_batches,
+                                 trainer.positions, trainer.logger, trainer.step, autocast=trainer.engine.autocast)
+        trainer.model.train()
+        trainer.log(scalars)
+        trainer.say(f"[hylo] step {trainer.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()
+                                                                  if k.count("/") == 1))

@@ -1,0 +1,96 @@
+"""What an engine is: it owns the model's training step (forward and backward over the micro-batches, gradient
+clipping, the optimizer step) and its checkpoint format, and declares what it can do, so the trainer and the
+config check ask the declaration instead of the engine's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.data import inputs_and_targets
+
+if TYPE_CHECKING:
+    from trainer.checkpointing.step_folder import StepFolderWriter
+    from trainer.config import Config
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # the step's mean loss over its micro-batches (a 0-d tensor on the device: no host sync)
+    grad_norm: torch.Tensor  # global gradient norm before clipping (0-d tensor)
+    stepped: bool  # False only when the engine skipped a non-finite step (train.nan_policy=skip)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 whatever the logits' dtype; targets of -100 are ignored."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def micro_batches(batch: torch.Tensor,
+                  positions: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(index, inputs, targets) for each micro-batch of a step's batch (micro-batches, sequences, [2,] T + 1);
+    with context parallelism each rank takes its positions of every sequence."""
+    for i in range(batch.shape[0]):
+        inputs, targets = inputs_and_targets(batch[i], positions)
+        yield i, inputs, targets
+
+
+class Engine:
+    """The interface the trainer drives.  Subclasses set `model` (what is called) and `optimizer` (what the LR
+    schedule drives) and declare their capabilities below."""
+
+    name: ClassVar[str]
+    # The declaration: the config check refuses settings that need a capability the engine lacks.
+    can_skip_nonfinite: ClassVar[bool] = False  # leave the optimizer untouched when the gradient norm is not finite
+    exposes_gradients: ClassVar[bool] = False  # calls `on_gradients(model)` between backward and optimizer step
+    can_save_async: ClassVar[bool] = False  # checkpoint.async_save
+    can_shard_parameters_fsdp: ClassVar[bool] = False  # parallel.dp_shard (FSDP2)
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    @classmethod
+    def config_problem(cls, cfg: Config) -> str | None:
+        """Engine-specific settings this engine refuses, beyond the declared capabilities."""
+        return None
+
+    def train_step(self, batch: torch.Tensor, positions: torch.Tensor | None, *, skip_nonfinite: bool = False,
+                   on_gradients: Callable[[nn.Module], None] | None = None) -> StepResult:
+        raise NotImplementedError
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def checkpointer(self, root: Path) -> StepFolderWriter:
+        raise NotImplementedError
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Restore model, optimizer and RNG from a step folder; return the trainer state saved with them."""
+        raise NotImplementedError
+
+    def trainer_state_extras(self) -> dict[str, Any]:
+        """What this engine records in trainer_state.json beside the trainer's own counters."""
+        return {"engine": self.name}
+
+
+def capability_problem(engine: type[Engine], cfg: Config) -> str | None:
+    """Why `cfg` asks the engine for something it does not declare, or None."""
+    name = f"train.engine={engine.name}"
+    if cfg.train.nan_policy == "skip" and not engine.can_skip_nonfinite:
+        return (f"train.nan_policy=skip is not supported with {name}: it applies the optimizer step before the "
+                "gradient norm can be checked; use train.nan_policy=stop")
+    if cfg.checkpoint.async_save and not engine.can_save_async:
+        return (f"checkpoint.async_save is not supported with {name}: it writes its checkpoints synchronously; "
+                "drop checkpoint.async_save or use train.engine=torch")
+    if cfg.parallel.dp_shard and not engine.can_shard_parameters_fsdp:
+        return (f"parallel.dp_shard=true (FSDP2) is not supported with {name}, which shards the model itself "
+                "(with train.engine=deepspeed use deepspeed.zero_stage=3 instead of parallel.dp_shard)")
+    return engine.config_problem(cfg)

@@ -1,0 +1,224 @@
+"""The Trainer: builds a run from its config, then loops  next batch -> engine.train_step -> callbacks.
+
+What the loop owns is only its counters (`state_dict`); the engine owns the step (trainer/engines/), the
+callbacks own everything optional and decide their own timing (trainer/callbacks/), and parallelism is applied to
+the plain model from outside (parallel/).  Nothing in the loop waits for the device: the non-finite check reads a
+device flag at logging steps and before saves and evaluations (`check_finite`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launch.distributed import DistInfo
+from models import MIXERS, HybridLM
+from parallel.activation_checkpointing import apply_activation_checkpointing
+from parallel.context_parallel import apply_context_parallel, cp_config_problem, make_context
+from parallel.dims import ParallelDims
+from trainer.callbacks import Callback, Callbacks, default_callbacks
+from trainer.checkpointing import latest_checkpoint
+from trainer.config import Config, check_batch_layout, to_yaml
+from trainer.data import DataLoader
+from trainer.engines import StepResult, build_engine, engine_problem
+from trainer.errors import ConfigError, TrainingDiverged
+from trainer.export import load_weights
+from trainer.metrics import MetricsLogger
+from trainer.optim import build_scheduler
+from trainer.recall import MQARLoader, mqar_spec
+from trainer.tokenizer import load_tokenizer
+
+
+def run_problem(cfg: Config, world: int) -> str | None:
+    """Why this config cannot run on `world` ranks (parallel layout, layer types, engine), or None — before any
+    work starts."""
+    layer_classes = [MIXERS[name] for name in sorted(set(cfg.model.pattern))]
+    return cp_config_problem(cfg, world, layer_classes) or engine_problem(cfg)
+
+
+def resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
+    resume = cfg.checkpoint.resume
+    if resume == "auto":
+        return latest_checkpoint(ckpt_dir)
+    if resume == "none":
+        if latest_checkpoint(ckpt_dir) is not None:
+            raise ConfigError(
+                f"checkpoint.resume=none but {ckpt_dir} already holds checkpoints that this run would overwrite; "
+                "use a new run.dir, or checkpoint.resume=auto to continue"
+            )
+        return None
+    return Path(resume)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo, callbacks: Sequence[Callback] = ()):
+        problem = run_problem(cfg, info.world)
+        if problem:
+            raise ConfigError(problem)
+        self.cfg, self.device, self.is_main = cfg, info.device, info.is_main
+        self.dims = ParallelDims.build(info.world, info.rank, cfg.parallel.cp, info.device)
+        micro, accum = check_batch_layout(cfg, self.dims.dp)  # accumulation steps = the loader batch's first dim
+        torch.manual_seed(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.resume_from = resume_path(cfg, self.ckpt_dir)
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = 64 * -(-self.tokenizer.get_vocab_size() // 64)
+        elif cfg.model.vocab_size < self.tokenizer.get_vocab_size() and cfg.data.format != "mqar":  # ids, not text
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's "
+                              f"{self.tokenizer.get_vocab_size()}")
+        self.loader = self._build_loader(micro)
+
+        model = HybridLM(cfg.model).to(self.device)
+        if cfg.model.init_from and self.resume_from is None:
+            load_weights(model, cfg.model.init_from)
+        self.positions = None  # global positions of this rank's tokens under context parallelism
+        if self.dims.cp > 1:
+            cp = make_context(self.dims.mesh, cfg.train.seq_len, cfg.parallel.cp_mode, cfg.parallel.ulysses)
+            apply_context_parallel(model, cp)
+            self.positions = cp.positions(self.device)
+        self.flops_per_token = model.flops_per_token(cfg.train.seq_len)
+        self.n_params = model.num_params()
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if cfg.train.compile:
+            for block in model.blocks:
+                block.compile()
+        self.engine = build_engine(model, cfg, info.world, micro, accum, self.device)  # DP, optimizer, step
+        self.model = self.engine.model
+        self.scheduler = build_scheduler(self.engine.optimizer, cfg)
+        self.checkpointer = self.engine.checkpointer(self.ckpt_dir)
+        self.callbacks = Callbacks([*default_callbacks(cfg), *callbacks])
+
+        # The loop's counters: all a resumed run needs besides the components' own states.
+        self.step = self.start_step = 0
+        self.skipped_steps = 0
+        self.stop_reason: str | None = None
+        self.step_started = 0.0
+        self.summary: dict[str, Any] = {}
+        self.say = print
+        self._first_bad_step = torch.zeros((), dtype=torch.long, device=self.device)  # 0: every step finite
+        if self.resume_from is not None:
+            self.load_checkpoint_state(self.engine.load(self.resume_from))
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
+
+    def _build_loader(self, micro: int):
+        cfg, dims = self.cfg, self.dims
+        if cfg.data.format == "mqar":
+            return MQARLoader(mqar_spec(cfg), cfg.train.batch_size, micro, dims.dp_rank, dims.dp, cfg.train.seed)
+        return DataLoader(cfg.data, self.tokenizer, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
+                          micro_batch=micro, rank=dims.dp_rank, world=dims.dp, seed=cfg.train.seed)
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        """Train to train.steps (or until a callback asks to stop); returns a summary of the run."""
+        self._announce()
+        self.model.train()
+        try:
+            self.callbacks.on_train_start(self)
+            while self.step < self.cfg.train.steps and self.stop_reason is None:
+                self.step_started = time.perf_counter()
+                self.step += 1
+                self.callbacks.on_step_start(self)
+                batch = next(self.loader).to(self.device, non_blocking=True).long()
+                result = self.engine.train_step(batch, self.positions,
+                                                skip_nonfinite=self.cfg.train.nan_policy == "skip",
+                                                on_gradients=self.callbacks.gradient_hook(self))
+                self.scheduler.step()
+                self._account(result)
+                self.callbacks.on_step_end(self, result)
+            self.check_finite()
+            self.callbacks.on_train_end(self)
+        except BaseException:
+            self.close(done=False)
+            raise
+        self.close(done=True)
+        return {"first_loss": self.summary.get("first_loss"), "last_loss": self.summary.get("last_loss"),
+                "run_dir": str(self.run_dir), "start_step": self.start_step}
+
+    def _account(self, result: StepResult) -> None:
+        if not result.stepped:  # the engine skipped it (train.nan_policy=skip)
+            self.skipped_steps += 1
+            self.say(f"[hylo] step {self.step}: non-finite gradient, step skipped ({self.skipped_steps} so far)")
+        elif self.cfg.train.nan_policy == "stop":  # remember the first non-finite step without waiting for it
+            bad = ~torch.isfinite(result.grad_norm.to(self.device)) & (self._first_bad_step == 0)
+            self._first_bad_step = torch.where(bad, self.step, self._first_bad_step)
+
+    def check_finite(self) -> None:
+        """Raise if a step since the start had a non-finite gradient (train.nan_policy=stop); reads the device."""
+        bad = int(self._first_bad_step)
+        if bad:
+            raise TrainingDiverged(
+                f"non-finite gradient norm at step {bad}; stopped without saving (the last good checkpoint is "
+                f"{latest_checkpoint(self.ckpt_dir)}). Lower train.lr, check the data, or set train.nan_policy=skip")
+
+    # ------------------------------------------------------------------------------------------- for callbacks
+    def is_last_step(self) -> bool:
+        return self.step == self.cfg.train.steps
+
+    def is_log_step(self) -> bool:
+        return self.step % self.cfg.logging.interval == 0 or self.is_last_step() or self.step == self.start_step + 1
+
+    def log(self, scalars: dict[str, float], step: int | None = None) -> None:
+        self.logger.log(self.step if step is None else step, scalars)
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
+
+    def cp_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the CP group: how a layer monitor turns a rank's partial statistics into the sequence's."""
+        return self.dims.cp_sum(tensor)
+
+    # ---------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.step * self.cfg.train.batch_size * self.cfg.train.seq_len,
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = self.start_step = state["step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """trainer_state.json: the loop's counters, the schedule, the data position, the engine's marks and the
+        stateful callbacks."""
+        return {**self.state_dict(), "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
+                "world_size": self.dims.world, **self.engine.trainer_state_extras(), **self.callbacks.state_dict()}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["data"])
+        self.callbacks.load_state_dict(state)
+
+    # ---------------------------------------------------------------------------------------------- messages
+    def _announce(self) -> None:
+        if not self.is_main:
+            return
+        cfg, dims = self.cfg, self.dims
+        where = f"resuming from {self.resume_from}" if self.resume_from else "from scratch"
+        layout = f" (dp {dims.dp} x cp {dims.cp}, {cfg.parallel.cp_mode})" if dims.cp > 1 else ""
+        print(f"[hylo] {self.n_params / 1e6:.2f}M params, layers {cfg.model.pattern} x{cfg.model.n_layers}, "
+              f"{dims.world} rank(s){layout} on {self.device.type}, {where}; run dir {self.run_dir.resolve()}",
+              flush=True)
+        if self.start_step >= cfg.train.steps:
+            print(f"[hylo] run already complete at step {self.start_step} ({self.resume_from}); nothing to do",
+                  flush=True)
+
+    def close(self, done: bool) -> None:
+        self.loader.close()
+        self.logger.close()
+        if self.is_main and done:
+            print(f"[hylo] done. TensorBoard: tensorboard --logdir {(self.run_dir / 'tb').resolve()}\n"
+                  f"[hylo] checkpoints: {self.ckpt_dir.resolve()}  config: {(self.run_dir / 'config.yaml').resolve()}",
+                  flush=True)
