@@ -8,6 +8,8 @@
 # Tables are appended to bench/RESULTS.md (copied to $OUT when set).  `kernels` is sized for < 8 minutes.
 # The GPU image lacks omegaconf/datasets/deepspeed: carry wheels in .whl/ (pip download ... -d .whl on this side).
 set -uo pipefail
+# Autotune among each kernel's lean configs only (kernels/triton_support.py): time goes to measuring, not compiling.
+export HYLO_AUTOTUNE=${HYLO_AUTOTUNE:-lean}
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

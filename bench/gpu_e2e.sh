@@ -2,6 +2,8 @@
 # Issue 9's prepared GPU script: 1B presets vs the dense model at 8K/32K/128K, eager and compiled; one table, appended
 # to bench/RESULTS.md (copied to $OUT when set).  Sized for < 8 minutes: eager at all lengths, compiled at 32K.
 set -uo pipefail
+# Autotune among each kernel's lean configs only (kernels/triton_support.py): time goes to measuring, not compiling.
+export HYLO_AUTOTUNE=${HYLO_AUTOTUNE:-lean}
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then  # the GPU image lacks omegaconf/datasets: install carried wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -73,10 +73,22 @@ class _FirstConfig:
         return launch
 
 
-def autotune(configs: list, key: list[str], **kwargs):
-    """`triton.autotune` on a GPU; the first of `configs` under the interpreter (which has no benchmarker)."""
+def lean_autotuning() -> bool:
+    """HYLO_AUTOTUNE=lean: autotune among each kernel's one or two lean configs only (the GPU scripts set it, so
+    their time goes to measuring, not to compiling every candidate)."""
+    return os.environ.get("HYLO_AUTOTUNE", "full") == "lean"
+
+
+def autotune(configs: list, key: list[str], *, lean: tuple[int, ...] = (0,), **kwargs):
+    """`triton.autotune` on a GPU; the first of `configs` under the interpreter (which has no benchmarker).
+
+    `key` names what the best config depends on — head dims, masks, precision — never the sequence lengths: a new
+    length neither re-tunes nor (the kernels mark lengths `do_not_specialize`) recompiles.  `lean`: the indices
+    of the configs kept with HYLO_AUTOTUNE=lean, chosen from bench/kernel_report.py's table (they fit in shared
+    memory on sm_80 and sm_90 with the fewest spills)."""
     def wrap(fn):
         if interpreting():
             return _FirstConfig(fn, configs[0])
-        return triton.autotune(configs=configs, key=key, **kwargs)(fn)
+        chosen = [configs[i] for i in lean] if lean_autotuning() else configs
+        return triton.autotune(configs=chosen, key=key, **kwargs)(fn)
     return wrap

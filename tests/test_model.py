@@ -207,3 +207,27 @@ def test_prefill_caches_equal_stepping_through_the_prompt(t):
             a, caches = model.step(tokens[:, pos], pos, caches)
             b, pre_caches = model.step(tokens[:, pos], pos, pre_caches)
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["full", "swa", "rat", "based", "baseconv", "tnl"])
+def test_every_block_compiles_in_one_graph_on_the_chunk_path(kind):
+    """torch.compile(fullgraph=True) of a block of every layer type: no graph break anywhere in the chunk paths
+    (no tensor read back to the host), and the compiled block equals the eager one, forward and backward.
+    (aot_eager: dynamo's graph capture and AOT autograd without inductor's code generation, to stay fast.)"""
+    from models.lm import Block
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=6, n_heads=2, window=8)
+    cfg.rat.chunk_size = 4
+    cfg.attn.gate = True
+    cfg.tnl.lrpe = True
+    torch._dynamo.reset()
+    block = Block(cfg, 1, kind)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    pos = torch.arange(24)
+    eager = block(x, pos)
+    (grad_eager,) = torch.autograd.grad(eager.square().sum(), x)
+    out = compiled(x, pos)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, grad_eager, rtol=1e-5, atol=1e-6)

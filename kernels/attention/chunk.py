@@ -46,7 +46,11 @@ class Layout:
         mask = j <= i[:, None] if self.causal else torch.ones(e - s, len(idx), dtype=torch.bool, device=device)
         if self.window is not None:
             mask = mask & ((i[:, None] - j < self.window) | (j < self.n_pinned))
-        return lo, hi, n_pin, (None if bool(mask.all()) else mask)
+        # Whether every (query, key) pair of the block is visible, from the integers alone: reading the mask
+        # back (`mask.all()`) would sync the host and break torch.compile's graph.
+        all_seen = ((not self.causal or hi - 1 + self.k_start <= first)
+                    and (self.window is None or last - (lo + self.k_start) < self.window))
+        return lo, hi, n_pin, (None if all_seen else mask)
 
 
 def _keys(x: torch.Tensor, lo: int, hi: int, n_pin: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages
     for m, n, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 3), (64, 128, 4, 2),
                        (128, 128, 8, 2), (128, 128, 8, 3)]
 ]
-TUNE_KEY = ["t_q", "t_k", "D", "DV", "CAUSAL", "WINDOW", "PRECISION"]
+TUNE_KEY = ["D", "DV", "CAUSAL", "WINDOW", "PRECISION"]  # not the lengths: see triton_support.autotune
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
@@ -56,6 +56,9 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 
 
 PRUNE = {"early_config_prune": _prune}
+# HYLO_AUTOTUNE=lean: 128x64 w8 s2 compiles without spills for forward and dK/dV (bench/kernel_report.py, sm_90,
+# bf16, d = 128); 64x64 w4 s2 is what float32 keeps after pruning.
+LEAN = (3, 1)
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -220,8 +223,8 @@ def _fwd_keys(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, st
     return acc, m_i, l_i
 
 
-@autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE)
-@triton.jit
+@autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=LEAN)
+@triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
 def _fwd_kernel(Q, K, V, Sink, InitOut, InitLse, Out, Lse,
                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, si_b, si_t, si_h,
                 n_heads, group, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
@@ -271,7 +274,7 @@ def _fwd_kernel(Q, K, V, Sink, InitOut, InitLse, Out, Lse,
 
 
 # ---------------------------------------------------------------------------------------------- backward
-@triton.jit
+@triton.jit(do_not_specialize=["t_q"])
 def _delta_kernel(Out, DOut, DLse, Delta, so_b, so_t, so_h, sd_b, sd_t, sd_h, n_heads, t_q,
                   DV: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) - dlse: the part of dS shared by every key of a query."""
@@ -307,8 +310,8 @@ def _load_rows(Lse, Delta, rows, in_q):
     return lse2, tl.load(Delta + rows, mask=in_q, other=0.0)
 
 
-@autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE)
-@triton.jit
+@autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=LEAN)
+@triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
 def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_,
                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h,
                    sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
@@ -369,8 +372,8 @@ def _dq_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_
     return dq
 
 
-@autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE)
-@triton.jit
+@autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=LEAN)
+@triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
 def _bwd_q_kernel(Q, K, V, DOut, Lse, Delta, DQ,
                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,
                   n_heads, group, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, scale,

@@ -49,7 +49,8 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if decay.shape != (q.shape[2],):
         raise ValueError(f"decay must have shape (heads,) = ({q.shape[2]},), got {tuple(decay.shape)}")
-    if decay.device.type == "cpu" and bool((decay < 0).any()):  # on GPUs this check would sync every call
+    # Checked eagerly on CPU tensors only: on GPUs it would sync every call, and compiled graphs cannot branch on it
+    if decay.device.type == "cpu" and not torch.compiler.is_compiling() and bool((decay < 0).any()):
         raise ValueError("decay slopes must be >= 0 (lambda = exp(-s) <= 1)")
     state_shape = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
     if initial_state is not None and initial_state.shape != state_shape:
