@@ -220,7 +220,7 @@ def test_export_and_init_from(shards, tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
-@pytest.mark.parametrize("save, resume", [(["parallel.dp_shard=false"], 1),
+@pytest.mark.parametrize("save, resume", [pytest.param(["parallel.dp_shard=false"], 1, marks=pytest.mark.slow),
                                           (["parallel.dp_shard=true"], 4)], ids=["ddp2-to-1", "fsdp2-to-dp2xcp2"])
 def test_resume_on_another_layout_continues(straight, shards, tmp_path, free_port, save, resume):
     """DCP reshards model and optimizer; the losses continue as in the uninterrupted run (to float rounding:

@@ -43,7 +43,8 @@ def torch_first_loss(tmp_path_factory):
     return train_losses(run_dir)[0][1]
 
 
-@pytest.mark.parametrize("stage,extra", [(1, []), (2, []), (3, ["train.micro_batch_size=2"])],
+@pytest.mark.parametrize("stage,extra", [pytest.param(1, [], marks=pytest.mark.slow), (2, []),
+                                         (3, ["train.micro_batch_size=2"])],
                          ids=["zero1", "zero2", "zero3-accum2"])
 def test_zero_stage_trains_matches_torch_and_resumes_exactly(stage, extra, torch_first_loss, tmp_path, free_port):
     args = [f"run.dir={tmp_path}", "train.engine=deepspeed", f"deepspeed.zero_stage={stage}", "train.steps=6",
@@ -77,7 +78,7 @@ def test_zero_stage_trains_matches_torch_and_resumes_exactly(stage, extra, torch
         assert wrong.returncode == 1 and "written by train.engine=deepspeed" in wrong.stderr
 
 
-@pytest.mark.parametrize("cp_mode", ["ring", "ulysses"])
+@pytest.mark.parametrize("cp_mode", [pytest.param("ring", marks=pytest.mark.slow), "ulysses"])
 def test_context_parallel_under_deepspeed_matches_one_rank(cp_mode, tmp_path, free_port):
     """cp=2 (ring or Ulysses for `full`, state passing for tnl/based, summaries for rat) inside ZeRO-2 == one
     plain rank."""
