@@ -51,7 +51,7 @@ def tokenize_main(argv: list[str]) -> int:
 
 # name -> (module, function); a subcommand's module is imported only when it runs (`hylo launch` need not import
 # the training stack).
-COMMANDS = {"train": ("trainer.train", "main"), "tokenize": ("trainer.cli", "tokenize_main"),
+COMMANDS = {"train": ("trainer.train", "main"), "tokenize": (__name__, "tokenize_main"),
             "export": ("trainer.export", "export_main"), "eval": ("trainer.evaluate", "eval_main"),
             "generate": ("trainer.generate", "generate_main"), "launch": ("launch.launcher", "launch_main"),
             "report": ("trainer.report", "report_main")}
