@@ -62,14 +62,19 @@ def padded_width(n: int) -> int:
 
 
 class _FirstConfig:
-    """Stands in for an autotuned kernel under the interpreter: launches with the first config's meta-parameters."""
+    """Stands in for an autotuned kernel under the interpreter: launches with the first config that survives the
+    kernel's own pruning for these arguments (so the interpreter only runs what a GPU could pick)."""
 
-    def __init__(self, fn, config):
-        self.fn, self.config = fn, config
+    def __init__(self, fn, configs: list, prune=None):
+        self.fn, self.configs, self.prune = fn, configs, prune
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            return self.fn[grid](*args, **{**self.config.kwargs, **kwargs})
+            configs = self.configs
+            if self.prune is not None:
+                named = dict(zip(self.fn.arg_names, args, strict=False))
+                configs = self.prune(configs, {**named, **kwargs}, **kwargs)
+            return self.fn[grid](*args, **{**configs[0].kwargs, **kwargs})
         return launch
 
 
@@ -80,7 +85,8 @@ def lean_autotuning() -> bool:
 
 
 def autotune(configs: list, key: list[str], *, lean: tuple[int, ...] = (0,), **kwargs):
-    """`triton.autotune` on a GPU; the first of `configs` under the interpreter (which has no benchmarker).
+    """`triton.autotune` on a GPU; under the interpreter (which has no benchmarker) the first of `configs` that the
+    kernel's pruning keeps.
 
     `key` names what the best config depends on — head dims, masks, precision — never the sequence lengths: a new
     length neither re-tunes nor (the kernels mark lengths `do_not_specialize`) recompiles.  `lean`: the indices
@@ -88,7 +94,7 @@ def autotune(configs: list, key: list[str], *, lean: tuple[int, ...] = (0,), **k
     memory on sm_80 and sm_90 with the fewest spills)."""
     def wrap(fn):
         if interpreting():
-            return _FirstConfig(fn, configs[0])
+            return _FirstConfig(fn, configs, (kwargs.get("prune_configs_by") or {}).get("early_config_prune"))
         chosen = [configs[i] for i in lean] if lean_autotuning() else configs
         return triton.autotune(configs=chosen, key=key, **kwargs)(fn)
     return wrap

@@ -2,8 +2,10 @@
 
 From the pre-normed input: an output gate z (sigmoid), values v, a forget gate g (sigmoid of a linear map plus a
 bias initialised to log U(1, L-1), so sigma(b) lies in [0.5, (L-1)/L]), and queries/keys projected to
-`rat.qk_groups` groups tiled across the heads.  RoPE is applied at chunk granularity (token t rotates as
-position t // L), so attention sees how many chunks back a summary lies.  Output: out_proj(z * attn).
+`rat.qk_groups` groups tiled across the heads.  RoPE is applied as the paper does: after the in-chunk scan, at
+chunk granularity (the queries and scanned keys of chunk c rotate as position c), so attention sees how many
+chunks back a summary lies; the op rotates (`rope_theta`), since only it holds the scanned keys.  q, k, v reach the
+op in the model's dtype (bf16 in training: tensor-core dots), the gate in fp32.  Output: out_proj(z * attn).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import torch
 from torch import nn
 
 from kernels import rat_attention, rat_prefill, rat_step
+from kernels.dispatch import upcast
 from models.mixer import Mixer
 from models.registry import register_mixer
-from models.rope import RotaryEmbedding, apply_rope
 from parallel.rat import RatCP
 
 
@@ -34,7 +36,7 @@ class RAT(Mixer):
         self.qk = nn.Linear(cfg.d_model, 2 * self.groups * self.head_dim, bias=False)
         self.out = nn.Linear(inner, cfg.d_model, bias=False)
         self.out.is_residual_projection = True
-        self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta)
+        self.rope_theta = float(cfg.rope_theta)
         self.op = rat_attention  # context parallelism swaps in a version that all-gathers chunk summaries
         self.init_special()
 
@@ -44,34 +46,33 @@ class RAT(Mixer):
         upper = max(self.chunk - 1, 1 + 1e-3)
         self.gate_bias.copy_(torch.empty_like(self.gate_bias).uniform_(1, upper).log())
 
-    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+    def _project(self, x: torch.Tensor):
         b, t, _ = x.shape
         shape = (b, t, self.n_heads, self.head_dim)
         z, v, g = self.zvg(x).chunk(3, dim=-1)
-        gate = torch.sigmoid(g.float() + self.gate_bias.float()).view(shape)
+        g = upcast(g)  # the gate stays in fp32 (float64 in oracle tests) whatever the model's dtype
+        gate = torch.sigmoid(g + self.gate_bias.to(g.dtype)).view(shape)
         q, k = (y.view(b, t, self.groups, self.head_dim).repeat(1, 1, self.n_heads // self.groups, 1)
                 for y in self.qk(x).chunk(2, dim=-1))
-        cos, sin = self.rope(torch.div(positions, self.chunk, rounding_mode="floor"))
-        return torch.sigmoid(z), apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(shape), gate
+        return torch.sigmoid(z), q, k, v.view(shape), gate
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        z, q, k, v, gate = self._project(x, positions)
-        dtype = torch.promote_types(q.dtype, torch.float32)  # the scan runs in fp32 (its gates already are)
-        o = self.op(q.to(dtype), k.to(dtype), v.to(dtype), gate.to(dtype), self.chunk)
+        # positions are not needed: the op numbers the chunks itself, and RoPE only sees chunk differences
+        z, q, k, v, gate = self._project(x)
+        o = self.op(q, k, v, gate, self.chunk, rope_theta=self.rope_theta)
         return self.out(z * o.flatten(2).to(z.dtype))
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The parallel forward of a prompt plus the cache `step` would hold after it."""
-        z, q, k, v, gate = self._project(x, positions)
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        q, k, v, gate = (y.to(dtype) for y in (q, k, v, gate))
-        o = rat_attention(q, k, v, gate, self.chunk)
-        return self.out(z * o.flatten(2).to(z.dtype)), rat_prefill(k, v, gate, self.chunk)
+        """The parallel forward of a prompt plus the cache `step` would hold after it (kept in fp32)."""
+        z, q, k, v, gate = self._project(x)
+        o = rat_attention(q, k, v, gate, self.chunk, rope_theta=self.rope_theta)
+        k, v = k.to(gate.dtype), v.to(gate.dtype)
+        return self.out(z * o.flatten(2).to(z.dtype)), rat_prefill(k, v, gate, self.chunk, self.rope_theta)
 
     def step(self, x: torch.Tensor, pos: int, cache: dict | None) -> tuple[torch.Tensor, dict]:
-        z, q, k, v, gate = self._project(x, torch.tensor([pos], device=x.device))
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        o, cache = rat_step(cache, *(y[:, 0].to(dtype) for y in (q, k, v, gate)), self.chunk)
+        z, q, k, v, gate = self._project(x)
+        o, cache = rat_step(cache, *(y[:, 0].to(gate.dtype) for y in (q, k, v, gate)), self.chunk,
+                            rope_theta=self.rope_theta)
         return self.out(z * o[:, None].flatten(2).to(z.dtype)), cache
 
     @classmethod
@@ -79,6 +80,9 @@ class RAT(Mixer):
         m = config.model
         if m.rat.chunk_size < 1:
             return f"model.rat.chunk_size={m.rat.chunk_size} must be >= 1"
+        head_dim = m.head_dim or m.d_model // m.n_heads
+        if head_dim % 2:
+            return f"RAT rotates channel pairs (RoPE): its head dim must be even, got {head_dim}"
         groups = m.rat.qk_groups or m.n_heads
         if m.n_heads % groups:
             return f"model.n_heads={m.n_heads} must be a multiple of model.rat.qk_groups={groups}"

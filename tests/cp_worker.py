@@ -156,8 +156,8 @@ def main():
             g = broadcast_randn(2, T, 2, 4, positive=True)
             op = RatCP(ctx)
             run_case(f"rat/{mode}/L{chunk}", ctx,
-                     lambda q, k, v, g, c=chunk: rat_attention(q, k, v, g, c, backend="naive"),
-                     lambda q, k, v, g, c=chunk, op=op: op(q, k, v, g, c), [q, k, v, g])
+                     lambda q, k, v, g, c=chunk: rat_attention(q, k, v, g, c, rope_theta=3.0, backend="naive"),
+                     lambda q, k, v, g, c=chunk, op=op: op(q, k, v, g, c, rope_theta=3.0), [q, k, v, g])
     dist.barrier()
     dist.destroy_process_group()
 

@@ -229,10 +229,11 @@ def test_based_step_equals_parallel():
 # ---------------------------------------------------------------------------------------------- RAT
 @pytest.mark.parametrize("t,chunk", [(1, 4), (16, 16), (64, 16), (67, 16), (33, 1), (20, 32), (130, 8)],
                          ids=["t1", "single-chunk", "even", "padded", "L1", "L>T", "many-chunks"])
-def test_rat_chunk_matches_oracle(t, chunk):
+@pytest.mark.parametrize("rope", [None, 3.0], ids=["plain", "rope"])
+def test_rat_chunk_matches_oracle(t, chunk, rope):
     inputs = [rand(2, t, 3, 8), rand(2, t, 3, 8), rand(2, t, 3, 8), rand(2, t, 3, 8, low=0.01)]
-    fn = lambda q, k, v, g: rat_attention(q, k, v, g, chunk, backend="chunk")  # noqa: E731
-    ref = lambda q, k, v, g: rat_attention(q, k, v, g, chunk, backend="naive")  # noqa: E731
+    fn = lambda q, k, v, g: rat_attention(q, k, v, g, chunk, rope_theta=rope, backend="chunk")  # noqa: E731
+    ref = lambda q, k, v, g: rat_attention(q, k, v, g, chunk, rope_theta=rope, backend="naive")  # noqa: E731
     assert_matches(fn, ref, inputs, tol=1e-9)
     assert_matches(fn, ref, [x.detach().float().requires_grad_() for x in inputs], tol=1e-5)
 
@@ -250,13 +251,42 @@ def test_rat_gradcheck():
     assert torch.autograd.gradcheck(lambda q, k, v, g: rat_attention(q, k, v, g, 4, backend="chunk"), inputs)
 
 
-def test_rat_step_equals_parallel():
+def test_rat_rope_is_applied_after_the_scan():
+    """The paper's order (the authors' code rotates `intra_k` after `ascan`): the scanned keys turn by their chunk.
+    Rotating the raw keys before the scan is a different op, because the gate is per channel and RoPE mixes
+    channel pairs; with a gate equal on both channels of every rotated pair the two orders must agree."""
+    from kernels.rope import apply_rope, rope_table
+
+    t, chunk, d, theta = 40, 8, 8, 3.0
+    q, k, v = (torch.randn(1, t, 2, d, dtype=F64) for _ in range(3))
+    cos, sin = rope_table(t // chunk, d, theta, F64, "cpu")
+    by_chunk = torch.arange(t) // chunk
+
+    def rotate_first(x):
+        return apply_rope(x, cos[by_chunk][:, None], sin[by_chunk][:, None])
+
+    def both_orders(g):
+        after = rat_attention(q, k, v, g, chunk, rope_theta=theta, backend="naive")
+        before = rat_attention(rotate_first(q), rotate_first(k), v, g, chunk, backend="naive")
+        return after, before
+
+    after, before = both_orders(torch.rand(1, t, 2, d, dtype=F64) * 0.9 + 0.05)
+    assert rel_err(before, after) > 1e-2
+    paired = (torch.rand(1, t, 2, d // 2, dtype=F64) * 0.9 + 0.05).repeat(1, 1, 1, 2)
+    after, before = both_orders(paired)
+    torch.testing.assert_close(before, after, rtol=0, atol=1e-12)
+    # Only chunk differences matter: a query's own scanned key is never rotated against it.
+    assert not torch.equal(after, rat_attention(q, k, v, paired, chunk, backend="naive"))
+
+
+@pytest.mark.parametrize("rope", [None, 3.0], ids=["plain", "rope"])
+def test_rat_step_equals_parallel(rope):
     t, chunk = 37, 8
     q, k, v = (torch.randn(2, t, 2, 4, dtype=F64) for _ in range(3))
     g = torch.rand(2, t, 2, 4, dtype=F64)
-    full, state, outs = rat_attention(q, k, v, g, chunk), None, []
+    full, state, outs = rat_attention(q, k, v, g, chunk, rope_theta=rope), None, []
     for i in range(t):
-        o, state = rat_step(state, q[:, i], k[:, i], v[:, i], g[:, i], chunk)
+        o, state = rat_step(state, q[:, i], k[:, i], v[:, i], g[:, i], chunk, rope_theta=rope)
         outs.append(o)
     assert state["k_sum"].shape[1] == t // chunk  # O(T/L) state
     torch.testing.assert_close(torch.stack(outs, 1), full, rtol=0, atol=1e-9)

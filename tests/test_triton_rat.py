@@ -1,5 +1,6 @@
 """The Triton RAT kernels (kernels/rat/triton.py) against the float64 oracle: outputs and the gradients of q, k, v,
-gate (and of the prefix summaries, against the chunk path, since the oracle takes no prefix).
+gate (and of the prefix summaries, against the chunk path, since the oracle takes no prefix), with and without
+RoPE after the scan (ROPE = 3.0: a small theta turns every channel pair visibly from one chunk to the next).
 
 Without a GPU the kernels run on the Triton CPU interpreter (conftest sets TRITON_INTERPRET=1), which is slow:
 shapes stay tiny.  Every output and internal buffer is NaN-poisoned before the kernels run (HYLO_POISON=1), so
@@ -18,6 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_usable(torch.empty(0, device=DEVICE)),
                                 reason="needs a GPU or TRITON_INTERPRET=1")
 F64 = torch.float64
+ROPE = 3.0
 
 
 @pytest.fixture(autouse=True)
@@ -90,18 +92,36 @@ def check_vs_oracle(b, t, h, d, chunk, dtype=torch.float32, out_tol=1e-5, grad_t
     (1, 48, 1, 16, 16),  # L = 16
     (1, 1, 1, 16, 4),    # a single token
     (1, 40, 1, 64, 8),   # d = 64
-], ids=["partial", "L1", "L>T", "single-chunk", "L16", "t1", "d64"])
-def test_fp32_matches_oracle(b, t, h, d, chunk):
-    check_vs_oracle(b, t, h, d, chunk)
+    (1, 50, 1, 16, 24),  # L not a power of two: chunks padded to 32 rows inside the tiles
+], ids=["partial", "L1", "L>T", "single-chunk", "L16", "t1", "d64", "L24"])
+@pytest.mark.parametrize("rope", [None, ROPE], ids=["plain", "rope"])
+def test_fp32_matches_oracle(b, t, h, d, chunk, rope):
+    check_vs_oracle(b, t, h, d, chunk, rope_theta=rope)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_16bit_matches_oracle(dtype):
-    check_vs_oracle(1, 37, 2, 32, 4, dtype, out_tol=5e-3, grad_tol=1e-2)
+    check_vs_oracle(1, 37, 2, 32, 4, dtype, out_tol=5e-3, grad_tol=1e-2, rope_theta=ROPE)
+
+
+def test_16bit_inputs_with_fp32_gate():
+    """What the layer passes: bf16 q, k, v (tensor-core dots) and the fp32 gate; dgate comes back in fp32."""
+    inputs = make_inputs(1, 37, 2, 32, torch.bfloat16)
+    inputs[3] = inputs[3].float()
+    check(triton_op(4, rope_theta=ROPE), naive_op(4, rope_theta=ROPE), inputs, [x.to(F64) for x in inputs],
+          5e-3, 1e-2)
+
+
+def test_refuses_what_it_cannot_run():
+    q, k, v, gate = make_inputs(1, 8, 1, 16)
+    with pytest.raises(ValueError, match="chunk_size <= 128"):
+        rat_attention(q, k, v, gate, 256, backend="triton")
+    with pytest.raises(ValueError, match="gate"):
+        rat_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), gate.half(), 4, backend="triton")
 
 
 def test_custom_scale_and_head_dim_not_a_power_of_two():
-    check_vs_oracle(1, 21, 1, 24, 4, scale=0.3)
+    check_vs_oracle(1, 21, 1, 24, 4, scale=0.3, rope_theta=ROPE)
 
 
 def test_non_contiguous_inputs():
@@ -114,7 +134,8 @@ def test_non_contiguous_inputs():
     gate = (torch.rand(b, t, d, h, device=DEVICE) * 0.9 + 0.05).transpose(2, 3)
     assert not any(x.is_contiguous() for x in (q, k, v, gate))
     inputs = [q, k, v, gate]
-    check(triton_op(chunk), naive_op(chunk), inputs, [x.to(F64) for x in inputs], 1e-5, 1e-5)
+    check(triton_op(chunk, rope_theta=ROPE), naive_op(chunk, rope_theta=ROPE), inputs, [x.to(F64) for x in inputs],
+          1e-5, 1e-5)
 
 
 def test_non_contiguous_output_gradient():
@@ -139,7 +160,8 @@ def test_prefix_matches_chunk_path(t, chunk, n_prefix):
     inputs = make_inputs(b, t, h, d) + [torch.randn(b, n_prefix, h, d, device=DEVICE) for _ in range(2)]
 
     def op(backend):
-        return lambda q, k, v, g, pk, pv: rat_attention(q, k, v, g, chunk, prefix=(pk, pv), backend=backend)
+        return lambda q, k, v, g, pk, pv: rat_attention(q, k, v, g, chunk, prefix=(pk, pv), rope_theta=ROPE,
+                                                        backend=backend)
     check(op("triton"), op("chunk"), inputs, [x.to(F64) for x in inputs], 1e-5, 1e-5,
           names=("q", "k", "v", "gate", "prefix_k", "prefix_v"))
 
@@ -150,10 +172,10 @@ def test_prefix_continues_the_sequence():
 
     b, t, h, d, chunk, split = 1, 28, 2, 16, 4, 12
     q, k, v, gate = make_inputs(b, t, h, d)
-    whole = rat_attention(q, k, v, gate, chunk, backend="triton")
+    whole = rat_attention(q, k, v, gate, chunk, rope_theta=ROPE, backend="triton")
     prefix = scan_summaries(k[:, :split], v[:, :split], gate[:, :split], chunk)
     rest = rat_attention(q[:, split:], k[:, split:], v[:, split:], gate[:, split:], chunk, prefix=prefix,
-                         backend="triton")
+                         rope_theta=ROPE, backend="triton")
     assert rel_err(rest, whole[:, split:]) <= 1e-5
 
 
@@ -180,14 +202,14 @@ def test_auto_backend_picks_triton_only_on_cuda():
 @pytest.mark.parametrize("chunk", [1, 3, 16, 64])
 @pytest.mark.parametrize("t", [1, 17, 64])
 def test_sweep_fp32(t, chunk, d):
-    check_vs_oracle(1, t, 2, d, chunk)
+    check_vs_oracle(1, t, 2, d, chunk, rope_theta=ROPE)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("t,chunk,d", [(64, 16, 64), (70, 8, 128), (33, 1, 32), (50, 64, 16)])
 def test_sweep_16bit(t, chunk, d, dtype):
-    check_vs_oracle(1, t, 2, d, chunk, dtype, out_tol=5e-3, grad_tol=1e-2)
+    check_vs_oracle(1, t, 2, d, chunk, dtype, out_tol=5e-3, grad_tol=1e-2, rope_theta=ROPE)
 
 
 @pytest.mark.slow
@@ -197,6 +219,7 @@ def test_sweep_prefix(t, chunk, n_prefix):
     inputs = make_inputs(b, t, h, d) + [torch.randn(b, n_prefix, h, d, device=DEVICE) for _ in range(2)]
 
     def op(backend):
-        return lambda q, k, v, g, pk, pv: rat_attention(q, k, v, g, chunk, prefix=(pk, pv), backend=backend)
+        return lambda q, k, v, g, pk, pv: rat_attention(q, k, v, g, chunk, prefix=(pk, pv), rope_theta=ROPE,
+                                                        backend=backend)
     check(op("triton"), op("chunk"), inputs, [x.to(F64) for x in inputs], 1e-5, 1e-5,
           names=("q", "k", "v", "gate", "prefix_k", "prefix_v"))

@@ -1,6 +1,10 @@
 """RAT with O(T) memory: the in-chunk scan as L vectorised steps over all chunks at once, and the cross-chunk
 softmax as causal attention at chunk granularity (the L queries of a chunk share its position), merged with each
 query's own running key through the log-sum-exp.
+
+RoPE (`rope_theta`) rotates after the scan, by chunk index: the queries of chunk c and the summary of chunk j
+turn by c and j, so their logit sees j - c.  A query and its own scanned key share the chunk and the angle, which
+cancels: the own logit is the plain q . k~.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import torch.nn.functional as F
 
 from kernels.attention.chunk import chunk_attention
 from kernels.dispatch import compute_dtype
+from kernels.rope import apply_rope, rope_table
 
 
 def _scan_chunks(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -22,18 +27,29 @@ def _scan_chunks(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 
 def scan_summaries(k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, chunk_size: int):
-    """The last scanned key/value of every chunk: (B, T/L, H, d) each.  T must be a multiple of chunk_size."""
+    """The last scanned key/value of every chunk, not rotated: (B, T/L, H, d) each, fp32 for 16-bit inputs.  T must
+    be a multiple of chunk_size."""
     b, t, h, _ = k.shape
     n = t // chunk_size
-    kc, vc, gc = (x.view(b, n, chunk_size, h, -1) for x in (k, v, gate))
+    compute = compute_dtype(k.dtype)  # 16-bit inputs scan in fp32, as every other path does
+    kc, vc, gc = (x.to(compute).reshape(b, n, chunk_size, h, -1) for x in (k, v, gate))
     return _scan_chunks(kc, gc)[:, :, -1], _scan_chunks(vc, gc)[:, :, -1]
 
 
+def rotate_by_chunk(x: torch.Tensor, first_chunk: int, theta: float | None) -> torch.Tensor:
+    """x (B, N, ..., d): entry n rotated as chunk first_chunk + n (unchanged when theta is None)."""
+    if theta is None or x.shape[1] == 0:
+        return x
+    cos, sin = rope_table(first_chunk + x.shape[1], x.shape[-1], theta, x.dtype, x.device)
+    shape = (x.shape[1],) + (1,) * (x.dim() - 3) + (x.shape[-1] // 2,)
+    return apply_rope(x, cos[first_chunk:].view(shape), sin[first_chunk:].view(shape))
+
+
 def chunk_rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, chunk_size: int,
-                        scale: float | None = None,
-                        prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                        scale: float | None = None, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        rope_theta: float | None = None) -> torch.Tensor:
     """`prefix` = (k, v) summaries (B, P, H, d) of P chunks that precede this segment (context parallelism:
-    the chunks held by other ranks); every query also attends to them."""
+    the chunks held by other ranks); every query also attends to them, and this segment's chunks count from P."""
     b, t, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
     compute = compute_dtype(q.dtype)
@@ -42,18 +58,21 @@ def chunk_rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate:
     pad = n * L - t  # a partial last chunk: its summary is never read (no chunk comes after it)
     qc, kc, vc, gc = (F.pad(x.to(compute), (0, 0, 0, 0, 0, pad)).view(b, n, L, h, -1) for x in (q, k, v, gate))
     k_scan, v_scan = _scan_chunks(kc, gc), _scan_chunks(vc, gc)
-    self_logit = (qc * k_scan).sum(-1) * scale  # (B, N, L, H)
-    k_sum, v_sum = k_scan[:, :-1, L - 1], v_scan[:, :-1, L - 1]
+    self_logit = (qc * k_scan).sum(-1) * scale  # (B, N, L, H): the rotation cancels (same chunk)
+    n_prefix = 0 if prefix is None else prefix[0].shape[1]
+    k_sum = rotate_by_chunk(k_scan[:, :-1, L - 1], n_prefix, rope_theta)
+    v_sum = v_scan[:, :-1, L - 1]
     first = 1  # chunk 0 without a prefix has no earlier chunk: its queries see only their own running key
-    if prefix is not None and prefix[0].shape[1] > 0:
-        k_sum = torch.cat([prefix[0].to(compute), k_sum], dim=1)
+    if n_prefix:
+        k_sum = torch.cat([rotate_by_chunk(prefix[0].to(compute), 0, rope_theta), k_sum], dim=1)
         v_sum = torch.cat([prefix[1].to(compute), v_sum], dim=1)
         first = 0
     parts = [v_scan[:, :1]] if first else []
     if n > first:
         # Queries of chunks first..N-1 against the summaries of all earlier chunks, causally at chunk
         # granularity: the L queries of a chunk share one position (query_group=L), so no key is copied.
-        o_cross, lse = chunk_attention(qc[:, first:].reshape(b, (n - first) * L, h, d), k_sum, v_sum,
+        q_rot = rotate_by_chunk(qc[:, first:], n_prefix + first, rope_theta)
+        o_cross, lse = chunk_attention(q_rot.reshape(b, (n - first) * L, h, d), k_sum, v_sum,
                                        causal=True, scale=scale, query_group=L)
         o_cross = o_cross.view(b, n - first, L, h, -1)
         lse = lse.view(b, h, n - first, L).permute(0, 2, 3, 1)  # (B, N', L, H)

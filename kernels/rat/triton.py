@@ -1,27 +1,32 @@
 """RAT on Triton, forward and backward.
 
-Same op as `chunk.py` (see `rat_attention` for the math); four pieces, each a kernel:
+Same op as `chunk.py` (see `rat_attention` for the math).  Only the T/L chunk summaries are ever stored: every
+kernel that needs a token's own scanned key/value recomputes it from k, v and the gate, with a parallel scan
+(`tl.associative_scan`) over a tile that holds whole chunks.  Five kernels:
 
-1. scan (grid: chunks x heads): the gated recurrence k~_t = g_t*k~_{t-1} + (1-g_t)*k_t (and v~) walked token by
-   token inside a chunk, in fp32 registers.  It writes k~ and v~ for every token: the backward needs them all,
-   and the chunk summaries are simply every L-th row of them (read in place through a strided view, never copied).
-2. attention (grid: query blocks x heads): the online softmax starts from the query's own running key (the
-   current-token term: a finite logit, so no row ever holds only -inf), then folds in the prefix summaries (seen
-   by every query) and this segment's summaries of chunks strictly before the query's chunk.  Starting from the
-   own term *is* the log-sum-exp merge: there is no second pass.  Writes o and the row log-sum-exp.
-3. backward, summaries side: one kernel gives dq (and delta = rowsum(dO*O)); one gives the gradients of the
-   summary keys/values (prefix and in-segment), looping over the query blocks that see them.
-4. backward scan (grid: chunks x heads): walks each chunk in reverse, adds the current-token term's gradients
-   (recomputed from q, dO, lse, delta: a few vector ops per token, cheaper than storing them) to the summary
-   gradient at the chunk's last row, and runs the adjoint recurrence
-       acc_t = dk~_t + g_{t+1} * acc_{t+1},   dk_t = (1 - g_t) * acc_t,   dg_t += acc_t * (k~_{t-1} - k_t)
-   for k and v at once (the gate is shared, so dg sums both).
+1. summaries (grid: heads x chunk blocks): scan, keep each full chunk's last k~, v~ (fp32, unrotated).
+2. attention (grid: heads x query blocks, the blocks that see the most summaries first): the online softmax
+   opens with the query's own term (a finite logit, so no row ever holds only -inf), then folds in the prefix
+   summaries (seen by every query) and this segment's summaries of earlier chunks.  Writes o and the row lse.
+3. dq (same grid): also writes delta = rowsum(dO * O).
+4. summary gradients (grid: heads x key blocks, the keys seen by the most queries first): dk, dv of a block of
+   summary keys (prefix or in-segment), looping over the queries that see them.
+5. backward scan (grid: heads x chunk blocks): adds the own term's gradients and the summary gradients (at each
+   chunk's last row), runs the adjoint recurrence as a reverse scan
+       acc_t = dk~_t + g_{t+1} * acc_{t+1},   dk_t = (1 - g_t) * acc_t,   dg_t = acc_t * (k~_{t-1} - k_t) (+ v's)
+   where k~_{t-1} comes from a second scan over the inputs shifted by one row (never a division by g).
 
-Everything accumulates in fp32 whatever the input dtype.  Logits are kept in base 2 (exp2 is the native
-instruction); the saved lse is therefore log2-sum-exp2 of scale*log2(e)*q.k, which only these kernels read.
-fp32 inputs use exact fp32 dot products (input_precision="ieee"), 16-bit inputs use tf32: its 10-bit mantissa
-already exceeds theirs.  16-bit results are stored through `round_to` (round to nearest even, also under the
-interpreter, which would otherwise truncate).
+Tiles and RoPE.  A tile's rows hold whole chunks: chunk c of a block sits in rows padded to L_PAD (L rounded up
+to a power of two), so a scan never crosses a tile and chunk sizes up to 128 work.  Every [rows, d] tile is kept as
+two [rows, d/2] halves: RoPE rotates the pairs (x_i, x_{i+d/2}) (queries by their chunk, summary keys by theirs,
+gradients back by the inverse), which on halves is elementwise.  A query and its own scanned key share the angle,
+so the own logit is the plain q . k~.
+
+Precision.  16-bit inputs: the dots take bf16/fp16 operands (rotated queries and keys, probabilities, values,
+dO: tensor cores) and accumulate in fp32; the scans, softmax statistics and summaries stay fp32.  fp32 inputs use
+exact fp32 (IEEE) dots.  Logits are base 2 (exp2 is the native instruction), so the saved lse is log2-sum-exp2 of
+scale*log2(e)*q.k, which only these kernels read.  16-bit values go through `round_to` (round to nearest even,
+also under the interpreter, which would otherwise truncate).
 """
 
 from __future__ import annotations
@@ -33,13 +38,15 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import TRITON_DTYPES
-from kernels.triton_dots import round_to
-from kernels.triton_support import autotune, output_buffer, padded_width, require_triton
+from kernels.rope import rope_table
+from kernels.triton_dots import dot, round_to
+from kernels.triton_support import autotune, interpreting, output_buffer, padded_width, require_triton
 
 LOG2E = math.log2(math.e)
+MAX_CHUNK = 128
 
-# The first config is what the CPU interpreter runs: small blocks, so that tiny test shapes still span several
-# query and key blocks.  On a GPU the autotuner benchmarks them all (out-of-resource configs are skipped).
+# The first config is what the CPU interpreter runs (for chunks up to 16 tokens): small blocks, so that tiny test
+# shapes still span several query and key blocks.  On a GPU the autotuner benchmarks the others.
 _ATTN_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
@@ -47,408 +54,483 @@ _ATTN_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
 ]
-
-
-
-
-def _prune_backward(configs, named_args, **kwargs):
-    """The backward kernels hold more tiles than the forward: at d >= 128, 128 x 64 needs 256 KB (dq) and 321 KB
-    (summary gradients) of shared memory on sm_90 (bench/kernel_report.py), over the 227 KB an H100 has.  Skip what
-    cannot launch rather than compile it during autotuning."""
-    if kwargs.get("D", named_args.get("D", 0)) < 128:
-        return configs
-    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 64]
-
-
 # HYLO_AUTOTUNE=lean: 64x32 w4 s2 and 128x32 w8 s2 fit everywhere and spill least on sm_90 in bf16.
 _LEAN = (1, 3)
+_TUNE_KEY = ["HALF", "L_PAD", "ROPE"]
+
+
+def _prune(configs, named_args, **kwargs):
+    """A query block holds whole chunks (BLOCK_M >= L_PAD).  At d >= 128 the backward's 128 x 64 tiles need more
+    shared memory than an H100 has (bench/kernel_report.py): skip what cannot launch rather than compile it."""
+    l_pad = kwargs.get("L_PAD", named_args.get("L_PAD", 1))
+    half = kwargs.get("HALF", named_args.get("HALF", 0))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] >= l_pad]
+    if half >= 64:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 64] or kept
+    return kept
+
+
+_PRUNE = {"early_config_prune": _prune}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _chunk_rows(block, L, T, ROWS: tl.constexpr, L_PAD: tl.constexpr):
+    """The tokens of a tile of ROWS rows holding chunks block*ROWS/L_PAD, ...: chunk c's token i sits in row
+    (c mod ROWS/L_PAD)*L_PAD + i.  Returns each row's chunk (int64), offset in its chunk, token and validity."""
+    i = tl.arange(0, ROWS)
+    offset = i % L_PAD
+    chunk = (i // L_PAD + block * (ROWS // L_PAD)).to(tl.int64)  # chunk counts fit int32, tokens may not
+    token = chunk * L + offset
+    return chunk, offset, token, (offset < L) & (token < T)
+
+
+@triton.jit
+def _load_halves(ptr, row_offsets, row_ok, s_d, HALF, HALF_PAD: tl.constexpr):
+    """x[row, :d/2] and x[row, d/2:] as two fp32 [rows, HALF_PAD] tiles (zero outside)."""
+    offs_h = tl.arange(0, HALF_PAD)
+    mask = row_ok[:, None] & (offs_h < HALF)[None, :]
+    p = ptr + row_offsets[:, None] + offs_h[None, :] * s_d
+    return (tl.load(p, mask=mask, other=0.0).to(tl.float32),
+            tl.load(p + HALF * s_d, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _store_halves(ptr, row_offsets, row_ok, s_d, x1, x2, HALF, HALF_PAD: tl.constexpr):
+    offs_h = tl.arange(0, HALF_PAD)
+    mask = row_ok[:, None] & (offs_h < HALF)[None, :]
+    p = ptr + row_offsets[:, None] + offs_h[None, :] * s_d
+    tl.store(p, round_to(x1, ptr.dtype.element_ty), mask=mask)
+    tl.store(p + HALF * s_d, round_to(x2, ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate(x1, x2, COS, SIN, position, row_ok, HALF, HALF_PAD: tl.constexpr, INVERSE: tl.constexpr):
+    """RoPE on halves: rows turned by the angles of `position` (a row of the COS/SIN tables), or back."""
+    offs_h = tl.arange(0, HALF_PAD)
+    mask = row_ok[:, None] & (offs_h < HALF)[None, :]
+    table = position[:, None] * HALF + offs_h[None, :]
+    cos = tl.load(COS + table, mask=mask, other=1.0)
+    sin = tl.load(SIN + table, mask=mask, other=0.0)
+    if INVERSE:
+        sin = -sin
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _linear(a1, k1, v1, a2, k2, v2):
+    """Composes x -> a1*x + b1 then x -> a2*x + b2 for two recurrences (k and v) sharing the coefficient a."""
+    return a1 * a2, a2 * k1 + k2, a2 * v1 + v2
+
+
+@triton.jit
+def _scan(restart, g, k, v):
+    """k~_t = g_t k~_{t-1} + (1 - g_t) k_t (and v~) down the rows, starting afresh on rows where `restart`."""
+    a = tl.where(restart[:, None], 0.0, g)
+    _, k_scan, v_scan = tl.associative_scan((a, (1.0 - g) * k, (1.0 - g) * v), 0, _linear)
+    return k_scan, v_scan
 
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit(do_not_specialize=["T"])
-def _scan_fwd_kernel(K, V, G, KS, VS,
-                     sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d, sg_b, sg_t, sg_h, sg_d,
-                     T, H, D, L, BLOCK_D: tl.constexpr):
-    """One program per (chunk, batch*head): k~, v~ of the chunk's tokens into KS, VS (B, H, T, D) fp32."""
-    # Row indices are int64 tensors built from the program id (loop counters are plain ints under the
-    # interpreter), so offsets into long sequences cannot overflow.
-    row_start = tl.program_id(0).to(tl.int64) * L
-    bh = tl.program_id(1).to(tl.int64)
+def _summary_kernel(K, V, G, SK, SV,
+                    sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d, sg_b, sg_t, sg_h, sg_d, ss_b, ss_n, ss_h,
+                    T, H, HALF, L, HALF_PAD: tl.constexpr, L_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """The last k~, v~ of every full chunk into SK, SV (B, N, H, d) fp32 (unit stride in d)."""
+    bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    row_end = tl.minimum(row_start + L, T)
-    k_acc = tl.zeros([BLOCK_D], dtype=tl.float32)  # zero state: the recurrence restarts at every chunk
-    v_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(0, row_end - row_start):
-        t64 = row_start + i
-        g = tl.load(G + b * sg_b + h * sg_h + t64 * sg_t + offs_d * sg_d, mask=d_ok, other=0.0).to(tl.float32)
-        k = tl.load(K + b * sk_b + h * sk_h + t64 * sk_t + offs_d * sk_d, mask=d_ok, other=0.0).to(tl.float32)
-        v = tl.load(V + b * sv_b + h * sv_h + t64 * sv_t + offs_d * sv_d, mask=d_ok, other=0.0).to(tl.float32)
-        k_acc = g * k_acc + (1.0 - g) * k
-        v_acc = g * v_acc + (1.0 - g) * v
-        row = (bh * T + t64) * D + offs_d
-        tl.store(KS + row, k_acc, mask=d_ok)
-        tl.store(VS + row, v_acc, mask=d_ok)
+    chunk, offset, token, ok = _chunk_rows(tl.program_id(1), L, T, ROWS, L_PAD)
+    k1, k2 = _load_halves(K + b * sk_b + h * sk_h, token * sk_t, ok, sk_d, HALF, HALF_PAD)
+    v1, v2 = _load_halves(V + b * sv_b + h * sv_h, token * sv_t, ok, sv_d, HALF, HALF_PAD)
+    g1, g2 = _load_halves(G + b * sg_b + h * sg_h, token * sg_t, ok, sg_d, HALF, HALF_PAD)
+    ks1, vs1 = _scan(offset == 0, g1, k1, v1)
+    ks2, vs2 = _scan(offset == 0, g2, k2, v2)
+    last = ok & (offset == L - 1)
+    rows = b * ss_b + h * ss_h + chunk * ss_n
+    _store_halves(SK, rows, last, 1, ks1, ks2, HALF, HALF_PAD)
+    _store_halves(SV, rows, last, 1, vs1, vs2, HALF, HALF_PAD)
 
 
 @triton.jit
-def _softmax_over_summaries(acc, m_i, l_i, q, q_chunk, K, V, s_n, s_d, n_keys, first_key_chunk, qk_scale,
-                            offs_d, d_ok, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update of (acc, m_i, l_i) with summary keys [0, n_keys) of K/V (already offset to the
-    batch and head).  Key j belongs to chunk first_key_chunk + j; query row r sees it iff that chunk is strictly
-    before its own, q_chunk[r].  Prefix keys get negative chunk numbers: every query sees them."""
+def _own_term(Q, K, V, G, b, h, token, offset, ok, sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d,
+              sv_b, sv_t, sv_h, sv_d, sg_b, sg_t, sg_h, sg_d, HALF, HALF_PAD: tl.constexpr):
+    """q (fp32 halves) and each query's own scanned key and value, recomputed from k, v and the gate."""
+    q1, q2 = _load_halves(Q + b * sq_b + h * sq_h, token * sq_t, ok, sq_d, HALF, HALF_PAD)
+    k1, k2 = _load_halves(K + b * sk_b + h * sk_h, token * sk_t, ok, sk_d, HALF, HALF_PAD)
+    v1, v2 = _load_halves(V + b * sv_b + h * sv_h, token * sv_t, ok, sv_d, HALF, HALF_PAD)
+    g1, g2 = _load_halves(G + b * sg_b + h * sg_h, token * sg_t, ok, sg_d, HALF, HALF_PAD)
+    ks1, vs1 = _scan(offset == 0, g1, k1, v1)
+    ks2, vs2 = _scan(offset == 0, g2, k2, v2)
+    return q1, q2, ks1, ks2, vs1, vs2
+
+
+@triton.jit
+def _summary_tile(K, V, s_n, s_d, start, n_keys, key_chunk0, COS, SIN, DT: tl.constexpr, HALF,
+                  HALF_PAD: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Summary keys (rotated by their chunk) and values [start, start + BLOCK_N) as DT halves."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_keys
+    key_chunk = key_chunk0 + offs_n
+    k1, k2 = _load_halves(K, offs_n.to(tl.int64) * s_n, n_ok, s_d, HALF, HALF_PAD)
+    v1, v2 = _load_halves(V, offs_n.to(tl.int64) * s_n, n_ok, s_d, HALF, HALF_PAD)
+    if ROPE:
+        k1, k2 = _rotate(k1, k2, COS, SIN, key_chunk, n_ok, HALF, HALF_PAD, False)
+    return (round_to(k1, DT), round_to(k2, DT), round_to(v1, DT), round_to(v2, DT), key_chunk, n_ok)
+
+
+@triton.jit
+def _softmax_over_summaries(acc1, acc2, m_i, l_i, q1, q2, q_chunk, K, V, s_n, s_d, n_keys, key_chunk0, COS, SIN,
+                            qk_scale, HALF, HALF_PAD: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax update with summary keys [0, n_keys) of K/V (offset to the batch and head); key j is chunk
+    key_chunk0 + j and query row r sees it iff that is before q_chunk[r] (both global chunk numbers)."""
     for start in range(0, n_keys, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_keys
-        kv_off = offs_n[:, None] * s_n + offs_d[None, :] * s_d
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = ((first_key_chunk + offs_n)[None, :] < q_chunk[:, None]) & n_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
+        k1, k2, v1, v2, key_chunk, n_ok = _summary_tile(K, V, s_n, s_d, start, n_keys, key_chunk0, COS, SIN,
+                                                        q1.dtype, HALF, HALF_PAD, ROPE, BLOCK_N)
+        s = (dot(q1, tl.trans(k1)) + dot(q2, tl.trans(k2))) * qk_scale
+        s = tl.where((key_chunk[None, :] < q_chunk[:, None]) & n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # m_i is finite (the own term), so m_new is too
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        p = round_to(p, q1.dtype)
+        acc1 = acc1 * alpha[:, None] + dot(p, v1)
+        acc2 = acc2 * alpha[:, None] + dot(p, v2)
         m_i = m_new
-    return acc, m_i, l_i
+    return acc1, acc2, m_i, l_i
 
 
-@autotune(configs=_ATTN_CONFIGS, key=["D", "L"], lean=_LEAN)
-@triton.jit(do_not_specialize=["T"])
-def _attn_fwd_kernel(Q, KS, VS, PK, PV, O, LSE,
-                     sq_b, sq_t, sq_h, sq_d, so_b, so_t, so_h, so_d, sp_b, sp_h, sp_n, sp_d,
-                     T, H, D, L, P, qk_scale,
-                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """o and lse (base 2) for a block of queries, from the scanned k/v (B, H, T, D) and the prefix."""
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+@autotune(configs=_ATTN_CONFIGS, key=_TUNE_KEY, lean=_LEAN, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["T", "P", "N_KEYS"])
+def _attn_fwd_kernel(Q, K, V, G, SK, SV, PK, PV, COS, SIN, O, LSE,
+                     sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d,
+                     sg_b, sg_t, sg_h, sg_d, so_b, so_t, so_h, so_d, ss_b, ss_n, ss_h, sp_b, sp_n, sp_h, sp_d,
+                     T, H, HALF, L, P, N_KEYS, qk_scale,
+                     HALF_PAD: tl.constexpr, L_PAD: tl.constexpr, ROPE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """o and lse (base 2) for a block of queries."""
+    bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
-    rows = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    tile_mask = (rows < T)[:, None] & d_ok[None, :]
-    local = tl.arange(0, BLOCK_M)[:, None]
-    q = tl.load(Q + b * sq_b + h * sq_h + m0.to(tl.int64) * sq_t + local * sq_t + offs_d[None, :] * sq_d,
-                mask=tile_mask, other=0.0).to(tl.float32)
-    scanned = (bh * T + rows)[:, None] * D + offs_d[None, :]
-    k_run = tl.load(KS + scanned, mask=tile_mask, other=0.0)
-    v_run = tl.load(VS + scanned, mask=tile_mask, other=0.0)
-
-    # The current-token term opens the softmax: max = its logit, sum = 1, accumulator = its value.
-    m_i = tl.sum(q * k_run, 1) * qk_scale
+    block = tl.num_programs(1) - 1 - tl.program_id(1)  # later blocks see more summaries: start them first
+    chunk, offset, token, ok = _chunk_rows(block, L, T, BLOCK_M, L_PAD)
+    q1, q2, ks1, ks2, vs1, vs2 = _own_term(Q, K, V, G, b, h, token, offset, ok, sq_b, sq_t, sq_h, sq_d,
+                                           sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d, sg_b, sg_t, sg_h, sg_d,
+                                           HALF, HALF_PAD)
+    # The own term opens the softmax: max = its logit, sum = 1, accumulator = its value.
+    m_i = (tl.sum(q1 * ks1, 1) + tl.sum(q2 * ks2, 1)) * qk_scale
     l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-    acc = v_run
-    q_chunk = rows // L
-    acc, m_i, l_i = _softmax_over_summaries(acc, m_i, l_i, q, q_chunk, PK + b * sp_b + h * sp_h,
-                                            PV + b * sp_b + h * sp_h, sp_n, sp_d, P, -P, qk_scale,
-                                            offs_d, d_ok, BLOCK_N, PRECISION)
-    # This segment's summaries: chunk c's is row c*L + L - 1 of the scanned k/v.  Only chunks before the
-    # block's last query's chunk can be visible.
-    n_visible = (tl.minimum(m0 + BLOCK_M, T) - 1) // L
-    summary0 = bh * T * D + (L - 1) * D
-    acc, m_i, l_i = _softmax_over_summaries(acc, m_i, l_i, q, q_chunk, KS + summary0, VS + summary0, L * D, 1,
-                                            n_visible, 0, qk_scale, offs_d, d_ok, BLOCK_N, PRECISION)
-
-    o = acc / l_i[:, None]
-    tl.store(O + b * so_b + h * so_h + m0.to(tl.int64) * so_t + local * so_t + offs_d[None, :] * so_d,
-             round_to(o, O.dtype.element_ty), mask=tile_mask)
-    tl.store(LSE + bh * T + rows, m_i + tl.log2(l_i), mask=rows < T)
+    q_chunk = P + chunk
+    if ROPE:
+        q1, q2 = _rotate(q1, q2, COS, SIN, q_chunk, ok, HALF, HALF_PAD, False)
+    DT: tl.constexpr = O.dtype.element_ty
+    q1, q2 = round_to(q1, DT), round_to(q2, DT)
+    acc1, acc2, m_i, l_i = _softmax_over_summaries(vs1, vs2, m_i, l_i, q1, q2, q_chunk, PK + b * sp_b + h * sp_h,
+                                                   PV + b * sp_b + h * sp_h, sp_n, sp_d, P, 0, COS, SIN,
+                                                   qk_scale, HALF, HALF_PAD, ROPE, BLOCK_N)
+    # This segment's summaries: only chunks before the block's last chunk can be visible.
+    n_visible = tl.minimum((block + 1) * (BLOCK_M // L_PAD) - 1, N_KEYS)
+    acc1, acc2, m_i, l_i = _softmax_over_summaries(acc1, acc2, m_i, l_i, q1, q2, q_chunk,
+                                                   SK + b * ss_b + h * ss_h, SV + b * ss_b + h * ss_h, ss_n, 1,
+                                                   n_visible, P, COS, SIN, qk_scale, HALF, HALF_PAD, ROPE, BLOCK_N)
+    _store_halves(O + b * so_b + h * so_h, token * so_t, ok, so_d, acc1 / l_i[:, None], acc2 / l_i[:, None],
+                  HALF, HALF_PAD)
+    tl.store(LSE + bh * T + token, m_i + tl.log2(l_i), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _dq_over_summaries(dq, q, do, lse, delta, q_chunk, K, V, s_n, s_d, n_keys, first_key_chunk, qk_scale,
-                       offs_d, d_ok, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """dq += dS @ K over summary keys [0, n_keys) (same visibility rule as `_softmax_over_summaries`); the
-    caller multiplies by the softmax scale once at the end."""
+def _dq_over_summaries(dq1, dq2, q1, q2, do1, do2, lse, delta, q_chunk, K, V, s_n, s_d, n_keys, key_chunk0,
+                       COS, SIN, qk_scale, HALF, HALF_PAD: tl.constexpr, ROPE: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """dq (rotated frame) += dS @ K over summary keys [0, n_keys), same visibility as the forward."""
     for start in range(0, n_keys, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_keys
-        kv_off = offs_n[:, None] * s_n + offs_d[None, :] * s_d
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = ((first_key_chunk + offs_n)[None, :] < q_chunk[:, None]) & n_ok[None, :]
+        k1, k2, v1, v2, key_chunk, n_ok = _summary_tile(K, V, s_n, s_d, start, n_keys, key_chunk0, COS, SIN,
+                                                        q1.dtype, HALF, HALF_PAD, ROPE, BLOCK_N)
+        s = (dot(q1, tl.trans(k1)) + dot(q2, tl.trans(k2))) * qk_scale
+        visible = (key_chunk[None, :] < q_chunk[:, None]) & n_ok[None, :]
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds, k, input_precision=PRECISION)
-    return dq
+        dp = dot(do1, tl.trans(v1)) + dot(do2, tl.trans(v2))
+        ds = round_to(p * (dp - delta[:, None]), q1.dtype)
+        dq1 += dot(ds, k1)
+        dq2 += dot(ds, k2)
+    return dq1, dq2
 
 
-@autotune(configs=_ATTN_CONFIGS, key=["D", "L"], lean=_LEAN, prune_configs_by={"early_config_prune": _prune_backward})
-@triton.jit(do_not_specialize=["T"])
-def _attn_bwd_dq_kernel(Q, DO, O, KS, VS, PK, PV, LSE, DELTA, DQ,
-                        sq_b, sq_t, sq_h, sq_d, sdo_b, sdo_t, sdo_h, sdo_d, so_b, so_t, so_h, so_d,
-                        sdq_b, sdq_t, sdq_h, sdq_d, sp_b, sp_h, sp_n, sp_d,
-                        T, H, D, L, P, qk_scale, scale,
-                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+@autotune(configs=_ATTN_CONFIGS, key=_TUNE_KEY, lean=_LEAN, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["T", "P", "N_KEYS"])
+def _attn_bwd_dq_kernel(Q, K, V, G, DO, O, SK, SV, PK, PV, COS, SIN, LSE, DELTA, DQ,
+                        sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d,
+                        sg_b, sg_t, sg_h, sg_d, sdo_b, sdo_t, sdo_h, sdo_d, so_b, so_t, so_h, so_d,
+                        sdq_b, sdq_t, sdq_h, sdq_d, ss_b, ss_n, ss_h, sp_b, sp_n, sp_h, sp_d,
+                        T, H, HALF, L, P, N_KEYS, qk_scale, scale,
+                        HALF_PAD: tl.constexpr, L_PAD: tl.constexpr, ROPE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq for a block of queries; also writes delta = rowsum(dO * O), which the other backward kernels read."""
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    tile_mask = row_ok[:, None] & d_ok[None, :]
-    local = tl.arange(0, BLOCK_M)[:, None]
-    m064 = m0.to(tl.int64)
-    q = tl.load(Q + b * sq_b + h * sq_h + m064 * sq_t + local * sq_t + offs_d[None, :] * sq_d,
-                mask=tile_mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + m064 * sdo_t + local * sdo_t + offs_d[None, :] * sdo_d,
-                 mask=tile_mask, other=0.0).to(tl.float32)
-    o = tl.load(O + b * so_b + h * so_h + m064 * so_t + local * so_t + offs_d[None, :] * so_d,
-                mask=tile_mask, other=0.0).to(tl.float32)
-    lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
-    delta = tl.sum(do * o, 1)
-    tl.store(DELTA + bh * T + rows, delta, mask=row_ok)
+    block = tl.num_programs(1) - 1 - tl.program_id(1)
+    chunk, offset, token, ok = _chunk_rows(block, L, T, BLOCK_M, L_PAD)
+    q1, q2, ks1, ks2, vs1, vs2 = _own_term(Q, K, V, G, b, h, token, offset, ok, sq_b, sq_t, sq_h, sq_d,
+                                           sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d, sg_b, sg_t, sg_h, sg_d,
+                                           HALF, HALF_PAD)
+    do1, do2 = _load_halves(DO + b * sdo_b + h * sdo_h, token * sdo_t, ok, sdo_d, HALF, HALF_PAD)
+    o1, o2 = _load_halves(O + b * so_b + h * so_h, token * so_t, ok, so_d, HALF, HALF_PAD)
+    lse = tl.load(LSE + bh * T + token, mask=ok, other=0.0)
+    delta = tl.sum(do1 * o1, 1) + tl.sum(do2 * o2, 1)
+    tl.store(DELTA + bh * T + token, delta, mask=ok)
 
-    scanned = (bh * T + rows)[:, None] * D + offs_d[None, :]
-    k_run = tl.load(KS + scanned, mask=tile_mask, other=0.0)
-    v_run = tl.load(VS + scanned, mask=tile_mask, other=0.0)
-    p_own = tl.exp2(tl.sum(q * k_run, 1) * qk_scale - lse)
-    ds_own = p_own * (tl.sum(do * v_run, 1) - delta)
-    dq = ds_own[:, None] * k_run
-
-    q_chunk = rows // L
-    dq = _dq_over_summaries(dq, q, do, lse, delta, q_chunk, PK + b * sp_b + h * sp_h, PV + b * sp_b + h * sp_h,
-                            sp_n, sp_d, P, -P, qk_scale, offs_d, d_ok, BLOCK_N, PRECISION)
-    n_visible = (tl.minimum(m0 + BLOCK_M, T) - 1) // L
-    summary0 = bh * T * D + (L - 1) * D
-    dq = _dq_over_summaries(dq, q, do, lse, delta, q_chunk, KS + summary0, VS + summary0, L * D, 1, n_visible, 0,
-                            qk_scale, offs_d, d_ok, BLOCK_N, PRECISION)
-    tl.store(DQ + b * sdq_b + h * sdq_h + m064 * sdq_t + local * sdq_t + offs_d[None, :] * sdq_d,
-             round_to(dq * scale, DQ.dtype.element_ty), mask=tile_mask)
+    p_own = tl.exp2((tl.sum(q1 * ks1, 1) + tl.sum(q2 * ks2, 1)) * qk_scale - lse)
+    ds_own = p_own * (tl.sum(do1 * vs1, 1) + tl.sum(do2 * vs2, 1) - delta)
+    q_chunk = P + chunk
+    if ROPE:
+        q1, q2 = _rotate(q1, q2, COS, SIN, q_chunk, ok, HALF, HALF_PAD, False)
+    DT: tl.constexpr = DO.dtype.element_ty
+    q1, q2, do1, do2 = round_to(q1, DT), round_to(q2, DT), round_to(do1, DT), round_to(do2, DT)
+    dq1 = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
+    dq1, dq2 = _dq_over_summaries(dq1, dq2, q1, q2, do1, do2, lse, delta, q_chunk, PK + b * sp_b + h * sp_h,
+                                  PV + b * sp_b + h * sp_h, sp_n, sp_d, P, 0, COS, SIN, qk_scale, HALF, HALF_PAD,
+                                  ROPE, BLOCK_N)
+    n_visible = tl.minimum((block + 1) * (BLOCK_M // L_PAD) - 1, N_KEYS)
+    dq1, dq2 = _dq_over_summaries(dq1, dq2, q1, q2, do1, do2, lse, delta, q_chunk, SK + b * ss_b + h * ss_h,
+                                  SV + b * ss_b + h * ss_h, ss_n, 1, n_visible, P, COS, SIN, qk_scale, HALF,
+                                  HALF_PAD, ROPE, BLOCK_N)
+    if ROPE:  # back from the query's rotated frame
+        dq1, dq2 = _rotate(dq1, dq2, COS, SIN, q_chunk, ok, HALF, HALF_PAD, True)
+    _store_halves(DQ + b * sdq_b + h * sdq_h, token * sdq_t, ok, sdq_d, (dq1 + ds_own[:, None] * ks1) * scale,
+                  (dq2 + ds_own[:, None] * ks2) * scale, HALF, HALF_PAD)
 
 
-@autotune(configs=_ATTN_CONFIGS, key=["D", "L"], lean=_LEAN, prune_configs_by={"early_config_prune": _prune_backward})
-@triton.jit(do_not_specialize=["T"])
-def _attn_bwd_dsummary_kernel(Q, DO, LSE, DELTA, K, V, DK, DV,
+@autotune(configs=_ATTN_CONFIGS, key=_TUNE_KEY, lean=_LEAN, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["T", "P", "n_keys", "key_chunk0"])
+def _attn_bwd_dsummary_kernel(Q, DO, LSE, DELTA, K, V, COS, SIN, DK, DV,
                               sq_b, sq_t, sq_h, sq_d, sdo_b, sdo_t, sdo_h, sdo_d,
-                              sk_b, sk_h, sk_n, sk_d, sdk_b, sdk_h, sdk_n, sdk_d,
-                              T, H, D, L, n_keys, first_key_chunk, qk_scale, scale,
-                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr):
-    """Gradients of a block of summary keys/values (B, H, N, D views; key j is chunk first_key_chunk + j),
-    summed over every query that sees them.  Works for the prefix (negative chunks) and in-segment summaries."""
-    n0 = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1).to(tl.int64)
+                              sk_b, sk_n, sk_h, sk_d, sdk_b, sdk_n, sdk_h, sdk_d,
+                              T, H, HALF, L, P, n_keys, key_chunk0, qk_scale, scale,
+                              HALF_PAD: tl.constexpr, L_PAD: tl.constexpr, ROPE: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Gradients of a block of summary keys/values (B, N, H, d; key j is global chunk key_chunk0 + j), summed over
+    every query that sees them: the prefix (key_chunk0 = 0) or this segment's summaries (key_chunk0 = P)."""
+    bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < n_keys
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
-                mask=kv_mask, other=0.0).to(tl.float32)
-    v = tl.load(V + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
-                mask=kv_mask, other=0.0).to(tl.float32)
-    key_chunk = first_key_chunk + offs_n
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    # Queries before the chunk after this block's first key see none of its keys: start at that chunk.
-    first_query = tl.maximum((first_key_chunk + n0 + 1) * L, 0)
-    start = (first_query // BLOCK_M) * BLOCK_M
-    m064 = start.to(tl.int64)  # tracks m0 as an int64 tensor, for pointer offsets into long sequences
-    local = tl.arange(0, BLOCK_M)[:, None]
-    for m0 in range(start, T, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < T
-        tile_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sq_b + h * sq_h + m064 * sq_t + local * sq_t + offs_d[None, :] * sq_d,
-                    mask=tile_mask, other=0.0).to(tl.float32)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + m064 * sdo_t + local * sdo_t + offs_d[None, :] * sdo_d,
-                     mask=tile_mask, other=0.0).to(tl.float32)
-        lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
+    n0 = tl.program_id(1) * BLOCK_N
+    DT: tl.constexpr = DO.dtype.element_ty
+    k1, k2, v1, v2, key_chunk, n_ok = _summary_tile(K + b * sk_b + h * sk_h, V + b * sk_b + h * sk_h, sk_n, sk_d,
+                                                    n0, n_keys, key_chunk0, COS, SIN, DT, HALF, HALF_PAD, ROPE,
+                                                    BLOCK_N)
+    dk1 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
+    dv2 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
+    # Queries of chunks up to the block's first key's chunk see none of its keys: start after it.
+    first_chunk = tl.maximum(key_chunk0 + n0 + 1 - P, 0)
+    n_blocks = tl.cdiv(tl.cdiv(T, L), BLOCK_M // L_PAD)
+    for block in range(first_chunk // (BLOCK_M // L_PAD), n_blocks):
+        chunk, offset, token, ok = _chunk_rows(block, L, T, BLOCK_M, L_PAD)
+        q1, q2 = _load_halves(Q + b * sq_b + h * sq_h, token * sq_t, ok, sq_d, HALF, HALF_PAD)
+        do1, do2 = _load_halves(DO + b * sdo_b + h * sdo_h, token * sdo_t, ok, sdo_d, HALF, HALF_PAD)
+        lse = tl.load(LSE + bh * T + token, mask=ok, other=0.0)
+        delta = tl.load(DELTA + bh * T + token, mask=ok, other=0.0)
+        q_chunk = P + chunk
+        if ROPE:
+            q1, q2 = _rotate(q1, q2, COS, SIN, q_chunk, ok, HALF, HALF_PAD, False)
+        q1, q2, do1, do2 = round_to(q1, DT), round_to(q2, DT), round_to(do1, DT), round_to(do2, DT)
         # Transposed scores (keys x queries), so the key gradients come out of plain dots.
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        visible = (key_chunk[:, None] < (rows // L)[None, :]) & row_ok[None, :] & n_ok[:, None]
+        s_t = (dot(k1, tl.trans(q1)) + dot(k2, tl.trans(q2))) * qk_scale
+        visible = (key_chunk[:, None] < q_chunk[None, :]) & ok[None, :] & n_ok[:, None]
         p_t = tl.where(visible, tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t, do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dk += tl.dot(p_t * (dp_t - delta[None, :]), q, input_precision=PRECISION)
-        m064 += BLOCK_M
-
-    out = b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :] * sdk_d
-    tl.store(DK + out, round_to(dk * scale, DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out, round_to(dv, DV.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
-def _lanes_if(offs_d, D, cond):
-    """The lanes offs_d < D if the scalar `cond` holds, else none.  (Not `offs_d < D & cond`: the interpreter
-    turns a block-and-scalar `&` into int32, which it then rejects as a mask.)"""
-    return offs_d < tl.where(cond, D, 0)
+        dp_t = dot(v1, tl.trans(do1)) + dot(v2, tl.trans(do2))
+        ds_t = round_to(p_t * (dp_t - delta[None, :]), DT)
+        p_t = round_to(p_t, DT)
+        dv1 += dot(p_t, do1)
+        dv2 += dot(p_t, do2)
+        dk1 += dot(ds_t, q1)
+        dk2 += dot(ds_t, q2)
+    if ROPE:  # back from the key's rotated frame
+        dk1, dk2 = _rotate(dk1, dk2, COS, SIN, key_chunk, n_ok, HALF, HALF_PAD, True)
+    rows = b * sdk_b + h * sdk_h + (n0 + tl.arange(0, BLOCK_N)).to(tl.int64) * sdk_n
+    _store_halves(DK, rows, n_ok, sdk_d, dk1 * scale, dk2 * scale, HALF, HALF_PAD)
+    _store_halves(DV, rows, n_ok, sdk_d, dv1, dv2, HALF, HALF_PAD)
 
 
-@triton.jit(do_not_specialize=["T"])
-def _scan_bwd_kernel(Q, K, V, G, DO, KS, VS, LSE, DELTA, DSK, DSV, DK, DV, DG,
+@triton.jit(do_not_specialize=["T", "N_SEEDS"])
+def _scan_bwd_kernel(Q, K, V, G, DO, LSE, DELTA, DSK, DSV, DK, DV, DG,
                      sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d,
-                     sg_b, sg_t, sg_h, sg_d, sdo_b, sdo_t, sdo_h, sdo_d, sx_b, sx_t, sx_h, sx_d,
-                     T, H, D, L, n_summaries, qk_scale, scale, BLOCK_D: tl.constexpr):
-    """One program per (chunk, batch*head), walking the chunk backwards.  DSK/DSV (B, H, n_summaries, D) hold
-    the summary gradients; DK, DV, DG share the strides sx_*."""
-    c = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
+                     sg_b, sg_t, sg_h, sg_d, sdo_b, sdo_t, sdo_h, sdo_d, ss_b, ss_n, ss_h, sx_b, sx_t, sx_h, sx_d,
+                     T, H, HALF, L, N_SEEDS, qk_scale, scale,
+                     HALF_PAD: tl.constexpr, L_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """dk, dv, dg of a tile of whole chunks.  DSK/DSV (B, N, H, d) fp32 hold the summary gradients of chunks
+    [0, N_SEEDS); DK, DV, DG share the strides sx_*."""
+    bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    row_start = c * L
-    row_end = tl.minimum(row_start + L, T)
+    chunk, offset, token, ok = _chunk_rows(tl.program_id(1), L, T, ROWS, L_PAD)
+    q1, q2, ks1, ks2, vs1, vs2 = _own_term(Q, K, V, G, b, h, token, offset, ok, sq_b, sq_t, sq_h, sq_d,
+                                           sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d, sg_b, sg_t, sg_h, sg_d,
+                                           HALF, HALF_PAD)
+    k1, k2 = _load_halves(K + b * sk_b + h * sk_h, token * sk_t, ok, sk_d, HALF, HALF_PAD)
+    v1, v2 = _load_halves(V + b * sv_b + h * sv_h, token * sv_t, ok, sv_d, HALF, HALF_PAD)
+    g1, g2 = _load_halves(G + b * sg_b + h * sg_h, token * sg_t, ok, sg_d, HALF, HALF_PAD)
+    # k~_{t-1}, v~_{t-1}: the same scan over the inputs one row earlier (zero at a chunk's first token).
+    has_prev = ok & (offset > 0)
+    kp1, kp2 = _load_halves(K + b * sk_b + h * sk_h, (token - 1) * sk_t, has_prev, sk_d, HALF, HALF_PAD)
+    vp1, vp2 = _load_halves(V + b * sv_b + h * sv_h, (token - 1) * sv_t, has_prev, sv_d, HALF, HALF_PAD)
+    gp1, gp2 = _load_halves(G + b * sg_b + h * sg_h, (token - 1) * sg_t, has_prev, sg_d, HALF, HALF_PAD)
+    kp1, vp1 = _scan(offset == 1, gp1, kp1, vp1)
+    kp2, vp2 = _scan(offset == 1, gp2, kp2, vp2)
 
-    # The chunk's summary is its last k~, v~: its gradient seeds the adjoint (a partial last chunk has none).
-    has_summary = _lanes_if(offs_d, D, c < n_summaries)
-    k_acc = tl.load(DSK + (bh * n_summaries + c) * D + offs_d, mask=has_summary, other=0.0)
-    v_acc = tl.load(DSV + (bh * n_summaries + c) * D + offs_d, mask=has_summary, other=0.0)
-    g_next = tl.full([BLOCK_D], 1.0, dtype=tl.float32)  # carries the seed into the last row unchanged
-    k_cur = tl.load(KS + (bh * T + row_end - 1) * D + offs_d, mask=d_ok, other=0.0)
-    v_cur = tl.load(VS + (bh * T + row_end - 1) * D + offs_d, mask=d_ok, other=0.0)
-    for i in range(0, row_end - row_start):
-        t64 = row_end - 1 - i
-        q = tl.load(Q + b * sq_b + h * sq_h + t64 * sq_t + offs_d * sq_d, mask=d_ok, other=0.0).to(tl.float32)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + t64 * sdo_t + offs_d * sdo_d, mask=d_ok,
-                     other=0.0).to(tl.float32)
-        k = tl.load(K + b * sk_b + h * sk_h + t64 * sk_t + offs_d * sk_d, mask=d_ok, other=0.0).to(tl.float32)
-        v = tl.load(V + b * sv_b + h * sv_h + t64 * sv_t + offs_d * sv_d, mask=d_ok, other=0.0).to(tl.float32)
-        g = tl.load(G + b * sg_b + h * sg_h + t64 * sg_t + offs_d * sg_d, mask=d_ok, other=0.0).to(tl.float32)
-        # k~_{t-1}, v~_{t-1}: zero before the chunk's first token (the recurrence restarts there).
-        prev_ok = _lanes_if(offs_d, D, t64 > row_start)
-        k_prev = tl.load(KS + (bh * T + t64 - 1) * D + offs_d, mask=prev_ok, other=0.0)
-        v_prev = tl.load(VS + (bh * T + t64 - 1) * D + offs_d, mask=prev_ok, other=0.0)
-
-        # The current-token term's gradients w.r.t. k~_t, v~_t.
-        lse = tl.load(LSE + bh * T + t64)
-        delta = tl.load(DELTA + bh * T + t64)
-        p_own = tl.exp2(tl.sum(q * k_cur, 0) * qk_scale - lse)
-        ds_own = p_own * (tl.sum(do * v_cur, 0) - delta)
-        k_acc = ds_own * scale * q + g_next * k_acc
-        v_acc = p_own * do + g_next * v_acc
-
-        out = b * sx_b + h * sx_h + t64 * sx_t + offs_d * sx_d
-        tl.store(DK + out, round_to((1.0 - g) * k_acc, DK.dtype.element_ty), mask=d_ok)
-        tl.store(DV + out, round_to((1.0 - g) * v_acc, DV.dtype.element_ty), mask=d_ok)
-        tl.store(DG + out, round_to(k_acc * (k_prev - k) + v_acc * (v_prev - v), DG.dtype.element_ty), mask=d_ok)
-        g_next, k_cur, v_cur = g, k_prev, v_prev
+    # The own term's gradients w.r.t. k~_t, v~_t, plus the summary gradients on each full chunk's last row.
+    do1, do2 = _load_halves(DO + b * sdo_b + h * sdo_h, token * sdo_t, ok, sdo_d, HALF, HALF_PAD)
+    lse = tl.load(LSE + bh * T + token, mask=ok, other=0.0)
+    delta = tl.load(DELTA + bh * T + token, mask=ok, other=0.0)
+    p_own = tl.exp2((tl.sum(q1 * ks1, 1) + tl.sum(q2 * ks2, 1)) * qk_scale - lse)
+    ds_own = p_own * (tl.sum(do1 * vs1, 1) + tl.sum(do2 * vs2, 1) - delta) * scale
+    seeded = ok & (offset == L - 1) & (chunk < N_SEEDS)
+    seed = b * ss_b + h * ss_h + chunk * ss_n
+    sk1, sk2 = _load_halves(DSK, seed, seeded, 1, HALF, HALF_PAD)
+    sv1, sv2 = _load_halves(DSV, seed, seeded, 1, HALF, HALF_PAD)
+    # The adjoint runs backwards and restarts at each chunk's last row (g_{t+1} = 0 there).
+    has_next = ok & (offset < L - 1) & (token + 1 < T)
+    gn1, gn2 = _load_halves(G + b * sg_b + h * sg_h, (token + 1) * sg_t, has_next, sg_d, HALF, HALF_PAD)
+    _, ak1, av1 = tl.associative_scan((gn1, ds_own[:, None] * q1 + sk1, p_own[:, None] * do1 + sv1), 0, _linear,
+                                      reverse=True)
+    _, ak2, av2 = tl.associative_scan((gn2, ds_own[:, None] * q2 + sk2, p_own[:, None] * do2 + sv2), 0, _linear,
+                                      reverse=True)
+    rows = b * sx_b + h * sx_h + token * sx_t
+    _store_halves(DK, rows, ok, sx_d, (1.0 - g1) * ak1, (1.0 - g2) * ak2, HALF, HALF_PAD)
+    _store_halves(DV, rows, ok, sx_d, (1.0 - g1) * av1, (1.0 - g2) * av2, HALF, HALF_PAD)
+    _store_halves(DG, rows, ok, sx_d, ak1 * (kp1 - k1) + av1 * (vp1 - v1), ak2 * (kp2 - k2) + av2 * (vp2 - v2),
+                  HALF, HALF_PAD)
 
 
 # ---------------------------------------------------------------------------------------------- wrapper
-def _bhnd(x: torch.Tensor) -> tuple[int, int, int, int]:
-    """Strides of a (B, N, H, D) tensor in (b, h, n, d) order, the order the summary kernels take."""
-    return x.stride(0), x.stride(2), x.stride(1), x.stride(3)
+def _shape(q: torch.Tensor, chunk_size: int, rope: bool) -> dict:
+    d = q.shape[-1]
+    return {"H": q.shape[2], "HALF": d // 2, "L": chunk_size, "HALF_PAD": padded_width(d // 2),
+            "L_PAD": triton.next_power_of_2(chunk_size), "ROPE": rope}
 
 
-def _launch_shape(q: torch.Tensor, chunk_size: int) -> dict:
-    b, t, h, d = q.shape
-    return {"T": t, "H": h, "D": d, "L": chunk_size, "BLOCK_D": padded_width(d),
-            "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
+def _scan_rows(chunk_size: int) -> int:
+    """Rows of the scan kernels' tiles: whole chunks, at least 64 on a GPU (16 under the interpreter, so that
+    tiny test shapes span several tiles)."""
+    return max(triton.next_power_of_2(chunk_size), 16 if interpreting() else 64)
 
 
-def _prefix_or_dummy(prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None, fallback: torch.Tensor):
-    """The prefix as (k, v, strides, P) with k and v sharing strides; an unread stand-in when there is none."""
+def _prefix_or_dummy(prefix_k, prefix_v, fallback: torch.Tensor):
+    """The prefix as (k, v, strides in (b, n, h, d) order, P) with k and v sharing strides; an unread stand-in
+    when there is none."""
     if prefix_k is None or prefix_k.shape[1] == 0:
         return fallback, fallback, (0, 0, 0, 0), 0
     if prefix_k.stride() != prefix_v.stride():
         prefix_k, prefix_v = prefix_k.contiguous(), prefix_v.contiguous()
-    return prefix_k, prefix_v, _bhnd(prefix_k), prefix_k.shape[1]
+    return prefix_k, prefix_v, prefix_k.stride(), prefix_k.shape[1]
+
+
+def _rope_tables(n_chunks: int, d: int, rope_theta: float | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if rope_theta is None:
+        dummy = torch.zeros(1, device=device)
+        return dummy, dummy
+    cos, sin = rope_table(n_chunks, d, rope_theta, torch.float32, device)
+    return cos.contiguous(), sin.contiguous()
 
 
 class _TritonRat(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, gate, prefix_k, prefix_v, chunk_size: int, scale: float):
+    def forward(ctx, q, k, v, gate, prefix_k, prefix_v, chunk_size: int, scale: float, rope_theta):
         b, t, h, d = q.shape
-        shape = _launch_shape(q, chunk_size)
-        n_chunks = triton.cdiv(t, chunk_size)
-        k_scan = output_buffer((b, h, t, d), torch.float32, q.device)
-        v_scan = output_buffer((b, h, t, d), torch.float32, q.device)
-        _scan_fwd_kernel[(n_chunks, b * h)](k, v, gate, k_scan, v_scan, *k.stride(), *v.stride(), *gate.stride(),
-                                            t, h, d, chunk_size, BLOCK_D=shape["BLOCK_D"],
-                                            num_warps=1 if d <= 64 else 2)
+        shape = _shape(q, chunk_size, rope_theta is not None)
+        n_chunks, n_summaries = triton.cdiv(t, chunk_size), t // chunk_size
+        pk, pv, sp, n_prefix = _prefix_or_dummy(prefix_k, prefix_v, q)
+        cos, sin = _rope_tables(n_prefix + n_chunks, d, rope_theta, q.device)
+        sk = output_buffer((b, max(n_summaries, 1), h, d), torch.float32, q.device)
+        sv = output_buffer((b, max(n_summaries, 1), h, d), torch.float32, q.device)
+        rows = _scan_rows(chunk_size)
+        strides = (*q.stride(), *k.stride(), *v.stride(), *gate.stride())
+        _summary_kernel[(b * h, triton.cdiv(n_chunks, rows // shape["L_PAD"]))](
+            k, v, gate, sk, sv, *k.stride(), *v.stride(), *gate.stride(), sk.stride(0), sk.stride(1), sk.stride(2),
+            t, h, shape["HALF"], chunk_size, HALF_PAD=shape["HALF_PAD"], L_PAD=shape["L_PAD"], ROWS=rows,
+            num_warps=4)
         o = output_buffer((b, t, h, d), q.dtype, q.device)
         lse = output_buffer((b, h, t), torch.float32, q.device)
-        pk, pv, sp, n_prefix = _prefix_or_dummy(prefix_k, prefix_v, k_scan)
-        grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)  # noqa: E731
-        _attn_fwd_kernel[grid](q, k_scan, v_scan, pk, pv, o, lse, *q.stride(), *o.stride(), *sp,
-                               P=n_prefix, qk_scale=scale * LOG2E, **shape)
-        ctx.save_for_backward(q, k, v, gate, prefix_k, prefix_v, k_scan, v_scan, o, lse)
-        ctx.chunk_size, ctx.scale = chunk_size, scale
+        grid = lambda meta: (b * h, triton.cdiv(n_chunks, meta["BLOCK_M"] // meta["L_PAD"]))  # noqa: E731
+        _attn_fwd_kernel[grid](q, k, v, gate, sk, sv, pk, pv, cos, sin, o, lse, *strides, *o.stride(),
+                               sk.stride(0), sk.stride(1), sk.stride(2), *sp,
+                               T=t, P=n_prefix, N_KEYS=n_summaries, qk_scale=scale * LOG2E, **shape)
+        ctx.save_for_backward(q, k, v, gate, prefix_k, prefix_v, sk, sv, o, lse, cos, sin)
+        ctx.chunk_size, ctx.scale, ctx.rope = chunk_size, scale, rope_theta is not None
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, gate, prefix_k, prefix_v, k_scan, v_scan, o, lse = ctx.saved_tensors
+        q, k, v, gate, prefix_k, prefix_v, sk, sv, o, lse, cos, sin = ctx.saved_tensors
         chunk_size, scale = ctx.chunk_size, ctx.scale
         b, t, h, d = q.shape
-        shape = _launch_shape(q, chunk_size)
+        shape = _shape(q, chunk_size, ctx.rope)
         qk_scale = scale * LOG2E
-        pk, pv, sp, n_prefix = _prefix_or_dummy(prefix_k, prefix_v, k_scan)
-        n_summaries = (t - 1) // chunk_size  # chunks some later query sees; a partial last chunk never is
+        n_chunks = triton.cdiv(t, chunk_size)
+        n_keys = (t - 1) // chunk_size  # summaries some later query sees; a partial last chunk's never is
+        pk, pv, sp, n_prefix = _prefix_or_dummy(prefix_k, prefix_v, q)
+        strides = (*q.stride(), *k.stride(), *v.stride(), *gate.stride())
+        s_sum = (sk.stride(0), sk.stride(1), sk.stride(2))
 
         dq = output_buffer((b, t, h, d), q.dtype, q.device)
         delta = output_buffer((b, h, t), torch.float32, q.device)
-        grid_q = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)  # noqa: E731
-        _attn_bwd_dq_kernel[grid_q](q, do, o, k_scan, v_scan, pk, pv, lse, delta, dq,
-                                    *q.stride(), *do.stride(), *o.stride(), *dq.stride(), *sp,
-                                    P=n_prefix, qk_scale=qk_scale, scale=scale, **shape)
+        grid_q = lambda meta: (b * h, triton.cdiv(n_chunks, meta["BLOCK_M"] // meta["L_PAD"]))  # noqa: E731
+        _attn_bwd_dq_kernel[grid_q](q, k, v, gate, do, o, sk, sv, pk, pv, cos, sin, lse, delta, dq,
+                                    *strides, *do.stride(), *o.stride(), *dq.stride(), *s_sum, *sp,
+                                    T=t, P=n_prefix, N_KEYS=n_keys, qk_scale=qk_scale, scale=scale, **shape)
 
-        def summary_grads(keys, values, strides, n_keys, first_key_chunk, dkeys, dvalues, dstrides):
-            if n_keys == 0:
-                return
-            grid = lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), b * h)  # noqa: E731
-            _attn_bwd_dsummary_kernel[grid](q, do, lse, delta, keys, values, dkeys, dvalues,
-                                            *q.stride(), *do.stride(), *strides, *dstrides,
-                                            n_keys=n_keys, first_key_chunk=first_key_chunk, qk_scale=qk_scale,
-                                            scale=scale, **shape)
+        def summary_grads(keys, values, key_strides, count, key_chunk0, dkeys, dvalues):
+            grid = lambda meta: (b * h, triton.cdiv(count, meta["BLOCK_N"]))  # noqa: E731
+            _attn_bwd_dsummary_kernel[grid](q, do, lse, delta, keys, values, cos, sin, dkeys, dvalues,
+                                            *q.stride(), *do.stride(), *key_strides, *dkeys.stride(),
+                                            T=t, P=n_prefix, n_keys=count, key_chunk0=key_chunk0,
+                                            qk_scale=qk_scale, scale=scale, **shape)
 
-        # In-segment summaries: every L-th row of the scanned k/v, as a (B, N, H, D) view.  Their gradients go
-        # to (B, H, N, D) fp32 buffers, which seed the backward scan.
-        dsk = output_buffer((b, h, max(n_summaries, 1), d), torch.float32, q.device)
-        dsv = output_buffer((b, h, max(n_summaries, 1), d), torch.float32, q.device)
-        summary_k = k_scan.transpose(1, 2)[:, chunk_size - 1::chunk_size][:, :n_summaries]
-        summary_v = v_scan.transpose(1, 2)[:, chunk_size - 1::chunk_size][:, :n_summaries]
-        summary_grads(summary_k, summary_v, _bhnd(summary_k), n_summaries, 0, dsk, dsv, dsk.stride())
+        # This segment's summary gradients (fp32) seed the backward scan.
+        dsk = output_buffer(sk.shape, torch.float32, q.device)
+        dsv = output_buffer(sv.shape, torch.float32, q.device)
+        if n_keys:
+            summary_grads(sk, sv, sk.stride(), n_keys, n_prefix, dsk, dsv)
 
         d_prefix_k = d_prefix_v = None
         if n_prefix and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]):
             d_prefix_k = output_buffer(pk.shape, prefix_k.dtype, q.device)
             d_prefix_v = output_buffer(pv.shape, prefix_v.dtype, q.device)
-            summary_grads(pk, pv, sp, n_prefix, -n_prefix, d_prefix_k, d_prefix_v, _bhnd(d_prefix_k))
+            summary_grads(pk, pv, sp, n_prefix, 0, d_prefix_k, d_prefix_v)
         elif prefix_k is not None and prefix_k.shape[1] == 0:
             d_prefix_k, d_prefix_v = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
 
         dk = output_buffer((b, t, h, d), k.dtype, q.device)
         dv = output_buffer((b, t, h, d), v.dtype, q.device)
-        dg = output_buffer((b, t, h, d), gate.dtype, q.device)  # fresh tensors of one shape: dk, dv, dg share strides
-        _scan_bwd_kernel[(triton.cdiv(t, chunk_size), b * h)](
-            q, k, v, gate, do, k_scan, v_scan, lse, delta, dsk, dsv, dk, dv, dg,
-            *q.stride(), *k.stride(), *v.stride(), *gate.stride(), *do.stride(), *dk.stride(),
-            t, h, d, chunk_size, n_summaries, qk_scale, scale, BLOCK_D=shape["BLOCK_D"],
-            num_warps=1 if d <= 64 else 2)
-        return dq, dk, dv, dg, d_prefix_k, d_prefix_v, None, None
+        dg = output_buffer((b, t, h, d), gate.dtype, q.device)  # fresh tensors of one shape: they share strides
+        rows = _scan_rows(chunk_size)
+        _scan_bwd_kernel[(b * h, triton.cdiv(n_chunks, rows // shape["L_PAD"]))](
+            q, k, v, gate, do, lse, delta, dsk, dsv, dk, dv, dg, *strides, *do.stride(), *s_sum, *dk.stride(),
+            t, h, shape["HALF"], chunk_size, n_keys, qk_scale, scale,
+            HALF_PAD=shape["HALF_PAD"], L_PAD=shape["L_PAD"], ROWS=rows, num_warps=4)
+        return dq, dk, dv, dg, d_prefix_k, d_prefix_v, None, None, None
 
 
 def triton_rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, chunk_size: int,
-                         scale: float | None = None,
-                         prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """RAT on Triton: q, k, v, gate (B, T, H, d) -> (B, T, H, d) in q's dtype; `prefix` = (k, v) summaries
-    (B, P, H, d) of earlier chunks (see `rat_attention`).  fp32/bf16/fp16, any strides."""
+                         scale: float | None = None, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         rope_theta: float | None = None) -> torch.Tensor:
+    """RAT on Triton: q, k, v (B, T, H, d) of one dtype (fp32/bf16/fp16), gate (B, T, H, d) of that dtype or
+    fp32 -> (B, T, H, d) in q's dtype; `prefix` = (k, v) summaries (B, P, H, d) of earlier chunks and `rope_theta`
+    as in `rat_attention`.  Any strides; even head dims; chunk_size <= 128."""
     require_triton(q, k, v, gate)
-    if q.dtype not in TRITON_DTYPES:
-        raise ValueError(f"backend='triton' computes in fp32 and takes fp32/bf16/fp16 inputs, not {q.dtype}")
-    if v.shape != q.shape:
-        raise ValueError("backend='triton' needs v with the same head dim as q and k")
+    if q.dtype not in TRITON_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"backend='triton' takes q, k, v of one dtype among fp32/bf16/fp16, got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    if gate.dtype not in (q.dtype, torch.float32):
+        raise ValueError(f"backend='triton' takes the gate in q's dtype or float32, not {gate.dtype}")
+    if v.shape != q.shape or q.shape[-1] % 2:
+        raise ValueError("backend='triton' needs v with the same head dim as q and k, and an even head dim")
+    if chunk_size > MAX_CHUNK:
+        raise ValueError(f"backend='triton' takes chunk_size <= {MAX_CHUNK} (a chunk must fit in one query tile), "
+                         f"got {chunk_size}: use backend='chunk'")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     prefix_k, prefix_v = (None, None) if prefix is None else prefix
     if prefix_k is not None and (prefix_k.shape != prefix_v.shape or prefix_k.shape[0] != q.shape[0]
                                  or prefix_k.shape[2:] != q.shape[2:]):
         raise ValueError(f"prefix summaries must be (B, P, H, d) matching q; got k{tuple(prefix_k.shape)} "
                          f"v{tuple(prefix_v.shape)}")
-    return _TritonRat.apply(q, k, v, gate, prefix_k, prefix_v, chunk_size, float(scale))
+    return _TritonRat.apply(q, k, v, gate, prefix_k, prefix_v, chunk_size, float(scale), rope_theta)
