@@ -87,8 +87,8 @@ def _workloads(ops: list[str], dtypes: list[str]):
         if "rat" in ops:
             def run(dt=dt, b=b, t=t, h=h, d=d):
                 q, k, v = rand(b, t, h, d, dtype=dt), rand(b, t, h, d, dtype=dt), rand(b, t, h, d, dtype=dt)
-                gate = torch.sigmoid(torch.randn(b, t, h, d)).to(dt).requires_grad_()
-                rat_attention(q, k, v, gate, 16, backend="triton").float().sum().backward()
+                gate = torch.sigmoid(torch.randn(b, t, h, d)).requires_grad_()  # fp32, as the layer passes it
+                rat_attention(q, k, v, gate, 16, rope_theta=1e4, backend="triton").float().sum().backward()
             yield f"rat/{name}", run
 
 

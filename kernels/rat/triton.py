@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import TRITON_DTYPES
+from kernels.rat.chunk import rotate_by_chunk
 from kernels.rope import rope_table
 from kernels.triton_dots import dot, round_to
 from kernels.triton_support import autotune, interpreting, output_buffer, padded_width, require_triton
@@ -132,11 +133,13 @@ def _scan(restart, g, k, v):
 
 
 # ---------------------------------------------------------------------------------------------- forward
-@triton.jit(do_not_specialize=["T"])
-def _summary_kernel(K, V, G, SK, SV,
+@triton.jit(do_not_specialize=["T", "P"])
+def _summary_kernel(K, V, G, COS, SIN, SK, SV,
                     sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d, sg_b, sg_t, sg_h, sg_d, ss_b, ss_n, ss_h,
-                    T, H, HALF, L, HALF_PAD: tl.constexpr, L_PAD: tl.constexpr, ROWS: tl.constexpr):
-    """The last k~, v~ of every full chunk into SK, SV (B, N, H, d) fp32 (unit stride in d)."""
+                    T, H, HALF, L, P,
+                    HALF_PAD: tl.constexpr, L_PAD: tl.constexpr, ROPE: tl.constexpr, ROWS: tl.constexpr):
+    """The last k~, v~ of every full chunk into SK, SV (B, N, H, d; unit stride in d), in the dots' dtype, keys
+    already rotated by their (global) chunk: the attention loops then only load them."""
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
     chunk, offset, token, ok = _chunk_rows(tl.program_id(1), L, T, ROWS, L_PAD)
@@ -146,6 +149,8 @@ def _summary_kernel(K, V, G, SK, SV,
     ks1, vs1 = _scan(offset == 0, g1, k1, v1)
     ks2, vs2 = _scan(offset == 0, g2, k2, v2)
     last = ok & (offset == L - 1)
+    if ROPE:
+        ks1, ks2 = _rotate(ks1, ks2, COS, SIN, P + chunk, last, HALF, HALF_PAD, False)
     rows = b * ss_b + h * ss_h + chunk * ss_n
     _store_halves(SK, rows, last, 1, ks1, ks2, HALF, HALF_PAD)
     _store_halves(SV, rows, last, 1, vs1, vs2, HALF, HALF_PAD)
@@ -165,27 +170,27 @@ def _own_term(Q, K, V, G, b, h, token, offset, ok, sq_b, sq_t, sq_h, sq_d, sk_b,
 
 
 @triton.jit
-def _summary_tile(K, V, s_n, s_d, start, n_keys, key_chunk0, COS, SIN, DT: tl.constexpr, HALF,
-                  HALF_PAD: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Summary keys (rotated by their chunk) and values [start, start + BLOCK_N) as DT halves."""
+def _summary_tile(K, V, s_n, s_d, start, n_keys, key_chunk0, HALF, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Summary keys (already rotated) and values [start, start + BLOCK_N), halves in their stored dtype."""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_keys
-    key_chunk = key_chunk0 + offs_n
-    k1, k2 = _load_halves(K, offs_n.to(tl.int64) * s_n, n_ok, s_d, HALF, HALF_PAD)
-    v1, v2 = _load_halves(V, offs_n.to(tl.int64) * s_n, n_ok, s_d, HALF, HALF_PAD)
-    if ROPE:
-        k1, k2 = _rotate(k1, k2, COS, SIN, key_chunk, n_ok, HALF, HALF_PAD, False)
-    return (round_to(k1, DT), round_to(k2, DT), round_to(v1, DT), round_to(v2, DT), key_chunk, n_ok)
+    mask = n_ok[:, None] & (tl.arange(0, HALF_PAD) < HALF)[None, :]
+    p = offs_n.to(tl.int64)[:, None] * s_n + tl.arange(0, HALF_PAD)[None, :] * s_d
+    k1 = tl.load(K + p, mask=mask, other=0.0)
+    k2 = tl.load(K + p + HALF * s_d, mask=mask, other=0.0)
+    v1 = tl.load(V + p, mask=mask, other=0.0)
+    v2 = tl.load(V + p + HALF * s_d, mask=mask, other=0.0)
+    return k1, k2, v1, v2, key_chunk0 + offs_n, n_ok
 
 
 @triton.jit
-def _softmax_over_summaries(acc1, acc2, m_i, l_i, q1, q2, q_chunk, K, V, s_n, s_d, n_keys, key_chunk0, COS, SIN,
-                            qk_scale, HALF, HALF_PAD: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _softmax_over_summaries(acc1, acc2, m_i, l_i, q1, q2, q_chunk, K, V, s_n, s_d, n_keys, key_chunk0, qk_scale,
+                            HALF, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online-softmax update with summary keys [0, n_keys) of K/V (offset to the batch and head); key j is chunk
     key_chunk0 + j and query row r sees it iff that is before q_chunk[r] (both global chunk numbers)."""
     for start in range(0, n_keys, BLOCK_N):
-        k1, k2, v1, v2, key_chunk, n_ok = _summary_tile(K, V, s_n, s_d, start, n_keys, key_chunk0, COS, SIN,
-                                                        q1.dtype, HALF, HALF_PAD, ROPE, BLOCK_N)
+        k1, k2, v1, v2, key_chunk, n_ok = _summary_tile(K, V, s_n, s_d, start, n_keys, key_chunk0, HALF, HALF_PAD,
+                                                        BLOCK_N)
         s = (dot(q1, tl.trans(k1)) + dot(q2, tl.trans(k2))) * qk_scale
         s = tl.where((key_chunk[None, :] < q_chunk[:, None]) & n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # m_i is finite (the own term), so m_new is too
@@ -224,13 +229,13 @@ def _attn_fwd_kernel(Q, K, V, G, SK, SV, PK, PV, COS, SIN, O, LSE,
     DT: tl.constexpr = O.dtype.element_ty
     q1, q2 = round_to(q1, DT), round_to(q2, DT)
     acc1, acc2, m_i, l_i = _softmax_over_summaries(vs1, vs2, m_i, l_i, q1, q2, q_chunk, PK + b * sp_b + h * sp_h,
-                                                   PV + b * sp_b + h * sp_h, sp_n, sp_d, P, 0, COS, SIN,
-                                                   qk_scale, HALF, HALF_PAD, ROPE, BLOCK_N)
+                                                   PV + b * sp_b + h * sp_h, sp_n, sp_d, P, 0, qk_scale,
+                                                   HALF, HALF_PAD, BLOCK_N)
     # This segment's summaries: only chunks before the block's last chunk can be visible.
     n_visible = tl.minimum((block + 1) * (BLOCK_M // L_PAD) - 1, N_KEYS)
     acc1, acc2, m_i, l_i = _softmax_over_summaries(acc1, acc2, m_i, l_i, q1, q2, q_chunk,
                                                    SK + b * ss_b + h * ss_h, SV + b * ss_b + h * ss_h, ss_n, 1,
-                                                   n_visible, P, COS, SIN, qk_scale, HALF, HALF_PAD, ROPE, BLOCK_N)
+                                                   n_visible, P, qk_scale, HALF, HALF_PAD, BLOCK_N)
     _store_halves(O + b * so_b + h * so_h, token * so_t, ok, so_d, acc1 / l_i[:, None], acc2 / l_i[:, None],
                   HALF, HALF_PAD)
     tl.store(LSE + bh * T + token, m_i + tl.log2(l_i), mask=ok)
@@ -239,12 +244,11 @@ def _attn_fwd_kernel(Q, K, V, G, SK, SV, PK, PV, COS, SIN, O, LSE,
 # ---------------------------------------------------------------------------------------------- backward
 @triton.jit
 def _dq_over_summaries(dq1, dq2, q1, q2, do1, do2, lse, delta, q_chunk, K, V, s_n, s_d, n_keys, key_chunk0,
-                       COS, SIN, qk_scale, HALF, HALF_PAD: tl.constexpr, ROPE: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       qk_scale, HALF, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq (rotated frame) += dS @ K over summary keys [0, n_keys), same visibility as the forward."""
     for start in range(0, n_keys, BLOCK_N):
-        k1, k2, v1, v2, key_chunk, n_ok = _summary_tile(K, V, s_n, s_d, start, n_keys, key_chunk0, COS, SIN,
-                                                        q1.dtype, HALF, HALF_PAD, ROPE, BLOCK_N)
+        k1, k2, v1, v2, key_chunk, n_ok = _summary_tile(K, V, s_n, s_d, start, n_keys, key_chunk0, HALF, HALF_PAD,
+                                                        BLOCK_N)
         s = (dot(q1, tl.trans(k1)) + dot(q2, tl.trans(k2))) * qk_scale
         visible = (key_chunk[None, :] < q_chunk[:, None]) & n_ok[None, :]
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
@@ -288,12 +292,11 @@ def _attn_bwd_dq_kernel(Q, K, V, G, DO, O, SK, SV, PK, PV, COS, SIN, LSE, DELTA,
     dq1 = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
     dq2 = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
     dq1, dq2 = _dq_over_summaries(dq1, dq2, q1, q2, do1, do2, lse, delta, q_chunk, PK + b * sp_b + h * sp_h,
-                                  PV + b * sp_b + h * sp_h, sp_n, sp_d, P, 0, COS, SIN, qk_scale, HALF, HALF_PAD,
-                                  ROPE, BLOCK_N)
+                                  PV + b * sp_b + h * sp_h, sp_n, sp_d, P, 0, qk_scale, HALF, HALF_PAD, BLOCK_N)
     n_visible = tl.minimum((block + 1) * (BLOCK_M // L_PAD) - 1, N_KEYS)
     dq1, dq2 = _dq_over_summaries(dq1, dq2, q1, q2, do1, do2, lse, delta, q_chunk, SK + b * ss_b + h * ss_h,
-                                  SV + b * ss_b + h * ss_h, ss_n, 1, n_visible, P, COS, SIN, qk_scale, HALF,
-                                  HALF_PAD, ROPE, BLOCK_N)
+                                  SV + b * ss_b + h * ss_h, ss_n, 1, n_visible, P, qk_scale, HALF, HALF_PAD,
+                                  BLOCK_N)
     if ROPE:  # back from the query's rotated frame
         dq1, dq2 = _rotate(dq1, dq2, COS, SIN, q_chunk, ok, HALF, HALF_PAD, True)
     _store_halves(DQ + b * sdq_b + h * sdq_h, token * sdq_t, ok, sdq_d, (dq1 + ds_own[:, None] * ks1) * scale,
@@ -315,8 +318,7 @@ def _attn_bwd_dsummary_kernel(Q, DO, LSE, DELTA, K, V, COS, SIN, DK, DV,
     n0 = tl.program_id(1) * BLOCK_N
     DT: tl.constexpr = DO.dtype.element_ty
     k1, k2, v1, v2, key_chunk, n_ok = _summary_tile(K + b * sk_b + h * sk_h, V + b * sk_b + h * sk_h, sk_n, sk_d,
-                                                    n0, n_keys, key_chunk0, COS, SIN, DT, HALF, HALF_PAD, ROPE,
-                                                    BLOCK_N)
+                                                    n0, n_keys, key_chunk0, HALF, HALF_PAD, BLOCK_N)
     dk1 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
     dv1 = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
@@ -414,14 +416,13 @@ def _scan_rows(chunk_size: int) -> int:
     return max(triton.next_power_of_2(chunk_size), 16 if interpreting() else 64)
 
 
-def _prefix_or_dummy(prefix_k, prefix_v, fallback: torch.Tensor):
-    """The prefix as (k, v, strides in (b, n, h, d) order, P) with k and v sharing strides; an unread stand-in
-    when there is none."""
+def _prefix_or_dummy(prefix_k, prefix_v, rope_theta, q: torch.Tensor):
+    """The prefix as the kernels read it: (k rotated by its chunks, v, both in q's dtype and contiguous, P); an
+    unread stand-in when there is none."""
     if prefix_k is None or prefix_k.shape[1] == 0:
-        return fallback, fallback, (0, 0, 0, 0), 0
-    if prefix_k.stride() != prefix_v.stride():
-        prefix_k, prefix_v = prefix_k.contiguous(), prefix_v.contiguous()
-    return prefix_k, prefix_v, prefix_k.stride(), prefix_k.shape[1]
+        return q, q, 0
+    return (rotate_by_chunk(prefix_k, 0, rope_theta).to(q.dtype).contiguous(), prefix_v.to(q.dtype).contiguous(),
+            prefix_k.shape[1])
 
 
 def _rope_tables(n_chunks: int, d: int, rope_theta: float | None, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -438,74 +439,75 @@ class _TritonRat(torch.autograd.Function):
         b, t, h, d = q.shape
         shape = _shape(q, chunk_size, rope_theta is not None)
         n_chunks, n_summaries = triton.cdiv(t, chunk_size), t // chunk_size
-        pk, pv, sp, n_prefix = _prefix_or_dummy(prefix_k, prefix_v, q)
+        pk, pv, n_prefix = _prefix_or_dummy(prefix_k, prefix_v, rope_theta, q)
         cos, sin = _rope_tables(n_prefix + n_chunks, d, rope_theta, q.device)
-        sk = output_buffer((b, max(n_summaries, 1), h, d), torch.float32, q.device)
-        sv = output_buffer((b, max(n_summaries, 1), h, d), torch.float32, q.device)
+        # The only per-sequence state kept for backward: one summary per chunk, in the dots' dtype.
+        sk = output_buffer((b, max(n_summaries, 1), h, d), q.dtype, q.device)
+        sv = output_buffer((b, max(n_summaries, 1), h, d), q.dtype, q.device)
         rows = _scan_rows(chunk_size)
-        strides = (*q.stride(), *k.stride(), *v.stride(), *gate.stride())
         _summary_kernel[(b * h, triton.cdiv(n_chunks, rows // shape["L_PAD"]))](
-            k, v, gate, sk, sv, *k.stride(), *v.stride(), *gate.stride(), sk.stride(0), sk.stride(1), sk.stride(2),
-            t, h, shape["HALF"], chunk_size, HALF_PAD=shape["HALF_PAD"], L_PAD=shape["L_PAD"], ROWS=rows,
-            num_warps=4)
+            k, v, gate, cos, sin, sk, sv, *k.stride(), *v.stride(), *gate.stride(), *sk.stride()[:3],
+            t, h, shape["HALF"], chunk_size, n_prefix, HALF_PAD=shape["HALF_PAD"], L_PAD=shape["L_PAD"],
+            ROPE=shape["ROPE"], ROWS=rows, num_warps=4)
         o = output_buffer((b, t, h, d), q.dtype, q.device)
         lse = output_buffer((b, h, t), torch.float32, q.device)
         grid = lambda meta: (b * h, triton.cdiv(n_chunks, meta["BLOCK_M"] // meta["L_PAD"]))  # noqa: E731
-        _attn_fwd_kernel[grid](q, k, v, gate, sk, sv, pk, pv, cos, sin, o, lse, *strides, *o.stride(),
-                               sk.stride(0), sk.stride(1), sk.stride(2), *sp,
+        _attn_fwd_kernel[grid](q, k, v, gate, sk, sv, pk, pv, cos, sin, o, lse,
+                               *q.stride(), *k.stride(), *v.stride(), *gate.stride(), *o.stride(),
+                               *sk.stride()[:3], *pk.stride(),
                                T=t, P=n_prefix, N_KEYS=n_summaries, qk_scale=scale * LOG2E, **shape)
-        ctx.save_for_backward(q, k, v, gate, prefix_k, prefix_v, sk, sv, o, lse, cos, sin)
-        ctx.chunk_size, ctx.scale, ctx.rope = chunk_size, scale, rope_theta is not None
+        ctx.save_for_backward(q, k, v, gate, pk, pv, sk, sv, o, lse, cos, sin)
+        ctx.chunk_size, ctx.scale, ctx.rope, ctx.n_prefix = chunk_size, scale, rope_theta is not None, n_prefix
+        ctx.prefix_dtypes = None if prefix_k is None else (prefix_k.dtype, prefix_v.dtype, prefix_k.shape)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, gate, prefix_k, prefix_v, sk, sv, o, lse, cos, sin = ctx.saved_tensors
-        chunk_size, scale = ctx.chunk_size, ctx.scale
+        q, k, v, gate, pk, pv, sk, sv, o, lse, cos, sin = ctx.saved_tensors
+        chunk_size, scale, n_prefix = ctx.chunk_size, ctx.scale, ctx.n_prefix
         b, t, h, d = q.shape
         shape = _shape(q, chunk_size, ctx.rope)
         qk_scale = scale * LOG2E
         n_chunks = triton.cdiv(t, chunk_size)
         n_keys = (t - 1) // chunk_size  # summaries some later query sees; a partial last chunk's never is
-        pk, pv, sp, n_prefix = _prefix_or_dummy(prefix_k, prefix_v, q)
         strides = (*q.stride(), *k.stride(), *v.stride(), *gate.stride())
-        s_sum = (sk.stride(0), sk.stride(1), sk.stride(2))
 
         dq = output_buffer((b, t, h, d), q.dtype, q.device)
         delta = output_buffer((b, h, t), torch.float32, q.device)
         grid_q = lambda meta: (b * h, triton.cdiv(n_chunks, meta["BLOCK_M"] // meta["L_PAD"]))  # noqa: E731
         _attn_bwd_dq_kernel[grid_q](q, k, v, gate, do, o, sk, sv, pk, pv, cos, sin, lse, delta, dq,
-                                    *strides, *do.stride(), *o.stride(), *dq.stride(), *s_sum, *sp,
-                                    T=t, P=n_prefix, N_KEYS=n_keys, qk_scale=qk_scale, scale=scale, **shape)
+                                    *strides, *do.stride(), *o.stride(), *dq.stride(), *sk.stride()[:3],
+                                    *pk.stride(), T=t, P=n_prefix, N_KEYS=n_keys, qk_scale=qk_scale, scale=scale,
+                                    **shape)
 
-        def summary_grads(keys, values, key_strides, count, key_chunk0, dkeys, dvalues):
+        def summary_grads(keys, values, count, key_chunk0, dkeys, dvalues):
             grid = lambda meta: (b * h, triton.cdiv(count, meta["BLOCK_N"]))  # noqa: E731
             _attn_bwd_dsummary_kernel[grid](q, do, lse, delta, keys, values, cos, sin, dkeys, dvalues,
-                                            *q.stride(), *do.stride(), *key_strides, *dkeys.stride(),
+                                            *q.stride(), *do.stride(), *keys.stride(), *dkeys.stride(),
                                             T=t, P=n_prefix, n_keys=count, key_chunk0=key_chunk0,
                                             qk_scale=qk_scale, scale=scale, **shape)
 
-        # This segment's summary gradients (fp32) seed the backward scan.
+        # This segment's summary gradients (fp32, unrotated) seed the backward scan.
         dsk = output_buffer(sk.shape, torch.float32, q.device)
         dsv = output_buffer(sv.shape, torch.float32, q.device)
         if n_keys:
-            summary_grads(sk, sv, sk.stride(), n_keys, n_prefix, dsk, dsv)
+            summary_grads(sk, sv, n_keys, n_prefix, dsk, dsv)
 
         d_prefix_k = d_prefix_v = None
-        if n_prefix and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]):
-            d_prefix_k = output_buffer(pk.shape, prefix_k.dtype, q.device)
-            d_prefix_v = output_buffer(pv.shape, prefix_v.dtype, q.device)
-            summary_grads(pk, pv, sp, n_prefix, 0, d_prefix_k, d_prefix_v)
-        elif prefix_k is not None and prefix_k.shape[1] == 0:
-            d_prefix_k, d_prefix_v = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+        if ctx.prefix_dtypes is not None:
+            k_dtype, v_dtype, prefix_shape = ctx.prefix_dtypes
+            d_prefix_k = output_buffer(prefix_shape, k_dtype, q.device)
+            d_prefix_v = output_buffer(prefix_shape, v_dtype, q.device)
+            if n_prefix:
+                summary_grads(pk, pv, n_prefix, 0, d_prefix_k, d_prefix_v)
 
         dk = output_buffer((b, t, h, d), k.dtype, q.device)
         dv = output_buffer((b, t, h, d), v.dtype, q.device)
         dg = output_buffer((b, t, h, d), gate.dtype, q.device)  # fresh tensors of one shape: they share strides
         rows = _scan_rows(chunk_size)
         _scan_bwd_kernel[(b * h, triton.cdiv(n_chunks, rows // shape["L_PAD"]))](
-            q, k, v, gate, do, lse, delta, dsk, dsv, dk, dv, dg, *strides, *do.stride(), *s_sum, *dk.stride(),
-            t, h, shape["HALF"], chunk_size, n_keys, qk_scale, scale,
+            q, k, v, gate, do, lse, delta, dsk, dsv, dk, dv, dg, *strides, *do.stride(), *dsk.stride()[:3],
+            *dk.stride(), t, h, shape["HALF"], chunk_size, n_keys, qk_scale, scale,
             HALF_PAD=shape["HALF_PAD"], L_PAD=shape["L_PAD"], ROWS=rows, num_warps=4)
         return dq, dk, dv, dg, d_prefix_k, d_prefix_v, None, None, None
 
