@@ -108,6 +108,12 @@ CASES = {  # (B, Tq, Tk, H, Hkv, d, kwargs)
     "tq<tk": (1, 5, 40, 2, 1, 16, {}),
     "tq<tk-window": (1, 21, 50, 2, 2, 16, {"window": 7}),
     "pinned": (1, 50, 50, 2, 1, 16, {"window": 9, "n_pinned": 3}),
+    # Long enough for unmasked interior tiles (the interpreter's tiles are 32 queries x 16 keys) next to masked
+    # diagonal and window-edge tiles, with ragged ends.
+    "interior-causal": (1, 100, 100, 2, 1, 16, {}),
+    "interior-window": (1, 130, 130, 2, 2, 16, {"window": 70, "n_pinned": 20}),
+    "interior-non-causal": (1, 70, 90, 2, 1, 16, {"causal": False}),
+    "interior-tq<tk": (1, 64, 130, 2, 1, 16, {}),
 }
 
 

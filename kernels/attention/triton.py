@@ -43,6 +43,19 @@ CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages
     for m, n, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 3), (64, 128, 4, 2),
                        (128, 128, 8, 2), (128, 128, 8, 3)]
 ]
+# The backward holds more tiles, so it is tiled apart from the forward (as FlashAttention-2 and the Triton tutorial
+# do): dK/dV keeps a key block (BLOCK_N) and its two fp32 accumulators while it walks thin query tiles (BLOCK_M);
+# dQ keeps a query block and walks thin key tiles.  Candidates: those that compile for sm_90 without spills.
+BWD_KV_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)] + [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    for m, n, w, s in [(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (16, 64, 4, 2),
+                       (32, 64, 4, 3), (64, 64, 8, 2), (16, 128, 8, 2)]
+]
+BWD_Q_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)] + [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    for m, n, w, s in [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 3),
+                       (64, 32, 4, 3), (64, 16, 4, 2), (128, 16, 8, 2)]
+]
 TUNE_KEY = ["D", "DV", "CAUSAL", "WINDOW", "PRECISION"]  # not the lengths: see triton_support.autotune
 
 
@@ -153,6 +166,32 @@ def _visible(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned,
 
 
 @triton.jit
+def _visible_t(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """`_visible` transposed, (BLOCK_N, BLOCK_M), built as such."""
+    q_pos = q_start + offs_m[None, :]
+    k_pos = k_start + offs_n[:, None]
+    ok = (offs_m[None, :] < t_q) & (offs_n[:, None] < t_k)
+    if CAUSAL:
+        ok = ok & (k_pos <= q_pos)
+    if WINDOW:
+        ok = ok & ((q_pos - k_pos < window) | (k_pos < n_pinned))
+    return ok
+
+
+@triton.jit
+def _nth_block(i, s1, n1, s2, n2, s3, BLOCK: tl.constexpr):
+    """The start of block i of the ranges [s1, ...) (n1 blocks), [s2, ...) (n2), [s3, ...) walked one after the
+    other: one loop body serves every masked range of a tile (fewer copies of it, fewer registers)."""
+    return tl.where(i < n1, s1 + i * BLOCK, tl.where(i < n1 + n2, s2 + (i - n1) * BLOCK, s3 + (i - n1 - n2) * BLOCK))
+
+
+@triton.jit
+def _n_blocks(start, end, BLOCK: tl.constexpr):
+    return tl.cdiv(tl.maximum(end - start, 0), BLOCK)
+
+
+@triton.jit
 def _key_range(m0, t_q, t_k, q_start, k_start, window, n_pinned,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """Key indices that queries [m0, m0 + BLOCK_M) may see: pinned keys [0, pin_hi) and the band [lo, hi).
@@ -189,6 +228,40 @@ def _query_range(n0, t_q, t_k, q_start, k_start, window, n_pinned,
 
 
 @triton.jit
+def _interior_keys(m0, lo, hi, t_k, q_start, k_start, window,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """The key blocks [int_lo, int_hi) of the band [lo, hi) that every query of block m0 sees whole: they run
+    without any mask.  The blocks before (the window's edge) and after (the diagonal) keep theirs."""
+    end = tl.minimum(hi, t_k)
+    if CAUSAL:
+        end = tl.minimum(end, q_start + m0 - k_start + 1)  # the block's last key is not after its first query
+    int_hi = lo + tl.maximum(end - lo, 0) // BLOCK_N * BLOCK_N
+    int_lo = lo
+    if WINDOW:
+        first = q_start + m0 + BLOCK_M - window - k_start  # the first key the block's last query still sees
+        int_lo = tl.minimum(lo + (tl.maximum(first - lo, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, int_hi)
+    return int_lo, int_hi
+
+
+@triton.jit
+def _interior_queries(n0, lo, hi, t_q, t_k, q_start, k_start, window, n_pinned,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """The query blocks [int_lo, int_hi) of [lo, hi) that see every key of block n0: no mask needed."""
+    hi_block = lo + (tl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    int_lo = lo
+    if CAUSAL:  # the block's first query is not before the key block's last key
+        first = k_start + n0 + BLOCK_N - 1 - q_start
+        int_lo = lo + (tl.maximum(first - lo, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    int_lo = tl.minimum(int_lo, hi_block)
+    last = t_q - BLOCK_M  # the last block start whose queries all exist
+    if WINDOW:
+        if k_start + n0 + BLOCK_N > n_pinned:  # unless every key of the block is pinned, the window ends
+            last = tl.minimum(last, k_start + n0 + window - q_start - BLOCK_M)
+    n_interior = tl.where((n0 + BLOCK_N <= t_k) & (last >= int_lo), (last - int_lo) // BLOCK_M + 1, 0)
+    return int_lo, tl.minimum(int_lo + n_interior * BLOCK_M, hi_block)
+
+
+@triton.jit
 def _join(acc, m_i, l_i, logit2, value):
     """Fold one pseudo-key per row (base-2 logit, value (BLOCK_M, DV)) into the online softmax state."""
     m_new = tl.maximum(m_i, logit2)
@@ -200,19 +273,27 @@ def _join(acc, m_i, l_i, logit2, value):
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_keys(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, start, end,
+def _fwd_keys(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, s1, e1, s2, e2, s3, e3,
               t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
               D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """The key blocks of [s1, e1), [s2, e2), [s3, e3) into the online softmax; MASKED=False for interior blocks
+    (all visible, all in range)."""
     offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_k = (offs_n < t_k)[:, None]
-        k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d), mask=in_k, other=0.0)
-        v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e), mask=in_k, other=0.0)
+    n1, n2 = _n_blocks(s1, e1, BLOCK_N), _n_blocks(s2, e2, BLOCK_N)
+    for i in range(0, n1 + n2 + _n_blocks(s3, e3, BLOCK_N)):
+        offs_n = _nth_block(i, s1, n1, s2, n2, s3, BLOCK_N) + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_k = (offs_n < t_k)[:, None]
+            k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d), mask=in_k, other=0.0)
+            v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e), mask=in_k, other=0.0)
+        else:
+            k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d))
+            v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e))
         s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale
-        s = tl.where(_visible(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, CAUSAL, WINDOW),
-                     s, float("-inf"))
+        if MASKED:
+            s = tl.where(_visible(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, CAUSAL, WINDOW),
+                         s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
         alpha = tl.exp2(m_i - m_safe)
@@ -256,13 +337,14 @@ def _fwd_kernel(Q, K, V, Sink, InitOut, InitLse, Out, Lse,
 
     pin_hi, lo, hi = _key_range(m0, t_q, t_k, q_start, k_start, window, n_pinned, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     k_base, v_base = K + b * sk_b + h_kv * sk_h, V + b * sv_b + h_kv * sv_h
-    if WINDOW:
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_base, v_base, sk_t, sv_t, offs_m, 0, pin_hi,
-                                  t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
-                                  D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N)
-    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_base, v_base, sk_t, sv_t, offs_m, lo, hi,
+    int_lo, int_hi = _interior_keys(m0, lo, hi, t_k, q_start, k_start, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    # Masked: the pinned keys, the window's edge, the diagonal (and ragged ends).  Then the interior, unmasked.
+    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_base, v_base, sk_t, sv_t, offs_m, 0, pin_hi, lo, int_lo, int_hi, hi,
                               t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
-                              D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N)
+                              D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N, True)
+    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_base, v_base, sk_t, sv_t, offs_m, int_lo, int_hi, 0, 0, 0, 0,
+                              t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+                              D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N, False)
 
     # Rows that saw nothing at all (l = 0) get out 0 and lse -inf.
     seen = l_i > 0
@@ -295,11 +377,13 @@ def _delta_kernel(Out, DOut, DLse, Delta, so_b, so_t, so_h, sd_b, sd_t, sd_h, n_
 
 @triton.jit
 def _probs(q, k, lse2, offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
-           CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+           CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """The final softmax probabilities of a (query block, key block) tile, recomputed from the saved lse."""
     s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale
     p = tl.exp2(s - lse2[:, None])
-    return tl.where(_visible(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, CAUSAL, WINDOW), p, 0.0)
+    if MASKED:
+        p = tl.where(_visible(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, CAUSAL, WINDOW), p, 0.0)
+    return p
 
 
 @triton.jit
@@ -310,7 +394,38 @@ def _load_rows(Lse, Delta, rows, in_q):
     return lse2, tl.load(Delta + rows, mask=in_q, other=0.0)
 
 
-@autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=LEAN)
+@triton.jit
+def _dkv_queries(dk, dv, k, v, q_base, do_base, Lse, Delta, rows, sq_t, sd_t, offs_n, s1, e1, s2, e2,
+                 t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+                 D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    """dK, dV += the query blocks of [s1, e1), [s2, e2) of one head; MASKED=False for interior blocks.  Scores are
+    kept transposed (keys x queries), with q^T loaded as such, so no tile is transposed in registers."""
+    offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
+    n1 = _n_blocks(s1, e1, BLOCK_M)
+    for i in range(0, n1 + _n_blocks(s2, e2, BLOCK_M)):
+        offs_m = _nth_block(i, s1, n1, s2, 0, s2, BLOCK_M) + tl.arange(0, BLOCK_M)
+        q_t = q_base + offs_d[:, None] + offs_m.to(tl.int64)[None, :] * sq_t
+        if MASKED:
+            in_q = offs_m < t_q
+            q_t = tl.load(q_t, mask=in_q[None, :], other=0.0)
+            do = tl.load(_tile(do_base, offs_m, sd_t, offs_e), mask=in_q[:, None], other=0.0)
+            lse2, delta = _load_rows(Lse, Delta, rows + offs_m, in_q)
+        else:
+            q_t = tl.load(q_t)
+            do = tl.load(_tile(do_base, offs_m, sd_t, offs_e))
+            lse2, delta = _load_rows(Lse, Delta, rows + offs_m, offs_m >= 0)
+        p_t = tl.exp2(_dot(k, q_t, None, PRECISION) * qk_scale - lse2[None, :])
+        if MASKED:
+            p_t = tl.where(_visible_t(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, CAUSAL, WINDOW),
+                           p_t, 0.0)
+        dv = _dot(_cast(p_t, do.dtype), do, dv, PRECISION)
+        ds_t = p_t * (_dot(v, tl.trans(do), None, PRECISION) - delta[None, :])
+        dk = _dot(_cast(ds_t, q_t.dtype), tl.trans(q_t), dk, PRECISION)
+    return dk, dv
+
+
+@autotune(configs=BWD_KV_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=(1, 2))
 @triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
 def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_,
                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h,
@@ -332,21 +447,19 @@ def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_,
     dv = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
 
     lo, hi = _query_range(n0, t_q, t_k, q_start, k_start, window, n_pinned, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    int_lo, int_hi = _interior_queries(n0, lo, hi, t_q, t_k, q_start, k_start, window, n_pinned, BLOCK_M, BLOCK_N,
+                                       CAUSAL, WINDOW)
     for g in range(group):
         h = h_kv * group + g
         q_base, do_base = Q + b * sq_b + h * sq_h, DOut + b * sd_b + h * sd_h
-        for m0 in range(lo, hi, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            in_q = offs_m < t_q
-            q = tl.load(_tile(q_base, offs_m, sq_t, offs_d), mask=in_q[:, None], other=0.0)
-            do = tl.load(_tile(do_base, offs_m, sd_t, offs_e), mask=in_q[:, None], other=0.0)
-            lse2, delta = _load_rows(Lse, Delta, (b * n_heads + h) * t_q + offs_m, in_q)
-            p = _probs(q, k, lse2, offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
-                       CAUSAL, WINDOW, PRECISION)
-            dv = _dot(tl.trans(_cast(p, do.dtype)), do, dv, PRECISION)
-            dp = _dot(do, tl.trans(v), None, PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk = _dot(tl.trans(_cast(ds, q.dtype)), q, dk, PRECISION)
+        rows = (b * n_heads + h) * t_q
+        # Masked: the diagonal and the window's edge (and ragged ends).  Then the interior, unmasked.
+        dk, dv = _dkv_queries(dk, dv, k, v, q_base, do_base, Lse, Delta, rows, sq_t, sd_t, offs_n, lo, int_lo,
+                              int_hi, hi, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, D, DV, CAUSAL,
+                              WINDOW, PRECISION, BLOCK_M, True)
+        dk, dv = _dkv_queries(dk, dv, k, v, q_base, do_base, Lse, Delta, rows, sq_t, sd_t, offs_n, int_lo, int_hi,
+                              0, 0, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, D, DV, CAUSAL, WINDOW,
+                              PRECISION, BLOCK_M, False)
     tl.store(_tile(DK + b * sdk_b + h_kv * sdk_h, offs_n, sdk_t, offs_d),
              _cast(dk * scale, DK.dtype.element_ty), mask=in_k)
     tl.store(_tile(DV_ + b * sdv_b + h_kv * sdv_h, offs_n, sdv_t, offs_e),
@@ -354,25 +467,31 @@ def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_,
 
 
 @triton.jit
-def _dq_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, start, end,
+def _dq_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, s1, e1, s2, e2, s3, e3,
              t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
              D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-             PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+             PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """dQ += the key blocks of [s1, e1), [s2, e2), [s3, e3), as `_fwd_keys` walks them."""
     offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_k = (offs_n < t_k)[:, None]
-        k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d), mask=in_k, other=0.0)
-        v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e), mask=in_k, other=0.0)
+    n1, n2 = _n_blocks(s1, e1, BLOCK_N), _n_blocks(s2, e2, BLOCK_N)
+    for i in range(0, n1 + n2 + _n_blocks(s3, e3, BLOCK_N)):
+        offs_n = _nth_block(i, s1, n1, s2, n2, s3, BLOCK_N) + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_k = (offs_n < t_k)[:, None]
+            k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d), mask=in_k, other=0.0)
+            v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e), mask=in_k, other=0.0)
+        else:
+            k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d))
+            v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e))
         p = _probs(q, k, lse2, offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
-                   CAUSAL, WINDOW, PRECISION)
+                   CAUSAL, WINDOW, PRECISION, MASKED)
         dp = _dot(do, tl.trans(v), None, PRECISION)
         ds = p * (dp - delta[:, None])
         dq = _dot(_cast(ds, k.dtype), k, dq, PRECISION)
     return dq
 
 
-@autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=LEAN)
+@autotune(configs=BWD_Q_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=(1, 2))
 @triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
 def _bwd_q_kernel(Q, K, V, DOut, Lse, Delta, DQ,
                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,
@@ -394,12 +513,13 @@ def _bwd_q_kernel(Q, K, V, DOut, Lse, Delta, DQ,
 
     pin_hi, lo, hi = _key_range(m0, t_q, t_k, q_start, k_start, window, n_pinned, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     k_base, v_base = K + b * sk_b + h_kv * sk_h, V + b * sv_b + h_kv * sv_h
-    if WINDOW:
-        dq = _dq_keys(dq, q, do, lse2, delta, k_base, v_base, sk_t, sv_t, offs_m, 0, pin_hi,
-                      t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, D, DV, CAUSAL, WINDOW, PRECISION,
-                      BLOCK_N)
-    dq = _dq_keys(dq, q, do, lse2, delta, k_base, v_base, sk_t, sv_t, offs_m, lo, hi,
-                  t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N)
+    int_lo, int_hi = _interior_keys(m0, lo, hi, t_k, q_start, k_start, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    dq = _dq_keys(dq, q, do, lse2, delta, k_base, v_base, sk_t, sv_t, offs_m, 0, pin_hi, lo, int_lo, int_hi, hi,
+                  t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N,
+                  True)
+    dq = _dq_keys(dq, q, do, lse2, delta, k_base, v_base, sk_t, sv_t, offs_m, int_lo, int_hi, 0, 0, 0, 0,
+                  t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N,
+                  False)
     tl.store(_tile(DQ + b * sdq_b + h * sdq_h, offs_m, sdq_t, offs_d),
              _cast(dq * scale, DQ.dtype.element_ty), mask=in_q)
 
