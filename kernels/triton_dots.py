@@ -25,15 +25,16 @@ _INTERPRETED = tl.constexpr(interpreting())
 
 
 @triton.jit
-def dot(a, b):
-    """a @ b, both of one dtype, with float32 accumulation; float32 operands in IEEE precision."""
+def dot(a, b, acc=None):
+    """a @ b (+ acc, accumulated in place), both of one dtype, with float32 accumulation; float32 operands in IEEE
+    precision."""
     if _INTERPRETED:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if a.dtype == tl.float32:
-        out = tl.dot(a, b, input_precision="ieee")
+        out = tl.dot(a, b, acc, input_precision="ieee")
     else:
-        out = tl.dot(a, b)
+        out = tl.dot(a, b, acc)
     return out
 
 

@@ -40,21 +40,20 @@ DTYPES = TRITON_DTYPES
 # several blocks (so block skipping and masking get exercised).  On a GPU autotune picks among all of them.
 CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)] + [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-    for m, n, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 3), (64, 128, 4, 2),
-                       (128, 128, 8, 2), (128, 128, 8, 3)]
+    for m, n, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3)]
 ]
 # The backward holds more tiles, so it is tiled apart from the forward (as FlashAttention-2 and the Triton tutorial
 # do): dK/dV keeps a key block (BLOCK_N) and its two fp32 accumulators while it walks thin query tiles (BLOCK_M);
-# dQ keeps a query block and walks thin key tiles.  Candidates: those that compile for sm_90 without spills.
+# dQ keeps a query block and walks thin key tiles.  Every candidate here (and in CONFIGS) was chosen from
+# bench/kernel_report.py at d = 128, bf16, sm_90: none spills in the causal kernels (the window variants of the
+# 128-row forward and of dK/dV 16x64 keep a 4-12 byte spill), none is near the shared-memory limit.
 BWD_KV_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)] + [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-    for m, n, w, s in [(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (16, 64, 4, 2),
-                       (32, 64, 4, 3), (64, 64, 8, 2), (16, 128, 8, 2)]
+    for m, n, w, s in [(16, 64, 4, 2), (16, 32, 4, 2), (16, 64, 8, 2), (32, 32, 4, 2)]
 ]
 BWD_Q_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)] + [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-    for m, n, w, s in [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 3),
-                       (64, 32, 4, 3), (64, 16, 4, 2), (128, 16, 8, 2)]
+    for m, n, w, s in [(64, 32, 4, 2), (64, 64, 4, 2), (64, 16, 4, 2), (64, 32, 4, 3)]
 ]
 TUNE_KEY = ["D", "DV", "CAUSAL", "WINDOW", "PRECISION"]  # not the lengths: see triton_support.autotune
 
@@ -69,9 +68,10 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 
 
 PRUNE = {"early_config_prune": _prune}
-# HYLO_AUTOTUNE=lean: 128x64 w8 s2 compiles without spills for forward and dK/dV (bench/kernel_report.py, sm_90,
-# bf16, d = 128); 64x64 w4 s2 is what float32 keeps after pruning.
+# HYLO_AUTOTUNE=lean: forward 128x64 w8 s2 (spill-free) and 64x64 w4 s2 (what float32 keeps after pruning);
+# backward the first two GPU candidates of each list.
 LEAN = (3, 1)
+LEAN_BWD = (1, 2)
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -425,7 +425,7 @@ def _dkv_queries(dk, dv, k, v, q_base, do_base, Lse, Delta, rows, sq_t, sd_t, of
     return dk, dv
 
 
-@autotune(configs=BWD_KV_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=(1, 2))
+@autotune(configs=BWD_KV_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=LEAN_BWD)
 @triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
 def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_,
                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h,
@@ -491,7 +491,7 @@ def _dq_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_
     return dq
 
 
-@autotune(configs=BWD_Q_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=(1, 2))
+@autotune(configs=BWD_Q_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=LEAN_BWD)
 @triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
 def _bwd_q_kernel(Q, K, V, DOut, Lse, Delta, DQ,
                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,

@@ -191,15 +191,15 @@ def _softmax_over_summaries(acc1, acc2, m_i, l_i, q1, q2, q_chunk, K, V, s_n, s_
     for start in range(0, n_keys, BLOCK_N):
         k1, k2, v1, v2, key_chunk, n_ok = _summary_tile(K, V, s_n, s_d, start, n_keys, key_chunk0, HALF, HALF_PAD,
                                                         BLOCK_N)
-        s = (dot(q1, tl.trans(k1)) + dot(q2, tl.trans(k2))) * qk_scale
+        s = dot(q2, tl.trans(k2), dot(q1, tl.trans(k1))) * qk_scale
         s = tl.where((key_chunk[None, :] < q_chunk[:, None]) & n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # m_i is finite (the own term), so m_new is too
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         p = round_to(p, q1.dtype)
-        acc1 = acc1 * alpha[:, None] + dot(p, v1)
-        acc2 = acc2 * alpha[:, None] + dot(p, v2)
+        acc1 = dot(p, v1, acc1 * alpha[:, None])
+        acc2 = dot(p, v2, acc2 * alpha[:, None])
         m_i = m_new
     return acc1, acc2, m_i, l_i
 
@@ -249,13 +249,13 @@ def _dq_over_summaries(dq1, dq2, q1, q2, do1, do2, lse, delta, q_chunk, K, V, s_
     for start in range(0, n_keys, BLOCK_N):
         k1, k2, v1, v2, key_chunk, n_ok = _summary_tile(K, V, s_n, s_d, start, n_keys, key_chunk0, HALF, HALF_PAD,
                                                         BLOCK_N)
-        s = (dot(q1, tl.trans(k1)) + dot(q2, tl.trans(k2))) * qk_scale
+        s = dot(q2, tl.trans(k2), dot(q1, tl.trans(k1))) * qk_scale
         visible = (key_chunk[None, :] < q_chunk[:, None]) & n_ok[None, :]
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-        dp = dot(do1, tl.trans(v1)) + dot(do2, tl.trans(v2))
+        dp = dot(do2, tl.trans(v2), dot(do1, tl.trans(v1)))
         ds = round_to(p * (dp - delta[:, None]), q1.dtype)
-        dq1 += dot(ds, k1)
-        dq2 += dot(ds, k2)
+        dq1 = dot(ds, k1, dq1)
+        dq2 = dot(ds, k2, dq2)
     return dq1, dq2
 
 
@@ -337,16 +337,16 @@ def _attn_bwd_dsummary_kernel(Q, DO, LSE, DELTA, K, V, COS, SIN, DK, DV,
             q1, q2 = _rotate(q1, q2, COS, SIN, q_chunk, ok, HALF, HALF_PAD, False)
         q1, q2, do1, do2 = round_to(q1, DT), round_to(q2, DT), round_to(do1, DT), round_to(do2, DT)
         # Transposed scores (keys x queries), so the key gradients come out of plain dots.
-        s_t = (dot(k1, tl.trans(q1)) + dot(k2, tl.trans(q2))) * qk_scale
+        s_t = dot(k2, tl.trans(q2), dot(k1, tl.trans(q1))) * qk_scale
         visible = (key_chunk[:, None] < q_chunk[None, :]) & ok[None, :] & n_ok[:, None]
         p_t = tl.where(visible, tl.exp2(s_t - lse[None, :]), 0.0)
-        dp_t = dot(v1, tl.trans(do1)) + dot(v2, tl.trans(do2))
+        dp_t = dot(v2, tl.trans(do2), dot(v1, tl.trans(do1)))
         ds_t = round_to(p_t * (dp_t - delta[None, :]), DT)
         p_t = round_to(p_t, DT)
-        dv1 += dot(p_t, do1)
-        dv2 += dot(p_t, do2)
-        dk1 += dot(ds_t, q1)
-        dk2 += dot(ds_t, q2)
+        dv1 = dot(p_t, do1, dv1)
+        dv2 = dot(p_t, do2, dv2)
+        dk1 = dot(ds_t, q1, dk1)
+        dk2 = dot(ds_t, q2, dk2)
     if ROPE:  # back from the key's rotated frame
         dk1, dk2 = _rotate(dk1, dk2, COS, SIN, key_chunk, n_ok, HALF, HALF_PAD, True)
     rows = b * sdk_b + h * sdk_h + (n0 + tl.arange(0, BLOCK_N)).to(tl.int64) * sdk_n
