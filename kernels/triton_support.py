@@ -98,3 +98,23 @@ def autotune(configs: list, key: list[str], *, lean: tuple[int, ...] = (0,), **k
         chosen = [configs[i] for i in lean] if lean_autotuning() else configs
         return triton.autotune(configs=chosen, key=key, **kwargs)(fn)
     return wrap
+
+
+def traceable(kernel):
+    """A kernel as launched inside a `torch.library.triton_op`: through `wrap_triton`, so torch.compile sees (and
+    Inductor can optimise) the launch; as is under the interpreter, which compile cannot trace."""
+    if interpreting():
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
+def kernel_op(name: str):
+    """Registers a function that launches Triton kernels as the torch op `name` ("hylo::..."): a
+    `torch.library.triton_op` on GPUs (torch.compile keeps it one op, and Inductor sees the kernels through
+    `traceable`), an opaque `torch.library.custom_op` under the interpreter (whose kernels compile cannot trace).
+    Either way each op registers its fake (shapes only) and, for the forward, its autograd."""
+    if interpreting():
+        return torch.library.custom_op(name, mutates_args=())
+    return torch.library.triton_op(name, mutates_args=())

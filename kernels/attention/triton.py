@@ -25,7 +25,15 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import TRITON_DTYPES
-from kernels.triton_support import autotune, contiguous_last, interpreting, output_buffer, strides3
+from kernels.triton_support import (
+    autotune,
+    contiguous_last,
+    interpreting,
+    kernel_op,
+    output_buffer,
+    strides3,
+    traceable,
+)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -530,9 +538,15 @@ def _flags(q: torch.Tensor, spec: Spec) -> dict:
             "PRECISION": _precision(q.dtype)}
 
 
+def _launcher(traced: bool):
+    """Kernels launched from inside the registered ops go through `traceable` (torch.compile sees them); direct
+    callers (ring attention's own autograd) launch them plainly."""
+    return traceable if traced else (lambda kernel: kernel)
+
+
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sink: torch.Tensor | None = None,
-                  init_out: torch.Tensor | None = None, init_lse: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  init_out: torch.Tensor | None = None, init_lse: torch.Tensor | None = None, *,
+                  traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward kernel, without autograd.  q (B, Tq, H, d), k/v (B, Tk, Hkv, d/dv) -> out (B, Tq, H, dv),
     lse (B, H, Tq) float32.  With (init_out, init_lse) the keys merge into that partial result (out then takes
     init_out's dtype, so a float32 accumulator stays float32); the sink (H,) joins the denominator."""
@@ -550,7 +564,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec,
     # unused pointers still need a tensor; their loads are compiled out
     sink_arg = sink.contiguous() if sink is not None else lse
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)  # noqa: E731
-    _fwd_kernel[grid](
+    _launcher(traced)(_fwd_kernel)[grid](
         q, k, v, sink_arg, out if init_out is None else init_out, lse if init_lse is None else init_lse, out, lse,
         *strides3(q), *strides3(k), *strides3(v), *strides3(out), *strides3(out if init_out is None else init_out),
         h, h // h_kv, t_q, t_k, *spec.args(), spec.scale * LOG2E,
@@ -558,7 +572,8 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec,
     return out, lse
 
 
-def flash_delta(out: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | None = None) -> torch.Tensor:
+def flash_delta(out: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | None = None, *,
+                traced: bool = False) -> torch.Tensor:
     """delta = rowsum(dO * O) - dlse, (B, H, Tq) float32, from out/d_out (B, Tq, H, dv) and d_lse (B, H, Tq)."""
     out, d_out = contiguous_last(out), contiguous_last(d_out)
     b, t_q, h, dv = out.shape
@@ -567,14 +582,14 @@ def flash_delta(out: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | No
         return delta
     d_lse = d_lse.contiguous() if d_lse is not None else None
     block = 64
-    _delta_kernel[(triton.cdiv(t_q, block), b * h)](
+    _launcher(traced)(_delta_kernel)[(triton.cdiv(t_q, block), b * h)](
         out, d_out, delta if d_lse is None else d_lse, delta, *strides3(out), *strides3(d_out), h, t_q,
         DV=dv, HAS_DLSE=d_lse is not None, BLOCK_M=block)
     return delta
 
 
 def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor, delta: torch.Tensor,
-                   lse: torch.Tensor, spec: Spec, grad_dtype: torch.dtype | None = None
+                   lse: torch.Tensor, spec: Spec, grad_dtype: torch.dtype | None = None, *, traced: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of one (queries, keys) pair given the *final* lse (every key, sink and merged partial) and
     delta = rowsum(dO * O) - dlse.  Gradients come in `grad_dtype` (default: the input dtype); pass float32
@@ -591,10 +606,10 @@ def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: tor
         return dq.zero_(), dk.zero_(), dv.zero_()
     common = (h, h // h_kv, t_q, t_k, *spec.args(), spec.scale * LOG2E, spec.scale)
     flags = {"DV": v.shape[-1], **_flags(q, spec)}
-    _bwd_kv_kernel[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h_kv)](
+    _launcher(traced)(_bwd_kv_kernel)[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h_kv)](
         q, k, v, d_out, lse, delta, dk, dv,
         *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *strides3(dk), *strides3(dv), *common, **flags)
-    _bwd_q_kernel[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
+    _launcher(traced)(_bwd_q_kernel)[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
         q, k, v, d_out, lse, delta, dq,
         *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *strides3(dq), *common, **flags)
     return dq, dk, dv
@@ -606,30 +621,68 @@ def _weight(lse_part: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.exp(lse_part - lse.masked_fill(torch.isneginf(lse), 0.0)).masked_fill(torch.isneginf(lse_part), 0.0)
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, sink, init_out, init_lse, spec: Spec):
-        out, lse = flash_forward(q, k, v, spec, sink, init_out, init_lse)
-        ctx.save_for_backward(q, k, v, sink, init_out, init_lse, out, lse)
-        ctx.spec = spec
-        return out, lse
+# Registered with torch.library (hylo::flash_attention_forward / _backward): one op each under
+# torch.compile(fullgraph=True); autograd joins them.  `window` 0 means no window.
+def _spec(scale: float, causal: bool, window: int, n_pinned: int, q_start: int, k_start: int) -> Spec:
+    return Spec(scale, causal, window or None, n_pinned, q_start, k_start)
 
-    @staticmethod
-    def backward(ctx, d_out, d_lse):
-        q, k, v, sink, init_out, init_lse, out, lse = ctx.saved_tensors
-        d_out = torch.zeros_like(out) if d_out is None else d_out
-        delta = flash_delta(out, d_out, d_lse)
-        dq, dk, dv = flash_backward(q, k, v, d_out, delta, lse, ctx.spec)
-        d_sink = d_init_out = d_init_lse = None
-        if sink is not None and ctx.needs_input_grad[3]:
-            # the sink is a key with logit `sink` and value 0: dS = p_sink * (0 - delta)
-            d_sink = -(_weight(sink.float()[None, :, None], lse) * delta).sum(dim=(0, 2)).to(sink.dtype)
-        if init_out is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]):
-            # the partial result is a key with logit init_lse and value init_out
-            p = _weight(init_lse.float(), lse)
-            d_init_out = (p.transpose(1, 2)[..., None] * d_out.float()).to(init_out.dtype)
-            d_init_lse = (p * ((d_out.float() * init_out.float()).sum(-1).transpose(1, 2) - delta)).to(init_lse.dtype)
-        return dq, dk, dv, d_sink, d_init_out, d_init_lse, None
+
+@kernel_op("hylo::flash_attention_forward")
+def _flash_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor | None,
+                      init_out: torch.Tensor | None, init_lse: torch.Tensor | None, scale: float, causal: bool,
+                      window: int, n_pinned: int, q_start: int, k_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = _spec(scale, causal, window, n_pinned, q_start, k_start)
+    return flash_forward(q, k, v, spec, sink, init_out, init_lse, traced=True)
+
+
+@_flash_forward_op.register_fake
+def _(q, k, v, sink, init_out, init_lse, scale, causal, window, n_pinned, q_start, k_start):
+    b, t_q, h, _ = q.shape
+    out_dtype = q.dtype if init_out is None else init_out.dtype
+    return q.new_empty((b, t_q, h, v.shape[-1]), dtype=out_dtype), q.new_empty((b, h, t_q), dtype=torch.float32)
+
+
+@kernel_op("hylo::flash_attention_backward")
+def _flash_backward_op(d_out: torch.Tensor, d_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool, window: int,
+                       n_pinned: int, q_start: int, k_start: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv, and delta = rowsum(dO * O) - dlse (B, H, Tq) fp32, which the sink's gradient reads."""
+    spec = _spec(scale, causal, window, n_pinned, q_start, k_start)
+    delta = flash_delta(out, d_out, d_lse, traced=True)
+    dq, dk, dv = flash_backward(q, k, v, d_out, delta, lse, spec, traced=True)
+    return dq, dk, dv, delta
+
+
+@_flash_backward_op.register_fake
+def _(d_out, d_lse, q, k, v, out, lse, scale, causal, window, n_pinned, q_start, k_start):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
+
+
+def _flash_setup(ctx, inputs, output):
+    q, k, v, sink, init_out, init_lse, *constants = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, sink, init_out, init_lse, out, lse)
+    ctx.constants = constants
+
+
+def _flash_grads(ctx, d_out, d_lse):
+    q, k, v, sink, init_out, init_lse, out, lse = ctx.saved_tensors
+    d_out = torch.zeros_like(out) if d_out is None else d_out
+    dq, dk, dv, delta = _flash_backward_op(d_out, d_lse, q, k, v, out, lse, *ctx.constants)
+    d_sink = d_init_out = d_init_lse = None
+    if sink is not None and ctx.needs_input_grad[3]:
+        # the sink is a key with logit `sink` and value 0: dS = p_sink * (0 - delta)
+        d_sink = -(_weight(sink.float()[None, :, None], lse) * delta).sum(dim=(0, 2)).to(sink.dtype)
+    if init_out is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]):
+        # the partial result is a key with logit init_lse and value init_out
+        p = _weight(init_lse.float(), lse)
+        d_init_out = (p.transpose(1, 2)[..., None] * d_out.float()).to(init_out.dtype)
+        d_init_lse = (p * ((d_out.float() * init_out.float()).sum(-1).transpose(1, 2) - delta)).to(init_lse.dtype)
+    return dq, dk, dv, d_sink, d_init_out, d_init_lse, None, None, None, None, None, None
+
+
+_flash_forward_op.register_autograd(_flash_grads, setup_context=_flash_setup)
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -648,7 +701,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     spec = make_spec(q, k, causal=causal, window=window, scale=scale, n_pinned=n_pinned, q_start=q_start,
                      k_start=k_start)
     init_out, init_lse = (None, None) if init is None else init
-    return _FlashAttention.apply(q, k, v, sink, init_out, init_lse, spec)
+    return _flash_forward_op(q, k, v, sink, init_out, init_lse, spec.scale, spec.causal, spec.window or 0,
+                             spec.n_pinned, spec.q_start, spec.k_start)
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor

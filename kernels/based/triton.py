@@ -28,7 +28,15 @@ import triton.language as tl
 
 from kernels.dispatch import TRITON_DTYPES
 from kernels.triton_dots import dot, mm, round_to
-from kernels.triton_support import autotune, contiguous_last, output_buffer, padded_width, strides3
+from kernels.triton_support import (
+    autotune,
+    contiguous_last,
+    kernel_op,
+    output_buffer,
+    padded_width,
+    strides3,
+    traceable,
+)
 
 # First config: what the CPU interpreter runs (small tiles, so tiny shapes span several blocks and value tiles).
 # The order-2 state is BD*BD x BV float32 (256 x BV for d = 16), which bounds the useful tile sizes.
@@ -363,72 +371,123 @@ def _grid(b: int, h: int, e: int):
     return lambda meta: (b * h, triton.cdiv(e, meta["BV"]))
 
 
-class _BasedTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, s0, z0, eps, output_final_state):
-        b, t, h, d = q.shape
-        e = v.shape[-1]
-        n_feat = 1 + d + d * d
-        q, k, v = (contiguous_last(x) for x in (q, k, v))
-        has_initial = s0 is not None
-        state_dtypes = (s0.dtype, z0.dtype) if has_initial else None
-        if has_initial:
-            s0, z0 = (x.detach().to(torch.float32).contiguous() for x in (s0, z0))
-        out = output_buffer((b, t, h, e), q.dtype, q.device)
-        den = output_buffer((b, t, h), torch.float32, q.device)
-        s_out = output_buffer((b, h, n_feat, e), torch.float32, q.device) if output_final_state else None
-        z_out = output_buffer((b, h, n_feat), torch.float32, q.device) if output_final_state else None
-        dummy = den  # never read or written: the constexpr flags compile those accesses out
-        _fwd_kernel[_grid(b, h, e)](
-            q, k, v, out, den, s0 if has_initial else dummy, z0 if has_initial else dummy,
-            dummy if s_out is None else s_out, dummy if z_out is None else z_out,
-            *strides3(q), *strides3(k), *strides3(v), *strides3(out),
-            t, h, d, e, d ** -0.25, 1 / (2 ** 0.5 * d ** 0.5), eps,
-            HAS_INITIAL=has_initial, STORE_FINAL=output_final_state, BD=padded_width(d))
-        ctx.save_for_backward(q, k, v, out, den, s0, z0)
-        ctx.state_dtypes = state_dtypes
-        ctx.set_materialize_grads(False)
-        return (out, s_out, z_out) if output_final_state else out
+# Registered with torch.library (hylo::based_forward / hylo::based_backward): one op each under
+# torch.compile(fullgraph=True); autograd joins them.
+@kernel_op("hylo::based_forward")
+def _based_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s0: torch.Tensor | None,
+                   z0: torch.Tensor | None, eps: float, output_final_state: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> out (B, T, H, e), the normaliser den (B, T, H) fp32 (saved for backward), and the final S, z (fp32;
+    empty unless output_final_state)."""
+    b, t, h, d = q.shape
+    e = v.shape[-1]
+    n_feat = 1 + d + d * d
+    q, k, v = (contiguous_last(x) for x in (q, k, v))
+    has_initial = s0 is not None
+    if has_initial:
+        s0, z0 = (x.to(torch.float32).contiguous() for x in (s0, z0))
+    out = output_buffer((b, t, h, e), q.dtype, q.device)
+    den = output_buffer((b, t, h), torch.float32, q.device)
+    s_out = output_buffer((b, h, n_feat, e), torch.float32, q.device) if output_final_state else None
+    z_out = output_buffer((b, h, n_feat), torch.float32, q.device) if output_final_state else None
+    dummy = den  # never read or written: the constexpr flags compile those accesses out
+    traceable(_fwd_kernel)[_grid(b, h, e)](
+        q, k, v, out, den, s0 if has_initial else dummy, z0 if has_initial else dummy,
+        dummy if s_out is None else s_out, dummy if z_out is None else z_out,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(out),
+        t, h, d, e, d ** -0.25, 1 / (2 ** 0.5 * d ** 0.5), eps,
+        HAS_INITIAL=has_initial, STORE_FINAL=output_final_state, BD=padded_width(d))
+    if s_out is None:  # two distinct empty tensors: an op's outputs may not alias each other
+        s_out, z_out = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+    return out, den, s_out, z_out
 
-    @staticmethod
-    def backward(ctx, d_out, ds_final=None, dz_final=None):
-        q, k, v, out, den, s0, z0 = ctx.saved_tensors
-        b, t, h, d = q.shape
-        e = v.shape[-1]
-        n_feat = 1 + d + d * d
-        d_out = torch.zeros_like(out) if d_out is None else contiguous_last(d_out.to(out.dtype))
-        # d loss / d normaliser, per token: -(dy . y) / m.  (d loss / d numerator, dy / m, is formed in the kernels.)
-        h_norm = -(d_out.float() * out.float()).sum(-1) / den
-        has_dfinal = ds_final is not None or dz_final is not None
-        if has_dfinal:
-            ds_final = (torch.zeros(b, h, n_feat, e, device=q.device) if ds_final is None
-                        else ds_final.to(torch.float32).contiguous())
-            dz_final = (torch.zeros(b, h, n_feat, device=q.device) if dz_final is None
-                        else dz_final.to(torch.float32).contiguous())
-        want_ds0 = s0 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        ds0 = output_buffer((b, h, n_feat, e), torch.float32, q.device) if want_ds0 else None
-        dz0 = output_buffer((b, h, n_feat), torch.float32, q.device) if want_ds0 else None
 
-        # dq and dk come as one float32 partial sum per value tile; the autotuner zeroes them between trials.
-        slots = triton.cdiv(e, _MIN_BV)
-        dq_part = torch.zeros(slots, b, t, h, d, device=q.device)
-        dk_part = torch.zeros(slots, b, t, h, d, device=q.device)
-        dv = output_buffer(v.shape, v.dtype, v.device)
-        dummy = den
-        consts = (b * t * h * d, t, h, d, e, d ** -0.25, 1 / (2 ** 0.5 * d ** 0.5))
-        _dq_kernel[_grid(b, h, e)](
-            q, k, v, d_out, den, h_norm, dummy if s0 is None else s0, dummy if z0 is None else z0, dq_part,
-            *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *consts,
-            HAS_INITIAL=s0 is not None, BD=padded_width(d))
-        _dkv_kernel[_grid(b, h, e)](
-            q, k, v, d_out, den, h_norm, ds_final if has_dfinal else dummy, dz_final if has_dfinal else dummy,
-            dv, dk_part, dummy if ds0 is None else ds0, dummy if dz0 is None else dz0,
-            *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *strides3(dv), *consts,
-            HAS_DFINAL=has_dfinal, STORE_DS0=want_ds0, BD=padded_width(d))
-        dq, dk = dq_part.sum(0).to(q.dtype), dk_part.sum(0).to(k.dtype)
-        if want_ds0:
-            ds0, dz0 = ds0.to(ctx.state_dtypes[0]), dz0.to(ctx.state_dtypes[1])
-        return dq, dk, dv, ds0, dz0, None, None
+@_based_forward.register_fake
+def _(q, k, v, s0, z0, eps, output_final_state):
+    b, t, h, d = q.shape
+    e, n_feat = v.shape[-1], 1 + d + d * d
+    s_shape, z_shape = ((b, h, n_feat, e), (b, h, n_feat)) if output_final_state else ((0,), (0,))
+    return (q.new_empty(b, t, h, e), q.new_empty((b, t, h), dtype=torch.float32),
+            q.new_empty(s_shape, dtype=torch.float32), q.new_empty(z_shape, dtype=torch.float32))
+
+
+@kernel_op("hylo::based_backward")
+def _based_backward(d_out: torch.Tensor, ds_final: torch.Tensor | None, dz_final: torch.Tensor | None,
+                    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, den: torch.Tensor,
+                    s0: torch.Tensor | None, z0: torch.Tensor | None, want_ds0: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv, dS0, dz0 (fp32; empty unless want_ds0)."""
+    b, t, h, d = q.shape
+    e = v.shape[-1]
+    n_feat = 1 + d + d * d
+    q, k, v = (contiguous_last(x) for x in (q, k, v))
+    if s0 is not None:
+        s0, z0 = (x.to(torch.float32).contiguous() for x in (s0, z0))
+    d_out = contiguous_last(d_out.to(out.dtype))
+    # d loss / d normaliser, per token: -(dy . y) / m.  (d loss / d numerator, dy / m, is formed in the kernels.)
+    h_norm = -(d_out.float() * out.float()).sum(-1) / den
+    has_dfinal = ds_final is not None or dz_final is not None
+    if has_dfinal:
+        ds_final = (torch.zeros(b, h, n_feat, e, device=q.device) if ds_final is None
+                    else ds_final.to(torch.float32).contiguous())
+        dz_final = (torch.zeros(b, h, n_feat, device=q.device) if dz_final is None
+                    else dz_final.to(torch.float32).contiguous())
+    want_ds0 = want_ds0 and s0 is not None
+    ds0 = output_buffer((b, h, n_feat, e), torch.float32, q.device) if want_ds0 else None
+    dz0 = output_buffer((b, h, n_feat), torch.float32, q.device) if want_ds0 else None
+
+    # dq and dk come as one float32 partial sum per value tile; the autotuner zeroes them between trials.
+    slots = triton.cdiv(e, _MIN_BV)
+    dq_part = torch.zeros(slots, b, t, h, d, device=q.device)
+    dk_part = torch.zeros(slots, b, t, h, d, device=q.device)
+    dv = output_buffer(v.shape, v.dtype, v.device)
+    dummy = den
+    consts = (b * t * h * d, t, h, d, e, d ** -0.25, 1 / (2 ** 0.5 * d ** 0.5))
+    traceable(_dq_kernel)[_grid(b, h, e)](
+        q, k, v, d_out, den, h_norm, dummy if s0 is None else s0, dummy if z0 is None else z0, dq_part,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *consts,
+        HAS_INITIAL=s0 is not None, BD=padded_width(d))
+    traceable(_dkv_kernel)[_grid(b, h, e)](
+        q, k, v, d_out, den, h_norm, ds_final if has_dfinal else dummy, dz_final if has_dfinal else dummy,
+        dv, dk_part, dummy if ds0 is None else ds0, dummy if dz0 is None else dz0,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *strides3(dv), *consts,
+        HAS_DFINAL=has_dfinal, STORE_DS0=want_ds0, BD=padded_width(d))
+    if ds0 is None:  # two distinct empty tensors: an op's outputs may not alias each other
+        ds0, dz0 = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+    return dq_part.sum(0).to(q.dtype), dk_part.sum(0).to(k.dtype), dv, ds0, dz0
+
+
+@_based_backward.register_fake
+def _(d_out, ds_final, dz_final, q, k, v, out, den, s0, z0, want_ds0):
+    b, _, h, d = q.shape
+    n_feat = 1 + d + d * d
+    s_shape, z_shape = ((b, h, n_feat, v.shape[-1]), (b, h, n_feat)) if want_ds0 and s0 is not None else ((0,), (0,))
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(s_shape, dtype=torch.float32),
+            q.new_empty(z_shape, dtype=torch.float32))
+
+
+def _based_setup(ctx, inputs, output):
+    q, k, v, s0, z0, eps, output_final_state = inputs
+    out, den, _, _ = output
+    ctx.save_for_backward(q, k, v, out, den, s0, z0)
+    ctx.output_final_state = output_final_state
+
+
+def _based_grads(ctx, d_out, d_den, ds_final, dz_final):
+    q, k, v, out, den, s0, z0 = ctx.saved_tensors
+    d_out = torch.zeros_like(out) if d_out is None else d_out
+    if not ctx.output_final_state:
+        ds_final = dz_final = None
+    want_ds0 = s0 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+    dq, dk, dv, ds0, dz0 = _based_backward(d_out, ds_final, dz_final, q, k, v, out, den, s0, z0, want_ds0)
+    if want_ds0:
+        ds0, dz0 = ds0.to(s0.dtype), dz0.to(z0.dtype)
+    else:
+        ds0 = dz0 = None
+    return dq, dk, dv, ds0, dz0, None, None
+
+
+_based_forward.register_autograd(_based_grads, setup_context=_based_setup)
 
 
 def triton_based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6,
@@ -445,5 +504,5 @@ def triton_based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if s0 is not None and (s0.shape != (*q.shape[::2], n_feat, v.shape[-1]) or z0.shape != (*q.shape[::2], n_feat)):
         raise ValueError(f"initial_state must be (S (B, H, {n_feat}, e), z (B, H, {n_feat})), got "
                          f"{tuple(s0.shape)}, {tuple(z0.shape)}")
-    result = _BasedTriton.apply(q, k, v, s0, z0, eps, output_final_state)
-    return (result[0], tuple(result[1:])) if output_final_state else result
+    out, _, s_final, z_final = _based_forward(q, k, v, s0, z0, float(eps), output_final_state)
+    return (out, (s_final, z_final)) if output_final_state else out

@@ -24,7 +24,15 @@ import triton.language as tl
 
 from kernels.dispatch import TRITON_DTYPES
 from kernels.triton_dots import dot, mm, round_to
-from kernels.triton_support import autotune, contiguous_last, output_buffer, padded_width, strides3
+from kernels.triton_support import (
+    autotune,
+    contiguous_last,
+    kernel_op,
+    output_buffer,
+    padded_width,
+    strides3,
+    traceable,
+)
 
 # The first config is what the CPU interpreter runs: small tiles, so tiny test shapes still span several blocks and
 # several value tiles.  On a GPU the autotuner picks among all of them.
@@ -184,7 +192,7 @@ def _scan(q, k, v, out, decay, s0, s0_strides, final) -> None:
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     dummy = decay  # never read: the constexpr flags compile the accesses out
-    _scan_kernel[lambda meta: (b * h, triton.cdiv(dv, meta["BV"]))](
+    traceable(_scan_kernel)[lambda meta: (b * h, triton.cdiv(dv, meta["BV"]))](
         q, k, v, out, decay, dummy if s0 is None else s0, dummy if final is None else final,
         *strides3(q), *strides3(k), *strides3(v), *strides3(out), *s0_strides, *_state_strides(final),
         t, h, dk, dv,
@@ -195,7 +203,7 @@ def _reverse(q, k, do, dv_out, decay, dfinal, dfinal_strides, ds0) -> None:
     b, t, h, dk = q.shape
     dv = do.shape[-1]
     dummy = decay
-    _reverse_kernel[lambda meta: (b * h, triton.cdiv(dv, meta["BV"]))](
+    traceable(_reverse_kernel)[lambda meta: (b * h, triton.cdiv(dv, meta["BV"]))](
         q, k, do, dv_out, decay, dummy if dfinal is None else dfinal, dummy if ds0 is None else ds0,
         *strides3(q), *strides3(k), *strides3(do), *strides3(dv_out), *dfinal_strides,
         t, h, dk, dv,
@@ -210,35 +218,72 @@ def _state_strides(x: torch.Tensor | None, transpose: bool = False) -> tuple[int
     return (r * c, 1, c) if transpose else (r * c, c, 1)
 
 
-class _LightningTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, output_final_state):
-        b, t, h, d = q.shape
-        e = v.shape[-1]
-        q, k, v = (contiguous_last(x) for x in (q, k, v))
-        decay = decay.detach().to(device=q.device, dtype=torch.float32).contiguous()
-        s0 = None if initial_state is None else initial_state.detach().to(torch.float32).contiguous()
-        out = output_buffer((b, t, h, e), q.dtype, q.device)
-        final = output_buffer((b, h, d, e), torch.float32, q.device) if output_final_state else None
-        _scan(q, k, v, out, decay, s0, _state_strides(s0), final)
-        ctx.save_for_backward(q, k, v, decay, s0)
-        ctx.state_dtype = None if initial_state is None else initial_state.dtype
-        ctx.set_materialize_grads(False)
-        return (out, final) if output_final_state else out
+# Registered with torch.library (hylo::lightning_forward / hylo::lightning_backward): one op each under
+# torch.compile(fullgraph=True); autograd joins them.
+@kernel_op("hylo::lightning_forward")
+def _lightning_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                       initial_state: torch.Tensor | None, output_final_state: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> out (B, T, H, e), final state (B, H, d, e) fp32 (empty unless output_final_state)."""
+    b, t, h, d = q.shape
+    e = v.shape[-1]
+    q, k, v = (contiguous_last(x) for x in (q, k, v))
+    decay = decay.to(device=q.device, dtype=torch.float32).contiguous()
+    s0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    out = output_buffer((b, t, h, e), q.dtype, q.device)
+    final = output_buffer((b, h, d, e), torch.float32, q.device) if output_final_state else None
+    _scan(q, k, v, out, decay, s0, _state_strides(s0), final)
+    return out, q.new_empty(0, dtype=torch.float32) if final is None else final
 
-    @staticmethod
-    def backward(ctx, d_out, d_final=None):
-        q, k, v, decay, s0 = ctx.saved_tensors
-        d_out = torch.zeros_like(v, dtype=q.dtype) if d_out is None else contiguous_last(d_out.to(q.dtype))
-        d_final = None if d_final is None else d_final.to(torch.float32).contiguous()
-        dq, dk, dv = (output_buffer(x.shape, x.dtype, x.device) for x in (q, k, v))
-        want_ds0 = s0 is not None and ctx.needs_input_grad[4]
-        ds0 = output_buffer(s0.shape, torch.float32, q.device) if want_ds0 else None
-        _scan(d_out, v, k, dq, decay, s0, _state_strides(s0, transpose=True), None)
-        _reverse(q, k, d_out, dv, decay, d_final, _state_strides(d_final), ds0)
-        _reverse(d_out, v, q, dk, decay, d_final, _state_strides(d_final, transpose=True), None)
-        ds0 = None if ds0 is None else ds0.to(ctx.state_dtype)
-        return dq, dk, dv, None, ds0, None
+
+@_lightning_forward.register_fake
+def _(q, k, v, decay, initial_state, output_final_state):
+    b, t, h, d = q.shape
+    final = (b, h, d, v.shape[-1]) if output_final_state else (0,)
+    return q.new_empty(b, t, h, v.shape[-1]), q.new_empty(final, dtype=torch.float32)
+
+
+@kernel_op("hylo::lightning_backward")
+def _lightning_backward(d_out: torch.Tensor, d_final: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, decay: torch.Tensor, initial_state: torch.Tensor | None, want_ds0: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv, d initial_state (fp32; empty unless want_ds0)."""
+    q, k, v = (contiguous_last(x) for x in (q, k, v))
+    decay = decay.to(device=q.device, dtype=torch.float32).contiguous()
+    s0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    d_out = contiguous_last(d_out.to(q.dtype))
+    d_final = None if d_final is None else d_final.to(torch.float32).contiguous()
+    dq, dk, dv = (output_buffer(x.shape, x.dtype, x.device) for x in (q, k, v))
+    ds0 = output_buffer(s0.shape, torch.float32, q.device) if want_ds0 and s0 is not None else None
+    _scan(d_out, v, k, dq, decay, s0, _state_strides(s0, transpose=True), None)
+    _reverse(q, k, d_out, dv, decay, d_final, _state_strides(d_final), ds0)
+    _reverse(d_out, v, q, dk, decay, d_final, _state_strides(d_final, transpose=True), None)
+    return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if ds0 is None else ds0
+
+
+@_lightning_backward.register_fake
+def _(d_out, d_final, q, k, v, decay, initial_state, want_ds0):
+    ds0 = initial_state.shape if want_ds0 and initial_state is not None else (0,)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(ds0, dtype=torch.float32))
+
+
+def _lightning_setup(ctx, inputs, output):
+    q, k, v, decay, initial_state, output_final_state = inputs
+    ctx.save_for_backward(q, k, v, decay, initial_state)
+    ctx.output_final_state = output_final_state
+
+
+def _lightning_grads(ctx, d_out, d_final):
+    q, k, v, decay, initial_state = ctx.saved_tensors
+    d_out = torch.zeros_like(v, dtype=q.dtype) if d_out is None else d_out
+    d_final = d_final if ctx.output_final_state else None
+    want_ds0 = initial_state is not None and ctx.needs_input_grad[4]
+    dq, dk, dv, ds0 = _lightning_backward(d_out, d_final, q, k, v, decay, initial_state, want_ds0)
+    return dq, dk, dv, None, ds0.to(initial_state.dtype) if want_ds0 else None, None
+
+
+_lightning_forward.register_autograd(_lightning_grads, setup_context=_lightning_setup)
 
 
 def triton_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
@@ -251,4 +296,5 @@ def triton_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if decay.requires_grad:
         raise ValueError("backend='triton' treats the decay slopes as constants and has no gradient for them; "
                          "pass decay.detach() (TNL's slopes are a fixed buffer) or use backend='chunk'")
-    return _LightningTriton.apply(q, k, v, decay, initial_state, output_final_state)
+    out, final = _lightning_forward(q, k, v, decay, initial_state, output_final_state)
+    return (out, final) if output_final_state else out

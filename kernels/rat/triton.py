@@ -41,7 +41,15 @@ from kernels.dispatch import TRITON_DTYPES
 from kernels.rat.chunk import rotate_by_chunk
 from kernels.rope import rope_table
 from kernels.triton_dots import dot, round_to
-from kernels.triton_support import autotune, interpreting, output_buffer, padded_width, require_triton
+from kernels.triton_support import (
+    autotune,
+    interpreting,
+    kernel_op,
+    output_buffer,
+    padded_width,
+    require_triton,
+    traceable,
+)
 
 LOG2E = math.log2(math.e)
 MAX_CHUNK = 128
@@ -433,83 +441,121 @@ def _rope_tables(n_chunks: int, d: int, rope_theta: float | None, device) -> tup
     return cos.contiguous(), sin.contiguous()
 
 
-class _TritonRat(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, gate, prefix_k, prefix_v, chunk_size: int, scale: float, rope_theta):
-        b, t, h, d = q.shape
-        shape = _shape(q, chunk_size, rope_theta is not None)
-        n_chunks, n_summaries = triton.cdiv(t, chunk_size), t // chunk_size
-        pk, pv, n_prefix = _prefix_or_dummy(prefix_k, prefix_v, rope_theta, q)
-        cos, sin = _rope_tables(n_prefix + n_chunks, d, rope_theta, q.device)
-        # The only per-sequence state kept for backward: one summary per chunk, in the dots' dtype.
-        sk = output_buffer((b, max(n_summaries, 1), h, d), q.dtype, q.device)
-        sv = output_buffer((b, max(n_summaries, 1), h, d), q.dtype, q.device)
-        rows = _scan_rows(chunk_size)
-        _summary_kernel[(b * h, triton.cdiv(n_chunks, rows // shape["L_PAD"]))](
-            k, v, gate, cos, sin, sk, sv, *k.stride(), *v.stride(), *gate.stride(), *sk.stride()[:3],
-            t, h, shape["HALF"], chunk_size, n_prefix, HALF_PAD=shape["HALF_PAD"], L_PAD=shape["L_PAD"],
-            ROPE=shape["ROPE"], ROWS=rows, num_warps=4)
-        o = output_buffer((b, t, h, d), q.dtype, q.device)
-        lse = output_buffer((b, h, t), torch.float32, q.device)
-        grid = lambda meta: (b * h, triton.cdiv(n_chunks, meta["BLOCK_M"] // meta["L_PAD"]))  # noqa: E731
-        _attn_fwd_kernel[grid](q, k, v, gate, sk, sv, pk, pv, cos, sin, o, lse,
-                               *q.stride(), *k.stride(), *v.stride(), *gate.stride(), *o.stride(),
-                               *sk.stride()[:3], *pk.stride(),
-                               T=t, P=n_prefix, N_KEYS=n_summaries, qk_scale=scale * LOG2E, **shape)
-        ctx.save_for_backward(q, k, v, gate, pk, pv, sk, sv, o, lse, cos, sin)
-        ctx.chunk_size, ctx.scale, ctx.rope, ctx.n_prefix = chunk_size, scale, rope_theta is not None, n_prefix
-        ctx.prefix_dtypes = None if prefix_k is None else (prefix_k.dtype, prefix_v.dtype, prefix_k.shape)
-        return o
+# ---------------------------------------------------------------------------------------------- the ops
+# Registered with torch.library (hylo::rat_forward / hylo::rat_backward) so torch.compile(fullgraph=True) takes
+# them as single ops (and Inductor, through wrap_triton, sees the kernels); autograd joins them.
+@kernel_op("hylo::rat_forward")
+def _rat_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor,
+                 prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None, chunk_size: int, scale: float,
+                 rope_theta: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> o, lse (B, H, T) fp32, and the chunk summaries sk, sv (B, max(T/L, 1), H, d) in q's dtype."""
+    b, t, h, d = q.shape
+    shape = _shape(q, chunk_size, rope_theta is not None)
+    n_chunks, n_summaries = triton.cdiv(t, chunk_size), t // chunk_size
+    pk, pv, n_prefix = _prefix_or_dummy(prefix_k, prefix_v, rope_theta, q)
+    cos, sin = _rope_tables(n_prefix + n_chunks, d, rope_theta, q.device)
+    # The only per-sequence state kept for backward: one summary per chunk, in the dots' dtype.
+    sk = output_buffer((b, max(n_summaries, 1), h, d), q.dtype, q.device)
+    sv = output_buffer((b, max(n_summaries, 1), h, d), q.dtype, q.device)
+    rows = _scan_rows(chunk_size)
+    traceable(_summary_kernel)[(b * h, triton.cdiv(n_chunks, rows // shape["L_PAD"]))](
+        k, v, gate, cos, sin, sk, sv, *k.stride(), *v.stride(), *gate.stride(), *sk.stride()[:3],
+        t, h, shape["HALF"], chunk_size, n_prefix, HALF_PAD=shape["HALF_PAD"], L_PAD=shape["L_PAD"],
+        ROPE=shape["ROPE"], ROWS=rows, num_warps=4)
+    o = output_buffer((b, t, h, d), q.dtype, q.device)
+    lse = output_buffer((b, h, t), torch.float32, q.device)
+    grid = lambda meta: (b * h, triton.cdiv(n_chunks, meta["BLOCK_M"] // meta["L_PAD"]))  # noqa: E731
+    traceable(_attn_fwd_kernel)[grid](q, k, v, gate, sk, sv, pk, pv, cos, sin, o, lse,
+                                      *q.stride(), *k.stride(), *v.stride(), *gate.stride(), *o.stride(),
+                                      *sk.stride()[:3], *pk.stride(),
+                                      T=t, P=n_prefix, N_KEYS=n_summaries, qk_scale=scale * LOG2E, **shape)
+    return o, lse, sk, sv
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, gate, pk, pv, sk, sv, o, lse, cos, sin = ctx.saved_tensors
-        chunk_size, scale, n_prefix = ctx.chunk_size, ctx.scale, ctx.n_prefix
-        b, t, h, d = q.shape
-        shape = _shape(q, chunk_size, ctx.rope)
-        qk_scale = scale * LOG2E
-        n_chunks = triton.cdiv(t, chunk_size)
-        n_keys = (t - 1) // chunk_size  # summaries some later query sees; a partial last chunk's never is
-        strides = (*q.stride(), *k.stride(), *v.stride(), *gate.stride())
 
-        dq = output_buffer((b, t, h, d), q.dtype, q.device)
-        delta = output_buffer((b, h, t), torch.float32, q.device)
-        grid_q = lambda meta: (b * h, triton.cdiv(n_chunks, meta["BLOCK_M"] // meta["L_PAD"]))  # noqa: E731
-        _attn_bwd_dq_kernel[grid_q](q, k, v, gate, do, o, sk, sv, pk, pv, cos, sin, lse, delta, dq,
-                                    *strides, *do.stride(), *o.stride(), *dq.stride(), *sk.stride()[:3],
-                                    *pk.stride(), T=t, P=n_prefix, N_KEYS=n_keys, qk_scale=qk_scale, scale=scale,
-                                    **shape)
+@_rat_forward.register_fake
+def _(q, k, v, gate, prefix_k, prefix_v, chunk_size, scale, rope_theta):
+    b, t, h, d = q.shape
+    n = max(t // chunk_size, 1)
+    return (q.new_empty(b, t, h, d), q.new_empty((b, h, t), dtype=torch.float32), q.new_empty(b, n, h, d),
+            q.new_empty(b, n, h, d))
 
-        def summary_grads(keys, values, count, key_chunk0, dkeys, dvalues):
-            grid = lambda meta: (b * h, triton.cdiv(count, meta["BLOCK_N"]))  # noqa: E731
-            _attn_bwd_dsummary_kernel[grid](q, do, lse, delta, keys, values, cos, sin, dkeys, dvalues,
-                                            *q.stride(), *do.stride(), *keys.stride(), *dkeys.stride(),
-                                            T=t, P=n_prefix, n_keys=count, key_chunk0=key_chunk0,
-                                            qk_scale=qk_scale, scale=scale, **shape)
 
-        # This segment's summary gradients (fp32, unrotated) seed the backward scan.
-        dsk = output_buffer(sk.shape, torch.float32, q.device)
-        dsv = output_buffer(sv.shape, torch.float32, q.device)
-        if n_keys:
-            summary_grads(sk, sv, n_keys, n_prefix, dsk, dsv)
+@kernel_op("hylo::rat_backward")
+def _rat_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor,
+                  prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None, o: torch.Tensor, lse: torch.Tensor,
+                  sk: torch.Tensor, sv: torch.Tensor, chunk_size: int, scale: float, rope_theta: float | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv, dgate, d prefix_k, d prefix_v (the last two empty without a prefix)."""
+    b, t, h, d = q.shape
+    shape = _shape(q, chunk_size, rope_theta is not None)
+    qk_scale = scale * LOG2E
+    n_chunks = triton.cdiv(t, chunk_size)
+    n_keys = (t - 1) // chunk_size  # summaries some later query sees; a partial last chunk's never is
+    pk, pv, n_prefix = _prefix_or_dummy(prefix_k, prefix_v, rope_theta, q)
+    cos, sin = _rope_tables(n_prefix + n_chunks, d, rope_theta, q.device)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *gate.stride())
 
-        d_prefix_k = d_prefix_v = None
-        if ctx.prefix_dtypes is not None:
-            k_dtype, v_dtype, prefix_shape = ctx.prefix_dtypes
-            d_prefix_k = output_buffer(prefix_shape, k_dtype, q.device)
-            d_prefix_v = output_buffer(prefix_shape, v_dtype, q.device)
-            if n_prefix:
-                summary_grads(pk, pv, n_prefix, 0, d_prefix_k, d_prefix_v)
+    dq = output_buffer((b, t, h, d), q.dtype, q.device)
+    delta = output_buffer((b, h, t), torch.float32, q.device)
+    grid_q = lambda meta: (b * h, triton.cdiv(n_chunks, meta["BLOCK_M"] // meta["L_PAD"]))  # noqa: E731
+    traceable(_attn_bwd_dq_kernel)[grid_q](q, k, v, gate, do, o, sk, sv, pk, pv, cos, sin, lse, delta, dq,
+                                           *strides, *do.stride(), *o.stride(), *dq.stride(), *sk.stride()[:3],
+                                           *pk.stride(), T=t, P=n_prefix, N_KEYS=n_keys, qk_scale=qk_scale,
+                                           scale=scale, **shape)
 
-        dk = output_buffer((b, t, h, d), k.dtype, q.device)
-        dv = output_buffer((b, t, h, d), v.dtype, q.device)
-        dg = output_buffer((b, t, h, d), gate.dtype, q.device)  # fresh tensors of one shape: they share strides
-        rows = _scan_rows(chunk_size)
-        _scan_bwd_kernel[(b * h, triton.cdiv(n_chunks, rows // shape["L_PAD"]))](
-            q, k, v, gate, do, lse, delta, dsk, dsv, dk, dv, dg, *strides, *do.stride(), *dsk.stride()[:3],
-            *dk.stride(), t, h, shape["HALF"], chunk_size, n_keys, qk_scale, scale,
-            HALF_PAD=shape["HALF_PAD"], L_PAD=shape["L_PAD"], ROWS=rows, num_warps=4)
-        return dq, dk, dv, dg, d_prefix_k, d_prefix_v, None, None, None
+    def summary_grads(keys, values, count, key_chunk0, dkeys, dvalues):
+        grid = lambda meta: (b * h, triton.cdiv(count, meta["BLOCK_N"]))  # noqa: E731
+        traceable(_attn_bwd_dsummary_kernel)[grid](q, do, lse, delta, keys, values, cos, sin, dkeys, dvalues,
+                                                   *q.stride(), *do.stride(), *keys.stride(), *dkeys.stride(),
+                                                   T=t, P=n_prefix, n_keys=count, key_chunk0=key_chunk0,
+                                                   qk_scale=qk_scale, scale=scale, **shape)
+
+    # This segment's summary gradients (fp32, unrotated) seed the backward scan.
+    dsk = output_buffer(sk.shape, torch.float32, q.device)
+    dsv = output_buffer(sv.shape, torch.float32, q.device)
+    if n_keys:
+        summary_grads(sk, sv, n_keys, n_prefix, dsk, dsv)
+    if prefix_k is None:
+        d_prefix_k, d_prefix_v = q.new_empty(0), q.new_empty(0)
+    else:
+        d_prefix_k = output_buffer(prefix_k.shape, prefix_k.dtype, q.device)
+        d_prefix_v = output_buffer(prefix_v.shape, prefix_v.dtype, q.device)
+        if n_prefix:
+            summary_grads(pk, pv, n_prefix, 0, d_prefix_k, d_prefix_v)
+
+    dk = output_buffer((b, t, h, d), k.dtype, q.device)
+    dv = output_buffer((b, t, h, d), v.dtype, q.device)
+    dg = output_buffer((b, t, h, d), gate.dtype, q.device)  # fresh tensors of one shape: they share strides
+    rows = _scan_rows(chunk_size)
+    traceable(_scan_bwd_kernel)[(b * h, triton.cdiv(n_chunks, rows // shape["L_PAD"]))](
+        q, k, v, gate, do, lse, delta, dsk, dsv, dk, dv, dg, *strides, *do.stride(), *dsk.stride()[:3],
+        *dk.stride(), t, h, shape["HALF"], chunk_size, n_keys, qk_scale, scale,
+        HALF_PAD=shape["HALF_PAD"], L_PAD=shape["L_PAD"], ROWS=rows, num_warps=4)
+    return dq, dk, dv, dg, d_prefix_k, d_prefix_v
+
+
+@_rat_backward.register_fake
+def _(do, q, k, v, gate, prefix_k, prefix_v, o, lse, sk, sv, chunk_size, scale, rope_theta):
+    prefix = [torch.empty_like(x) if x is not None else q.new_empty(0) for x in (prefix_k, prefix_v)]
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gate), *prefix)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, gate, prefix_k, prefix_v, chunk_size, scale, rope_theta = inputs
+    o, lse, sk, sv = output
+    ctx.save_for_backward(q, k, v, gate, prefix_k, prefix_v, o, lse, sk, sv)
+    ctx.constants = (chunk_size, scale, rope_theta)
+
+
+def _backward(ctx, do, d_lse, d_sk, d_sv):
+    q, k, v, gate, prefix_k, prefix_v, o, lse, sk, sv = ctx.saved_tensors
+    dq, dk, dv, dg, dpk, dpv = _rat_backward(do, q, k, v, gate, prefix_k, prefix_v, o, lse, sk, sv, *ctx.constants)
+    if prefix_k is None:
+        dpk = dpv = None
+    return dq, dk, dv, dg, dpk, dpv, None, None, None
+
+
+_rat_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, chunk_size: int,
@@ -535,4 +581,5 @@ def triton_rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate
                                  or prefix_k.shape[2:] != q.shape[2:]):
         raise ValueError(f"prefix summaries must be (B, P, H, d) matching q; got k{tuple(prefix_k.shape)} "
                          f"v{tuple(prefix_v.shape)}")
-    return _TritonRat.apply(q, k, v, gate, prefix_k, prefix_v, chunk_size, float(scale), rope_theta)
+    theta = None if rope_theta is None else float(rope_theta)
+    return _rat_forward(q, k, v, gate, prefix_k, prefix_v, chunk_size, float(scale), theta)[0]
