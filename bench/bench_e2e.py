@@ -1,12 +1,12 @@
 """End-to-end training throughput, MFU and peak memory of the 1B presets against a dense model, on one GPU.
 
-  python bench/bench_e2e.py [--configs hybrid_1b,rat_swa_1b,based_1b,tnl_1b,dense_1b] [--lengths 8192,32768,131072]
+  python bench/bench_e2e.py [--configs dense_1b,hybrid_1b,rat_swa_1b,based_1b,tnl_1b] [--lengths 8192,32768,131072]
                             [--compile off,on] [--steps 6 --warmup 3] [--time-limit 120]
 
 One `trainer.train` process per (config, length, compile), one sequence per step (batch_size = micro = 1), bf16,
 activation checkpointing from 32K on, checkpoints and evals off.  tokens/s and MFU are the trainer's own numbers
-over the steps after --warmup; peak memory is torch.cuda.max_memory_allocated.  Prints one table with each
-hybrid's speed-up over the dense model at the same length and appends it to bench/RESULTS.md.
+over the steps after --warmup; peak memory is torch.cuda.max_memory_allocated.  One table with each hybrid's
+speed-up over the dense model at the same length; each row goes to bench/RESULTS.md as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.record import machine, publish  # noqa: E402
+from bench.record import StreamedTable, machine  # noqa: E402
 
 
 def run(config: str, seq_len: int, compiled: bool, args) -> dict:
@@ -48,7 +48,7 @@ def run(config: str, seq_len: int, compiled: bool, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="dense_1b,hybrid_1b,rat_swa_1b,based_1b,tnl_1b")
+    parser.add_argument("--configs", default="dense_1b,hybrid_1b,rat_swa_1b,based_1b,tnl_1b")  # dense first
     parser.add_argument("--lengths", default="8192,32768,131072")
     parser.add_argument("--compile", default="off,on")
     parser.add_argument("--steps", type=int, default=4)
@@ -56,25 +56,23 @@ def main() -> None:
     parser.add_argument("--time-limit", type=int, default=150, help="seconds per run")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    table = StreamedTable([f"### End to end, one GPU: 1B presets vs dense ({args.steps} timed steps, 1 sequence/step, "
+                           "bf16, activation checkpointing from 32K)", machine(), "",
+                           "| config | T | compile | tokens/s | vs dense | MFU | peak GiB |",
+                           "|---|---|---|---|---|---|---|"], record=not args.no_record)
     results = {}
     for compiled in [c == "on" for c in args.compile.split(",")]:
         for seq_len in map(int, args.lengths.split(",")):
-            for config in args.configs.split(","):
+            for config in args.configs.split(","):  # dense first (the default order): the ratios need it
                 results[config, seq_len, compiled] = r = run(config, seq_len, compiled, args)
-                print(config, seq_len, "compiled" if compiled else "eager", r, flush=True)
-    lines = [f"### End to end, one GPU: 1B presets vs dense ({args.steps} timed steps, 1 sequence/step, bf16, "
-             "activation checkpointing from 32K)", machine(), "",
-             "| config | T | compile | tokens/s | vs dense | MFU | peak GiB |", "|---|---|---|---|---|---|---|"]
-    for (config, seq_len, compiled), r in results.items():
-        if "error" in r:
-            lines.append(f"| {config} | {seq_len // 1024}K | {'on' if compiled else 'off'} | {r['error']} | | | |")
-            continue
-        dense = results.get(("dense_1b", seq_len, compiled), {})
-        ratio = f"{r['tok_s'] / dense['tok_s']:.2f}x" if "tok_s" in dense else "-"
-        lines.append(f"| {config} | {seq_len // 1024}K | {'on' if compiled else 'off'} | {r['tok_s']:,.0f} | {ratio} | "
-                     f"{r['mfu']:.1%} | {r['mem']:.1f} |")
-    publish("\n".join(lines) + "\n", record=not args.no_record)
-
+                mode = "on" if compiled else "off"
+                if "error" in r:
+                    table.row(f"| {config} | {seq_len // 1024}K | {mode} | {r['error']} | | | |")
+                    continue
+                dense = results.get(("dense_1b", seq_len, compiled), {})
+                ratio = f"{r['tok_s'] / dense['tok_s']:.2f}x" if "tok_s" in dense else "-"
+                table.row(f"| {config} | {seq_len // 1024}K | {mode} | {r['tok_s']:,.0f} | {ratio} | {r['mfu']:.1%} | "
+                          f"{r['mem']:.1f} |")
 
 if __name__ == "__main__":
     main()

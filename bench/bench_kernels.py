@@ -5,9 +5,10 @@
 
 B*T = --tokens at every length.  Median times from triton.testing.do_bench (GPU) of forward + backward.
 Rows: SDPA causal (the reference), our flash attention causal, sliding window W=4096 (and its speed-up over our
-full causal at the same T), lightning (TNL), BASED linear attention (feature dim 16), RAT (L=16).  Attention
+full causal at the same T), lightning (TNL), BASED linear attention (feature dim 16), RAT (L=16, as the layer
+calls it: bf16 q/k/v, fp32 gate, RoPE after the scan).  Attention
 rows report TFLOP/s (causal fwd+bwd = 3.5 x 2·B·H·T²·D); every row reports tokens/s and its speed-up over SDPA
-at the same T.  Prints one table and appends it to bench/RESULTS.md.
+at the same T.  Each row goes to bench/RESULTS.md as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.record import machine, publish  # noqa: E402
+from bench.record import StreamedTable, machine  # noqa: E402
 from kernels import attention, based_linear_attention, lightning_attention, rat_attention, tnl_slopes  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def cases(b: int, t: int, h: int, d: int, device, dtype, window: int):
                                                   is_causal=True)
 
     slopes = tnl_slopes(h, 0, 24).to(device)
-    gate = torch.rand(b, t, h, d, device=device, dtype=dtype).requires_grad_()
+    gate = torch.rand(b, t, h, d, device=device, dtype=torch.float32).requires_grad_()
     qf, kf = rand(b, t, h, 16), rand(b, t, h, 16)
     yield "SDPA flash, causal", fwd_bwd(sdpa, q, k, v), "attn"
     yield "flash (triton), causal", fwd_bwd(lambda q, k, v: attention(q, k, v, backend="triton"), q, k, v), "attn"
@@ -74,13 +75,15 @@ def cases(b: int, t: int, h: int, d: int, device, dtype, window: int):
         lambda q, k, v: lightning_attention(q, k, v, slopes, backend="triton"), q, k, v), "linear"
     yield "BASED (triton, d_f 16)", fwd_bwd(
         lambda q, k, v: based_linear_attention(q, k, v, backend="triton"), qf, kf, v), "linear"
+    # RAT as the layer calls it: q, k, v in bf16, the gate in fp32, RoPE after the scan.
     yield "RAT L=16 (triton)", fwd_bwd(
-        lambda q, k, v, g: rat_attention(q, k, v, torch.sigmoid(g), 16, backend="triton"), q, k, v, gate), "linear"
+        lambda q, k, v, g: rat_attention(q, k, v, torch.sigmoid(g), 16, rope_theta=1e4, backend="triton"),
+        q, k, v, gate), "linear"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default="4096,16384,65536")
+    parser.add_argument("--lengths", default="4096,65536")
     parser.add_argument("--tokens", type=int, default=65536, help="B*T at every length")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=128)
@@ -91,9 +94,11 @@ def main() -> None:
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
     if args.smoke:
         args.lengths, args.tokens, args.heads, args.dim, args.window = "32,64", 64, 2, 16, 16
-    lines = [f"### Triton kernels vs SDPA, fwd+bwd, B*T={args.tokens}, H={args.heads}, D={args.dim}, {dtype}",
-             machine() + (" (smoke run on the CPU interpreter: timings meaningless)" if args.smoke else ""), "",
-             "| kernel | T | ms | TFLOP/s | Mtok/s | vs SDPA |", "|---|---|---|---|---|---|"]
+    table = StreamedTable([f"### Triton kernels vs SDPA, fwd+bwd, B*T={args.tokens}, H={args.heads}, D={args.dim}, "
+                           f"{dtype}", machine() + (" (smoke run on the CPU interpreter: timings meaningless)"
+                                                    if args.smoke else ""), "",
+                           "| kernel | T | ms | TFLOP/s | Mtok/s | vs SDPA |", "|---|---|---|---|---|---|"],
+                          record=not args.no_record and not args.smoke)
     for t in map(int, args.lengths.split(",")):
         b = max(1, args.tokens // t)
         flops = 3.5 * 2 * b * args.heads * t * t * args.dim  # causal: half of 4·T²·D, fwd + 2.5x bwd
@@ -102,18 +107,16 @@ def main() -> None:
             try:
                 ms = timed(fn, args.smoke)
             except Exception as err:  # a failing kernel is a table row, not the end of the run
-                lines.append(f"| {name} | {t // 1024 or t}{'K' if t >= 1024 else ''} | failed: "
-                             f"{type(err).__name__}: {str(err).splitlines()[0][:60]} | | | |")
+                table.row(f"| {name} | {t // 1024 or t}{'K' if t >= 1024 else ''} | failed: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0][:60]} | | | |")
                 continue
             base = ms if base is None else base
             if name.startswith("flash (triton), causal") and full is None:
                 full = ms
             tflops = f"{flops / ms / 1e9:.0f}" if kind == "attn" else ""
             note = f"{base / ms:.2f}x" + (f" ({full / ms:.1f}x full)" if kind == "window" and full else "")
-            lines.append(f"| {name} | {t // 1024 if t >= 1024 else t}{'K' if t >= 1024 else ''} | {ms:.2f} | "
-                         f"{tflops} | {b * t / ms / 1e3:.2f} | {note} |")
-            print(lines[-1], flush=True)
-    publish("\n".join(lines) + "\n", record=not args.no_record and not args.smoke)
+            table.row(f"| {name} | {t // 1024 if t >= 1024 else t}{'K' if t >= 1024 else ''} | {ms:.2f} | "
+                      f"{tflops} | {b * t / ms / 1e3:.2f} | {note} |")
 
 
 if __name__ == "__main__":

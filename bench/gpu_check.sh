@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# The prepared GPU script (device tool).  Sections, default "kernels":
-#   kernels  (issue 4) the Triton kernels' correctness suite on CUDA (bf16 and fp32 vs the fp64 oracles), then
-#            bench/bench_kernels.py: fwd+bwd vs SDPA flash at B*T=64K, H=16, D=128, T in 4K/16K/64K
+# The prepared GPU script (device tool).  With no arguments it runs "smoke kernels e2e", sized to finish in under
+# 8 minutes on an H100/H200 from a cold start (every step has its own timeout; each row reaches bench/RESULTS.md as
+# soon as it is measured, so a timeout keeps what was done):
+#   smoke    (~30 s) bench/gpu_smoke.py: every Triton kernel in bf16 on CUDA vs the chunk path, fwd+bwd
+#   kernels  bench/bench_kernels.py: fwd+bwd of every op vs SDPA flash at 4K and 64K (B*T=64K, H=16, D=128, bf16;
+#            RAT as the layer calls it)
+#   e2e      bench/bench_e2e.py: dense_1b vs hybrid_1b tokens/s, MFU, peak memory at 32K and 128K (eager, bf16,
+#            activation checkpointing)
+# Other sections, by name:
+#   tests    the Triton kernels' correctness suite on CUDA (bf16 and fp32 vs the fp64 oracles)
 #   engines  (issue 7) torch DDP/FSDP2 vs DeepSpeed ZeRO-1/2/3 step time for hybrid_1b at 4K
 #   trainer  (issue 2) trainer overhead and data headroom, tiny and ~125M
 #   generation (issue 8) eval and cached-generation tokens/s per layer type, 1B-shaped models, 4K and 32K prompts
-# Tables are appended to bench/RESULTS.md (copied to $OUT when set).  `kernels` is sized for < 8 minutes.
+# Tables are appended to bench/RESULTS.md (copied to $OUT when set).
 # The GPU image lacks omegaconf/datasets/deepspeed: carry wheels in .whl/ (pip download ... -d .whl on this side).
 set -uo pipefail
 # Autotune among each kernel's lean configs only (kernels/triton_support.py): time goes to measuring, not compiling.
@@ -19,12 +26,22 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1
 nvidia-smi -L || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 status=0
-for section in "${@:-kernels}"; do
+[ $# -eq 0 ] && set -- smoke kernels e2e
+# Keep $OUT's copy of the results current: after every section, and on the way out (a kill of the whole script).
+save() { if [ -n "${OUT:-}" ]; then cp bench/RESULTS.md "$OUT/RESULTS.md"; fi; }
+trap save EXIT
+for section in "$@"; do
   case "$section" in
+    smoke)
+      timeout 90 python3 bench/gpu_smoke.py || status=1 ;;
     kernels)
+      timeout 150 python3 bench/bench_kernels.py --lengths 4096,65536 || status=1 ;;
+    e2e)
+      timeout 230 python3 bench/bench_e2e.py --configs dense_1b,hybrid_1b --lengths 32768,131072 --compile off \
+        --steps 3 --warmup 1 --time-limit 55 || status=1 ;;
+    tests)
       timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py tests/test_triton_linear.py \
-        tests/test_triton_rat.py || status=1
-      timeout 240 python3 bench/bench_kernels.py || status=1 ;;
+        tests/test_triton_rat.py tests/test_triton_compile.py || status=1 ;;
     engines)
       timeout 420 python3 bench/bench_engines.py --config configs/hybrid_1b.yaml --nproc 1 --steps 6 --warmup 3 \
         train.seq_len=4096 train.batch_size=1 || status=1 ;;
@@ -35,8 +52,9 @@ for section in "${@:-kernels}"; do
     generation)
       timeout 420 python3 bench/bench_eval.py --device cuda --d-model 2048 --n-layers 24 --heads 16 \
         --prompts 4096 32768 || status=1 ;;
-    *) echo "gpu_check.sh: unknown section '$section' (kernels, engines, trainer, generation)" >&2; status=2 ;;
+    *) echo "gpu_check.sh: unknown section '$section' (smoke, kernels, e2e, tests, engines, trainer, generation)" >&2
+       status=2 ;;
   esac
+  save
 done
-[ -n "${OUT:-}" ] && cp bench/RESULTS.md "$OUT/RESULTS.md"
 exit $status

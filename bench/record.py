@@ -27,3 +27,21 @@ def publish(table: str, record: bool) -> None:
     if record:
         with open(RESULTS, "a") as f:
             f.write("\n" + table)
+
+
+class StreamedTable:
+    """A table written to bench/RESULTS.md row by row as each is measured (and printed), so a run cut short by a
+    timeout keeps every row it finished."""
+
+    def __init__(self, heading: list[str], record: bool):
+        self.record = record
+        self._write("\n" + "\n".join(heading) + "\n")
+
+    def row(self, line: str) -> None:
+        self._write(line + "\n")
+
+    def _write(self, text: str) -> None:
+        print(text, end="", flush=True)
+        if self.record:
+            with open(RESULTS, "a") as f:
+                f.write(text)
