@@ -1,19 +1,25 @@
-"""Lightning attention in Triton, forward and backward.
+"""Lightning attention in Triton, chunk-parallel (the split of fla's `chunk_fwd_h` / `chunk_fwd_o`).
 
-Both directions are sequential scans over blocks of BT tokens.  A program owns one (batch, head) and a tile of BV
-value columns; it carries the BK x BV slice of the decayed k^T v state in registers (float32) from block to block:
+Tokens are cut into chunks of BT.  With lambda = exp(-s) per head, M_ij = lambda^(i-j) for j <= i inside a chunk,
+L_c the real tokens of chunk c and h_c the (DK x DV, fp32) state entering chunk c (h_0 = the initial state):
 
-    forward  (`_scan_kernel`):    O  = (Q K^T * M) V + lambda^(i+1) Q S;       S <- lambda^L S + (K lambda^(L-1-j))^T V
-    backward (`_reverse_kernel`): dV = (K Q^T * M^T) dO + lambda^(L-1-j) K G;  G <- lambda^L G + (Q lambda^(i+1))^T dO
+  states (sequential, `_states_kernel`):   h_{c+1} = lambda^(L_c) h_c + (K_c * lambda^(L_c-1-j))^T V_c
+  output (parallel over chunks):           O_c = (Q_c K_c^T * M) V_c + lambda^(i+1) Q_c h_c
 
-where M_ij = lambda^(i-j) for j <= i inside the block and L is the number of real tokens in it.  Every exponent is
-of a non-negative offset (exp(-s*n), n >= 0): the exp(+s*j) form overflows float32.
+Only the state recurrence walks the chunks in order (one small matmul per chunk, a program per (batch*head, value
+tile)); the outputs, and all of the backward's per-token work, run one program per chunk, so a long sequence
+fills the GPU even at batch 1.  The backward mirrors it:
 
-The backward reuses the two kernels with the roles of the tensors swapped, so there is no cross-program reduction:
-  dq = forward scan with (q, k, v, S0) -> (dO, v, k, S0^T)       (dq_i = sum_j lambda^(i-j) (dO_i . v_j) k_j + ...)
-  dv = reverse scan with (q, k, dO), G starting at dFinal; the G left after block 0 is d initial_state
-  dk = reverse scan with (dO, v, q), G starting at dFinal^T      (dk_j = sum_i lambda^(i-j) (v_j . dO_i) q_i + ...)
-The decay slopes are constants here (TNL uses fixed slopes); their gradient is not computed.
+  d states (sequential, reverse):  G_c = lambda^(L_c) G_{c+1} + (Q_c * lambda^(i+1))^T dO_c,  G_T = dFinal, G_0 = dS0
+  gradients (parallel):            dQ = (dO V^T * M) K + lambda^(i+1) dO h_c^T
+                                   dK = (dO V^T * M)^T Q + lambda^(L_c-1-j) V G_{c+1}^T
+                                   dV = (Q K^T * M)^T dO + lambda^(L_c-1-j) K G_{c+1}
+
+with the forward states recomputed rather than kept from the forward (fla does the same).  The states are
+accumulated in fp32 registers and stored in the inputs' dtype for the next dots: every product is one pass of
+bf16/fp16 tensor-core dots with fp32 accumulation (fp32 inputs: exact IEEE fp32 dots and fp32 states).  Every
+exponent is of a non-negative offset (exp(-s*n), n >= 0): the exp(+s*j) form overflows float32.  The decay slopes
+are constants here (TNL uses fixed slopes); their gradient is not computed.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import TRITON_DTYPES
-from kernels.triton_dots import dot, mm, round_to
+from kernels.triton_dots import dot, round_to
 from kernels.triton_support import (
     autotune,
     contiguous_last,
+    interpreting,
     kernel_op,
     output_buffer,
     padded_width,
@@ -34,188 +41,193 @@ from kernels.triton_support import (
     traceable,
 )
 
-# The first config is what the CPU interpreter runs: small tiles, so tiny test shapes still span several blocks and
-# several value tiles.  On a GPU the autotuner picks among all of them.
-_CONFIGS = [
-    triton.Config({"BT": 16, "BV": 16}, num_warps=4),
-    triton.Config({"BT": 32, "BV": 32}, num_warps=4),
-    triton.Config({"BT": 64, "BV": 32}, num_warps=4),
-    triton.Config({"BT": 64, "BV": 64}, num_warps=4),
-    triton.Config({"BT": 64, "BV": 64}, num_warps=8),
-    triton.Config({"BT": 128, "BV": 64}, num_warps=8),
+# Chunk length: 64 on a GPU (fla's choice: 64 x 64 score tiles on tensor cores); 16 under the interpreter, so tiny
+# test shapes span several chunks.
+CHUNK = 16 if interpreting() else 64
+# The state pass tiles both head dims (fla's chunk_fwd_h does too): the more (key tile, value tile) programs, the
+# more of the GPU the one sequential part fills at batch 1.  The first config is what the interpreter runs.
+_STATE_CONFIGS = [
+    triton.Config({"BK": 16, "BV": 16}, num_warps=4),
+    triton.Config({"BK": 64, "BV": 32}, num_warps=4),
+    triton.Config({"BK": 64, "BV": 64}, num_warps=4),
+    triton.Config({"BK": 32, "BV": 64}, num_warps=4),
+    triton.Config({"BK": 64, "BV": 64}, num_warps=8),
+]
+_OUT_CONFIGS = [
+    triton.Config({"BV": 16}, num_warps=4),
+    triton.Config({"BV": 32}, num_warps=4),
+    triton.Config({"BV": 64}, num_warps=4),
+    triton.Config({"BV": 128}, num_warps=8),
 ]
 
 
 def _prune_for_float32(configs, named_args, **kwargs):
-    """float32 inputs take IEEE float32 products (no tensor cores), whose operands are staged through shared memory:
-    compiled for sm_90 (d = 128), BT x BV = 64 x 32 needs 180 KB of it and 128 x 64 needs 426 KB, over the 227 KB
-    an H100 has.  Skip what cannot launch rather than compile it during autotuning."""
-    if named_args["q_ptr"].dtype != torch.float32:
+    """float32 inputs take IEEE fp32 dots (no tensor cores), staged through shared memory: keep the value tiles
+    small enough to fit an H100's 227 KB at d = 128 (bench/kernel_report.py)."""
+    if named_args["K"].dtype != torch.float32:
         return configs
-    return [c for c in configs if c.kwargs["BT"] * c.kwargs["BV"] <= 64 * 32]
+    return [c for c in configs if c.kwargs["BV"] <= 32] or configs[:1]
 
 
 _PRUNE = {"early_config_prune": _prune_for_float32}
-# HYLO_AUTOTUNE=lean: 32x32 w4 and 64x64 w8 spill least on sm_90 in bf16 (bench/kernel_report.py, d = 128).
-_LEAN = (1, 4)
+# HYLO_AUTOTUNE=lean: value tiles of 32 and 64 (bench/kernel_report.py, sm_90, bf16, d = 128).
+_LEAN = (1, 2)
 
 
-@autotune(configs=_CONFIGS, key=["DK", "DV"], prune_configs_by=_PRUNE, lean=_LEAN)
+@triton.jit
+def _rows(K, c, T, s_t, offs_k, mask_k, BT: tl.constexpr):
+    """Rows of chunk c of a (T, D) slice: the tile, and each row's validity."""
+    rows = c * BT + tl.arange(0, BT)
+    ok = rows < T
+    return tl.load(K + rows.to(tl.int64)[:, None] * s_t + offs_k[None, :], mask=ok[:, None] & mask_k[None, :],
+                   other=0.0), ok
+
+
+@autotune(configs=_STATE_CONFIGS, key=["DK", "DV", "REVERSE"], prune_configs_by=_PRUNE, lean=_LEAN)
 @triton.jit(do_not_specialize=["T"])
-def _scan_kernel(q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, s0_ptr, final_ptr,
-                 sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                 ss_bh, ss_r, ss_c, sf_bh, sf_r, sf_c,
-                 T, H, DK, DV,
-                 HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
-                 BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    """q, k (B, T, H, DK), v, o (B, T, H, DV) with unit stride in the last dim; the initial and final states
-    (B*H, DK, DV) are addressed by (per batch*head, row, column) strides, so a transposed state is swapped strides."""
-    DT = q_ptr.dtype.element_ty  # the inputs' dtype, for mm
+def _states_kernel(K, V, DECAY, INIT, STATES, FINAL,
+                   sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_bh, si_r, si_c,
+                   T, H, DK, DV,
+                   HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
+                   BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """The sequential part, one (key tile, value tile) of the state per program.  Forward: STATES[bh, c] = h_c
+    (before chunk c), then h <- lambda^L h + (K*w)^T V with
+    w_j = lambda^(L-1-j).  REVERSE (K = Q, V = dO): STATES[bh, c] = G_{c+1} (after chunk c), then
+    G <- lambda^L G + (Q*w)^T dO with w_i = lambda^(i+1).  STATES (B*H, NT, DK, DV) in the inputs' dtype; INIT and
+    FINAL (B*H, DK, DV) fp32, INIT addressed by strides (a transposed state is swapped strides)."""
     bh = tl.program_id(0)
-    iv = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    s = tl.load(decay_ptr + h).to(tl.float32)
-
-    rt = tl.arange(0, BT)
-    rk = tl.arange(0, BK)
-    rv = iv * BV + tl.arange(0, BV)
-    mk = rk < DK
-    mv = rv < DV
-    q_base = q_ptr + b * sqb + h * sqh
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
-    o_base = o_ptr + b * sob + h * soh
-    state_mask = mk[:, None] & mv[None, :]
-
+    b, h = (bh // H).to(tl.int64), bh % H
+    s = tl.load(DECAY + h).to(tl.float32)
+    offs_k, offs_v = tl.program_id(2) * BK + tl.arange(0, BK), tl.program_id(1) * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < DK, offs_v < DV
+    state_mask = mask_k[:, None] & mask_v[None, :]
     state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_INITIAL:
-        state = tl.load(s0_ptr + bh.to(tl.int64) * ss_bh + rk[:, None] * ss_r + rv[None, :] * ss_c,
+    if HAS_INIT:
+        state = tl.load(INIT + bh.to(tl.int64) * si_bh + offs_k[:, None] * si_r + offs_v[None, :] * si_c,
                         mask=state_mask, other=0.0).to(tl.float32)
-
-    # Decays that depend only on positions inside a block.  The clamp keeps masked-out exponents finite.
-    dist = rt[:, None] - rt[None, :]
-    intra = tl.where(dist >= 0, tl.exp(-s * tl.maximum(dist, 0).to(tl.float32)), 0.0)  # lambda^(i-j), j <= i
-    q_decay = tl.exp(-s * (rt + 1).to(tl.float32))  # lambda^(i+1): reading the state left by earlier blocks
-
-    for start in range(0, T, BT):
-        rows = start + rt
-        mt = rows < T
-        q = tl.load(q_base + rows[:, None].to(tl.int64) * sqt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        k = tl.load(k_base + rows[:, None].to(tl.int64) * skt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        v = tl.load(v_base + rows[:, None].to(tl.int64) * svt + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-
-        scores = dot(q, tl.trans(k)) * intra
-        o = mm(scores, v, DT)
-        o += mm(q, state, DT) * q_decay[:, None]
-        tl.store(o_base + rows[:, None].to(tl.int64) * sot + rv[None, :], round_to(o, o_ptr.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
-
-        # Decay each key to the block's last real token (padded keys are zero, so their clamped decay is moot).
-        n_valid = tl.minimum(T - start, BT)
-        k_decay = tl.exp(-s * tl.maximum(n_valid - 1 - rt, 0).to(tl.float32))
-        kv = mm(tl.trans(k * k_decay[:, None]), v, DT)
-        state = state * tl.exp(-s * n_valid.to(tl.float32)) + kv
-
-    if STORE_FINAL:
-        tl.store(final_ptr + bh.to(tl.int64) * sf_bh + rk[:, None] * sf_r + rv[None, :] * sf_c, state,
-                 mask=state_mask)
-
-
-@autotune(configs=_CONFIGS, key=["DK", "DV"], prune_configs_by=_PRUNE, lean=_LEAN)
-@triton.jit(do_not_specialize=["T"])
-def _reverse_kernel(q_ptr, k_ptr, do_ptr, dv_ptr, decay_ptr, dfinal_ptr, ds0_ptr,
-                    sqb, sqt, sqh, skb, skt, skh, sdob, sdot, sdoh, sdvb, sdvt, sdvh,
-                    sf_bh, sf_r, sf_c,
-                    T, H, DK, DV,
-                    HAS_DFINAL: tl.constexpr, STORE_DS0: tl.constexpr,
-                    BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    """dv_j = sum_{i>=j} lambda^(i-j) (k_j . q_i) dO_i + lambda^(T-1-j) k_j dFinal, scanning blocks last to first
-    and carrying G (DK x BV): the gradient reaching the state from every later query and from dFinal.  d initial
-    state (contiguous (B*H, DK, DV)) is the G left after the first block."""
-    DT = q_ptr.dtype.element_ty  # the inputs' dtype, for mm
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    s = tl.load(decay_ptr + h).to(tl.float32)
-
+    k_base, v_base = K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h
+    n_chunks = tl.cdiv(T, BT)
     rt = tl.arange(0, BT)
-    rk = tl.arange(0, BK)
-    rv = iv * BV + tl.arange(0, BV)
-    mk = rk < DK
-    mv = rv < DV
-    q_base = q_ptr + b * sqb + h * sqh
-    k_base = k_ptr + b * skb + h * skh
-    do_base = do_ptr + b * sdob + h * sdoh
-    dv_base = dv_ptr + b * sdvb + h * sdvh
-    state_mask = mk[:, None] & mv[None, :]
-
-    g = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DFINAL:
-        g = tl.load(dfinal_ptr + bh.to(tl.int64) * sf_bh + rk[:, None] * sf_r + rv[None, :] * sf_c,
-                    mask=state_mask, other=0.0).to(tl.float32)
-
-    # Rows are keys j, columns queries i: the transpose of the forward's mask.
-    dist = rt[None, :] - rt[:, None]
-    intra_t = tl.where(dist >= 0, tl.exp(-s * tl.maximum(dist, 0).to(tl.float32)), 0.0)
-    q_decay = tl.exp(-s * (rt + 1).to(tl.float32))
-
-    n_blocks = tl.cdiv(T, BT)
-    for n in range(0, n_blocks):
-        start = (n_blocks - 1 - n) * BT
-        rows = start + rt
-        mt = rows < T
-        q = tl.load(q_base + rows[:, None].to(tl.int64) * sqt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        k = tl.load(k_base + rows[:, None].to(tl.int64) * skt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        do = tl.load(do_base + rows[:, None].to(tl.int64) * sdot + rv[None, :], mask=mt[:, None] & mv[None, :],
-                     other=0.0)
-
-        scores_t = dot(k, tl.trans(q)) * intra_t
-        dv = mm(scores_t, do, DT)
-        n_valid = tl.minimum(T - start, BT)
-        k_decay = tl.exp(-s * tl.maximum(n_valid - 1 - rt, 0).to(tl.float32))  # lambda^(block end - j)
-        dv += mm(k, g, DT) * k_decay[:, None]
-        tl.store(dv_base + rows[:, None].to(tl.int64) * sdvt + rv[None, :], round_to(dv, dv_ptr.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
-
-        # G now covers this block's queries too, measured from the end of the previous block.
-        qd = mm(tl.trans(q * q_decay[:, None]), do, DT)
-        g = g * tl.exp(-s * n_valid.to(tl.float32)) + qd
-
-    if STORE_DS0:
-        tl.store(ds0_ptr + bh.to(tl.int64) * DK * DV + rk[:, None] * DV + rv[None, :], g, mask=state_mask)
+    for n in range(0, n_chunks):
+        c = n_chunks - 1 - n if REVERSE else n
+        slot = STATES + (bh.to(tl.int64) * n_chunks + c) * DK * DV
+        tl.store(slot + offs_k[:, None] * DV + offs_v[None, :], round_to(state, STATES.dtype.element_ty),
+                 mask=state_mask)
+        k, ok = _rows(k_base, c, T, sk_t, offs_k, mask_k, BT)
+        rows = c * BT + rt
+        v = tl.load(v_base + rows.to(tl.int64)[:, None] * sv_t + offs_v[None, :],
+                    mask=ok[:, None] & mask_v[None, :], other=0.0)
+        n_valid = tl.minimum(T - c * BT, BT)
+        if REVERSE:
+            w = tl.exp(-s * (rt + 1).to(tl.float32))
+        else:  # the clamp keeps padded rows' exponents finite (their keys are zero)
+            w = tl.exp(-s * tl.maximum(n_valid - 1 - rt, 0).to(tl.float32))
+        k = round_to(k * w[:, None], k.dtype)
+        state = state * tl.exp(-s * n_valid.to(tl.float32)) + dot(tl.trans(k), v)
+    if STORE_FINAL:
+        tl.store(FINAL + bh.to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], state, mask=state_mask)
 
 
-def _scan(q, k, v, out, decay, s0, s0_strides, final) -> None:
-    """out = the forward scan of (q, k, v) from state s0 (None: zero); final (or None) receives the last state."""
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
-    dummy = decay  # never read: the constexpr flags compile the accesses out
-    traceable(_scan_kernel)[lambda meta: (b * h, triton.cdiv(dv, meta["BV"]))](
-        q, k, v, out, decay, dummy if s0 is None else s0, dummy if final is None else final,
-        *strides3(q), *strides3(k), *strides3(v), *strides3(out), *s0_strides, *_state_strides(final),
-        t, h, dk, dv,
-        HAS_INITIAL=s0 is not None, STORE_FINAL=final is not None, BK=padded_width(dk))
+@autotune(configs=_OUT_CONFIGS, key=["DK", "DV"], prune_configs_by=_PRUNE, lean=_LEAN)
+@triton.jit(do_not_specialize=["T"])
+def _output_kernel(Q, K, V, O, DECAY, STATES,
+                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
+                   T, H, DK, DV,
+                   BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """One chunk, one value tile: O_c = (Q K^T * M) V + lambda^(i+1) Q h_c."""
+    bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    s = tl.load(DECAY + h).to(tl.float32)
+    offs_k, offs_v = tl.arange(0, BK), tl.program_id(2) * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < DK, offs_v < DV
+    rt = tl.arange(0, BT)
+    rows = c * BT + rt
+    q, ok = _rows(Q + b * sq_b + h * sq_h, c, T, sq_t, offs_k, mask_k, BT)
+    k, _ = _rows(K + b * sk_b + h * sk_h, c, T, sk_t, offs_k, mask_k, BT)
+    v = tl.load(V + b * sv_b + h * sv_h + rows.to(tl.int64)[:, None] * sv_t + offs_v[None, :],
+                mask=ok[:, None] & mask_v[None, :], other=0.0)
+    n_chunks = tl.cdiv(T, BT)
+    state = tl.load(STATES + (bh.to(tl.int64) * n_chunks + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :],
+                    mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+    dist = rt[:, None] - rt[None, :]
+    decay = tl.where(dist >= 0, tl.exp(-s * tl.maximum(dist, 0).to(tl.float32)), 0.0)
+    scores = round_to(dot(q, tl.trans(k)) * decay, q.dtype)
+    o = dot(scores, v) + dot(q, state) * tl.exp(-s * (rt + 1).to(tl.float32))[:, None]
+    tl.store(O + b * so_b + h * so_h + rows.to(tl.int64)[:, None] * so_t + offs_v[None, :],
+             round_to(o, O.dtype.element_ty), mask=ok[:, None] & mask_v[None, :])
 
 
-def _reverse(q, k, do, dv_out, decay, dfinal, dfinal_strides, ds0) -> None:
-    b, t, h, dk = q.shape
-    dv = do.shape[-1]
-    dummy = decay
-    traceable(_reverse_kernel)[lambda meta: (b * h, triton.cdiv(dv, meta["BV"]))](
-        q, k, do, dv_out, decay, dummy if dfinal is None else dfinal, dummy if ds0 is None else ds0,
-        *strides3(q), *strides3(k), *strides3(do), *strides3(dv_out), *dfinal_strides,
-        t, h, dk, dv,
-        HAS_DFINAL=dfinal is not None, STORE_DS0=ds0 is not None, BK=padded_width(dk))
+@triton.jit(do_not_specialize=["T"])
+def _grads_kernel(Q, K, V, DO, DECAY, STATES, DSTATES, DQ, DK_, DV_,
+                  sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, sx_b, sx_t, sx_h,
+                  sy_b, sy_t, sy_h, T, H, DK, DV,
+                  BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """One chunk: dQ, dK (sx_* strides) and dV (sy_*), from the chunk's tokens, the state entering it (STATES) and
+    the gradient of the state leaving it (DSTATES).  Whole head dims per program (BK, BV >= DK, DV)."""
+    bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    s = tl.load(DECAY + h).to(tl.float32)
+    offs_k, offs_v = tl.arange(0, BK), tl.arange(0, BV)
+    mask_k, mask_v = offs_k < DK, offs_v < DV
+    rt = tl.arange(0, BT)
+    q, ok = _rows(Q + b * sq_b + h * sq_h, c, T, sq_t, offs_k, mask_k, BT)
+    k, _ = _rows(K + b * sk_b + h * sk_h, c, T, sk_t, offs_k, mask_k, BT)
+    v, _ = _rows(V + b * sv_b + h * sv_h, c, T, sv_t, offs_v, mask_v, BT)
+    do, _ = _rows(DO + b * sdo_b + h * sdo_h, c, T, sdo_t, offs_v, mask_v, BT)
+    n_chunks = tl.cdiv(T, BT)
+    slot = (bh.to(tl.int64) * n_chunks + c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    state_mask = mask_k[:, None] & mask_v[None, :]
+    state = tl.load(STATES + slot, mask=state_mask, other=0.0)  # h_c
+    d_state = tl.load(DSTATES + slot, mask=state_mask, other=0.0)  # G_{c+1}
+
+    n_valid = tl.minimum(T - c * BT, BT)
+    dist = rt[:, None] - rt[None, :]
+    decay = tl.where(dist >= 0, tl.exp(-s * tl.maximum(dist, 0).to(tl.float32)), 0.0)  # M (queries x keys)
+    q_w = tl.exp(-s * (rt + 1).to(tl.float32))[:, None]  # lambda^(i+1)
+    k_w = tl.exp(-s * tl.maximum(n_valid - 1 - rt, 0).to(tl.float32))[:, None]  # lambda^(L-1-j)
+
+    ds = round_to(dot(do, tl.trans(v)) * decay, q.dtype)  # (dO V^T) * M
+    dq = dot(ds, k) + dot(do, tl.trans(state)) * q_w
+    dk = dot(tl.trans(ds), q) + dot(v, tl.trans(d_state)) * k_w
+    scores = round_to(dot(q, tl.trans(k)) * decay, q.dtype)  # (Q K^T) * M
+    dv = dot(tl.trans(scores), do) + dot(k, d_state) * k_w
+    rows = (c * BT + rt).to(tl.int64)[:, None]
+    tl.store(DQ + b * sx_b + h * sx_h + rows * sx_t + offs_k[None, :], round_to(dq, DQ.dtype.element_ty),
+             mask=ok[:, None] & mask_k[None, :])
+    tl.store(DK_ + b * sx_b + h * sx_h + rows * sx_t + offs_k[None, :], round_to(dk, DK_.dtype.element_ty),
+             mask=ok[:, None] & mask_k[None, :])
+    tl.store(DV_ + b * sy_b + h * sy_h + rows * sy_t + offs_v[None, :], round_to(dv, DV_.dtype.element_ty),
+             mask=ok[:, None] & mask_v[None, :])
 
 
+# ---------------------------------------------------------------------------------------------- launchers
 def _state_strides(x: torch.Tensor | None, transpose: bool = False) -> tuple[int, int, int]:
     """(per batch*head, row, column) strides of a contiguous (B, H, R, C) state, or of its transpose."""
     if x is None:
         return 0, 0, 0
     r, c = x.shape[-2:]
     return (r * c, 1, c) if transpose else (r * c, c, 1)
+
+
+def _state_pass(k, v, decay, init, init_strides, final, reverse: bool) -> torch.Tensor:
+    """Runs `_states_kernel`; returns the per-chunk states (B*H, NT, DK, DV) in k's dtype."""
+    b, t, h, dk = k.shape
+    dv = v.shape[-1]
+    states = output_buffer((b * h, triton.cdiv(t, CHUNK), dk, dv), k.dtype, k.device)
+    dummy = decay  # never read: the constexpr flags compile the accesses out
+    grid = lambda meta: (b * h, triton.cdiv(dv, meta["BV"]), triton.cdiv(dk, meta["BK"]))  # noqa: E731
+    traceable(_states_kernel)[grid](
+        k, v, decay, dummy if init is None else init, states, dummy if final is None else final,
+        *strides3(k), *strides3(v), *init_strides, t, h, dk, dv,
+        HAS_INIT=init is not None, STORE_FINAL=final is not None, REVERSE=reverse, BT=CHUNK)
+    return states
+
+
+def _prepare(q, k, v, decay, initial_state):
+    q, k, v = (contiguous_last(x) for x in (q, k, v))
+    decay = decay.to(device=q.device, dtype=torch.float32).contiguous()
+    s0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    return q, k, v, decay, s0
 
 
 # Registered with torch.library (hylo::lightning_forward / hylo::lightning_backward): one op each under
@@ -227,12 +239,13 @@ def _lightning_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay:
     """-> out (B, T, H, e), final state (B, H, d, e) fp32 (empty unless output_final_state)."""
     b, t, h, d = q.shape
     e = v.shape[-1]
-    q, k, v = (contiguous_last(x) for x in (q, k, v))
-    decay = decay.to(device=q.device, dtype=torch.float32).contiguous()
-    s0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
-    out = output_buffer((b, t, h, e), q.dtype, q.device)
+    q, k, v, decay, s0 = _prepare(q, k, v, decay, initial_state)
     final = output_buffer((b, h, d, e), torch.float32, q.device) if output_final_state else None
-    _scan(q, k, v, out, decay, s0, _state_strides(s0), final)
+    states = _state_pass(k, v, decay, s0, _state_strides(s0), final, reverse=False)
+    out = output_buffer((b, t, h, e), q.dtype, q.device)
+    traceable(_output_kernel)[lambda meta: (b * h, triton.cdiv(t, CHUNK), triton.cdiv(e, meta["BV"]))](
+        q, k, v, out, decay, states, *strides3(q), *strides3(k), *strides3(v), *strides3(out), t, h, d, e,
+        BK=padded_width(d), BT=CHUNK)
     return out, q.new_empty(0, dtype=torch.float32) if final is None else final
 
 
@@ -248,16 +261,19 @@ def _lightning_backward(d_out: torch.Tensor, d_final: torch.Tensor | None, q: to
                         v: torch.Tensor, decay: torch.Tensor, initial_state: torch.Tensor | None, want_ds0: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv, d initial_state (fp32; empty unless want_ds0)."""
-    q, k, v = (contiguous_last(x) for x in (q, k, v))
-    decay = decay.to(device=q.device, dtype=torch.float32).contiguous()
-    s0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    b, t, h, d = q.shape
+    e = v.shape[-1]
+    q, k, v, decay, s0 = _prepare(q, k, v, decay, initial_state)
     d_out = contiguous_last(d_out.to(q.dtype))
     d_final = None if d_final is None else d_final.to(torch.float32).contiguous()
+    ds0 = output_buffer((b, h, d, e), torch.float32, q.device) if want_ds0 and s0 is not None else None
+    states = _state_pass(k, v, decay, s0, _state_strides(s0), None, reverse=False)  # recomputed, not kept
+    d_states = _state_pass(q, d_out, decay, d_final, _state_strides(d_final), ds0, reverse=True)
     dq, dk, dv = (output_buffer(x.shape, x.dtype, x.device) for x in (q, k, v))
-    ds0 = output_buffer(s0.shape, torch.float32, q.device) if want_ds0 and s0 is not None else None
-    _scan(d_out, v, k, dq, decay, s0, _state_strides(s0, transpose=True), None)
-    _reverse(q, k, d_out, dv, decay, d_final, _state_strides(d_final), ds0)
-    _reverse(d_out, v, q, dk, decay, d_final, _state_strides(d_final, transpose=True), None)
+    traceable(_grads_kernel)[(b * h, triton.cdiv(t, CHUNK))](
+        q, k, v, d_out, decay, states, d_states, dq, dk, dv, *strides3(q), *strides3(k), *strides3(v),
+        *strides3(d_out), *strides3(dq), *strides3(dv), t, h, d, e,
+        BK=padded_width(d), BT=CHUNK, BV=padded_width(e), num_warps=4 if max(d, e) <= 64 else 8)
     return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if ds0 is None else ds0
 
 
