@@ -1,23 +1,24 @@
-"""BASED linear attention in Triton, forward and backward, with the Taylor features made on the fly in registers.
+"""BASED linear attention in Triton, chunk-parallel, with the Taylor features made in registers.
 
-phi(x) = [1, x c1, vec(x x^T) c2] (c1 = d^(-1/4), c2 = 1/(sqrt(2) sqrt(d))) has 1 + d + d^2 entries (273 for d = 16)
-and is never written to memory.  A program owns one (batch, head) and a tile of BV value columns and scans the
-sequence in blocks of BT tokens, carrying the state in registers (float32) in its three orders:
+phi(x) = [1, x c1, vec(x x^T) c2] (c1 = d^(-1/4), c2 = 1/(sqrt(2) sqrt(d))): 1 + d + d^2 features (273 for the
+layer's d = 16), never written to memory.  The second order is built as an outer product, x[:, :, None] *
+x[:, None, :] reshaped to (rows, 16 * 16) (fla's `fused_chunk_based` shape); its gradient is the two reductions of
+the (rows, 16, 16) weight against x: no dots, no re-loading.  Feature dims up to 16 (tiles padded to 16).
 
-    S0 (BV), S1 (BD x BV), S2 (BD*BD x BV)   numerator state, S_n = sum_j phi_n(k_j)^T v_j
-    z0 (),   z1 (BD),      z2 (BD*BD)        normaliser state, z_n = sum_j phi_n(k_j)
+As lightning attention does (kernels/lightning/triton.py), tokens are cut into chunks of BT and only the state
+recurrence is sequential; with S_c, z_c the numerator and normaliser states entering chunk c:
 
-Order 2 is a (BD*BD, BV) tile indexed by f = a*BD + b.  Its feature tile phi_2(x) (BT, BD*BD) comes from loading x
-twice with the column index repeated (x[:, f // BD] and x[:, f % BD]) and multiplying: no reshape needed.  Inside
-a block the quadratic kernel (1 + s + s^2/2, s = q.k/sqrt(d)) is applied directly, causally masked.
+  states (sequential, `_states_kernel`):  S_{c+1} = S_c + phi(K_c)^T V_c,   z_{c+1} = z_c + sum_j phi(k_j)
+  output (parallel over chunks):          n = (1 + s + s^2/2 masked) V + phi(Q) S_c,  m = rowsum(...) + phi(Q) z_c
+                                          y = n / (m + eps),   s = q.k / sqrt(d)
 
-Backward.  With y = n / m (numerator n, normaliser m incl. eps), the loss sees n and m only through
-g_t = dy_t / m_t and h_t = -(dy_t . y_t) / m_t, so it is the backward of two plain linear attentions (values v with
-upstream g, values 1 with upstream h).  `_dq_kernel` rescans forwards with the state; `_dkv_kernel` scans backwards
-carrying the state's gradient dS, dz (seeded with d final state; what is left after the first block is
-d initial state).  A program sees only BV of the value columns, and q.k-gradients contract over all of them, so dq
-and dk are written as per-tile partial sums (float32, d wide) and added up afterwards; dv needs no reduction.  The
-normaliser's terms (h, z) are added by the first value tile only.
+Backward.  The loss sees n and m only through g = dy / m and h = -(dy . y) / m, so it is the backward of two linear
+attentions (values v with upstream g, values 1 with upstream h): the gradients G_c, Gz_c of the state leaving each
+chunk come from the same state pass run in reverse over (phi(Q), g, h) from d final state (what it leaves after
+the first chunk is d initial state), and every chunk's dq, dk, dv is then computed in parallel.  States are summed
+in fp32 registers and stored in the inputs' dtype for the dots; every product is one pass of bf16/fp16
+tensor-core dots with fp32 accumulation (fp32 inputs: exact IEEE fp32).  States (B*H, F, E) are in
+taylor_features' order, interchangeable with the chunk path's.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import TRITON_DTYPES
-from kernels.triton_dots import dot, mm, round_to
+from kernels.triton_dots import dot, round_to
 from kernels.triton_support import (
     autotune,
     contiguous_last,
+    interpreting,
     kernel_op,
     output_buffer,
     padded_width,
@@ -38,337 +40,267 @@ from kernels.triton_support import (
     traceable,
 )
 
-# First config: what the CPU interpreter runs (small tiles, so tiny shapes span several blocks and value tiles).
-# The order-2 state is BD*BD x BV float32 (256 x BV for d = 16), which bounds the useful tile sizes.
-_CONFIGS = [
-    triton.Config({"BT": 16, "BV": 16}, num_warps=4),
-    triton.Config({"BT": 32, "BV": 16}, num_warps=4),
-    triton.Config({"BT": 32, "BV": 32}, num_warps=4),
-    triton.Config({"BT": 64, "BV": 32}, num_warps=8),
-    triton.Config({"BT": 32, "BV": 64}, num_warps=8),
-    triton.Config({"BT": 64, "BV": 64}, num_warps=8),
+MAX_FEATURE_DIM = 16
+BD = tl.constexpr(16)  # the feature dim's tile: d <= 16, padded (a dot's inner dim is at least 16)
+# Chunk length: 64 on a GPU; 16 under the interpreter, so tiny test shapes span several chunks.
+CHUNK = 16 if interpreting() else 64
+_CONFIGS = [  # value tiles; the first is what the interpreter runs (several value tiles in tests)
+    triton.Config({"BV": 16}, num_warps=4),
+    triton.Config({"BV": 32}, num_warps=4),
+    triton.Config({"BV": 64}, num_warps=8),
 ]
-_MIN_BV = min(c.kwargs["BV"] for c in _CONFIGS)  # partial-sum buffers hold one slot per possible value tile
 
 
 def _prune_for_float32(configs, named_args, **kwargs):
-    """float32 inputs take IEEE float32 products (no tensor cores), whose operands are staged through shared memory:
-    compiled for sm_90 (d = 16), only BT = BV = 16 fits an H100's 227 KB (190 KB; 32 x 16 needs 355 KB)."""
-    if named_args["q_ptr"].dtype != torch.float32:
+    """float32 inputs take IEEE fp32 dots (no tensor cores) staged through shared memory: keep value tiles of 16
+    (the order-2 state is 256 x BV)."""
+    if named_args["V"].dtype != torch.float32:
         return configs
-    return [c for c in configs if c.kwargs["BT"] * c.kwargs["BV"] <= 16 * 16]
+    return [c for c in configs if c.kwargs["BV"] <= 16]
 
 
 _PRUNE = {"early_config_prune": _prune_for_float32}
-# HYLO_AUTOTUNE=lean: 16x16 w4 and 32x64 w8 spill least on sm_90 in bf16 (bench/kernel_report.py); every config
-# spills today (the order-2 state in registers), which is issue 15's chunk-parallel rewrite.
-_LEAN = (0, 4)
+_LEAN = (1, 2)  # HYLO_AUTOTUNE=lean: value tiles of 32 and 64
 
 
 @triton.jit
-def _rows(base, rows, st, cols, mask):
-    """The tile base[rows, cols] (last dim unit stride) with zeros outside `mask`."""
-    return tl.load(base + rows[:, None].to(tl.int64) * st + cols[None, :], mask=mask, other=0.0)
+def _tile(base, rows, ok, s_t, n_cols, BC: tl.constexpr):
+    """base[rows, :n_cols] as a (len(rows), BC) tile, zero outside (unit stride along the columns)."""
+    cols = tl.arange(0, BC)
+    return tl.load(base + rows.to(tl.int64)[:, None] * s_t + cols[None, :], mask=ok[:, None] & (cols < n_cols)[None, :],
+                   other=0.0)
 
 
 @triton.jit
-def _pair_factors(base, rows, st, mt, D, BD: tl.constexpr):
-    """x[:, f // BD] and x[:, f % BD] as float32 (BT, BD*BD) tiles: their product is phi_2(x) / c2."""
+def _square(x, ROWS: tl.constexpr):
+    """vec(x x^T) per row: (ROWS, BD) -> (ROWS, BD*BD), feature a*BD + b = x_a x_b; an outer product in registers."""
+    return tl.reshape(x[:, :, None] * x[:, None, :], (ROWS, BD * BD))
+
+
+@triton.jit
+def _square_grad(w, x, ROWS: tl.constexpr):
+    """d/dx of sum_f w_f (x x^T)_f per row: sum_b w[a, b] x_b + sum_b w[b, a] x_b (two reductions, no dots)."""
+    w3 = tl.reshape(w, (ROWS, BD, BD))
+    return tl.sum(w3 * x[:, None, :], 2) + tl.sum(w3 * x[:, :, None], 1)
+
+
+@triton.jit
+def _order2_rows(D):
+    """Tile index a*BD + b of the second order -> state row 1 + D + a*D + b (taylor_features' order), and which
+    tile entries are real features (a, b < D)."""
     f = tl.arange(0, BD * BD)
-    fa = f // BD
-    fb = f % BD
-    mask = mt[:, None] & ((fa < D) & (fb < D))[None, :]
-    xa = _rows(base, rows, st, fa, mask).to(tl.float32)
-    xb = _rows(base, rows, st, fb, mask).to(tl.float32)
-    return xa, xb
+    a, b = f // BD, f % BD
+    return 1 + D + a * D + b, (a < D) & (b < D)
 
 
 @triton.jit
-def _pair_grad(w, xa, xb, D, BD: tl.constexpr):
-    """d/dx of sum_f w[:, f] x_a x_b (f = a*BD + b) -> (BT, BD): sum over f of w x_b into column a plus w x_a into
-    column b, done as products with 0/1 selection matrices (exact in float32)."""
-    f = tl.arange(0, BD * BD)
+def _load_state(S, Z, offset, offs_v, mask_v, D, E, LOAD_Z: tl.constexpr):
+    """The three orders of a (F, E) state at element offset `offset` (and of its (F,) normaliser at offset / E)."""
     rd = tl.arange(0, BD)
-    sel_a = ((f // BD)[:, None] == rd[None, :]).to(tl.float32)
-    sel_b = ((f % BD)[:, None] == rd[None, :]).to(tl.float32)
-    return dot(w * xb, sel_a) + dot(w * xa, sel_b)
+    r2, m2 = _order2_rows(D)
+    s0 = tl.load(S + offset + offs_v, mask=mask_v, other=0.0)
+    s1 = tl.load(S + offset + (1 + rd)[:, None] * E + offs_v[None, :], mask=(rd < D)[:, None] & mask_v[None, :],
+                 other=0.0)
+    s2 = tl.load(S + offset + r2[:, None] * E + offs_v[None, :], mask=m2[:, None] & mask_v[None, :], other=0.0)
+    z1 = tl.zeros([BD], dtype=tl.float32)
+    z2 = tl.zeros([BD * BD], dtype=tl.float32)
+    z0 = tl.sum(z1, 0)
+    if LOAD_Z:
+        z_offset = offset // E
+        z0 = tl.load(Z + z_offset).to(tl.float32)
+        z1 = tl.load(Z + z_offset + 1 + rd, mask=rd < D, other=0.0).to(tl.float32)
+        z2 = tl.load(Z + z_offset + r2, mask=m2, other=0.0).to(tl.float32)
+    return s0, s1, s2, z0, z1, z2
+
+
+@triton.jit
+def _store_state(S, Z, offset, offs_v, mask_v, s0, s1, s2, z0, z1, z2, D, E, STORE_Z):
+    rd = tl.arange(0, BD)
+    r2, m2 = _order2_rows(D)
+    DT = S.dtype.element_ty
+    tl.store(S + offset + offs_v, round_to(s0, DT), mask=mask_v)
+    tl.store(S + offset + (1 + rd)[:, None] * E + offs_v[None, :], round_to(s1, DT),
+             mask=(rd < D)[:, None] & mask_v[None, :])
+    tl.store(S + offset + r2[:, None] * E + offs_v[None, :], round_to(s2, DT), mask=m2[:, None] & mask_v[None, :])
+    # The normaliser does not depend on the value columns: one value tile (STORE_Z) writes it.
+    z_offset = offset // E
+    tl.store(Z + z_offset + tl.arange(0, 1), tl.zeros([1], dtype=tl.float32) + z0, mask=tl.arange(0, 1) < STORE_Z)
+    tl.store(Z + z_offset + 1 + rd, z1, mask=(rd < D) & ((rd * 0 + STORE_Z) > 0))
+    tl.store(Z + z_offset + r2, z2, mask=m2 & ((r2 * 0 + STORE_Z) > 0))
+
+
+@autotune(configs=_CONFIGS, key=["D", "E", "REVERSE"], prune_configs_by=_PRUNE, lean=_LEAN)
+@triton.jit(do_not_specialize=["T"])
+def _states_kernel(X, V, W, INIT_S, INIT_Z, STATES, NORMS, FINAL_S, FINAL_Z,
+                   sx_b, sx_t, sx_h, sv_b, sv_t, sv_h, T, H, D, E, c1, c2,
+                   HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
+                   BT: tl.constexpr, BV: tl.constexpr):
+    """The sequential part, one value tile of the state per program.  Forward (X = k, V = v, weights 1):
+    STATES[bh, c] = S_c, NORMS[bh, c] = z_c, then S += phi(K)^T V, z += sum phi(k).  REVERSE (X = q, V = g, W = h):
+    STATES[bh, c] = G_{c+1} (after chunk c), then G += phi(Q)^T g, Gz += phi(Q)^T h.  STATES (B*H, NT, F, E) in
+    V's dtype, NORMS (B*H, NT, F) fp32 (written by the first value tile); INIT/FINAL (B*H, F, E) and (B*H, F) fp32."""
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_v = tl.program_id(1) * BV + tl.arange(0, BV)
+    mask_v = offs_v < E
+    first_tile = (tl.program_id(1) == 0).to(tl.int32)
+    F = 1 + D + D * D
+    s0 = tl.zeros([BV], dtype=tl.float32)
+    s1 = tl.zeros([BD, BV], dtype=tl.float32)
+    s2 = tl.zeros([BD * BD, BV], dtype=tl.float32)
+    z1 = tl.zeros([BD], dtype=tl.float32)
+    z2 = tl.zeros([BD * BD], dtype=tl.float32)
+    z0 = tl.sum(z1, 0)  # a float32 scalar
+    if HAS_INIT:
+        s0, s1, s2, z0, z1, z2 = _load_state(INIT_S, INIT_Z, bh.to(tl.int64) * F * E, offs_v, mask_v, D, E, True)
+        s0, s1, s2 = s0.to(tl.float32), s1.to(tl.float32), s2.to(tl.float32)
+    x_base, v_base = X + b * sx_b + h * sx_h, V + b * sv_b + h * sv_h
+    n_chunks = tl.cdiv(T, BT)
+    for n in range(0, n_chunks):
+        c = n_chunks - 1 - n if REVERSE else n
+        _store_state(STATES, NORMS, (bh.to(tl.int64) * n_chunks + c) * F * E, offs_v, mask_v, s0, s1, s2, z0, z1,
+                     z2, D, E, first_tile)
+        rows = c * BT + tl.arange(0, BT)
+        ok = rows < T
+        x = _tile(x_base, rows, ok, sx_t, D, BD).to(tl.float32)
+        v = tl.load(v_base + rows.to(tl.int64)[:, None] * sv_t + offs_v[None, :], mask=ok[:, None] & mask_v[None, :],
+                    other=0.0)
+        if REVERSE:
+            w = tl.load(W + (b * H + h) * T + rows, mask=ok, other=0.0)
+        else:
+            w = ok.to(tl.float32)
+        x1 = x * c1
+        x2 = _square(x, BT) * c2
+        s0 += tl.sum(v.to(tl.float32), 0)
+        s1 += dot(tl.trans(round_to(x1, v.dtype)), v)
+        s2 += dot(tl.trans(round_to(x2, v.dtype)), v)
+        z0 += tl.sum(w, 0)
+        z1 += tl.sum(x1 * w[:, None], 0)
+        z2 += tl.sum(x2 * w[:, None], 0)
+    if STORE_FINAL:
+        _store_state(FINAL_S, FINAL_Z, bh.to(tl.int64) * F * E, offs_v, mask_v, s0, s1, s2, z0, z1, z2, D, E,
+                     first_tile)
 
 
 @autotune(configs=_CONFIGS, key=["D", "E"], prune_configs_by=_PRUNE, lean=_LEAN)
 @triton.jit(do_not_specialize=["T"])
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, s0_ptr, z0_ptr, s_out_ptr, z_out_ptr,
-                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                T, H, D, E, c1, c2, eps,
-                HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
-                BD: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    """o = (numerator / normaliser) for this value tile; den (B, T, H) float32 gets the normaliser (first tile).
-    States are contiguous (B, H, F, E) and (B, H, F), F = 1 + D + D^2, in taylor_features' order."""
-    DT = q_ptr.dtype.element_ty  # the inputs' dtype, for mm
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    first = iv == 0  # the normaliser (independent of the value columns) is stored by the first value tile
-    F = 1 + D + D * D
-
+def _output_kernel(Q, K, V, O, DEN, STATES, NORMS,
+                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
+                   T, H, D, E, c1, c2, eps, BT: tl.constexpr, BV: tl.constexpr):
+    """One chunk, one value tile: y = n / m; DEN (B, H, T) fp32 gets m = normaliser + eps (first value tile)."""
+    bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    mask_v = offs_v < E
     rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
-    rv = iv * BV + tl.arange(0, BV)
-    f = tl.arange(0, BD * BD)
-    md = rd < D
-    mv = rv < E
-    mf = ((f // BD) < D) & ((f % BD) < D)
-    row1 = 1 + rd  # rows of the order-1 and order-2 features in a (F, E) state
-    row2 = 1 + D + (f // BD) * D + (f % BD)
-    q_base = q_ptr + b * sqb + h * sqh
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
-    o_base = o_ptr + b * sob + h * soh
-    s_base = bh.to(tl.int64) * F * E
-    z_base = bh.to(tl.int64) * F
-
-    s0 = tl.zeros([BV], dtype=tl.float32)
-    s1 = tl.zeros([BD, BV], dtype=tl.float32)
-    s2 = tl.zeros([BD * BD, BV], dtype=tl.float32)
-    z0 = 0.0
-    z1 = tl.zeros([BD], dtype=tl.float32)
-    z2 = tl.zeros([BD * BD], dtype=tl.float32)
-    if HAS_INITIAL:
-        s0 = tl.load(s0_ptr + s_base + rv, mask=mv, other=0.0)
-        s1 = tl.load(s0_ptr + s_base + row1[:, None] * E + rv[None, :], mask=md[:, None] & mv[None, :], other=0.0)
-        s2 = tl.load(s0_ptr + s_base + row2[:, None] * E + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
-        z0 = tl.load(z0_ptr + z_base)
-        z1 = tl.load(z0_ptr + z_base + row1, mask=md, other=0.0)
-        z2 = tl.load(z0_ptr + z_base + row2, mask=mf, other=0.0)
-
-    causal = rt[:, None] >= rt[None, :]
-    for start in range(0, T, BT):
-        rows = start + rt
-        mt = rows < T
-        q = _rows(q_base, rows, sqt, rd, mt[:, None] & md[None, :])
-        k = _rows(k_base, rows, skt, rd, mt[:, None] & md[None, :])
-        v = _rows(v_base, rows, svt, rv, mt[:, None] & mv[None, :])
-        qa, qb = _pair_factors(q_base, rows, sqt, mt, D, BD)
-        ka, kb = _pair_factors(k_base, rows, skt, mt, D, BD)
-        q2 = qa * qb
-        k2 = ka * kb
-
-        # Inside the block: the kernel itself.  Padded keys sit above the diagonal of every real query.
-        s = dot(q, tl.trans(k)) * (c1 * c1)
-        kern = tl.where(causal, 1.0 + s + 0.5 * s * s, 0.0)
-        num = mm(kern, v, DT)
-        den = tl.sum(kern, axis=1)
-        # Earlier blocks: phi(q) against the carried state.
-        num += s0[None, :]
-        num += mm(q, s1, DT) * c1
-        num += mm(q2, s2, DT) * c2
-        den += z0 + tl.sum(q.to(tl.float32) * z1[None, :], axis=1) * c1 + tl.sum(q2 * z2[None, :], axis=1) * c2
-        den += eps
-        y = num / den[:, None]
-        tl.store(o_base + rows[:, None].to(tl.int64) * sot + rv[None, :], round_to(y, o_ptr.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
-        tl.store(den_ptr + (b * T + rows) * H + h, den, mask=rows < tl.where(first, T, 0))
-
-        # Add this block's keys to the state; padded keys have phi = (1, 0, 0): count only real ones in z0.
-        s0 += tl.sum(v.to(tl.float32), axis=0)
-        s1 += dot(tl.trans(k), v) * c1
-        s2 += mm(tl.trans(k2), v, DT) * c2
-        z0 += tl.minimum(T - start, BT).to(tl.float32)
-        z1 += tl.sum(k.to(tl.float32), axis=0) * c1
-        z2 += tl.sum(k2, axis=0) * c2
-
-    if STORE_FINAL:
-        tl.store(s_out_ptr + s_base + rv, s0, mask=mv)
-        tl.store(s_out_ptr + s_base + row1[:, None] * E + rv[None, :], s1, mask=md[:, None] & mv[None, :])
-        tl.store(s_out_ptr + s_base + row2[:, None] * E + rv[None, :], s2, mask=mf[:, None] & mv[None, :])
-        tl.store(z_out_ptr + z_base, z0, mask=first)
-        tl.store(z_out_ptr + z_base + row1, z1, mask=rd < tl.where(first, D, 0))
-        tl.store(z_out_ptr + z_base + row2, z2, mask=mf & (f < tl.where(first, BD * BD, 0)))
+    rows = c * BT + rt
+    ok = rows < T
+    q = _tile(Q + b * sq_b + h * sq_h, rows, ok, sq_t, D, BD)
+    k = _tile(K + b * sk_b + h * sk_h, rows, ok, sk_t, D, BD)
+    v = tl.load(V + b * sv_b + h * sv_h + rows.to(tl.int64)[:, None] * sv_t + offs_v[None, :],
+                mask=ok[:, None] & mask_v[None, :], other=0.0)
+    # Inside the chunk: the quadratic kernel, causal.
+    s = dot(q, tl.trans(k)) * (c1 * c1)
+    visible = (rt[None, :] <= rt[:, None]) & ok[None, :]
+    kern = tl.where(visible, 1.0 + s + 0.5 * s * s, 0.0)
+    num = dot(round_to(kern, v.dtype), v)
+    den = tl.sum(kern, 1)
+    # Earlier chunks, through the state entering this one.
+    n_chunks = tl.cdiv(T, BT)
+    F = 1 + D + D * D
+    s0, s1, s2, z0, z1, z2 = _load_state(STATES, NORMS, (bh.to(tl.int64) * n_chunks + c) * F * E, offs_v, mask_v,
+                                         D, E, True)
+    q1 = q.to(tl.float32) * c1
+    q2 = _square(q.to(tl.float32), BT) * c2
+    num += s0.to(tl.float32)[None, :] + dot(round_to(q1, v.dtype), s1) + dot(round_to(q2, v.dtype), s2)
+    den += z0 + tl.sum(q1 * z1[None, :], 1) + tl.sum(q2 * z2[None, :], 1)
+    m = den + eps
+    tl.store(O + b * so_b + h * so_h + rows.to(tl.int64)[:, None] * so_t + offs_v[None, :],
+             round_to(num / m[:, None], O.dtype.element_ty), mask=ok[:, None] & mask_v[None, :])
+    tl.store(DEN + (b * H + h) * T + rows, m, mask=rows < tl.where(tl.program_id(2) == 0, T, 0))
 
 
-@autotune(configs=_CONFIGS, key=["D", "E"], prune_configs_by=_PRUNE, lean=_LEAN, reset_to_zero=["dq_ptr"])
 @triton.jit(do_not_specialize=["T"])
-def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, hn_ptr, s0_ptr, z0_ptr, dq_ptr,
-               sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
-               slot, T, H, D, E, c1, c2,
-               HAS_INITIAL: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    """dq's share from this value tile -> dq_ptr[iv] ((n_slots, B, T, H, D) float32, zeroed).  Rescans the state as
-    the forward does; dq_t = sum_{j<=t} (1 + s_tj) (g_t . v_j + h_t) k_j / sqrt(d)  +  J_phi(q_t)^T (S g_t + z h_t)."""
-    DT = q_ptr.dtype.element_ty  # the inputs' dtype, for mm
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    w = (iv == 0).to(tl.float32)  # the normaliser's terms belong to the first value tile only
-    F = 1 + D + D * D
-
+def _grads_kernel(Q, K, V, G, HN, STATES, NORMS, DSTATES, DNORMS, DQ, DK_, DV_,
+                  sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sg_b, sg_t, sg_h, sx_b, sx_t, sx_h,
+                  sy_b, sy_t, sy_h, T, H, D, E, c1, c2, BT: tl.constexpr, BE: tl.constexpr):
+    """One chunk: dq, dk (sx_* strides), dv (sy_*) from g = dy/m, h = -(dy . y)/m (HN, (B, H, T)), the state
+    entering the chunk (STATES, NORMS) and the gradient of the state leaving it (DSTATES, DNORMS).  Whole value
+    dim per program (BE >= E)."""
+    bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_e = tl.arange(0, BE)
+    mask_e = offs_e < E
     rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
-    rv = iv * BV + tl.arange(0, BV)
-    f = tl.arange(0, BD * BD)
-    md = rd < D
-    mv = rv < E
-    mf = ((f // BD) < D) & ((f % BD) < D)
-    row1 = 1 + rd
-    row2 = 1 + D + (f // BD) * D + (f % BD)
-    q_base = q_ptr + b * sqb + h * sqh
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
-    do_base = do_ptr + b * sdb + h * sdh
-    dq_base = dq_ptr + iv.to(tl.int64) * slot + b * T * H * D + h * D
-    s_base = bh.to(tl.int64) * F * E
-    z_base = bh.to(tl.int64) * F
+    rows = c * BT + rt
+    ok = rows < T
+    q = _tile(Q + b * sq_b + h * sq_h, rows, ok, sq_t, D, BD)
+    k = _tile(K + b * sk_b + h * sk_h, rows, ok, sk_t, D, BD)
+    v = _tile(V + b * sv_b + h * sv_h, rows, ok, sv_t, E, BE)
+    g = _tile(G + b * sg_b + h * sg_h, rows, ok, sg_t, E, BE)
+    hn = tl.load(HN + (b * H + h) * T + rows, mask=ok, other=0.0)
+    DT = v.dtype
 
-    s1 = tl.zeros([BD, BV], dtype=tl.float32)
-    s2 = tl.zeros([BD * BD, BV], dtype=tl.float32)
-    z1 = tl.zeros([BD], dtype=tl.float32)
-    z2 = tl.zeros([BD * BD], dtype=tl.float32)
-    if HAS_INITIAL:  # the order-0 state has no q-gradient
-        s1 = tl.load(s0_ptr + s_base + row1[:, None] * E + rv[None, :], mask=md[:, None] & mv[None, :], other=0.0)
-        s2 = tl.load(s0_ptr + s_base + row2[:, None] * E + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
-        z1 = tl.load(z0_ptr + z_base + row1, mask=md, other=0.0)
-        z2 = tl.load(z0_ptr + z_base + row2, mask=mf, other=0.0)
+    # Inside the chunk: y's numerator and normaliser through the quadratic kernel K(s) = 1 + s + s^2/2.
+    s = dot(q, tl.trans(k)) * (c1 * c1)
+    visible = (rt[None, :] <= rt[:, None]) & ok[None, :] & ok[:, None]
+    kern = tl.where(visible, 1.0 + s + 0.5 * s * s, 0.0)
+    d_kern = tl.where(visible, dot(g, tl.trans(v)) + hn[:, None], 0.0)
+    d_s = round_to(d_kern * (1.0 + s) * (c1 * c1), DT)
+    dq = dot(d_s, k)
+    dk = dot(tl.trans(d_s), q)
+    dv = dot(tl.trans(round_to(kern, DT)), g)
 
-    causal = rt[:, None] >= rt[None, :]
-    for start in range(0, T, BT):
-        rows = start + rt
-        mt = rows < T
-        q = _rows(q_base, rows, sqt, rd, mt[:, None] & md[None, :])
-        k = _rows(k_base, rows, skt, rd, mt[:, None] & md[None, :])
-        v = _rows(v_base, rows, svt, rv, mt[:, None] & mv[None, :])
-        do = _rows(do_base, rows, sdt, rv, mt[:, None] & mv[None, :])
-        den = tl.load(den_ptr + (b * T + rows) * H + h, mask=mt, other=1.0)
-        hn = tl.load(hn_ptr + (b * T + rows) * H + h, mask=mt, other=0.0) * w
-        g = do.to(tl.float32) / den[:, None]
-        qa, qb = _pair_factors(q_base, rows, sqt, mt, D, BD)
-        ka, kb = _pair_factors(k_base, rows, skt, mt, D, BD)
-
-        # Inside the block: d kernel / d s = 1 + s.
-        s = dot(q, tl.trans(k)) * (c1 * c1)
-        gv = mm(g, tl.trans(v), DT)
-        p = tl.where(causal, (1.0 + s) * (gv + hn[:, None]), 0.0)
-        dq = mm(p, k, DT) * (c1 * c1)
-        # Earlier blocks: d phi(q) = S g + z h, order by order, then through phi's Jacobian.
-        dphi1 = mm(g, tl.trans(s1), DT) + hn[:, None] * z1[None, :]
-        dq += dphi1 * c1
-        dphi2 = mm(g, tl.trans(s2), DT) + hn[:, None] * z2[None, :]
-        dq += _pair_grad(dphi2, qa, qb, D, BD) * c2
-        tl.store(dq_base + rows[:, None].to(tl.int64) * H * D + rd[None, :], dq, mask=mt[:, None] & md[None, :])
-
-        k2 = ka * kb
-        s1 += dot(tl.trans(k), v) * c1
-        s2 += mm(tl.trans(k2), v, DT) * c2
-        z1 += tl.sum(k.to(tl.float32), axis=0) * c1
-        z2 += tl.sum(k2, axis=0) * c2
-
-
-@autotune(configs=_CONFIGS, key=["D", "E"], prune_configs_by=_PRUNE, lean=_LEAN, reset_to_zero=["dk_ptr"])
-@triton.jit(do_not_specialize=["T"])
-def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, hn_ptr, dsf_ptr, dzf_ptr, dv_ptr, dk_ptr, ds0_ptr, dz0_ptr,
-                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, svgb, svgt, svgh,
-                slot, T, H, D, E, c1, c2,
-                HAS_DFINAL: tl.constexpr, STORE_DS0: tl.constexpr,
-                BD: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    """dv (this value tile, final) and dk's share (-> dk_ptr[iv], like dq), scanning blocks last to first with the
-    state's gradient dS = dS_final + sum_{later t} phi(q_t)^T g_t, dz likewise with h.  Left after the first block,
-    dS, dz are the initial state's gradient (-> ds0_ptr, dz0_ptr when STORE_DS0)."""
-    DT = q_ptr.dtype.element_ty  # the inputs' dtype, for mm
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    first = iv == 0
-    w = first.to(tl.float32)
+    n_chunks = tl.cdiv(T, BT)
     F = 1 + D + D * D
+    offset = (bh.to(tl.int64) * n_chunks + c) * F * E
+    qf, kf = q.to(tl.float32), k.to(tl.float32)
+    # Queries against the state entering the chunk: d phi(q) = S g + z h.
+    _, s1, s2, _, z1, z2 = _load_state(STATES, NORMS, offset, offs_e, mask_e, D, E, True)
+    d_phi1 = dot(g, tl.trans(s1)) + hn[:, None] * z1[None, :]
+    d_phi2 = dot(g, tl.trans(s2)) + hn[:, None] * z2[None, :]
+    dq += c1 * d_phi1 + c2 * _square_grad(d_phi2, qf, BT)
+    # Keys (and values) into the state leaving it: d phi(k) = G v + Gz, dv += phi(k) G.
+    g0, g1, g2, _, gz1, gz2 = _load_state(DSTATES, DNORMS, offset, offs_e, mask_e, D, E, True)
+    d_phi1 = dot(v, tl.trans(g1)) + gz1[None, :]
+    d_phi2 = dot(v, tl.trans(g2)) + gz2[None, :]
+    dk += tl.where(ok[:, None], c1 * d_phi1 + c2 * _square_grad(d_phi2, kf, BT), 0.0)
+    dv += g0.to(tl.float32)[None, :] + dot(round_to(kf * c1, DT), g1) + dot(round_to(_square(kf, BT) * c2, DT), g2)
 
-    rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
-    rv = iv * BV + tl.arange(0, BV)
-    f = tl.arange(0, BD * BD)
-    md = rd < D
-    mv = rv < E
-    mf = ((f // BD) < D) & ((f % BD) < D)
-    row1 = 1 + rd
-    row2 = 1 + D + (f // BD) * D + (f % BD)
-    q_base = q_ptr + b * sqb + h * sqh
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
-    do_base = do_ptr + b * sdb + h * sdh
-    dv_base = dv_ptr + b * svgb + h * svgh
-    dk_base = dk_ptr + iv.to(tl.int64) * slot + b * T * H * D + h * D
-    s_base = bh.to(tl.int64) * F * E
-    z_base = bh.to(tl.int64) * F
-
-    ds0 = tl.zeros([BV], dtype=tl.float32)
-    ds1 = tl.zeros([BD, BV], dtype=tl.float32)
-    ds2 = tl.zeros([BD * BD, BV], dtype=tl.float32)
-    dz0 = 0.0
-    dz1 = tl.zeros([BD], dtype=tl.float32)
-    dz2 = tl.zeros([BD * BD], dtype=tl.float32)
-    if HAS_DFINAL:
-        ds0 = tl.load(dsf_ptr + s_base + rv, mask=mv, other=0.0)
-        ds1 = tl.load(dsf_ptr + s_base + row1[:, None] * E + rv[None, :], mask=md[:, None] & mv[None, :], other=0.0)
-        ds2 = tl.load(dsf_ptr + s_base + row2[:, None] * E + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
-        dz0 = tl.load(dzf_ptr + z_base)
-        dz1 = tl.load(dzf_ptr + z_base + row1, mask=md, other=0.0)
-        dz2 = tl.load(dzf_ptr + z_base + row2, mask=mf, other=0.0)
-
-    causal_t = rt[None, :] >= rt[:, None]  # rows are keys j, columns queries t >= j
-    n_blocks = tl.cdiv(T, BT)
-    for n in range(0, n_blocks):
-        rows = (n_blocks - 1 - n) * BT + rt
-        mt = rows < T
-        q = _rows(q_base, rows, sqt, rd, mt[:, None] & md[None, :])
-        k = _rows(k_base, rows, skt, rd, mt[:, None] & md[None, :])
-        v = _rows(v_base, rows, svt, rv, mt[:, None] & mv[None, :])
-        do = _rows(do_base, rows, sdt, rv, mt[:, None] & mv[None, :])
-        den = tl.load(den_ptr + (b * T + rows) * H + h, mask=mt, other=1.0)
-        hn = tl.load(hn_ptr + (b * T + rows) * H + h, mask=mt, other=0.0)  # padded queries: g = h = 0
-        g = do.to(tl.float32) / den[:, None]
-        qa, qb = _pair_factors(q_base, rows, sqt, mt, D, BD)
-        ka, kb = _pair_factors(k_base, rows, skt, mt, D, BD)
-        k2 = ka * kb
-
-        # Inside the block, transposed: kernel(t, j) and its s-derivative for key rows j.
-        s_t = dot(k, tl.trans(q)) * (c1 * c1)
-        kern_t = tl.where(causal_t, 1.0 + s_t + 0.5 * s_t * s_t, 0.0)
-        dv = mm(kern_t, g, DT)
-        vg = mm(v, tl.trans(g), DT)
-        p_t = tl.where(causal_t, (1.0 + s_t) * (vg + w * hn[None, :]), 0.0)
-        dk = mm(p_t, q, DT) * (c1 * c1)
-        # Later blocks and the final state, through the state gradient: dv_j = phi(k_j) dS,
-        # d phi(k_j) = dS v_j + dz (the dz part once, in the first value tile).
-        dv += ds0[None, :]
-        dv += mm(k, ds1, DT) * c1
-        dv += mm(k2, ds2, DT) * c2
-        tl.store(dv_base + rows[:, None].to(tl.int64) * svgt + rv[None, :], round_to(dv, dv_ptr.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
-        dphi1 = mm(v, tl.trans(ds1), DT) + w * dz1[None, :]
-        dk += dphi1 * c1
-        dphi2 = mm(v, tl.trans(ds2), DT) + w * dz2[None, :]
-        dk += _pair_grad(dphi2, ka, kb, D, BD) * c2
-        tl.store(dk_base + rows[:, None].to(tl.int64) * H * D + rd[None, :], dk, mask=mt[:, None] & md[None, :])
-
-        # This block's queries now count as "later" for the blocks before it.
-        q2 = qa * qb
-        ds0 += tl.sum(g, axis=0)
-        ds1 += mm(tl.trans(q), g, DT) * c1
-        ds2 += mm(tl.trans(q2), g, DT) * c2
-        dz0 += tl.sum(hn, axis=0)
-        dz1 += tl.sum(q.to(tl.float32) * hn[:, None], axis=0) * c1
-        dz2 += tl.sum(q2 * hn[:, None], axis=0) * c2
-
-    if STORE_DS0:
-        tl.store(ds0_ptr + s_base + rv, ds0, mask=mv)
-        tl.store(ds0_ptr + s_base + row1[:, None] * E + rv[None, :], ds1, mask=md[:, None] & mv[None, :])
-        tl.store(ds0_ptr + s_base + row2[:, None] * E + rv[None, :], ds2, mask=mf[:, None] & mv[None, :])
-        tl.store(dz0_ptr + z_base, dz0, mask=first)
-        tl.store(dz0_ptr + z_base + row1, dz1, mask=rd < tl.where(first, D, 0))
-        tl.store(dz0_ptr + z_base + row2, dz2, mask=mf & (f < tl.where(first, BD * BD, 0)))
+    r = rows.to(tl.int64)[:, None]
+    cols = tl.arange(0, BD)
+    mask_d = ok[:, None] & (cols < D)[None, :]
+    tl.store(DQ + b * sx_b + h * sx_h + r * sx_t + cols[None, :], round_to(dq, DQ.dtype.element_ty), mask=mask_d)
+    tl.store(DK_ + b * sx_b + h * sx_h + r * sx_t + cols[None, :], round_to(dk, DK_.dtype.element_ty), mask=mask_d)
+    tl.store(DV_ + b * sy_b + h * sy_h + r * sy_t + offs_e[None, :], round_to(dv, DV_.dtype.element_ty),
+             mask=ok[:, None] & mask_e[None, :])
 
 
-def _grid(b: int, h: int, e: int):
-    return lambda meta: (b * h, triton.cdiv(e, meta["BV"]))
+# ---------------------------------------------------------------------------------------------- launchers
+def _constants(d: int) -> tuple[float, float]:
+    return d ** -0.25, 1 / (2 ** 0.5 * d ** 0.5)
+
+
+def _state_pass(x, v, w, init, final, reverse: bool):
+    """Runs `_states_kernel`; returns the per-chunk states (B*H, NT, F, E) in v's dtype and normalisers
+    (B*H, NT, F) fp32."""
+    b, t, h, d = x.shape
+    e = v.shape[-1]
+    n_chunks, n_feat = triton.cdiv(t, CHUNK), 1 + d + d * d
+    states = output_buffer((b * h, n_chunks, n_feat, e), v.dtype, v.device)
+    norms = output_buffer((b * h, n_chunks, n_feat), torch.float32, v.device)
+    dummy = norms  # never read or written: the constexpr flags compile those accesses out
+    init_s, init_z = (dummy, dummy) if init is None else init
+    final_s, final_z = (dummy, dummy) if final is None else final
+    traceable(_states_kernel)[lambda meta: (b * h, triton.cdiv(e, meta["BV"]))](
+        x, v, dummy if w is None else w, init_s, init_z, states, norms, final_s, final_z,
+        *strides3(x), *strides3(v), t, h, d, e, *_constants(d),
+        HAS_INIT=init is not None, STORE_FINAL=final is not None, REVERSE=reverse, BT=CHUNK)
+    return states, norms
+
+
+def _fp32_state(s, z):
+    return None if s is None else (s.to(torch.float32).contiguous(), z.to(torch.float32).contiguous())
 
 
 # Registered with torch.library (hylo::based_forward / hylo::based_backward): one op each under
@@ -377,29 +309,25 @@ def _grid(b: int, h: int, e: int):
 def _based_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s0: torch.Tensor | None,
                    z0: torch.Tensor | None, eps: float, output_final_state: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> out (B, T, H, e), the normaliser den (B, T, H) fp32 (saved for backward), and the final S, z (fp32;
+    """-> out (B, T, H, e), m = normaliser + eps (B, H, T) fp32 (saved for backward), and the final S, z (fp32;
     empty unless output_final_state)."""
     b, t, h, d = q.shape
     e = v.shape[-1]
     n_feat = 1 + d + d * d
     q, k, v = (contiguous_last(x) for x in (q, k, v))
-    has_initial = s0 is not None
-    if has_initial:
-        s0, z0 = (x.to(torch.float32).contiguous() for x in (s0, z0))
+    final = None
+    if output_final_state:
+        final = (output_buffer((b, h, n_feat, e), torch.float32, q.device),
+                 output_buffer((b, h, n_feat), torch.float32, q.device))
+    states, norms = _state_pass(k, v, None, _fp32_state(s0, z0), final, reverse=False)
     out = output_buffer((b, t, h, e), q.dtype, q.device)
-    den = output_buffer((b, t, h), torch.float32, q.device)
-    s_out = output_buffer((b, h, n_feat, e), torch.float32, q.device) if output_final_state else None
-    z_out = output_buffer((b, h, n_feat), torch.float32, q.device) if output_final_state else None
-    dummy = den  # never read or written: the constexpr flags compile those accesses out
-    traceable(_fwd_kernel)[_grid(b, h, e)](
-        q, k, v, out, den, s0 if has_initial else dummy, z0 if has_initial else dummy,
-        dummy if s_out is None else s_out, dummy if z_out is None else z_out,
-        *strides3(q), *strides3(k), *strides3(v), *strides3(out),
-        t, h, d, e, d ** -0.25, 1 / (2 ** 0.5 * d ** 0.5), eps,
-        HAS_INITIAL=has_initial, STORE_FINAL=output_final_state, BD=padded_width(d))
-    if s_out is None:  # two distinct empty tensors: an op's outputs may not alias each other
-        s_out, z_out = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
-    return out, den, s_out, z_out
+    den = output_buffer((b, h, t), torch.float32, q.device)
+    traceable(_output_kernel)[lambda meta: (b * h, triton.cdiv(t, CHUNK), triton.cdiv(e, meta["BV"]))](
+        q, k, v, out, den, states, norms, *strides3(q), *strides3(k), *strides3(v), *strides3(out),
+        t, h, d, e, *_constants(d), eps, BT=CHUNK)
+    if final is None:  # two distinct empty tensors: an op's outputs may not alias each other
+        final = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
+    return out, den, *final
 
 
 @_based_forward.register_fake
@@ -407,7 +335,7 @@ def _(q, k, v, s0, z0, eps, output_final_state):
     b, t, h, d = q.shape
     e, n_feat = v.shape[-1], 1 + d + d * d
     s_shape, z_shape = ((b, h, n_feat, e), (b, h, n_feat)) if output_final_state else ((0,), (0,))
-    return (q.new_empty(b, t, h, e), q.new_empty((b, t, h), dtype=torch.float32),
+    return (q.new_empty(b, t, h, e), q.new_empty((b, h, t), dtype=torch.float32),
             q.new_empty(s_shape, dtype=torch.float32), q.new_empty(z_shape, dtype=torch.float32))
 
 
@@ -421,40 +349,28 @@ def _based_backward(d_out: torch.Tensor, ds_final: torch.Tensor | None, dz_final
     e = v.shape[-1]
     n_feat = 1 + d + d * d
     q, k, v = (contiguous_last(x) for x in (q, k, v))
-    if s0 is not None:
-        s0, z0 = (x.to(torch.float32).contiguous() for x in (s0, z0))
-    d_out = contiguous_last(d_out.to(out.dtype))
-    # d loss / d normaliser, per token: -(dy . y) / m.  (d loss / d numerator, dy / m, is formed in the kernels.)
-    h_norm = -(d_out.float() * out.float()).sum(-1) / den
-    has_dfinal = ds_final is not None or dz_final is not None
-    if has_dfinal:
-        ds_final = (torch.zeros(b, h, n_feat, e, device=q.device) if ds_final is None
-                    else ds_final.to(torch.float32).contiguous())
-        dz_final = (torch.zeros(b, h, n_feat, device=q.device) if dz_final is None
-                    else dz_final.to(torch.float32).contiguous())
+    m = den.transpose(1, 2)[..., None]  # (B, T, H, 1)
+    g = (d_out.float() / m).to(v.dtype).contiguous()
+    hn = (-(d_out.float() * out.float()).sum(-1, keepdim=True) / m)[..., 0].transpose(1, 2).contiguous()
+    d_final = None
+    if ds_final is not None or dz_final is not None:
+        d_final = (torch.zeros(b, h, n_feat, e, device=q.device) if ds_final is None else ds_final,
+                   torch.zeros(b, h, n_feat, device=q.device) if dz_final is None else dz_final)
     want_ds0 = want_ds0 and s0 is not None
-    ds0 = output_buffer((b, h, n_feat, e), torch.float32, q.device) if want_ds0 else None
-    dz0 = output_buffer((b, h, n_feat), torch.float32, q.device) if want_ds0 else None
-
-    # dq and dk come as one float32 partial sum per value tile; the autotuner zeroes them between trials.
-    slots = triton.cdiv(e, _MIN_BV)
-    dq_part = torch.zeros(slots, b, t, h, d, device=q.device)
-    dk_part = torch.zeros(slots, b, t, h, d, device=q.device)
-    dv = output_buffer(v.shape, v.dtype, v.device)
-    dummy = den
-    consts = (b * t * h * d, t, h, d, e, d ** -0.25, 1 / (2 ** 0.5 * d ** 0.5))
-    traceable(_dq_kernel)[_grid(b, h, e)](
-        q, k, v, d_out, den, h_norm, dummy if s0 is None else s0, dummy if z0 is None else z0, dq_part,
-        *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *consts,
-        HAS_INITIAL=s0 is not None, BD=padded_width(d))
-    traceable(_dkv_kernel)[_grid(b, h, e)](
-        q, k, v, d_out, den, h_norm, ds_final if has_dfinal else dummy, dz_final if has_dfinal else dummy,
-        dv, dk_part, dummy if ds0 is None else ds0, dummy if dz0 is None else dz0,
-        *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *strides3(dv), *consts,
-        HAS_DFINAL=has_dfinal, STORE_DS0=want_ds0, BD=padded_width(d))
+    ds0 = None
+    if want_ds0:
+        ds0 = (output_buffer((b, h, n_feat, e), torch.float32, q.device),
+               output_buffer((b, h, n_feat), torch.float32, q.device))
+    states, norms = _state_pass(k, v, None, _fp32_state(s0, z0), None, reverse=False)  # recomputed, not kept
+    d_states, d_norms = _state_pass(q, g, hn, _fp32_state(*d_final) if d_final else None, ds0, reverse=True)
+    dq, dk, dv = (output_buffer(x.shape, x.dtype, x.device) for x in (q, k, v))
+    traceable(_grads_kernel)[(b * h, triton.cdiv(t, CHUNK))](
+        q, k, v, g, hn, states, norms, d_states, d_norms, dq, dk, dv,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(g), *strides3(dq), *strides3(dv),
+        t, h, d, e, *_constants(d), BT=CHUNK, BE=padded_width(e), num_warps=4 if e <= 64 else 8)
     if ds0 is None:  # two distinct empty tensors: an op's outputs may not alias each other
-        ds0, dz0 = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
-    return dq_part.sum(0).to(q.dtype), dk_part.sum(0).to(k.dtype), dv, ds0, dz0
+        ds0 = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
+    return dq, dk, dv, *ds0
 
 
 @_based_backward.register_fake
@@ -494,11 +410,15 @@ def triton_based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
                                   output_final_state: bool = False):
     """-> out (B, T, H, e) in q's dtype, or (out, (S (B, H, F, e), z (B, H, F)) float32) with `output_final_state`;
-    states in taylor_features' order, interchangeable with the chunk path's.  Inputs float32/bfloat16/float16."""
+    states in taylor_features' order, interchangeable with the chunk path's.  Inputs float32/bfloat16/float16,
+    feature dim <= 16."""
     if q.dtype not in TRITON_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"backend='triton' takes float32/bfloat16/float16 q, k, v of one dtype, got {q.dtype}, "
                         f"{k.dtype}, {v.dtype} (float64 runs on backend='chunk')")
     d = q.shape[-1]
+    if d > MAX_FEATURE_DIM:
+        raise ValueError(f"backend='triton' takes feature dims up to {MAX_FEATURE_DIM} (the layer's 16), got {d}: "
+                         f"use backend='chunk'")
     s0, z0 = (None, None) if initial_state is None else initial_state
     n_feat = 1 + d + d * d
     if s0 is not None and (s0.shape != (*q.shape[::2], n_feat, v.shape[-1]) or z0.shape != (*q.shape[::2], n_feat)):
