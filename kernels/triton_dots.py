@@ -1,11 +1,9 @@
-"""Matrix products and rounding shared by the linear-attention Triton kernels (kernels/lightning, kernels/based).
+"""Matrix products and rounding shared by the Triton kernels.
 
-`mm(a, b, DT)` takes operands that are each float32 or DT, the kernel's input dtype, and accumulates in float32.
-With 16-bit inputs, a float32 operand (a score tile, a state, a decayed key) goes in as hi + lo, two DT tiles that
-together hold ~16 significant bits: rounding it to DT once costs ~2^-9 relative per element, several times the
-rounding of the result itself.  That is 2 tensor-core products for float32 @ DT and 3 for float32 @ float32.
-float32 inputs use IEEE float32 products (no TF32), so they match a float64 reference to ~1e-7.
-(With float16 inputs the hi part must fit float16's range, 65504: states larger than that overflow.)
+`dot(a, b, acc)` multiplies two tiles of one dtype with float32 accumulation: 16-bit operands in one pass on tensor
+cores (what fla and FlashAttention do: a float32 tile — scores, a state — is rounded to the inputs' dtype once
+before its product), float32 operands in IEEE float32 (no TF32), so float32 inputs match a float64 reference to
+~1e-7.
 
 Two CPU-interpreter (triton 3.9) workarounds, compiled out on GPUs: the interpreter multiplies bfloat16 tiles as
 their raw 16-bit patterns, so `dot` hands it float32 operands (the GPU's arithmetic too: a product of two 16-bit
@@ -35,22 +33,6 @@ def dot(a, b, acc=None):
         out = tl.dot(a, b, acc, input_precision="ieee")
     else:
         out = tl.dot(a, b, acc)
-    return out
-
-
-@triton.jit
-def mm(a, b, DT: tl.constexpr):
-    """a @ b in float32 for operands that are each float32 or DT (see the module docstring)."""
-    if DT == tl.float32:
-        out = dot(a, b)
-    else:
-        a_hi = a.to(DT)
-        b_hi = b.to(DT)
-        out = dot(a_hi, b_hi)
-        if a.dtype == tl.float32:
-            out += dot((a - a_hi.to(tl.float32)).to(DT), b_hi)
-        if b.dtype == tl.float32:
-            out += dot(a_hi, (b - b_hi.to(tl.float32)).to(DT))
     return out
 
 

@@ -20,17 +20,17 @@ def report(tmp_path, *args) -> list[dict]:
 
 
 def test_lightning_bf16_compiles_for_sm90_on_tensor_cores(tmp_path):
-    """The largest config of both lightning kernels (the default suite keeps it to two compiles)."""
+    """The largest config of every lightning kernel (the default suite keeps it to a few compiles): the sequential
+    state pass (forward and reverse), the chunk-parallel outputs and the chunk-parallel gradients."""
     rows = report(tmp_path, "--ops", "lightning", "--dtypes", "bf16", "--arch", "90", "--jobs", "2",
                   "--max-configs", "1")
-    kernels = {r["kernel"].rsplit(".", 1)[1] for r in rows}
-    assert kernels == {"_scan_kernel", "_reverse_kernel"}
-    assert len(rows) == 2 and all(r["config"]["kwargs"] == {"BT": 128, "BV": 64} for r in rows)
+    kernels = sorted(r["kernel"].rsplit(".", 1)[1] for r in rows)
+    assert kernels == ["_grads_kernel", "_output_kernel", "_states_kernel", "_states_kernel"]
     for r in rows:
         assert "error" not in r, r
         assert r["ptxas_error"] is None and 0 < r["registers"] <= 255, r
         assert r["fits"] and r["shared"] > 0, r  # within an H100's 227 KB
-        assert r["dots"] == "wgmma", r  # bf16 operands: Hopper tensor cores, not FMA
+        assert r["dots"] in ("wgmma", "mma"), r  # bf16 operands: tensor cores, not FMA
 
 
 @pytest.mark.slow
