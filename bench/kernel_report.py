@@ -92,7 +92,7 @@ def _workloads(ops: list[str], dtypes: list[str]):
             yield f"rat/{name}", run
 
 
-def capture(ops: list[str], dtypes: list[str]) -> list[dict]:
+def capture(ops: list[str], dtypes: list[str], archs: list[int]) -> list[dict]:
     """Run the workloads under the interpreter; return one record per distinct kernel launch."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "capture runs under TRITON_INTERPRET=1"
     import kernels.triton_support as support
@@ -127,10 +127,13 @@ def capture(ops: list[str], dtypes: list[str]) -> list[dict]:
                   "workload": workload["name"]}
         if kernel in tuned:
             configs, prune = tuned[kernel]
-            kept = prune(configs, values) if prune else configs
-            record["configs"] = [{"kwargs": c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-                                 for c in kept]
-            record["pruned"] = len(configs) - len(kept)
+            record["configs_by_arch"] = {}
+            for arch in archs:  # each target prunes with its own shared-memory limit, as on that GPU
+                os.environ["HYLO_SHARED_MEMORY_KB"] = str(SMEM_LIMIT[arch] / 1024)
+                kept = prune(configs, values) if prune else configs
+                record["configs_by_arch"][str(arch)] = [
+                    {"kwargs": c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in kept]
+            os.environ.pop("HYLO_SHARED_MEMORY_KB")
             for c in configs:  # the config's own values are not part of the specialisation
                 for k in c.kwargs:
                     record["args"].pop(k, None)
@@ -228,9 +231,9 @@ def compile_one(job: dict) -> dict:
 def jobs_for(launches: list[dict], archs: list[int], max_configs: int = 0) -> list[dict]:
     jobs = []
     for launch in launches:
-        configs = launch.get("configs") or [launch.get("options") or {}]
-        configs = configs[-max_configs:] if max_configs else configs  # the largest tiles come last
         for arch in archs:
+            configs = launch.get("configs_by_arch", {}).get(str(arch)) or [launch.get("options") or {}]
+            configs = configs[-max_configs:] if max_configs else configs  # the largest tiles come last
             for config in configs:
                 jobs.append({"kernel": launch["kernel"], "workload": launch["workload"], "args": launch["args"],
                              "config": config, "arch": arch})
@@ -292,10 +295,11 @@ def main() -> int:
     ops, dtypes = args.ops.split(","), args.dtypes.split(",")
 
     if args.capture:
-        print("CAPTURE " + json.dumps(capture(ops, dtypes)))
+        print("CAPTURE " + json.dumps(capture(ops, dtypes, [int(a) for a in args.arch.split(",")])))
         return 0
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, __file__, "--capture", "--ops", args.ops, "--dtypes", args.dtypes],
+    out = subprocess.run([sys.executable, __file__, "--capture", "--ops", args.ops, "--dtypes", args.dtypes,
+                          "--arch", args.arch],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("CAPTURE ")]
     if out.returncode or not lines:

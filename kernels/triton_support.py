@@ -61,6 +61,18 @@ def padded_width(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+def device_shared_memory_kb() -> float | None:
+    """Shared memory one block may use on this GPU, in KB (227 on H100/H200, 163 on A100, 99 on consumer Ampere
+    and Ada), for pruning configs that could not launch before they are compiled.  HYLO_SHARED_MEMORY_KB overrides
+    it (bench/kernel_report.py prunes for each target that way); None without a GPU."""
+    if os.environ.get("HYLO_SHARED_MEMORY_KB"):
+        return float(os.environ["HYLO_SHARED_MEMORY_KB"])
+    if interpreting() or not torch.cuda.is_available():
+        return None
+    optin = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "shared_memory_per_block_optin", 0)
+    return optin / 1024 if optin else None
+
+
 class _FirstConfig:
     """Stands in for an autotuned kernel under the interpreter: launches with the first config that survives the
     kernel's own pruning for these arguments (so the interpreter only runs what a GPU could pick)."""

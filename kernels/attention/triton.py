@@ -28,6 +28,7 @@ from kernels.dispatch import TRITON_DTYPES
 from kernels.triton_support import (
     autotune,
     contiguous_last,
+    device_shared_memory_kb,
     interpreting,
     kernel_op,
     output_buffer,
@@ -68,10 +69,13 @@ TUNE_KEY = ["D", "DV", "CAUSAL", "WINDOW", "PRECISION"]  # not the lengths: see 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
     """Float32 tiles are twice as large: at head dim >= 128 the big ones overflow shared memory and take minutes
-    to compile, so autotune does not try them."""
+    to compile, so autotune does not try them (sizes from bench/kernel_report.py)."""
     head_dim = kwargs.get("D", named_args.get("D", 0))
     if named_args["Q"].element_size() == 4 and head_dim >= 128:
-        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+        smem = device_shared_memory_kb()
+        if smem is not None and smem < 200:  # the 3-stage fp32 forward needs 176 KB: over an A100's 163 KB
+            configs = [c for c in configs if c.num_stages <= 2]
     return configs
 
 

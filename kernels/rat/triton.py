@@ -43,6 +43,7 @@ from kernels.rope import rope_table
 from kernels.triton_dots import dot, round_to
 from kernels.triton_support import (
     autotune,
+    device_shared_memory_kb,
     interpreting,
     kernel_op,
     output_buffer,
@@ -69,13 +70,22 @@ _TUNE_KEY = ["HALF", "L_PAD", "ROPE"]
 
 
 def _prune(configs, named_args, **kwargs):
-    """A query block holds whole chunks (BLOCK_M >= L_PAD).  At d >= 128 the backward's 128 x 64 tiles need more
-    shared memory than an H100 has (bench/kernel_report.py): skip what cannot launch rather than compile it."""
+    """A query block holds whole chunks (BLOCK_M >= L_PAD).  Configs that cannot launch (shared memory) or would
+    spill heavily are skipped rather than compiled; the sizes are bench/kernel_report.py's at d = 128:
+    bf16 128 x 64 backward tiles need 256-321 KB (over any GPU's limit), 128 x 32 summary gradients 177 KB (over an
+    A100's 163 KB); fp32 tiles above 64 x 32 need 144-321 KB and spill 60-95 KB, and fp32 summary gradients at
+    64 x 32 need 176 KB."""
     l_pad = kwargs.get("L_PAD", named_args.get("L_PAD", 1))
     half = kwargs.get("HALF", named_args.get("HALF", 0))
+    smem = device_shared_memory_kb()
+    small_smem = smem is not None and smem < 200
+    area = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]  # noqa: E731
     kept = [c for c in configs if c.kwargs["BLOCK_M"] >= l_pad]
     if half >= 64:
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 64] or kept
+        if named_args["Q"].dtype == torch.float32:
+            kept = [c for c in kept if area(c) <= (16 * 16 if small_smem else 64 * 32)] or kept[:1]
+        else:
+            kept = [c for c in kept if area(c) < (128 * 32 if small_smem else 128 * 64)] or kept[:1]
     return kept
 
 
