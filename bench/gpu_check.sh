@@ -35,7 +35,7 @@ for section in "$@"; do
     smoke)
       timeout 90 python3 bench/gpu_smoke.py || status=1 ;;
     kernels)
-      timeout 150 python3 bench/bench_kernels.py --lengths 4096,65536 || status=1 ;;
+      timeout 140 python3 bench/bench_kernels.py --lengths 4096,65536 || status=1 ;;
     e2e)
       timeout 230 python3 bench/bench_e2e.py --configs dense_1b,hybrid_1b --lengths 32768,131072 --compile off \
         --steps 3 --warmup 1 --time-limit 55 || status=1 ;;
