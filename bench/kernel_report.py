@@ -8,7 +8,8 @@ Two steps, each in its own process:
   capture  every op runs once on small CPU tensors under TRITON_INTERPRET=1, forward and backward, in the variants
            the layers use (attention with sinks, full and windowed; lightning with decay; BASED; RAT).  Each kernel
            launch is recorded: argument types, constexpr values, and the autotune configs that survive the
-           kernel's own pruning for those arguments — the GPU candidate set.
+           kernel's own pruning for those arguments, per target (each with its shared-memory limit, as
+           `device_shared_memory_kb()` reports on that GPU) — the GPU candidate set.
   compile  each (kernel, specialisation, config) goes through triton.compile(target=GPUTarget("cuda", arch, 32));
            ptxas -v on its PTX gives registers and spills, Triton's metadata the shared memory, the PTX the dots.
 
