@@ -80,6 +80,24 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 
 
 PRUNE = {"early_config_prune": _prune}
+
+
+def _spill_prune(heavy: set[tuple[int, int, int]]):
+    """`_prune`, and on GPUs before Hopper (told apart by their smaller shared memory: A100 163 KB, Ada 99 KB,
+    Hopper 227 KB) also the (BLOCK_M, BLOCK_N, num_warps) tiles that spill hundreds of bytes there at d = 128 in
+    16 bits (bench/kernel_report.py --arch 80)."""
+    def prune(configs: list, named_args: dict, **kwargs) -> list:
+        configs = _prune(configs, named_args, **kwargs)
+        smem = device_shared_memory_kb()
+        if smem is None or smem >= 200 or named_args["Q"].element_size() == 4:
+            return configs
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in heavy]
+        return kept or configs[:1]
+    return {"early_config_prune": prune}
+
+
+PRUNE_FWD = _spill_prune({(64, 64, 4), (128, 128, 8)})  # sm_80: 268-760 B and 2.1 KB
+PRUNE_BWD_Q = _spill_prune({(64, 64, 4)})  # sm_80: 308-612 B
 # HYLO_AUTOTUNE=lean: forward 128x64 w8 s2 (spill-free) and 64x64 w4 s2 (what float32 keeps after pruning);
 # backward the first two GPU candidates of each list.
 LEAN = (3, 1)
@@ -316,7 +334,7 @@ def _fwd_keys(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, s1
     return acc, m_i, l_i
 
 
-@autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=LEAN)
+@autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE_FWD, lean=LEAN)
 @triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
 def _fwd_kernel(Q, K, V, Sink, InitOut, InitLse, Out, Lse,
                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, si_b, si_t, si_h,
@@ -503,7 +521,7 @@ def _dq_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_
     return dq
 
 
-@autotune(configs=BWD_Q_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=LEAN_BWD)
+@autotune(configs=BWD_Q_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE_BWD_Q, lean=LEAN_BWD)
 @triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
 def _bwd_q_kernel(Q, K, V, DOut, Lse, Delta, DQ,
                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,
