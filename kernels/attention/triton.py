@@ -210,6 +210,21 @@ def _visible_t(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned,
 
 
 @triton.jit
+def _kv_block(k_base, v_base, stride_kt, stride_vt, offs_n, t_k, D: tl.constexpr, DV: tl.constexpr,
+              MASKED: tl.constexpr):
+    """The k, v rows offs_n; masked to the keys that exist unless the block is interior (all in range)."""
+    offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
+    if MASKED:
+        in_k = (offs_n < t_k)[:, None]
+        k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d), mask=in_k, other=0.0)
+        v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e), mask=in_k, other=0.0)
+    else:
+        k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d))
+        v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e))
+    return k, v
+
+
+@triton.jit
 def _nth_block(i, s1, n1, s2, n2, s3, BLOCK: tl.constexpr):
     """The start of block i of the ranges [s1, ...) (n1 blocks), [s2, ...) (n2), [s3, ...) walked one after the
     other: one loop body serves every masked range of a tile (fewer copies of it, fewer registers)."""
@@ -309,17 +324,10 @@ def _fwd_keys(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, s1
               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """The key blocks of [s1, e1), [s2, e2), [s3, e3) into the online softmax; MASKED=False for interior blocks
     (all visible, all in range)."""
-    offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
     n1, n2 = _n_blocks(s1, e1, BLOCK_N), _n_blocks(s2, e2, BLOCK_N)
     for i in range(0, n1 + n2 + _n_blocks(s3, e3, BLOCK_N)):
         offs_n = _nth_block(i, s1, n1, s2, n2, s3, BLOCK_N) + tl.arange(0, BLOCK_N)
-        if MASKED:
-            in_k = (offs_n < t_k)[:, None]
-            k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d), mask=in_k, other=0.0)
-            v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e), mask=in_k, other=0.0)
-        else:
-            k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d))
-            v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e))
+        k, v = _kv_block(k_base, v_base, stride_kt, stride_vt, offs_n, t_k, D, DV, MASKED)
         s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale
         if MASKED:
             s = tl.where(_visible(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, CAUSAL, WINDOW),
@@ -502,17 +510,10 @@ def _dq_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_
              D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """dQ += the key blocks of [s1, e1), [s2, e2), [s3, e3), as `_fwd_keys` walks them."""
-    offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
     n1, n2 = _n_blocks(s1, e1, BLOCK_N), _n_blocks(s2, e2, BLOCK_N)
     for i in range(0, n1 + n2 + _n_blocks(s3, e3, BLOCK_N)):
         offs_n = _nth_block(i, s1, n1, s2, n2, s3, BLOCK_N) + tl.arange(0, BLOCK_N)
-        if MASKED:
-            in_k = (offs_n < t_k)[:, None]
-            k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d), mask=in_k, other=0.0)
-            v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e), mask=in_k, other=0.0)
-        else:
-            k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d))
-            v = tl.load(_tile(v_base, offs_n, stride_vt, offs_e))
+        k, v = _kv_block(k_base, v_base, stride_kt, stride_vt, offs_n, t_k, D, DV, MASKED)
         p = _probs(q, k, lse2, offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
                    CAUSAL, WINDOW, PRECISION, MASKED)
         dp = _dot(do, tl.trans(v), None, PRECISION)
