@@ -45,25 +45,25 @@ _INTERPRETING = tl.constexpr(interpreting())
 HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = TRITON_DTYPES
 
-# The first config is the one the CPU interpreter runs: small blocks there make the tests' short sequences span
-# several blocks (so block skipping and masking get exercised).  On a GPU autotune picks among all of them.
-CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)] + [
-    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-    for m, n, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3)]
-]
-# The backward holds more tiles, so it is tiled apart from the forward (as FlashAttention-2 and the Triton tutorial
-# do): dK/dV keeps a key block (BLOCK_N) and its two fp32 accumulators while it walks thin query tiles (BLOCK_M);
-# dQ keeps a query block and walks thin key tiles.  Every candidate here (and in CONFIGS) was chosen from
-# bench/kernel_report.py at d = 128, bf16: on sm_90 the dK/dV tiles spill at most 8 bytes, dQ at most 4 and the
-# forward only in its window variant (4 bytes); on sm_80 dK/dV is spill-free; none is near the shared-memory limit.
-BWD_KV_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)] + [
-    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-    for m, n, w, s in [(16, 64, 8, 1), (16, 32, 4, 2), (16, 64, 8, 2)]
-]
-BWD_Q_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)] + [
-    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-    for m, n, w, s in [(64, 32, 4, 2), (64, 64, 4, 2), (64, 16, 4, 2), (64, 32, 4, 3)]
-]
+# The first config of each list is the one the CPU interpreter runs: small blocks there make the tests' short
+# sequences span several blocks (so block skipping and masking get exercised).  On a GPU autotune picks among the
+# rest, less the tiles `_target_prune` drops for that GPU.
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+
+
+def _configs(tiles: list[tuple[int, int, int, int]]) -> list:
+    return [_INTERPRETER_CONFIG] + [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                                    for m, n, w, s in tiles]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages).  The backward holds more tiles, so it is tiled apart from the forward
+# (as FlashAttention-2 and the Triton tutorial do): dK/dV keeps a key block (BLOCK_N) and its two fp32 accumulators
+# while it walks thin query tiles (BLOCK_M); dQ keeps a query block and walks thin key tiles.  Every candidate was
+# chosen from bench/kernel_report.py at d = 128, bf16, and each GPU keeps only those that compile spill-free there.
+CONFIGS = _configs([(128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 128, 8, 2),
+                    (64, 64, 4, 2), (64, 64, 8, 2)])
+BWD_KV_CONFIGS = _configs([(16, 64, 8, 1), (16, 32, 4, 2), (16, 64, 8, 2), (32, 64, 8, 2)])
+BWD_Q_CONFIGS = _configs([(64, 32, 8, 2), (64, 16, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2)])
 TUNE_KEY = ["D", "DV", "CAUSAL", "WINDOW", "PRECISION"]  # not the lengths: see triton_support.autotune
 
 
@@ -79,28 +79,51 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
     return configs
 
 
-PRUNE = {"early_config_prune": _prune}
 
 
-def _spill_prune(heavy: set[tuple[int, int, int]]):
-    """`_prune`, and on GPUs before Hopper (told apart by their smaller shared memory: A100 163 KB, Ada 99 KB,
-    Hopper 227 KB) also the (BLOCK_M, BLOCK_N, num_warps) tiles that spill hundreds of bytes there at d = 128 in
-    16 bits (bench/kernel_report.py --arch 80)."""
+def _tile_of(config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _target_prune(spills: dict[tuple[bool, bool], set[tuple[int, int, int, int]]]):
+    """`_prune`, and for 16-bit inputs also the tiles that make ptxas spill registers on this GPU.
+
+    `spills` maps (Hopper?, windowed?) to the tiles that spill there at d = 128, measured by bench/kernel_report.py
+    (Hopper is told apart by its shared memory: H100/H200 227 KB, A100 163 KB, Ada 99 KB).  These kernels sit at
+    the 255-register limit, where one more live value spills, so which tiles spill changes with the target and the
+    mask variant, not only with the tile size.  Smaller head dims spill less: the table only over-prunes there."""
     def prune(configs: list, named_args: dict, **kwargs) -> list:
         configs = _prune(configs, named_args, **kwargs)
         smem = device_shared_memory_kb()
-        if smem is None or smem >= 200 or named_args["Q"].element_size() == 4:
+        if smem is None or named_args["Q"].element_size() == 4:
             return configs
-        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in heavy]
+        windowed = bool(kwargs.get("WINDOW", named_args.get("WINDOW", False)))
+        spilling = spills.get((smem >= 200, windowed), set())
+        kept = [c for c in configs if _tile_of(c) not in spilling]
         return kept or configs[:1]
     return {"early_config_prune": prune}
 
 
-PRUNE_FWD = _spill_prune({(64, 64, 4), (128, 128, 8)})  # sm_80: 268-760 B and 2.1 KB
-PRUNE_BWD_Q = _spill_prune({(64, 64, 4)})  # sm_80: 308-612 B
-# HYLO_AUTOTUNE=lean: forward 128x64 w8 s2 (spill-free) and 64x64 w4 s2 (what float32 keeps after pruning);
-# backward the first two GPU candidates of each list.
-LEAN = (3, 1)
+HOPPER, PRE_HOPPER = True, False
+PRUNE_FWD = _target_prune({
+    (HOPPER, True): {(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)},  # 4 B each
+    # 2.1 KB, 250-760 B, 400-470 B, 8 B (the last only unwindowed; dropped for both to keep one list)
+    (PRE_HOPPER, False): {(128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 32, 8, 2)},
+    (PRE_HOPPER, True): {(128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 32, 8, 2)},
+})
+PRUNE_BWD_KV = _target_prune({
+    (HOPPER, False): {(16, 64, 8, 2), (32, 64, 8, 2)},  # 8 B, 56 B
+    (HOPPER, True): {(16, 64, 8, 2), (32, 64, 8, 2)},
+})
+PRUNE_BWD_Q = _target_prune({
+    (HOPPER, True): {(64, 64, 8, 2)},  # 4 B
+    (PRE_HOPPER, False): {(64, 32, 4, 2)},  # 8 B
+    (PRE_HOPPER, True): {(64, 32, 4, 2), (64, 64, 8, 2)},
+})
+# HYLO_AUTOTUNE=lean keeps two candidates per kernel (indices into the lists above), chosen so that at least one
+# survives every target's pruning: forward 128x64 w8 and 128x32 w8 (one of them spills on each GPU), dK/dV 16x64 w8 s1 and
+# 16x32 w4, dQ 64x32 w8 and 64x16 w4.
+LEAN = (1, 4)
 LEAN_BWD = (1, 2)
 
 
@@ -182,30 +205,28 @@ def _cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned,
-             CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) mask: which (query, key) pairs exist and are visible."""
-    q_pos = q_start + offs_m[:, None]
-    k_pos = k_start + offs_n[None, :]
-    ok = (offs_m[:, None] < t_q) & (offs_n[None, :] < t_k)
+def _visible(offs_m, offs_n, t_k, shift, window, pin_end, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask: which (query, key) pairs are visible and the key exists.  Positions enter as two
+    offsets relative to this key segment (shift = q_start - k_start, pin_end = n_pinned - k_start): every scalar
+    live in the key loops costs a register in kernels that sit at the 255 limit.  Queries past the end need no
+    mask: their rows are never stored, and in the backward their zero dO and delta make them contribute 0."""
+    ok = offs_n[None, :] < t_k
     if CAUSAL:
-        ok = ok & (k_pos <= q_pos)
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + shift)
     if WINDOW:
-        ok = ok & ((q_pos - k_pos < window) | (k_pos < n_pinned))
+        ok = ok & ((offs_m[:, None] + shift - offs_n[None, :] < window) | (offs_n[None, :] < pin_end))
     return ok
 
 
 @triton.jit
-def _visible_t(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned,
-               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """`_visible` transposed, (BLOCK_N, BLOCK_M), built as such."""
-    q_pos = q_start + offs_m[None, :]
-    k_pos = k_start + offs_n[:, None]
-    ok = (offs_m[None, :] < t_q) & (offs_n[:, None] < t_k)
+def _visible_t(offs_m, offs_n, shift, window, pin_end, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """`_visible` transposed, (BLOCK_N, BLOCK_M), built as such, without the key-existence mask: a dK/dV program
+    never stores the rows of keys past the end."""
+    ok = offs_n[:, None] >= 0
     if CAUSAL:
-        ok = ok & (k_pos <= q_pos)
+        ok = ok & (offs_n[:, None] <= offs_m[None, :] + shift)
     if WINDOW:
-        ok = ok & ((q_pos - k_pos < window) | (k_pos < n_pinned))
+        ok = ok & ((offs_m[None, :] + shift - offs_n[:, None] < window) | (offs_n[:, None] < pin_end))
     return ok
 
 
@@ -319,7 +340,7 @@ def _join(acc, m_i, l_i, logit2, value):
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_keys(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, s1, e1, s2, e2, s3, e3,
-              t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+              t_k, shift, window, pin_end, qk_scale,
               D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """The key blocks of [s1, e1), [s2, e2), [s3, e3) into the online softmax; MASKED=False for interior blocks
@@ -330,7 +351,7 @@ def _fwd_keys(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, s1
         k, v = _kv_block(k_base, v_base, stride_kt, stride_vt, offs_n, t_k, D, DV, MASKED)
         s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale
         if MASKED:
-            s = tl.where(_visible(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, CAUSAL, WINDOW),
+            s = tl.where(_visible(offs_m, offs_n, t_k, shift, window, pin_end, CAUSAL, WINDOW),
                          s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
@@ -376,12 +397,13 @@ def _fwd_kernel(Q, K, V, Sink, InitOut, InitLse, Out, Lse,
     pin_hi, lo, hi = _key_range(m0, t_q, t_k, q_start, k_start, window, n_pinned, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     k_base, v_base = K + b * sk_b + h_kv * sk_h, V + b * sv_b + h_kv * sv_h
     int_lo, int_hi = _interior_keys(m0, lo, hi, t_k, q_start, k_start, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    shift, pin_end = q_start - k_start, n_pinned - k_start
     # Masked: the pinned keys, the window's edge, the diagonal (and ragged ends).  Then the interior, unmasked.
     acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_base, v_base, sk_t, sv_t, offs_m, 0, pin_hi, lo, int_lo, int_hi, hi,
-                              t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+                              t_k, shift, window, pin_end, qk_scale,
                               D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N, True)
     acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_base, v_base, sk_t, sv_t, offs_m, int_lo, int_hi, 0, 0, 0, 0,
-                              t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+                              t_k, shift, window, pin_end, qk_scale,
                               D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N, False)
 
     # Rows that saw nothing at all (l = 0) get out 0 and lse -inf.
@@ -414,13 +436,13 @@ def _delta_kernel(Out, DOut, DLse, Delta, so_b, so_t, so_h, sd_b, sd_t, sd_h, n_
 
 
 @triton.jit
-def _probs(q, k, lse2, offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+def _probs(q, k, lse2, offs_m, offs_n, t_k, shift, window, pin_end, qk_scale,
            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """The final softmax probabilities of a (query block, key block) tile, recomputed from the saved lse."""
     s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
-        p = tl.where(_visible(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, CAUSAL, WINDOW), p, 0.0)
+        p = tl.where(_visible(offs_m, offs_n, t_k, shift, window, pin_end, CAUSAL, WINDOW), p, 0.0)
     return p
 
 
@@ -434,7 +456,7 @@ def _load_rows(Lse, Delta, rows, in_q):
 
 @triton.jit
 def _dkv_queries(dk, dv, k, v, q_base, do_base, Lse, Delta, rows, sq_t, sd_t, offs_n, s1, e1, s2, e2,
-                 t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+                 t_q, shift, window, pin_end, qk_scale,
                  D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
     """dK, dV += the query blocks of [s1, e1), [s2, e2) of one head; MASKED=False for interior blocks.  Scores are
@@ -455,7 +477,7 @@ def _dkv_queries(dk, dv, k, v, q_base, do_base, Lse, Delta, rows, sq_t, sd_t, of
             lse2, delta = _load_rows(Lse, Delta, rows + offs_m, offs_m >= 0)
         p_t = tl.exp2(_dot(k, q_t, None, PRECISION) * qk_scale - lse2[None, :])
         if MASKED:
-            p_t = tl.where(_visible_t(offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, CAUSAL, WINDOW),
+            p_t = tl.where(_visible_t(offs_m, offs_n, shift, window, pin_end, CAUSAL, WINDOW),
                            p_t, 0.0)
         dv = _dot(_cast(p_t, do.dtype), do, dv, PRECISION)
         ds_t = p_t * (_dot(v, tl.trans(do), None, PRECISION) - delta[None, :])
@@ -463,7 +485,7 @@ def _dkv_queries(dk, dv, k, v, q_base, do_base, Lse, Delta, rows, sq_t, sd_t, of
     return dk, dv
 
 
-@autotune(configs=BWD_KV_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE, lean=LEAN_BWD)
+@autotune(configs=BWD_KV_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE_BWD_KV, lean=LEAN_BWD)
 @triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
 def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_,
                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h,
@@ -487,16 +509,17 @@ def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_,
     lo, hi = _query_range(n0, t_q, t_k, q_start, k_start, window, n_pinned, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     int_lo, int_hi = _interior_queries(n0, lo, hi, t_q, t_k, q_start, k_start, window, n_pinned, BLOCK_M, BLOCK_N,
                                        CAUSAL, WINDOW)
+    shift, pin_end = q_start - k_start, n_pinned - k_start
     for g in range(group):
         h = h_kv * group + g
         q_base, do_base = Q + b * sq_b + h * sq_h, DOut + b * sd_b + h * sd_h
         rows = (b * n_heads + h) * t_q
         # Masked: the diagonal and the window's edge (and ragged ends).  Then the interior, unmasked.
         dk, dv = _dkv_queries(dk, dv, k, v, q_base, do_base, Lse, Delta, rows, sq_t, sd_t, offs_n, lo, int_lo,
-                              int_hi, hi, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, D, DV, CAUSAL,
+                              int_hi, hi, t_q, shift, window, pin_end, qk_scale, D, DV, CAUSAL,
                               WINDOW, PRECISION, BLOCK_M, True)
         dk, dv = _dkv_queries(dk, dv, k, v, q_base, do_base, Lse, Delta, rows, sq_t, sd_t, offs_n, int_lo, int_hi,
-                              0, 0, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, D, DV, CAUSAL, WINDOW,
+                              0, 0, t_q, shift, window, pin_end, qk_scale, D, DV, CAUSAL, WINDOW,
                               PRECISION, BLOCK_M, False)
     tl.store(_tile(DK + b * sdk_b + h_kv * sdk_h, offs_n, sdk_t, offs_d),
              _cast(dk * scale, DK.dtype.element_ty), mask=in_k)
@@ -506,7 +529,7 @@ def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_,
 
 @triton.jit
 def _dq_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, s1, e1, s2, e2, s3, e3,
-             t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+             t_k, shift, window, pin_end, qk_scale,
              D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
              PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """dQ += the key blocks of [s1, e1), [s2, e2), [s3, e3), as `_fwd_keys` walks them."""
@@ -514,7 +537,7 @@ def _dq_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_
     for i in range(0, n1 + n2 + _n_blocks(s3, e3, BLOCK_N)):
         offs_n = _nth_block(i, s1, n1, s2, n2, s3, BLOCK_N) + tl.arange(0, BLOCK_N)
         k, v = _kv_block(k_base, v_base, stride_kt, stride_vt, offs_n, t_k, D, DV, MASKED)
-        p = _probs(q, k, lse2, offs_m, offs_n, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+        p = _probs(q, k, lse2, offs_m, offs_n, t_k, shift, window, pin_end, qk_scale,
                    CAUSAL, WINDOW, PRECISION, MASKED)
         dp = _dot(do, tl.trans(v), None, PRECISION)
         ds = p * (dp - delta[:, None])
@@ -545,11 +568,12 @@ def _bwd_q_kernel(Q, K, V, DOut, Lse, Delta, DQ,
     pin_hi, lo, hi = _key_range(m0, t_q, t_k, q_start, k_start, window, n_pinned, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     k_base, v_base = K + b * sk_b + h_kv * sk_h, V + b * sv_b + h_kv * sv_h
     int_lo, int_hi = _interior_keys(m0, lo, hi, t_k, q_start, k_start, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    shift, pin_end = q_start - k_start, n_pinned - k_start
     dq = _dq_keys(dq, q, do, lse2, delta, k_base, v_base, sk_t, sv_t, offs_m, 0, pin_hi, lo, int_lo, int_hi, hi,
-                  t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N,
+                  t_k, shift, window, pin_end, qk_scale, D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N,
                   True)
     dq = _dq_keys(dq, q, do, lse2, delta, k_base, v_base, sk_t, sv_t, offs_m, int_lo, int_hi, 0, 0, 0, 0,
-                  t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N,
+                  t_k, shift, window, pin_end, qk_scale, D, DV, CAUSAL, WINDOW, PRECISION, BLOCK_N,
                   False)
     tl.store(_tile(DQ + b * sdq_b + h * sdq_h, offs_m, sdq_t, offs_d),
              _cast(dq * scale, DQ.dtype.element_ty), mask=in_q)
