@@ -4,7 +4,8 @@
   TRITON_INTERPRET=1 python bench/bench_kernels.py --smoke      (CPU: tiny shapes, checks the script only)
 
 B*T = --tokens at every length.  Median times from triton.testing.do_bench (GPU) of forward + backward.
-Rows: SDPA causal (the reference), our flash attention causal, sliding window W=4096 (and its speed-up over our
+Rows: SDPA causal (the reference), our flash attention causal (deterministic dQ; and FA2-style atomic dQ),
+sliding window W=4096 (and its speed-up over our
 full causal at the same T), lightning (TNL), BASED linear attention (feature dim 16), RAT (L=16, as the layer
 calls it: bf16 q/k/v, fp32 gate, RoPE after the scan).  Attention
 rows report TFLOP/s (causal fwd+bwd = 3.5 x 2·B·H·T²·D); every row reports tokens/s and its speed-up over SDPA
@@ -25,7 +26,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.record import StreamedTable, machine  # noqa: E402
-from kernels import attention, based_linear_attention, lightning_attention, rat_attention, tnl_slopes  # noqa: E402
+from kernels import (  # noqa: E402
+    attention,
+    based_linear_attention,
+    lightning_attention,
+    rat_attention,
+    set_backward_dq,
+    tnl_slopes,
+)
 
 
 def timed(fn, smoke: bool) -> float:
@@ -47,6 +55,17 @@ def fwd_bwd(op, *tensors):
     return run
 
 
+def atomic_dq(run):
+    """run with FlashAttention-2's atomic dQ in the attention backward (train.attention_dq=atomic)."""
+    def wrapped():
+        set_backward_dq("atomic")
+        try:
+            run()
+        finally:
+            set_backward_dq("deterministic")
+    return wrapped
+
+
 def cases(b: int, t: int, h: int, d: int, device, dtype, window: int):
     def rand(*shape):
         return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
@@ -66,6 +85,8 @@ def cases(b: int, t: int, h: int, d: int, device, dtype, window: int):
     qf, kf = rand(b, t, h, 16), rand(b, t, h, 16)
     yield "SDPA flash, causal", fwd_bwd(sdpa, q, k, v), "attn"
     yield "flash (triton), causal", fwd_bwd(lambda q, k, v: attention(q, k, v, backend="triton"), q, k, v), "attn"
+    yield "flash (triton), causal, atomic dQ", atomic_dq(
+        fwd_bwd(lambda q, k, v: attention(q, k, v, backend="triton"), q, k, v)), "attn"
     yield "flash (triton), causal + sinks", fwd_bwd(
         lambda q, k, v, s: attention(q, k, v, sink=s, backend="triton"), q, k, v,
         torch.zeros(h, device=device, requires_grad=True)), "attn"

@@ -75,6 +75,17 @@ def _workloads(ops: list[str], dtypes: list[str]):
                     sink = torch.zeros(h, requires_grad=True)
                     attention(q, k, v, window=window, sink=sink, backend="triton").float().sum().backward()
                 yield f"attention/{name}/{'window' if window else 'full'}", run
+
+            def run_atomic(dt=dt, b=b, t=t, h=h, d=d):  # train.attention_dq=atomic: dQ from the dK/dV kernel
+                from kernels import set_backward_dq
+
+                q, k, v = rand(b, t, h, d, dtype=dt), rand(b, t, h, d, dtype=dt), rand(b, t, h, d, dtype=dt)
+                set_backward_dq("atomic")
+                try:
+                    attention(q, k, v, backend="triton").float().sum().backward()
+                finally:
+                    set_backward_dq("deterministic")
+            yield f"attention/{name}/atomic-dq", run_atomic
         if "lightning" in ops:
             def run(dt=dt, b=b, t=t, h=h, d=d):
                 q, k, v = rand(b, t, h, d, dtype=dt), rand(b, t, h, d, dtype=dt), rand(b, t, h, d, dtype=dt)

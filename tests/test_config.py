@@ -78,11 +78,17 @@ def test_wrong_type_names_key():
         ("notakeyvalue", "not of the form key=value"),
         ("model.mlp=relu", "model.mlp='relu' is not one of"),
         ("model.attn.pinned=-1", "model.attn.pinned=-1 must be >= 0"),
+        ("train.attention_dq=fast", "train.attention_dq='fast' is not one of"),
     ],
 )
 def test_inconsistent_values(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
         load_config(None, [override])
+
+
+def test_atomic_dq_conflicts_with_deterministic():
+    with pytest.raises(ConfigError, match="train.attention_dq=atomic .* train.deterministic=true"):
+        load_config(None, ["train.deterministic=true", "train.attention_dq=atomic"])
 
 
 def test_missing_config_file_lists_bundled():

@@ -16,7 +16,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.attention import attention  # noqa: E402
+from kernels.attention import atomic_dq as atomic_dq_enabled  # noqa: E402
+from kernels.attention import attention, set_backward_dq  # noqa: E402
 from kernels.attention.triton import flash_backward, flash_delta, make_spec, merge, triton_attention  # noqa: E402
 from kernels.triton_support import triton_usable  # noqa: E402
 
@@ -249,6 +250,54 @@ def test_ring_style_segments():
         ref = attention(qd, k.double(), v.double(), sink=sink.double(), backend="naive")
         (dq_ref,) = torch.autograd.grad((ref[:, qsl] * g[:, qsl].double()).sum(), qd)
         assert rel_err(dq, dq_ref[:, qsl]) <= 1e-5
+
+
+@pytest.fixture
+def atomic_dq():
+    """FlashAttention-2's backward for one test: dQ added atomically by the dK/dV kernel."""
+    set_backward_dq("atomic")
+    yield
+    set_backward_dq("deterministic")
+
+
+ATOMIC_CASES = ["full-gqa", "window3-mqa", "tq<tk-window", "pinned", "interior-window", "interior-non-causal"]
+
+
+@pytest.mark.parametrize("case", ATOMIC_CASES)
+def test_atomic_dq_matches_oracle(case, atomic_dq):
+    assert atomic_dq_enabled()
+    b, t_q, t_k, h, h_kv, d, kw = CASES[case]
+    assert_close_to_oracle(inputs(b, t_q, t_k, h, h_kv, d, torch.float32), **kw)
+
+
+def test_atomic_dq_half_precision(atomic_dq):
+    assert_close_to_oracle(inputs(1, 37, 37, 4, 2, 32, torch.bfloat16), window=20)
+
+
+def test_atomic_dq_equals_deterministic_dq():
+    """The two backwards compute the same dQ (float32 sums in another order): dK/dV bit-equal, dQ to rounding."""
+    xs = [x.detach() for x in inputs(1, 70, 70, 4, 2, 16, torch.float32, sink=False)]
+    spec = make_spec(xs[0], xs[1], window=40)
+    out, lse = triton_attention(*xs, window=40)
+    g = torch.randn_like(out)
+    delta = flash_delta(out, g)
+    plain = flash_backward(*xs, g, delta, lse, spec, atomic=False)
+    atomic = flash_backward(*xs, g, delta, lse, spec, atomic=True)
+    assert rel_err(atomic[0], plain[0]) <= 1e-6
+    assert torch.equal(atomic[1], plain[1]) and torch.equal(atomic[2], plain[2])
+
+
+def test_deterministic_algorithms_keep_the_deterministic_dq(atomic_dq):
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not atomic_dq_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_unknown_dq_mode_is_refused():
+    with pytest.raises(ValueError, match="deterministic"):
+        set_backward_dq("fast")
 
 
 def test_rejects_unsupported_inputs():

@@ -110,6 +110,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block's activations in backward (long contexts)
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    # Triton attention backward: deterministic (own dQ kernel, bit-reproducible) | atomic (FlashAttention-2's
+    # atomic dQ: one pass over the scores, float32 sums in arrival order)
+    attention_dq: str = "deterministic"
     device: str = "auto"  # auto | cpu | cuda
     nan_policy: str = "stop"  # a non-finite loss/gradient: stop (exit 1, save nothing new) | skip (drop the step)
     engine: str = "torch"  # torch (DDP/FSDP2, DCP checkpoints) | deepspeed (ZeRO, DeepSpeed checkpoints)
@@ -216,6 +219,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("rms", "srms"),
     "train.nan_policy": ("stop", "skip"),
     "train.engine": ("torch", "deepspeed"),
+    "train.attention_dq": ("deterministic", "atomic"),
 }
 
 
@@ -296,6 +300,9 @@ def validate(c: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    if t.deterministic and t.attention_dq == "atomic":
+        raise ConfigError("train.attention_dq=atomic adds gradients in arrival order, which train.deterministic=true "
+                          "rules out; use train.attention_dq=deterministic")
     if not m.pattern:
         raise ConfigError(f"model.pattern is empty; give a list of layer types from {sorted(MIXERS)}")
     for name in m.pattern:

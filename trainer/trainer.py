@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kernels import set_backward_dq
 from launch.distributed import DistInfo
 from models import MIXERS, HybridLM
 from parallel.activation_checkpointing import apply_activation_checkpointing
@@ -65,6 +66,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
+        set_backward_dq(cfg.train.attention_dq)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resume_from = resume_path(cfg, self.ckpt_dir)

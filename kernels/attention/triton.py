@@ -9,6 +9,8 @@ heads, fewer queries than keys, differentiable log-sum-exp), on (B, T, H, d) ten
   layer costs O(T*W); pinned keys add one extra short loop over the first blocks.
 * Grouped-query attention indexes the k/v head as h // G instead of repeating k/v.  The dK/dV kernel loops over
   the G query heads of its k/v head, so no two programs write the same gradient (no atomics: deterministic).
+  `train.attention_dq=atomic` (kernels.attention.set_backward_dq) instead adds dQ from the dK/dV kernel with
+  float32 atomics, as FlashAttention-2 does: one pass over the scores instead of two, not bit-reproducible.
 * Softmax statistics and accumulators are float32 whatever the input dtype; exponentials are taken in base 2
   with log2(e) folded into the scale.
 * The sink logit, and optionally an incoming partial result (out, lse), join the online softmax before the key
@@ -24,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention import atomic_dq
 from kernels.dispatch import TRITON_DTYPES
 from kernels.triton_support import (
     autotune,
@@ -62,9 +65,10 @@ def _configs(tiles: list[tuple[int, int, int, int]]) -> list:
 # chosen from bench/kernel_report.py at d = 128, bf16, and each GPU keeps only those that compile spill-free there.
 CONFIGS = _configs([(128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 128, 8, 2),
                     (64, 64, 4, 2), (64, 64, 8, 2)])
-BWD_KV_CONFIGS = _configs([(16, 64, 8, 1), (16, 32, 4, 2), (16, 64, 8, 2), (32, 64, 8, 2)])
+BWD_KV_CONFIGS = _configs([(16, 64, 8, 1), (16, 32, 4, 2), (16, 64, 8, 2), (32, 64, 8, 2), (16, 32, 4, 1)])
 BWD_Q_CONFIGS = _configs([(64, 32, 8, 2), (64, 16, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2)])
 TUNE_KEY = ["D", "DV", "CAUSAL", "WINDOW", "PRECISION"]  # not the lengths: see triton_support.autotune
+BWD_KV_KEY = TUNE_KEY + ["ATOMIC_DQ"]
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
@@ -85,20 +89,23 @@ def _tile_of(config) -> tuple[int, int, int, int]:
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
-def _target_prune(spills: dict[tuple[bool, bool], set[tuple[int, int, int, int]]]):
+def _target_prune(spills: dict[tuple[bool, str], set[tuple[int, int, int, int]]]):
     """`_prune`, and for 16-bit inputs also the tiles that make ptxas spill registers on this GPU.
 
-    `spills` maps (Hopper?, windowed?) to the tiles that spill there at d = 128, measured by bench/kernel_report.py
-    (Hopper is told apart by its shared memory: H100/H200 227 KB, A100 163 KB, Ada 99 KB).  These kernels sit at
-    the 255-register limit, where one more live value spills, so which tiles spill changes with the target and the
-    mask variant, not only with the tile size.  Smaller head dims spill less: the table only over-prunes there."""
+    `spills` maps (Hopper?, variant) to the tiles that spill there at d = 128, measured by bench/kernel_report.py;
+    the variant is "atomic" (the dK/dV kernel adding dQ), else "window" or "full".  Hopper is told apart by its
+    shared memory (H100/H200 227 KB, A100 163 KB, Ada 99 KB).  These kernels sit at the 255-register limit, where
+    one more live value spills, so which tiles spill changes with the target and the variant, not only with the
+    tile size.  Smaller head dims spill less: the table only over-prunes there."""
     def prune(configs: list, named_args: dict, **kwargs) -> list:
         configs = _prune(configs, named_args, **kwargs)
         smem = device_shared_memory_kb()
         if smem is None or named_args["Q"].element_size() == 4:
             return configs
-        windowed = bool(kwargs.get("WINDOW", named_args.get("WINDOW", False)))
-        spilling = spills.get((smem >= 200, windowed), set())
+        def flag(name: str) -> bool:
+            return bool(kwargs.get(name, named_args.get(name, False)))
+        variant = "atomic" if flag("ATOMIC_DQ") else "window" if flag("WINDOW") else "full"
+        spilling = spills.get((smem >= 200, variant), set())
         kept = [c for c in configs if _tile_of(c) not in spilling]
         return kept or configs[:1]
     return {"early_config_prune": prune}
@@ -106,25 +113,29 @@ def _target_prune(spills: dict[tuple[bool, bool], set[tuple[int, int, int, int]]
 
 HOPPER, PRE_HOPPER = True, False
 PRUNE_FWD = _target_prune({
-    (HOPPER, True): {(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)},  # 4 B each
+    (HOPPER, "window"): {(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)},  # 4 B each
     # 2.1 KB, 250-760 B, 400-470 B, 8 B (the last only unwindowed; dropped for both to keep one list)
-    (PRE_HOPPER, False): {(128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 32, 8, 2)},
-    (PRE_HOPPER, True): {(128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 32, 8, 2)},
+    (PRE_HOPPER, "full"): {(128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 32, 8, 2)},
+    (PRE_HOPPER, "window"): {(128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 32, 8, 2)},
 })
 PRUNE_BWD_KV = _target_prune({
-    (HOPPER, False): {(16, 64, 8, 2), (32, 64, 8, 2)},  # 8 B, 56 B
-    (HOPPER, True): {(16, 64, 8, 2), (32, 64, 8, 2)},
+    (HOPPER, "full"): {(16, 64, 8, 2), (32, 64, 8, 2)},  # 8 B, 56 B
+    (HOPPER, "window"): {(16, 64, 8, 2), (32, 64, 8, 2)},
+    # the dQ tile and its dot on top: every wgmma tile spills (108-588 B), the 16x32 mma tiles do not
+    (HOPPER, "atomic"): {(16, 64, 8, 1), (16, 64, 8, 2), (32, 64, 8, 2)},
+    (PRE_HOPPER, "atomic"): {(16, 32, 4, 2), (32, 64, 8, 2)},  # 8 B, 136 B
 })
 PRUNE_BWD_Q = _target_prune({
-    (HOPPER, True): {(64, 64, 8, 2)},  # 4 B
-    (PRE_HOPPER, False): {(64, 32, 4, 2)},  # 8 B
-    (PRE_HOPPER, True): {(64, 32, 4, 2), (64, 64, 8, 2)},
+    (HOPPER, "window"): {(64, 64, 8, 2)},  # 4 B
+    (PRE_HOPPER, "full"): {(64, 32, 4, 2)},  # 8 B
+    (PRE_HOPPER, "window"): {(64, 32, 4, 2), (64, 64, 8, 2)},
 })
-# HYLO_AUTOTUNE=lean keeps two candidates per kernel (indices into the lists above), chosen so that at least one
-# survives every target's pruning: forward 128x64 w8 and 128x32 w8 (one of them spills on each GPU), dK/dV 16x64 w8 s1 and
-# 16x32 w4, dQ 64x32 w8 and 64x16 w4.
+# HYLO_AUTOTUNE=lean keeps two or three candidates per kernel (indices into the lists above), chosen so that at
+# least one survives every target's pruning: forward 128x64 w8 and 128x32 w8 (one of them spills on each GPU),
+# dK/dV 16x64 w8 s1, 16x32 w4 s2 and s1 (the atomic-dQ variant), dQ 64x32 w8 and 64x16 w4.
 LEAN = (1, 4)
-LEAN_BWD = (1, 2)
+LEAN_BWD_KV = (1, 2, 5)
+LEAN_BWD_Q = (1, 2)
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -455,12 +466,13 @@ def _load_rows(Lse, Delta, rows, in_q):
 
 
 @triton.jit
-def _dkv_queries(dk, dv, k, v, q_base, do_base, Lse, Delta, rows, sq_t, sd_t, offs_n, s1, e1, s2, e2,
-                 t_q, shift, window, pin_end, qk_scale,
+def _dkv_queries(dk, dv, k, v, q_base, do_base, dq_base, Lse, Delta, rows, sq_t, sd_t, sdq_t, offs_n,
+                 s1, e1, s2, e2, t_q, shift, window, pin_end, qk_scale,
                  D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """dK, dV += the query blocks of [s1, e1), [s2, e2) of one head; MASKED=False for interior blocks.  Scores are
-    kept transposed (keys x queries), with q^T loaded as such, so no tile is transposed in registers."""
+    kept transposed (keys x queries), with q^T loaded as such, so no tile is transposed in registers.  With
+    ATOMIC_DQ each tile's dQ share is added in place to a float32 buffer (FlashAttention-2's backward)."""
     offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
     n1 = _n_blocks(s1, e1, BLOCK_M)
     for i in range(0, n1 + _n_blocks(s2, e2, BLOCK_M)):
@@ -482,18 +494,26 @@ def _dkv_queries(dk, dv, k, v, q_base, do_base, Lse, Delta, rows, sq_t, sd_t, of
         dv = _dot(_cast(p_t, do.dtype), do, dv, PRECISION)
         ds_t = p_t * (_dot(v, tl.trans(do), None, PRECISION) - delta[None, :])
         dk = _dot(_cast(ds_t, q_t.dtype), tl.trans(q_t), dk, PRECISION)
+        if ATOMIC_DQ:
+            dq = _dot(tl.trans(_cast(ds_t, k.dtype)), k, None, PRECISION)
+            dq_ptrs = _tile(dq_base, offs_m, sdq_t, offs_d)
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dq, mask=(offs_m < t_q)[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
-@autotune(configs=BWD_KV_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE_BWD_KV, lean=LEAN_BWD)
+@autotune(configs=BWD_KV_CONFIGS, key=BWD_KV_KEY, prune_configs_by=PRUNE_BWD_KV, lean=LEAN_BWD_KV)
 @triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
-def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_,
+def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_, DQAcc,
                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h,
-                   sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+                   sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h, sdq_b, sdq_t, sdq_h,
                    n_heads, group, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, scale,
                    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of one key block of one k/v head, summed over the G query heads sharing it."""
+                   PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key block of one k/v head, summed over the G query heads sharing it (and with ATOMIC_DQ
+    the unscaled dQ, added into DQAcc)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     n_kv = n_heads // group
     b, h_kv = (pid_bh // n_kv).to(tl.int64), (pid_bh % n_kv).to(tl.int64)
@@ -513,14 +533,15 @@ def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_,
     for g in range(group):
         h = h_kv * group + g
         q_base, do_base = Q + b * sq_b + h * sq_h, DOut + b * sd_b + h * sd_h
+        dq_base = DQAcc + b * sdq_b + h * sdq_h
         rows = (b * n_heads + h) * t_q
         # Masked: the diagonal and the window's edge (and ragged ends).  Then the interior, unmasked.
-        dk, dv = _dkv_queries(dk, dv, k, v, q_base, do_base, Lse, Delta, rows, sq_t, sd_t, offs_n, lo, int_lo,
-                              int_hi, hi, t_q, shift, window, pin_end, qk_scale, D, DV, CAUSAL,
-                              WINDOW, PRECISION, BLOCK_M, True)
-        dk, dv = _dkv_queries(dk, dv, k, v, q_base, do_base, Lse, Delta, rows, sq_t, sd_t, offs_n, int_lo, int_hi,
-                              0, 0, t_q, shift, window, pin_end, qk_scale, D, DV, CAUSAL, WINDOW,
-                              PRECISION, BLOCK_M, False)
+        dk, dv = _dkv_queries(dk, dv, k, v, q_base, do_base, dq_base, Lse, Delta, rows, sq_t, sd_t, sdq_t, offs_n,
+                              lo, int_lo, int_hi, hi, t_q, shift, window, pin_end, qk_scale, D, DV, CAUSAL,
+                              WINDOW, PRECISION, BLOCK_M, True, ATOMIC_DQ)
+        dk, dv = _dkv_queries(dk, dv, k, v, q_base, do_base, dq_base, Lse, Delta, rows, sq_t, sd_t, sdq_t, offs_n,
+                              int_lo, int_hi, 0, 0, t_q, shift, window, pin_end, qk_scale, D, DV, CAUSAL, WINDOW,
+                              PRECISION, BLOCK_M, False, ATOMIC_DQ)
     tl.store(_tile(DK + b * sdk_b + h_kv * sdk_h, offs_n, sdk_t, offs_d),
              _cast(dk * scale, DK.dtype.element_ty), mask=in_k)
     tl.store(_tile(DV_ + b * sdv_b + h_kv * sdv_h, offs_n, sdv_t, offs_e),
@@ -545,7 +566,7 @@ def _dq_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_
     return dq
 
 
-@autotune(configs=BWD_Q_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE_BWD_Q, lean=LEAN_BWD)
+@autotune(configs=BWD_Q_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE_BWD_Q, lean=LEAN_BWD_Q)
 @triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
 def _bwd_q_kernel(Q, K, V, DOut, Lse, Delta, DQ,
                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,
@@ -636,11 +657,12 @@ def flash_delta(out: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | No
 
 
 def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor, delta: torch.Tensor,
-                   lse: torch.Tensor, spec: Spec, grad_dtype: torch.dtype | None = None, *, traced: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   lse: torch.Tensor, spec: Spec, grad_dtype: torch.dtype | None = None, *, traced: bool = False,
+                   atomic: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of one (queries, keys) pair given the *final* lse (every key, sink and merged partial) and
     delta = rowsum(dO * O) - dlse.  Gradients come in `grad_dtype` (default: the input dtype); pass float32
-    when summing the gradients of several key segments."""
+    when summing the gradients of several key segments.  `atomic`: dQ added atomically by the dK/dV kernel
+    instead of computed by its own kernel (default: `kernels.attention.set_backward_dq`)."""
     _check(q, k, v)
     q, k, v, d_out = contiguous_last(q), contiguous_last(k), contiguous_last(v), contiguous_last(d_out)
     lse, delta = lse.float().contiguous(), delta.float().contiguous()
@@ -653,9 +675,13 @@ def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: tor
         return dq.zero_(), dk.zero_(), dv.zero_()
     common = (h, h // h_kv, t_q, t_k, *spec.args(), spec.scale * LOG2E, spec.scale)
     flags = {"DV": v.shape[-1], **_flags(q, spec)}
+    atomic = atomic_dq() if atomic is None else atomic
+    dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dk  # unused unless atomic
     _launcher(traced)(_bwd_kv_kernel)[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h_kv)](
-        q, k, v, d_out, lse, delta, dk, dv,
-        *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *strides3(dk), *strides3(dv), *common, **flags)
+        q, k, v, d_out, lse, delta, dk, dv, dq_sum, *strides3(q), *strides3(k), *strides3(v), *strides3(d_out),
+        *strides3(dk), *strides3(dv), *strides3(dq_sum), *common, ATOMIC_DQ=atomic, **flags)
+    if atomic:
+        return dq.copy_(dq_sum.mul_(spec.scale)), dk, dv
     _launcher(traced)(_bwd_q_kernel)[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
         q, k, v, d_out, lse, delta, dq,
         *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *strides3(dq), *common, **flags)
