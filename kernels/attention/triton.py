@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import atomic_dq
+from kernels.attention.dq_mode import atomic_dq
 from kernels.dispatch import TRITON_DTYPES
 from kernels.triton_support import (
     autotune,
