@@ -259,6 +259,6 @@ def test_full_disk_fails_clearly_and_keeps_earlier(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(dcp, "save", no_space)
-    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint step_2.tmp \(the disk is full\)"):
+    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint step_2.tmp: the disk is full"):
         saver.save(2, model, optimizer, {"step": 2})
     assert latest_checkpoint(tmp_path).name == "step_1" and not (tmp_path / "step_2.tmp").exists()

@@ -22,7 +22,8 @@ from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.context_parallel import apply_context_parallel, cp_config_problem, make_context
 from parallel.dims import ParallelDims
 from trainer.callbacks import Callback, Callbacks, default_callbacks
-from trainer.checkpointing import latest_checkpoint
+from trainer.checkpointing import latest_checkpoint, recover_leftovers, verified_checkpoint
+from trainer.checkpointing.step_folder import barrier
 from trainer.config import Config, check_batch_layout, to_yaml
 from trainer.data import DataLoader
 from trainer.engines import StepResult, build_engine, engine_problem
@@ -69,7 +70,12 @@ class Trainer:
         set_backward_dq(cfg.train.attention_dq)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        recover_leftovers(self.ckpt_dir)  # what a crash mid-save or mid-prune left, before choosing a checkpoint
+        barrier()
         self.resume_from = resume_path(cfg, self.ckpt_dir)
+        if cfg.checkpoint.resume != "none":  # the newest that verifies (auto), or the named one if it verifies
+            self.resume_from = verified_checkpoint(
+                self.ckpt_dir, None if cfg.checkpoint.resume == "auto" else self.resume_from)
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if cfg.model.vocab_size == 0:

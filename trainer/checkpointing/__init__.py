@@ -18,11 +18,15 @@ from trainer.checkpointing.step_folder import (
     is_complete,
     latest_checkpoint,
     read_trainer_state,
+    recover_leftovers,
+    verified_checkpoint,
+    verify_checkpoint,
 )
 from trainer.errors import CheckpointError
 
 __all__ = ["MARKER", "TRAINER_STATE", "CheckpointError", "DCPCheckpointer", "complete_checkpoints", "is_complete",
-           "latest_checkpoint", "load_weights", "read_trainer_state"]
+           "latest_checkpoint", "load_weights", "read_trainer_state", "recover_leftovers", "verified_checkpoint",
+           "verify_checkpoint"]
 
 WEIGHT_LOADERS = {"torch": lambda path, model: load_dcp(path, model, None), "deepspeed": load_deepspeed_weights}
 
@@ -30,6 +34,9 @@ WEIGHT_LOADERS = {"torch": lambda path, model: load_dcp(path, model, None), "dee
 def load_weights(path: Path, model: nn.Module) -> dict[str, Any]:
     """Load a step folder's model weights, whichever engine wrote it; returns its trainer state."""
     engine = read_trainer_state(Path(path)).get("engine", "torch")
+    problem = verify_checkpoint(Path(path))
+    if problem:
+        raise CheckpointError(f"checkpoint '{path}' is corrupt: {problem}")
     if engine not in WEIGHT_LOADERS:
         raise CheckpointError(f"checkpoint '{path}' was written by an unknown engine '{engine}'")
     return WEIGHT_LOADERS[engine](Path(path), model)

@@ -1,20 +1,26 @@
 """The torch engine's checkpoints: model parameters and optimizer *tensors* through torch.distributed.checkpoint
 (sharded, reshardable across DP/CP layouts), the optimizer's hyper-parameters as JSON in the trainer state.
 
-Nothing is ever unpickled: only tensors go through DCP (the load planner refuses pickled bytes) and everything
-else is JSON.  Saves can run in the background (`dcp.async_save`).
+Nothing is unpickled but DCP's own metadata: only tensors go through DCP (the load planner refuses pickled
+bytes), everything else is JSON, and DCP's `.metadata` file (a pickle) is read by an unpickler that admits only
+the types DCP writes there (`_MetadataUnpickler`), as `torch.load(weights_only=True)` does for tensors.  Saves
+can run in the background (`dcp.async_save`).
 """
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.optim import Optimizer
 
@@ -31,6 +37,45 @@ class _NoPickleLoadPlanner(DefaultLoadPlanner):
                               "hold only tensors and JSON, and it refuses to unpickle anything")
 
 
+# What DCP's .metadata holds: its metadata classes, tensor sizes, dtypes and layouts, and file paths.
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_METADATA_TYPES = {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                   "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"}
+_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem",
+            "_StorageInfo"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+            ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module == _METADATA_MODULE and name in _METADATA_TYPES) or (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise CheckpointError(f"its .metadata asks to load {module}.{name}, which is not part of DCP's metadata; "
+                              "hylo refuses to unpickle it (the file was crafted or damaged)")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader, with the .metadata read by `_MetadataUnpickler` instead of `pickle.load`."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 - truncated or garbage: any unpickling error
+            raise CheckpointError(f"its .metadata is unreadable ({type(err).__name__}: {err})") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"its .metadata holds a {type(metadata).__name__}, not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def _split_optimizer(optim_sd: dict) -> tuple[dict, list]:
     """DCP gets only tensors: the per-parameter state; the param groups' hyper-parameters go to JSON."""
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in optim_sd["param_groups"]]
@@ -43,6 +88,9 @@ class DCPCheckpointer(StepFolderWriter):
     def __init__(self, root: Path, *, keep_last: int = 0, async_save: bool = False):
         super().__init__(root, keep_last=keep_last)
         self.async_save = async_save
+        # A background save's collectives run on a group of their own (as torchtitan's async mode does): on the
+        # training group they would interleave with DDP's/FSDP's and the preemption vote, and hang or abort.
+        self.save_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
     def _collect(self, model: nn.Module, optimizer: Optimizer, trainer_state: dict[str, Any]) -> tuple[dict, dict]:
         model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -53,7 +101,9 @@ class DCPCheckpointer(StepFolderWriter):
         dcp.save(state, checkpoint_id=str(tmp))
 
     def _start(self, tmp: Path, state: dict):
-        return dcp.async_save(state, checkpoint_id=str(tmp)) if self.async_save else None
+        if not self.async_save:
+            return None
+        return dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.save_group)
 
 
 def load_dcp(path: Path, model: nn.Module, optimizer: Optimizer | None) -> dict[str, Any]:
@@ -70,8 +120,13 @@ def load_dcp(path: Path, model: nn.Module, optimizer: Optimizer | None) -> dict[
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd["state"]}
     try:
-        dcp.load(state, checkpoint_id=str(path), planner=_NoPickleLoadPlanner())
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=_NoPickleLoadPlanner())
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint '{path}': {err}") from None
     except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
+        if "hylo refuses to unpickle" in str(err) or "is unreadable" in str(err):  # wrapped by DCP on many ranks
+            lines = [line for line in str(err).splitlines() if "CheckpointError" in line or "refuses" in line]
+            raise CheckpointError(f"checkpoint '{path}': {(lines or [str(err)])[-1][-400:]}") from None
         lines = [line for line in str(err).splitlines() if line.strip()]
         cause = lines[-1] if lines else repr(err)
         raise CheckpointError(

@@ -5,11 +5,15 @@ shards, each rank's RNG states, and the write protocol (tmp folder -> COMPLETE -
     ...                    the format's own files (DCP shards + .metadata, or DeepSpeed's model/optimizer states)
     trainer_state.json     step, tokens, LR schedule, data-loader position, the engine that wrote it, ...
     rng/rank_<r>.json      each rank's RNG states (torch, CUDA, numpy, python)
+    MANIFEST.json          size and CRC32 of every file above (integrity.py), checked before loading
     COMPLETE               written last: a folder without it is never loaded
 
 A step is written into `step_<N>.tmp/` and renamed when complete, so a crash mid-save leaves the earlier
-checkpoints untouched and the partial one ignored.  Formats subclass `StepFolderWriter` with `_collect` (what to
-write) and `_write` (how); loaders start from `read_trainer_state` and end with `restore_rng`.
+checkpoints untouched and the partial one ignored.  A complete folder is never removed before its replacement
+is in place: a re-save moves the old `step_<N>` aside to `step_<N>.old` first, pruning renames a folder to
+`step_<N>.pruning` before deleting it, and `recover_leftovers` sorts out what a crash left at the next start.
+Formats subclass `StepFolderWriter` with `_collect` (what to write) and `_write` (how); loaders start from
+`read_trainer_state` (after `verify_checkpoint`) and end with `restore_rng`.
 """
 
 from __future__ import annotations
@@ -27,12 +31,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
+from trainer.checkpointing.integrity import verify_manifest, write_manifest
 from trainer.errors import CheckpointError, CheckpointWriteError
 
 TRAINER_STATE = "trainer_state.json"
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+LEFTOVER = re.compile(r"^step_(\d+)\.(tmp|old|pruning)$")
+DISK_FULL = "the disk is full: free space or lower checkpoint.keep_last"
+# The trainer state's required keys and their JSON types: a hand-edited or truncated file is refused by name.
+STATE_SCHEMA = {"step": int, "data": dict, "scheduler": dict}
 
 
 def barrier() -> None:
@@ -72,12 +82,86 @@ def read_trainer_state(path: Path, expect_engine: str | None = None) -> dict[str
         meta = json.loads((path / TRAINER_STATE).read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint '{path}': {TRAINER_STATE} is unreadable ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint '{path}': {TRAINER_STATE} is not a JSON object")
+    for key, kind in STATE_SCHEMA.items():
+        value = meta.get(key)
+        if key not in meta:
+            raise CheckpointError(f"checkpoint '{path}': {TRAINER_STATE} has no '{key}' entry (not written by "
+                                  "hylo, or edited); point checkpoint.resume at another step_<N> folder")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"checkpoint '{path}': {TRAINER_STATE} has {key}={value!r}, expected a "
+                                  f"{kind.__name__}")
     engine = meta.get("engine", "torch")
     if expect_engine is not None and engine != expect_engine:
         raise CheckpointError(f"checkpoint '{path}' was written by train.engine={engine}; this run uses "
                               f"train.engine={expect_engine}. Resume with the engine that wrote it, or start a new "
                               f"run from its weights (hylo export, then model.init_from)")
     return meta
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with a complete step folder's files (checked against its manifest), or None.  Collective:
+    every rank calls it, each hashing its share of the files."""
+    return verify_manifest(Path(path), skip={MARKER})
+
+
+def verified_checkpoint(root: Path, explicit: Path | None, say=print) -> Path | None:
+    """The checkpoint to resume from.  An explicit path must verify, or the run is refused; otherwise the newest
+    complete checkpoint under `root` that verifies, each one skipped said out loud.  Collective."""
+    if explicit is not None:
+        read_trainer_state(explicit)  # exists and complete
+        problem = verify_checkpoint(explicit)
+        if problem:
+            raise CheckpointError(f"checkpoint '{explicit}' is corrupt: {problem}. Point checkpoint.resume at an "
+                                  "earlier step_<N> folder (or checkpoint.resume=auto to take the newest that "
+                                  "verifies)")
+        return explicit
+    if rank() == 0 and root.is_dir():
+        for path in sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and not is_complete(p)):
+            say(f"[hylo] skipping checkpoint {path}: incomplete (no {MARKER} marker: cut off while being written)")
+    rejected = []
+    for _, path in reversed(complete_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        rejected.append(f"{path.name}: {problem}")
+        if rank() == 0:
+            say(f"[hylo] WARNING: skipping checkpoint {path}: it is corrupt ({problem}); trying an earlier one")
+    if rejected:  # starting from scratch would silently overwrite a run that exists
+        raise CheckpointError(f"every checkpoint under {root} is corrupt ({'; '.join(rejected)}). Restore one "
+                              "from a backup, or move them aside to start the run again from scratch")
+    return None
+
+
+def recover_leftovers(root: Path, say=print) -> None:
+    """What a crash during a save or a prune left behind (rank 0, before anything is loaded): a complete folder
+    moved aside for its replacement is moved back if the replacement never arrived; partial folders and folders
+    being pruned are removed.  One line each."""
+    if rank() != 0 or not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        match = LEFTOVER.match(path.name)
+        if not match:
+            continue
+        final = root / f"step_{match.group(1)}"
+        kind = match.group(2)
+        if kind == "old" and not final.exists() and is_complete(path):
+            path.rename(final)
+            say(f"[hylo] recovered {final.name}: a re-save was cut off before its replacement was in place")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            why = {"tmp": "a save cut off before it completed", "old": "replaced by a complete re-save",
+                   "pruning": "a prune cut off halfway"}[kind]
+            say(f"[hylo] removed {path.name} ({why})")
+
+
+def _disk_full(err: BaseException) -> bool:
+    """ENOSPC, also when DCP wraps it (CheckpointException carries each rank's failure as text)."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    text = str(err)
+    return "No space left on device" in text or "Errno 28" in text or "unexpected pos" in text
 
 
 # ---------------------------------------------------------------------------------------------------- RNG
@@ -162,15 +246,29 @@ class StepFolderWriter:
             else:
                 self._write(tmp, state)
                 self._finalise(tmp, final, meta)
-        except OSError as err:
+        except (Exception, CheckpointException) as err:  # DCP's CheckpointException included
             self._abandon(tmp, err)
         self.last_stall = time.perf_counter() - start
         return final
 
     def poll(self) -> None:
-        """Finalise a background save if it has finished (call once per step)."""
-        if self.pending is not None and self.pending[0].done():
+        """Finalise a background save once it has finished on every rank (call once per step on every rank: the
+        ranks agree, so they all enter the finalising barriers at the same step)."""
+        if self.pending is None:
+            return
+        done = self.pending[0].done()
+        if dist.is_initialized():
+            flag = torch.tensor([int(done)], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._agreement_group())
+            done = bool(flag.item())
+        if done:
             self.wait()
+
+    def _agreement_group(self):
+        """A CPU (gloo) group for `poll`'s one-integer vote, so it never needs the accelerator's group."""
+        if getattr(self, "_vote_group", None) is None:
+            self._vote_group = dist.new_group(backend="gloo")
+        return self._vote_group
 
     def wait(self) -> None:
         """Block until the background save (if any) is written and finalised."""
@@ -180,35 +278,56 @@ class StepFolderWriter:
         self.pending = None
         try:
             future.result()
-        except OSError as err:
+        except (Exception, CheckpointException) as err:
             self._abandon(tmp, err)
         barrier()
         self._finalise(tmp, final, meta)
 
     def _finalise(self, tmp: Path, final: Path, meta: dict) -> None:
         barrier()  # every rank's shards are written
-        if rank() == 0:
-            try:
+        try:
+            if rank() == 0:
                 (tmp / TRAINER_STATE).write_text(json.dumps(meta))
+            barrier()
+            write_manifest(tmp, skip={MARKER})
+            if rank() == 0:
                 (tmp / MARKER).write_text(f"complete at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            except OSError as err:
-                self._abandon(tmp, err)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+        except OSError as err:
+            self._abandon(tmp, err)
+        if rank() == 0:
+            self._replace(tmp, final)
             self._prune(keep=final)
         barrier()
+
+    @staticmethod
+    def _replace(tmp: Path, final: Path) -> None:
+        """tmp becomes final; an existing final is moved aside first and deleted only once tmp is in place, so a
+        crash at any point leaves one complete step_<N> (or a step_<N>.old that `recover_leftovers` restores)."""
+        aside = final.with_name(final.name + ".old")
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            final.rename(aside)
+        tmp.rename(final)
+        shutil.rmtree(aside, ignore_errors=True)
 
     def _prune(self, keep: Path) -> None:
         if self.keep_last <= 0:
             return
         for _, path in complete_checkpoints(self.root)[: -self.keep_last]:
             if path != keep:
-                shutil.rmtree(path, ignore_errors=True)
+                doomed = path.with_name(path.name + ".pruning")  # never again taken for a complete checkpoint
+                path.rename(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
     @staticmethod
-    def _abandon(tmp: Path, err: OSError) -> None:
+    def _abandon(tmp: Path, err: BaseException) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
-        hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
-        raise CheckpointWriteError(f"could not write checkpoint {tmp.name}{hint}: {err}. Earlier checkpoints are "
-                                   "intact; free space or point run.dir elsewhere, then resume") from None
+        if _disk_full(err):
+            raise CheckpointWriteError(f"could not write checkpoint {tmp.name}: {DISK_FULL}. The partial folder "
+                                       "was removed; earlier checkpoints are intact, so the run resumes from the "
+                                       "last of them") from None
+        if not isinstance(err, (OSError, CheckpointException)):
+            raise err
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise CheckpointWriteError(f"could not write checkpoint {tmp.name}: {lines[-1] if lines else err!r}. Earlier "
+                                   "checkpoints are intact; fix the cause, then resume") from None

@@ -1,0 +1,287 @@
+"""Checkpoints that cannot lie: checksum manifests refuse damaged or edited files, the DCP metadata is never
+unpickled beyond DCP's own types, a crash anywhere in a re-save or a prune leaves the newest complete checkpoint
+loadable, a full disk says so, and background saves in the middle of multi-rank runs resume bit-exactly."""
+
+import errno
+import json
+import os
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import HybridLM
+from tests.conftest import run_module
+from tests.test_checkpoint import SMALL, losses, shards, torchrun  # noqa: F401 - shards is a fixture
+from trainer.checkpointing import (
+    DCPCheckpointer,
+    complete_checkpoints,
+    load_weights,
+    recover_leftovers,
+    verified_checkpoint,
+    verify_checkpoint,
+)
+from trainer.checkpointing.integrity import MANIFEST, write_manifest
+from trainer.checkpointing.step_folder import MARKER
+from trainer.config import ModelConfig
+from trainer.errors import CheckpointError, CheckpointWriteError
+
+
+def tiny():
+    model = HybridLM(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randint(0, 64, (1, 8))).float().sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def state(step):
+    return {"step": step, "data": {}, "scheduler": {}}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model, optimizer = tiny()
+    saver = DCPCheckpointer(tmp_path, keep_last=0)
+    for step in (1, 2):
+        saver.save(step, model, optimizer, state(step))
+    return tmp_path, model
+
+
+def test_manifest_covers_every_file(saved):
+    root, _ = saved
+    folder = root / "step_2"
+    manifest = json.loads((folder / MANIFEST).read_text())["files"]
+    on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {MANIFEST, MARKER}
+    assert set(manifest) == on_disk and ".metadata" in on_disk and "trainer_state.json" in on_disk
+    assert verify_checkpoint(folder) is None
+
+
+def _flip_bit(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 1 << (offset % 8)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["bit-flip", "zeroed-block", "json-edit", "rng-edit", "extra-file", "missing"])
+def test_damage_is_refused_by_name(saved, damage):
+    root, model = saved
+    folder = root / "step_2"
+    shard = next(folder.glob("*.distcp"))
+    if damage == "bit-flip":
+        _flip_bit(shard, int(torch.randint(0, shard.stat().st_size * 8, ()).item()) // 8)
+        name = shard.name
+    elif damage == "zeroed-block":
+        data = bytearray(shard.read_bytes())
+        start = int(torch.randint(0, max(1, len(data) - 4096), ()).item())
+        data[start:start + 4096] = bytes(len(data[start:start + 4096]))
+        shard.write_bytes(bytes(data))
+        name = shard.name
+    elif damage == "json-edit":  # valid JSON, another step: used silently before manifests
+        meta = json.loads((folder / "trainer_state.json").read_text())
+        (folder / "trainer_state.json").write_text(json.dumps(dict(meta, step=7)))
+        name = "trainer_state.json"
+    elif damage == "rng-edit":
+        (folder / "rng" / "rank_0.json").write_text("{}")
+        name = "rng/rank_0.json"
+    elif damage == "extra-file":
+        (folder / "__9_0.distcp").write_bytes(b"x")
+        name = "__9_0.distcp"
+    else:
+        shard.unlink()
+        name = shard.name
+    if damage == "zeroed-block" and verify_checkpoint(folder) is None:
+        pytest.skip("the zeroed block held zeros already")  # vanishingly rare: shards are float data
+    problem = verify_checkpoint(folder)
+    assert problem is not None and name in problem
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        load_weights(folder, model)
+    # auto takes the newest that verifies; a named folder is refused
+    assert verified_checkpoint(root, None, say=lambda msg: None) == root / "step_1"
+    with pytest.raises(CheckpointError, match=r"step_2' is corrupt"):
+        verified_checkpoint(root, folder)
+
+
+def test_every_checkpoint_corrupt_is_refused_not_restarted(saved):
+    root, _ = saved
+    for step in (1, 2):
+        _flip_bit(next((root / f"step_{step}").glob("*.distcp")), 100)
+    with pytest.raises(CheckpointError, match="every checkpoint under .* is corrupt"):
+        verified_checkpoint(root, None, say=lambda msg: None)
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_metadata_is_refused_without_executing(saved, tmp_path_factory):
+    root, model = saved
+    folder = root / "step_2"
+    marker = tmp_path_factory.mktemp("pwn") / "executed"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    write_manifest(folder, skip={MARKER})  # as an attacker who also rewrote the manifest would
+    with pytest.raises(CheckpointError, match="refuses to unpickle"):
+        load_weights(folder, model)
+    assert not marker.exists()
+
+
+def test_truncated_metadata_is_a_clear_error(saved):
+    root, model = saved
+    folder = root / "step_2"
+    meta = folder / ".metadata"
+    meta.write_bytes(meta.read_bytes()[:40])
+    write_manifest(folder, skip={MARKER})
+    with pytest.raises(CheckpointError, match=r"\.metadata is unreadable"):
+        load_weights(folder, model)
+
+
+def test_legitimate_metadata_round_trips(saved):
+    root, model = saved
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    load_weights(root / "step_2", model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_on_call(monkeypatch, n: int) -> None:
+    """Raise Crash at the n-th rename or rmtree that hylo's step-folder protocol makes (a kill -9 at that
+    instant); DCP's own renames inside its save are left alone."""
+    calls = {"n": 0}
+    rename, rmtree = Path.rename, shutil.rmtree
+
+    def tick():
+        if sys._getframe(2).f_globals.get("__name__") != "trainer.checkpointing.step_folder":
+            return
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Crash(f"crash at filesystem operation {n}")
+
+    def crashing_rename(self, target):
+        tick()
+        return rename(self, target)
+
+    def crashing_rmtree(path, *args, **kwargs):
+        tick()
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "rename", crashing_rename)
+    monkeypatch.setattr(shutil, "rmtree", crashing_rmtree)
+
+
+@pytest.mark.parametrize("crash_at", range(1, 8))
+def test_crash_anywhere_in_resave_and_prune_keeps_a_complete_checkpoint(tmp_path, monkeypatch, crash_at):
+    """Steps 1-3 saved, then step 3 saved again with keep_last=2 (a rollback's re-save, which also prunes) with a
+    crash at each of its filesystem operations: clearing an old tmp, clearing an old aside, moving step_3 aside,
+    moving the new one in, deleting the old, renaming step_1 for pruning, deleting it.  After start-up recovery the newest complete checkpoint is a
+    verified step_3, and nothing is left over."""
+    model, optimizer = tiny()
+    saver = DCPCheckpointer(tmp_path, keep_last=0)
+    for step in (1, 2, 3):
+        saver.save(step, model, optimizer, state(step))
+    # a rollback: step_2 is loaded and training goes on, so step_3 is written again, now with keep_last=2
+    saver.keep_last = 2
+    crashed = False
+    with monkeypatch.context() as patch:
+        _crash_on_call(patch, crash_at)
+        try:
+            saver.save(3, model, optimizer, state(3))
+        except Crash:
+            crashed = True
+    assert crashed  # every one of the seven operations is a crash point
+    notes = []
+    recover_leftovers(tmp_path, say=notes.append)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert all("." not in n for n in names), (crash_at, names, notes)  # no .tmp/.old/.pruning left
+    newest = complete_checkpoints(tmp_path)[-1][1]
+    assert newest.name == "step_3" and verify_checkpoint(newest) is None, (crash_at, names)
+    load_weights(newest, tiny()[0])
+
+
+def test_full_disk_inside_dcp_is_clear(tmp_path, monkeypatch):
+    """DCP reports a rank's ENOSPC wrapped in a CheckpointException (not an OSError)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    model, optimizer = tiny()
+    saver = DCPCheckpointer(tmp_path)
+    saver.save(1, model, optimizer, state(1))
+
+    def no_space(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as err:
+            raise CheckpointException("save", {0: _wrap_exception(err)}) from None
+
+    monkeypatch.setattr(dcp, "save", no_space)
+    with pytest.raises(CheckpointWriteError, match="the disk is full: free space or lower checkpoint.keep_last"):
+        saver.save(2, model, optimizer, state(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["step_1"] and verify_checkpoint(tmp_path / "step_1") is None
+
+
+def test_resume_auto_falls_back_and_a_named_corrupt_checkpoint_is_refused(shards, tmp_path):  # noqa: F811
+    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=5", *SMALL]
+    first = run_module([*args, "train.steps=10"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    _flip_bit(next((tmp_path / "checkpoints" / "step_10").glob("*.distcp")), 777)
+    named = run_module([*args, "train.steps=12", f"checkpoint.resume={tmp_path / 'checkpoints' / 'step_10'}"])
+    assert named.returncode == 2 and "step_10' is corrupt" in named.stderr and ".distcp" in named.stderr
+    auto = run_module([*args, "train.steps=12"])
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    assert "skipping checkpoint" in auto.stdout and "step_10" in auto.stdout
+    assert f"resuming from {tmp_path / 'checkpoints' / 'step_5'}" in auto.stdout
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
+def test_async_saves_mid_run_then_bit_exact_resume(shards, tmp_path, free_port, layout):  # noqa: F811
+    """Background saves at steps 5, 10, 15 while training goes on (and at 20), on 2 ranks: every one completes
+    and verifies, and a resume from step 10 reproduces steps 11-20 exactly."""
+    extra = ["parallel.dp_shard=true"] if layout == "fsdp2" else []
+    args = [f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=5", "checkpoint.async=true",
+            "train.steps=20", *SMALL, *extra]
+    first = torchrun(2, free_port, args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpts = tmp_path / "checkpoints"
+    assert [p.name for _, p in complete_checkpoints(ckpts)] == ["step_5", "step_10", "step_15", "step_20"]
+    assert all(verify_checkpoint(p) is None for _, p in complete_checkpoints(ckpts))
+    reference = losses(tmp_path)
+    second = torchrun(2, free_port, [*args, f"checkpoint.resume={ckpts / 'step_10'}"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert losses(tmp_path) == reference
+
+
+@pytest.mark.slow
+def test_async_saves_mid_run_on_four_ranks(shards, tmp_path, free_port):  # noqa: F811
+    args = [f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=4", "checkpoint.async=true",
+            "train.steps=12", *SMALL]
+    first = torchrun(4, free_port, args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    reference = losses(tmp_path)
+    second = torchrun(4, free_port, [*args, f"checkpoint.resume={tmp_path / 'checkpoints' / 'step_4'}"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert losses(tmp_path) == reference
+
+
+def test_leftovers_are_reported_at_start(shards, tmp_path):  # noqa: F811
+    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=5", *SMALL]
+    assert run_module([*args, "train.steps=5"]).returncode == 0
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(ckpts / "step_5", ckpts / "step_9.tmp")
+    (ckpts / "step_5").rename(ckpts / "step_5.old")  # a re-save of step 5 cut off after moving it aside
+    res = run_module([*args, "train.steps=6"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "recovered step_5" in res.stdout and "removed step_9.tmp" in res.stdout
+    assert f"resuming from {ckpts / 'step_5'}" in res.stdout
+
