@@ -7,14 +7,17 @@ import json
 import os
 import pickle
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from models import HybridLM
-from tests.conftest import run_module
+from tests.conftest import ROOT, run_module, subprocess_env
 from tests.test_checkpoint import SMALL, losses, shards, torchrun  # noqa: F401 - shards is a fixture
 from trainer.checkpointing import (
     DCPCheckpointer,
@@ -185,8 +188,8 @@ def _crash_on_call(monkeypatch, n: int) -> None:
 def test_crash_anywhere_in_resave_and_prune_keeps_a_complete_checkpoint(tmp_path, monkeypatch, crash_at):
     """Steps 1-3 saved, then step 3 saved again with keep_last=2 (a rollback's re-save, which also prunes) with a
     crash at each of its filesystem operations: clearing an old tmp, clearing an old aside, moving step_3 aside,
-    moving the new one in, deleting the old, renaming step_1 for pruning, deleting it.  After start-up recovery the newest complete checkpoint is a
-    verified step_3, and nothing is left over."""
+    moving the new one in, deleting the old, renaming step_1 for pruning, deleting it.  After start-up recovery
+    the newest complete checkpoint is a verified step_3, and nothing is left over."""
     model, optimizer = tiny()
     saver = DCPCheckpointer(tmp_path, keep_last=0)
     for step in (1, 2, 3):
@@ -285,3 +288,71 @@ def test_leftovers_are_reported_at_start(shards, tmp_path):  # noqa: F811
     assert "recovered step_5" in res.stdout and "removed step_9.tmp" in res.stdout
     assert f"resuming from {ckpts / 'step_5'}" in res.stdout
 
+
+
+# ---------------------------------------------------------------------------------------------- one job per run dir
+def _start(args: list[str], log: Path, torchrun_ranks: int = 0, port: int = 0) -> subprocess.Popen:
+    if torchrun_ranks:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun_ranks}",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "-m", "trainer.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "trainer.train", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for_steps(run_dir: Path, n: int, timeout: float = 180) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < n):
+        time.sleep(0.2)
+    assert metrics.exists() and len(metrics.read_text().splitlines()) >= n, "the run did not start"
+
+
+def test_second_job_on_a_run_dir_is_refused_and_a_dead_holder_is_taken_over(shards, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    args = [f"run.dir={run}", f"data.path={shards}", "checkpoint.interval=0", *SMALL]
+    first = _start([*args, "train.steps=100000"], tmp_path / "first.log")
+    try:
+        _wait_for_steps(run, 2)
+        second = run_module(["-m", "trainer.train", *args, "train.steps=2", "checkpoint.resume=auto"])
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert "is in use by another job" in second.stderr and f"pid {first.pid}" in second.stderr
+    finally:
+        first.kill()  # kill -9: the lock file stays, the kernel drops the lock
+        first.wait(timeout=60)
+    third = run_module(["-m", "trainer.train", *args, "train.steps=2"])
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "took over the run dir lock" in third.stdout and f"pid {first.pid}" in third.stdout
+    assert not (run / "hylo.lock").exists()  # released at the end
+
+
+def test_ctrl_c_saves_and_exits_zero(shards, tmp_path):  # noqa: F811
+    proc = _start([f"run.dir={tmp_path}", f"data.path={shards}", "train.steps=100000", "checkpoint.interval=0",
+                   *SMALL], tmp_path / "out.log")
+    _wait_for_steps(tmp_path, 3)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0, (tmp_path / "out.log").read_text()[-3000:]
+    out = (tmp_path / "out.log").read_text()
+    assert "interrupted: saving at the next step boundary" in out and "preempted: saved step" in out
+    step = max(losses(tmp_path))
+    assert verify_checkpoint(tmp_path / "checkpoints" / f"step_{step}") is None
+
+
+def test_orphaned_ranks_stop_and_save_when_the_launcher_dies(shards, tmp_path, free_port):  # noqa: F811
+    agent = _start([f"run.dir={tmp_path}", f"data.path={shards}", "train.steps=100000", "checkpoint.interval=0",
+                    *SMALL], tmp_path / "out.log", torchrun_ranks=2, port=free_port)
+    _wait_for_steps(tmp_path, 3)
+    agent.kill()  # kill -9 of the torchrun agent: its workers are re-parented and would train on
+    agent.wait(timeout=60)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        alive = subprocess.run(["pgrep", "-f", f"run.dir={tmp_path}"], capture_output=True, text=True).stdout.split()
+        if not alive:
+            break
+        time.sleep(0.5)
+    assert not alive, "orphaned ranks kept training after their launcher died"
+    out = (tmp_path / "out.log").read_text()
+    assert "its launcher died: saved step" in out, out[-3000:]
+    newest = complete_checkpoints(tmp_path / "checkpoints")[-1][1]
+    assert verify_checkpoint(newest) is None and not (tmp_path / "hylo.lock").exists()

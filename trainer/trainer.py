@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from kernels import set_backward_dq
 from launch.distributed import DistInfo
@@ -32,6 +33,7 @@ from trainer.export import load_weights
 from trainer.metrics import MetricsLogger
 from trainer.optim import build_scheduler
 from trainer.recall import MQARLoader, mqar_spec
+from trainer.run_lock import RunDirLocked, RunLock
 from trainer.tokenizer import load_tokenizer
 
 
@@ -70,20 +72,45 @@ class Trainer:
         set_backward_dq(cfg.train.attention_dq)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        recover_leftovers(self.ckpt_dir)  # what a crash mid-save or mid-prune left, before choosing a checkpoint
-        barrier()
-        self.resume_from = resume_path(cfg, self.ckpt_dir)
-        if cfg.checkpoint.resume != "none":  # the newest that verifies (auto), or the named one if it verifies
-            self.resume_from = verified_checkpoint(
-                self.ckpt_dir, None if cfg.checkpoint.resume == "auto" else self.resume_from)
-
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = 64 * -(-self.tokenizer.get_vocab_size() // 64)
         elif cfg.model.vocab_size < self.tokenizer.get_vocab_size() and cfg.data.format != "mqar":  # ids, not text
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's "
                               f"{self.tokenizer.get_vocab_size()}")
-        self.loader = self._build_loader(micro)
+        self.loader = self._build_loader(micro)  # bad data fails here, before the run dir is touched
+        self.lock = RunLock(self.run_dir)
+        try:
+            self._lock_run_dir()
+            self._build(info, micro, accum, callbacks)
+        except BaseException:
+            self.lock.release()
+            self.loader.close()
+            raise
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 takes the run dir's lock; every rank learns the outcome (and raises together if refused)."""
+        outcome = [None, None]  # (refusal, note)
+        if self.is_main:
+            try:
+                outcome[1] = self.lock.acquire()
+            except RunDirLocked as err:
+                outcome[0] = str(err)
+        if dist.is_initialized():
+            dist.broadcast_object_list(outcome, src=0)
+        if outcome[0]:
+            raise ConfigError(outcome[0])
+        if outcome[1] and self.is_main:
+            print(outcome[1], flush=True)
+
+    def _build(self, info: DistInfo, micro: int, accum: int, callbacks: Sequence[Callback]) -> None:
+        cfg = self.cfg
+        recover_leftovers(self.ckpt_dir)  # what a crash mid-save or mid-prune left, before choosing a checkpoint
+        barrier()
+        self.resume_from = resume_path(cfg, self.ckpt_dir)
+        if cfg.checkpoint.resume != "none":  # the newest that verifies (auto), or the named one if it verifies
+            self.resume_from = verified_checkpoint(
+                self.ckpt_dir, None if cfg.checkpoint.resume == "auto" else self.resume_from)
 
         model = HybridLM(cfg.model).to(self.device)
         if cfg.model.init_from and self.resume_from is None:
@@ -226,6 +253,7 @@ class Trainer:
     def close(self, done: bool) -> None:
         self.loader.close()
         self.logger.close()
+        self.lock.release()
         if self.is_main and done:
             print(f"[hylo] done. TensorBoard: tensorboard --logdir {(self.run_dir / 'tb').resolve()}\n"
                   f"[hylo] checkpoints: {self.ckpt_dir.resolve()}  config: {(self.run_dir / 'config.yaml').resolve()}",

@@ -1,4 +1,6 @@
-"""Preemption: SIGTERM or SIGUSR1 on any rank makes every rank save at the same step boundary and exit 0.
+"""Preemption: SIGTERM, SIGUSR1 or Ctrl-C (SIGINT) on any rank makes every rank save at the same step boundary
+and exit 0; a second Ctrl-C stops at once.  Ranks whose launcher died (the torchrun agent was `kill -9`ed, so
+they were re-parented) stop and save the same way instead of training on as orphans.
 
 Schedulers (SLURM, Kubernetes, torchrun's agent) send SIGTERM before killing a job; SLURM can send SIGUSR1 ahead of
 the time limit (`#SBATCH --signal=USR1@120`).  The handler only sets a flag.  With one process the flag is read
@@ -9,6 +11,7 @@ logging.interval steps after the signal).
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import TYPE_CHECKING
 
@@ -23,18 +26,32 @@ if TYPE_CHECKING:
 
 
 class PreemptionWatcher:
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, device: torch.device):
         self.device = device
         self.flag = False
+        self.reason = "preempted"
+        # torchrun's agent is each worker's parent: if it dies the worker is re-parented
+        self.launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.flag:  # the second Ctrl-C: stop now
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            print("[hylo] interrupted: saving at the next step boundary (Ctrl-C again to stop at once)", flush=True)
         self.flag = True
 
+    def launcher_died(self) -> bool:
+        return self.launcher is not None and os.getppid() != self.launcher
+
     def requested(self) -> bool:
-        """Whether any rank was signalled (a collective: every rank must ask at the same step)."""
+        """Whether any rank was signalled or lost its launcher (a collective: every rank must ask at the same
+        step)."""
+        if self.launcher_died() and not self.flag:
+            self.flag, self.reason = True, "launcher died"
         if not dist.is_initialized():
             return self.flag
         flag = torch.tensor([float(self.flag)], device=self.device)
@@ -62,4 +79,5 @@ class PreemptionCallback(Callback):
         if trainer.stop_reason == "preempted":
             trainer.checkpointer.wait()
             if trainer.is_main:
-                print(f"[hylo] preempted: saved step {trainer.step}; resume with checkpoint.resume=auto", flush=True)
+                why = "its launcher died" if self.watcher.reason == "launcher died" else "preempted"
+                print(f"[hylo] {why}: saved step {trainer.step}; resume with checkpoint.resume=auto", flush=True)
