@@ -94,6 +94,7 @@ class DataConfig:
     tokenizer: str = ""  # path to a tokenizer.json; empty = the bundled byte-level BPE
     prefetch: int = 4  # batches prepared ahead by the background thread (0 = inline)
     verify: bool = True  # token shards: check every shard's CRC32 when opening
+    allow_source_change: bool = False  # resume even if the files/dataset/tokenizer changed since the checkpoint
     mqar: MQARDataConfig = field(default_factory=MQARDataConfig)
 
 

@@ -107,6 +107,22 @@ def resolve_source(cfg: DataConfig) -> tuple[str, list[str] | str]:
     return _builder_for(files, cfg.format), files
 
 
+def _read_error(err: Exception) -> str:
+    """One line for an error raised while reading the data files (the datasets library wraps many)."""
+    if isinstance(err, OSError):
+        name = err.filename or (err.args[0] if len(err.args) == 1 else None)
+        reason = err.strerror or ("no such file" if isinstance(err, FileNotFoundError) else type(err).__name__)
+        if name:
+            return (f"cannot read data file '{name}': {reason}. Restore the file (a resume then continues where "
+                    "the last checkpoint left off) or point data.path at data that is complete")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    cause = err.__cause__ or err.__context__
+    detail = f"{type(err).__name__}: {lines[0] if lines else err!r}"[:400]
+    if cause is not None and str(cause).strip():
+        detail += f" (caused by {type(cause).__name__}: {str(cause).strip().splitlines()[0][:300]})"
+    return f"could not read the data: {detail}"
+
+
 class DocumentStream:
     """An endless, rank-independent stream of documents: epoch after epoch, files in a seeded order.
 
@@ -148,7 +164,14 @@ class DocumentStream:
                 state = None
             before = ds.state_dict()
             empty_epoch = True
-            for example in ds:
+            examples = iter(ds)
+            while True:
+                try:
+                    example = next(examples)
+                except StopIteration:
+                    break
+                except Exception as err:  # noqa: BLE001 - a file removed or unreadable mid-run, a malformed line
+                    raise DataError(_read_error(err)) from None
                 text = example.get(self.cfg.text_field)
                 if text is None:
                     raise DataError(

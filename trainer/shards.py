@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -98,7 +99,7 @@ class TokenShards:
             raise DataError(f"token shards '{path}' were written with another tokenizer than data.tokenizer; "
                              "point data.tokenizer at the one used by `hylo tokenize --out`")
         dtype = np.dtype(self.index["dtype"])
-        self.arrays = []
+        self.arrays, self.files = [], []
         for shard in self.index["shards"]:
             file = self.path / shard["file"]
             expected = shard["tokens"] * dtype.itemsize
@@ -110,6 +111,7 @@ class TokenShards:
             if verify and zlib.crc32(arr.tobytes()) != shard["crc32"]:
                 raise DataError(f"token shard {file} fails its CRC32 check (corrupted); re-run `hylo tokenize --out`")
             self.arrays.append(arr)
+            self.files.append((file, expected))
         self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
         self.total = int(self.starts[-1])
 
@@ -118,6 +120,11 @@ class TokenShards:
         for i, arr in enumerate(self.arrays):
             lo, hi = max(start, self.starts[i]), min(stop, self.starts[i + 1])
             if lo < hi:
+                file, expected = self.files[i]
+                # a memory-mapped file truncated under us kills the process with SIGBUS on the next read
+                if os.stat(file).st_size < expected:
+                    raise DataError(f"token shard {file} shrank while training read it (truncated or replaced); "
+                                    "restore it or re-run `hylo tokenize --out`, then resume")
                 parts.append(arr[lo - self.starts[i]:hi - self.starts[i]])
         return np.concatenate(parts).astype(np.int32)
 

@@ -32,6 +32,7 @@ from trainer.errors import ConfigError, TrainingDiverged
 from trainer.export import load_weights
 from trainer.metrics import MetricsLogger
 from trainer.optim import build_scheduler
+from trainer.provenance import check_source, data_provenance
 from trainer.recall import MQARLoader, mqar_spec
 from trainer.run_lock import RunDirLocked, RunLock
 from trainer.tokenizer import load_tokenizer
@@ -79,6 +80,7 @@ class Trainer:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's "
                               f"{self.tokenizer.get_vocab_size()}")
         self.loader = self._build_loader(micro)  # bad data fails here, before the run dir is touched
+        self.data_source = data_provenance(cfg.data, self.tokenizer)
         self.lock = RunLock(self.run_dir)
         try:
             self._lock_run_dir()
@@ -228,9 +230,14 @@ class Trainer:
         """trainer_state.json: the loop's counters, the schedule, the data position, the engine's marks and the
         stateful callbacks."""
         return {**self.state_dict(), "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
-                "world_size": self.dims.world, **self.engine.trainer_state_extras(), **self.callbacks.state_dict()}
+                "data_source": self.data_source, "world_size": self.dims.world,
+                **self.engine.trainer_state_extras(), **self.callbacks.state_dict()}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        note = check_source(state.get("data_source"), self.data_source, str(self.resume_from),
+                            self.cfg.data.allow_source_change)
+        if note and self.is_main:
+            print(note, flush=True)
         self.load_state_dict(state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["data"])

@@ -1,0 +1,90 @@
+"""The data a checkpoint was taken on is recorded and checked: a resume on changed files is refused by name (or,
+opted in, goes on with a warning), and a file that disappears or cannot be parsed mid-stream is one clear error."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_module
+from tests.test_checkpoint import SMALL
+from trainer.config import DataConfig
+from trainer.data import DocumentStream, bundled_corpus_files
+from trainer.errors import DataError
+from trainer.provenance import check_source, data_provenance, source_change
+from trainer.tokenizer import load_tokenizer
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, f in enumerate(bundled_corpus_files()[:12]):
+        shutil.copy(f, folder / f"doc_{i:02d}.py")
+    return folder
+
+
+def test_provenance_names_removed_added_and_changed_files(corpus):
+    tok = load_tokenizer("")
+    cfg = DataConfig(path=str(corpus))
+    before = data_provenance(cfg, tok)
+    assert before["kind"] == "files" and before["n_files"] == 12
+    assert source_change(before, data_provenance(cfg, tok)) is None
+    (corpus / "doc_03.py").unlink()
+    (corpus / "new.py").write_text("x = 1\n")
+    with (corpus / "doc_05.py").open("a") as f:
+        f.write("# appended\n")
+    change = source_change(before, data_provenance(cfg, tok))
+    assert "doc_03.py was removed" in change and "new.py was added" in change and "doc_05.py changed size" in change
+    with pytest.raises(DataError, match="data.allow_source_change=true"):
+        check_source(before, data_provenance(cfg, tok), "step_4", allow=False)
+    assert "WARNING" in check_source(before, data_provenance(cfg, tok), "step_4", allow=True)
+
+
+def test_a_file_removed_mid_stream_is_named(corpus):
+    stream = DocumentStream(DataConfig(path=str(corpus)), seed=0).iterate()
+    next(stream)
+    for f in corpus.iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=r"cannot read data file '.*doc_\d+\.py'"):
+        for _ in range(20):
+            next(stream)
+
+
+def test_resume_on_changed_data_is_refused_unless_allowed(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = ["-m", "trainer.train", f"run.dir={run}", f"data.path={corpus}", "checkpoint.interval=2", *SMALL]
+    first = run_module([*args, "train.steps=2"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    (corpus / "doc_07.py").unlink()
+    refused = run_module([*args, "train.steps=4"])
+    assert refused.returncode == 2 and "doc_07.py was removed" in refused.stderr
+    allowed = run_module([*args, "train.steps=4", "data.allow_source_change=true"])
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert "WARNING: the data changed since" in allowed.stdout
+
+
+def test_unchanged_data_resumes_without_a_word(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = ["-m", "trainer.train", f"run.dir={run}", f"data.path={corpus}", "checkpoint.interval=2", *SMALL]
+    assert run_module([*args, "train.steps=2"]).returncode == 0
+    again = run_module([*args, "train.steps=3"])
+    assert again.returncode == 0 and "data changed" not in again.stdout + again.stderr
+    assert Path(run / "checkpoints" / "step_3").is_dir()
+
+
+def test_token_shard_truncated_while_reading_is_an_error_not_sigbus(tmp_path):
+    from trainer.shards import TokenShards, write_shards
+
+    tok = load_tokenizer("")
+    texts = (open(f, encoding="utf-8", errors="replace").read() for f in bundled_corpus_files()[:20])
+    write_shards(texts, tok, tmp_path, shard_tokens=5_000)
+    shards = TokenShards(tmp_path, tok)
+    assert len(shards.files) >= 2
+    first = shards.slice(0, 100)
+    assert len(first) == 100
+    victim, _ = shards.files[-1]
+    with open(victim, "r+b") as f:
+        f.truncate(16)
+    with pytest.raises(DataError, match="shrank while training read it"):
+        shards.slice(shards.total - 50, shards.total)
