@@ -23,7 +23,7 @@ from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.context_parallel import apply_context_parallel, cp_config_problem, make_context
 from parallel.dims import ParallelDims
 from trainer.callbacks import Callback, Callbacks, default_callbacks
-from trainer.checkpointing import latest_checkpoint, recover_leftovers, verified_checkpoint
+from trainer.checkpointing import latest_checkpoint, read_trainer_state, recover_leftovers, verified_checkpoint
 from trainer.checkpointing.step_folder import barrier
 from trainer.config import Config, check_batch_layout, to_yaml
 from trainer.data import DataLoader
@@ -34,6 +34,7 @@ from trainer.metrics import MetricsLogger
 from trainer.optim import build_scheduler
 from trainer.provenance import check_source, data_provenance
 from trainer.recall import MQARLoader, mqar_spec
+from trainer.resume import apply_optimiser_settings, config_record, resume_changes
 from trainer.run_lock import RunDirLocked, RunLock
 from trainer.tokenizer import load_tokenizer
 
@@ -144,7 +145,12 @@ class Trainer:
         self.say = print
         self._first_bad_step = torch.zeros((), dtype=torch.long, device=self.device)  # 0: every step finite
         if self.resume_from is not None:
+            changed = resume_changes(read_trainer_state(self.resume_from).get("config"), cfg, str(self.resume_from))
             self.load_checkpoint_state(self.engine.load(self.resume_from))
+            apply_optimiser_settings(self.engine.optimizer, self.scheduler, cfg)
+            if changed and self.is_main:
+                print(f"[hylo] resuming with this run's settings where they differ from the checkpoint's: "
+                      f"{', '.join(changed)}", flush=True)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -230,7 +236,7 @@ class Trainer:
         """trainer_state.json: the loop's counters, the schedule, the data position, the engine's marks and the
         stateful callbacks."""
         return {**self.state_dict(), "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
-                "data_source": self.data_source, "world_size": self.dims.world,
+                "data_source": self.data_source, "world_size": self.dims.world, "config": config_record(self.cfg),
                 **self.engine.trainer_state_extras(), **self.callbacks.state_dict()}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:

@@ -1,0 +1,69 @@
+"""What a resumed run takes from its checkpoint and what from its own config.
+
+From the checkpoint: the weights, the optimizer's moments, the step, the schedule's position and the data position.
+From the new config: every optimiser and schedule setting (so `--resume train.lr=1e-3` trains at 1e-3), listed in
+a note when it differs from the checkpoint's.  Settings that define the parameters' shapes cannot change on resume
+and are refused by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from trainer.config import Config
+from trainer.errors import ConfigError
+from trainer.optim import lr_factor
+
+# Keys whose change alters the parameters' shapes: a checkpoint cannot be loaded into such a model.
+SHAPE_KEYS = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads",
+              "model.head_dim", "model.ffn_dim", "model.pattern", "model.tie_embeddings", "model.mlp", "model.norm")
+# Keys a resume takes from the new config (the rest of the new config applies anyway; these are the ones a
+# checkpoint also carries, so they are the ones a user could believe were ignored).
+OPTIMISER_KEYS = ("train.lr", "train.grad_clip", "optim.weight_decay", "optim.betas", "optim.eps",
+                  "schedule.warmup_steps", "schedule.decay", "schedule.min_lr_ratio", "train.steps")
+
+
+def config_record(cfg: Config) -> dict[str, Any]:
+    """The run's config as plain JSON, saved in the trainer state."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def _get(record: dict[str, Any], key: str):
+    node: Any = record
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def resume_changes(saved: dict[str, Any] | None, cfg: Config, checkpoint: str) -> list[str]:
+    """Refuse shape changes; return 'key old -> new' for the optimiser/schedule settings that changed."""
+    if saved is None:  # written before checkpoints carried their config
+        return []
+    now = config_record(cfg)
+    shape = [f"{key} {_get(saved, key)!r} -> {_get(now, key)!r}" for key in SHAPE_KEYS
+             if _get(saved, key) != _get(now, key)]
+    if shape:
+        raise ConfigError(f"checkpoint {checkpoint} holds a model of another shape ({'; '.join(shape)}): these "
+                          "settings cannot change on resume. Use the checkpoint's values, or start a new run from "
+                          "its weights where they fit (hylo export, then model.init_from)")
+    return [f"{key} {_get(saved, key)!r} -> {_get(now, key)!r}" for key in OPTIMISER_KEYS
+            if _get(saved, key) != _get(now, key)]
+
+
+def apply_optimiser_settings(optimizer: torch.optim.Optimizer, scheduler, cfg: Config) -> None:
+    """Overwrite what loading the optimizer and scheduler restored with this run's settings: lr (at the schedule's
+    current position), weight decay of the decayed group, betas and eps."""
+    scheduler.base_lrs = [cfg.train.lr] * len(optimizer.param_groups)
+    factor = lr_factor(scheduler.last_epoch, cfg)
+    for i, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = cfg.train.lr
+        group["lr"] = cfg.train.lr * factor
+        group["betas"] = tuple(cfg.optim.betas)
+        group["eps"] = cfg.optim.eps
+        if i == 0:  # build_optimizer's first group holds the matrices, the second (no decay) the rest
+            group["weight_decay"] = cfg.optim.weight_decay
