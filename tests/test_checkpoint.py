@@ -196,6 +196,7 @@ def test_export_and_init_from(shards, tmp_path):
     exp = run_module(["-m", "trainer.cli", "export", "--checkpoint", str(run / "checkpoints" / "step_3"),
                       "--out", str(out), "--dtype", "fp32"])
     assert exp.returncode == 0, exp.stderr[-2000:]
+    assert out.stat().st_mode & 0o044 == 0o044  # readable by group and others (safetensors writes 0600)
     from safetensors.torch import load_file
 
     from models import HybridLM

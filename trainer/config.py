@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -257,7 +258,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not path.is_file():
                 known = sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
                 raise ConfigError(f"config file '{path}' does not exist. Bundled configs in {CONFIG_DIR}: {known}")
-            loaded = OmegaConf.load(path)
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise ConfigError(f"config file {where} is not valid YAML ({problem}); fix that line") from None
             if "async" in (loaded.get("checkpoint") or {}):  # `async` is a Python keyword: the field is async_save
                 loaded.checkpoint.async_save = loaded.checkpoint.pop("async")
             cfg = OmegaConf.merge(cfg, loaded)

@@ -156,6 +156,12 @@ class DocumentStream:
         kwargs: dict[str, Any] = text_kwargs if self.builder == "text" else {}
         return load_dataset(self.builder, data_files=files, split="train", streaming=True, **kwargs)
 
+    def check_readable(self) -> None:
+        """Read up to the first document with text, so unreadable or empty data fails before a run starts."""
+        for epoch, _, text in self.iterate():
+            if text.strip() or epoch > 0:
+                return
+
     def iterate(self, epoch: int = 0, state: dict | None = None) -> Iterator[tuple[int, dict, str]]:
         while True:
             ds = self._dataset(epoch)
@@ -164,6 +170,7 @@ class DocumentStream:
                 state = None
             before = ds.state_dict()
             empty_epoch = True
+            has_text = epoch > 0  # one epoch with text is proof enough
             examples = iter(ds)
             while True:
                 try:
@@ -179,10 +186,13 @@ class DocumentStream:
                         "set data.text_field"
                     )
                 empty_epoch = False
+                has_text = has_text or bool(text.strip())
                 yield epoch, before, text
                 before = ds.state_dict()
             if empty_epoch:
                 raise DataError(f"the data source {str(self.source)[:200]} yielded no documents")
+            if not has_text:  # training would see nothing but end-of-document tokens
+                raise DataError(f"the data source {str(self.source)[:200]} holds no text (every document is empty)")
             epoch += 1
 
 
@@ -274,6 +284,12 @@ class DataLoader:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         self._stop = threading.Event()
+
+    def check_readable(self) -> None:
+        """Fail now, with the data's own error, if the stream cannot yield text (token shards were checked when
+        opened)."""
+        if isinstance(self.packer, SequencePacker):
+            self.packer.docs.check_readable()
 
     def _next_step(self) -> tuple[torch.Tensor, dict]:
         local = self.global_batch // self.world

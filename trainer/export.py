@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -44,6 +45,9 @@ def export(checkpoint: Path, out: Path, dtype: str = "bf16") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     model_cfg = OmegaConf.to_container(OmegaConf.structured(cfg.model))
     save_file(tensors, str(out), metadata={"hylo_model_config": json.dumps(model_cfg), "dtype": dtype})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)  # safetensors creates the file 0600: others could not read a shared model
     out.with_suffix(".json").write_text(json.dumps(model_cfg, indent=2))
     return out
 

@@ -23,6 +23,10 @@ class RunDirLocked(Exception):
     """Another live job holds the run dir."""
 
 
+class RunDirUnusable(RunDirLocked):
+    """The run dir cannot be created or written."""
+
+
 class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_FILE
@@ -31,8 +35,12 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock or raise RunDirLocked naming the holder; returns a note when it took over the lock of a
         job that died without releasing it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunDirUnusable(f"run.dir {self.path.parent} cannot be written ({err.strerror or err}); point "
+                                 "run.dir at a writable folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -35,11 +35,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     parser = argparse.ArgumentParser(prog="hylo train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: the embedded tiny config, configs/tiny.yaml)")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None,
-                        help="resume: latest checkpoint in run.dir (no value) or a checkpoint folder")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                        help="resume: the latest checkpoint in run.dir (no value) or a checkpoint folder "
+                             "(--resume=PATH); key=value after --resume stays an override")
     parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.steps=100 model.d_model=256")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
+        overrides.insert(0, args.resume)  # `--resume train.lr=1e-3`: an override, not a checkpoint path
+        args.resume = "auto"
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
     return args.config, overrides

@@ -80,7 +80,9 @@ class Trainer:
         elif cfg.model.vocab_size < self.tokenizer.get_vocab_size() and cfg.data.format != "mqar":  # ids, not text
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's "
                               f"{self.tokenizer.get_vocab_size()}")
-        self.loader = self._build_loader(micro)  # bad data fails here, before the run dir is touched
+        self.loader = self._build_loader(micro)
+        if isinstance(self.loader, DataLoader):
+            self.loader.check_readable()  # bad data fails here, before the run dir is touched
         self.data_source = data_provenance(cfg.data, self.tokenizer)
         self.lock = RunLock(self.run_dir)
         try:

@@ -1,0 +1,45 @@
+"""Bad input is one line naming what is wrong, exit 2, and no stray run dir."""
+
+import pytest
+
+from tests.conftest import run_module
+from trainer.train import parse_args
+
+
+def train(*args):
+    return run_module(["-m", "trainer.train", "train.steps=1", "logging.progress=false", *args], timeout=300)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: [1,\n")
+    res = train("--config", str(bad))
+    assert res.returncode == 2 and f"{bad}:3:1 is not valid YAML" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_unwritable_run_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    res = train(f"run.dir={blocker / 'run'}")
+    assert res.returncode == 2 and "cannot be written" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no text"),
+    ('{"text": "fine"}\n{"text": "broken\n', "could not read the data"),
+    ('{"body": "no text field"}\n', "have no field 'text'"),
+], ids=["empty", "malformed-jsonl", "no-text-field"])
+def test_bad_data_fails_before_the_run_dir_exists(tmp_path, content, message):
+    data = tmp_path / ("data.txt" if not content else "data.jsonl")
+    data.write_text(content)
+    run = tmp_path / "run"
+    res = train(f"run.dir={run}", f"data.path={data}")
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and not run.exists()
+
+
+def test_resume_does_not_swallow_an_override():
+    assert parse_args(["--resume", "train.lr=1e-3"])[1] == ["train.lr=1e-3", "checkpoint.resume=auto"]
+    assert parse_args(["--resume=runs/x/step_5", "train.steps=9"])[1] == ["train.steps=9",
+                                                                          "checkpoint.resume=runs/x/step_5"]
