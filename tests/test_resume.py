@@ -3,6 +3,8 @@ refused by name, and the checkpoint's position (step, schedule, data) is kept.""
 
 import json
 
+import numpy as np
+
 from tests.conftest import run_module
 from tests.test_checkpoint import SMALL, shards  # noqa: F401 - shards is a fixture
 from trainer.config import load_config
@@ -32,3 +34,40 @@ def test_shape_change_on_resume_is_refused_by_name(shards, tmp_path):  # noqa: F
     assert run_module([*args, "train.steps=2"]).returncode == 0
     res = run_module([*args, "train.steps=4", "model.n_layers=3"])
     assert res.returncode == 2 and "model.n_layers 2 -> 3" in res.stderr and "cannot change on resume" in res.stderr
+
+
+def test_a_new_seq_len_continues_the_stream_at_the_same_token():
+    """Long-context training in stages: a checkpoint taken at T=64 resumed at T=32 (and at T=128) reads on from the
+    very token where the T=64 run would have, nothing skipped or repeated."""
+    from trainer.config import DataConfig
+    from trainer.data import DataLoader
+    from trainer.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("")
+
+    def loader(t):
+        return DataLoader(DataConfig(prefetch=0), tok, seq_len=t, global_batch=2, micro_batch=2)
+
+    first = loader(64)
+    for _ in range(3):
+        next(first)
+    state = first.state_dict()
+    same = loader(64)
+    same.load_state_dict(state)
+    reference = next(same).reshape(-1, 65)  # the next two sequences at T=64: 128 new tokens (+1)
+    stream = np.concatenate([reference[0, :64], reference[1]])
+    for t in (32, 128):
+        other = loader(t)
+        other.load_state_dict(state)
+        assert "nothing skipped or repeated" in other.resume_note
+        rows = next(other).reshape(-1, t + 1)
+        got = np.concatenate([rows[0, :t], rows[1]])[:129]
+        n = min(len(got), len(stream))
+        assert np.array_equal(got[:n], stream[:n]), t
+
+
+def test_a_new_seq_len_on_token_shards_is_refused_clearly(shards, tmp_path):  # noqa: F811
+    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=2", *SMALL]
+    assert run_module([*args, "train.steps=2"]).returncode == 0
+    res = run_module([*args, "train.steps=4", "train.seq_len=32"])
+    assert res.returncode == 2 and "train.seq_len=64" in res.stderr and "Traceback" not in res.stderr

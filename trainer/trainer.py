@@ -249,6 +249,8 @@ class Trainer:
         self.load_state_dict(state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["data"])
+        if getattr(self.loader, "resume_note", None) and self.is_main:
+            print(self.loader.resume_note, flush=True)
         self.callbacks.load_state_dict(state)
 
     # ---------------------------------------------------------------------------------------------- messages
