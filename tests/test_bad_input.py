@@ -43,3 +43,11 @@ def test_resume_does_not_swallow_an_override():
     assert parse_args(["--resume", "train.lr=1e-3"])[1] == ["train.lr=1e-3", "checkpoint.resume=auto"]
     assert parse_args(["--resume=runs/x/step_5", "train.steps=9"])[1] == ["train.steps=9",
                                                                           "checkpoint.resume=runs/x/step_5"]
+
+
+def test_tokenizer_smaller_than_asked_says_so(tmp_path):
+    text = tmp_path / "tiny.txt"
+    text.write_text("hello world hello\n")
+    res = run_module(["-m", "trainer.cli", "tokenize", "--input", str(text), "--vocab-size", "32000",
+                      "--output", str(tmp_path / "tok.json")])
+    assert res.returncode == 0 and "asked for --vocab-size 32000" in res.stdout

@@ -46,6 +46,10 @@ def tokenize_main(argv: list[str]) -> int:
         return 0
     tok = train_bpe(one_epoch(), args.vocab_size, args.output)
     print(f"[hylo] wrote {args.output} ({tok.get_vocab_size()} tokens)")
+    if tok.get_vocab_size() < args.vocab_size:
+        print(f"[hylo] note: asked for --vocab-size {args.vocab_size}, but the input only supports "
+              f"{tok.get_vocab_size()} tokens (too little text for more merges); give more text for a larger "
+              "vocabulary", flush=True)
     return 0
 
 

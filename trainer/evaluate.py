@@ -142,6 +142,9 @@ def eval_main(argv: list[str]) -> int:
 
 def _eval_ppl(model, cfg, args) -> int:
     seq_len = args.seq_len or cfg.train.seq_len
+    if args.data == "bundled:val" and cfg.data.path not in ("", "bundled:train"):
+        print(f"[hylo] note: the model trained on {cfg.data.path}; perplexity is measured on the bundled corpus's "
+              "validation split (give --data for held-out data of your own)", flush=True)
     data = DataConfig(**{**cfg.data.__dict__, "path": args.data, "prefetch": 0})
     batches = eval_batches(data, load_tokenizer(cfg.data.tokenizer), seq_len, args.batch_size, args.batches)
     result = perplexity(model, batches, args.bucket or default_bucket(seq_len))
