@@ -1,13 +1,15 @@
-"""Checkpoint save/load time and how long a save stalls training, sync vs async (`dcp.async_save`).
+"""Checkpoint save/load time with checksums on and off, and how long a save stalls training, sync vs async.
 
   python bench/bench_checkpoint.py [--no-record]
 
 For each model size: build the model and AdamW state as the trainer does (one process), then time
-  sync save    the whole `Checkpointer.save` (write + finalise)
+  sync save    the whole `Checkpointer.save` (write + finalise), with the CRC32 manifest and without
   async stall  how long `Checkpointer.save` blocks the caller (staging the state); the write continues behind
   async total  until the background write is finalised
-  load         `load_checkpoint` into a fresh model and optimizer
-Target (issue 6): the async stall is <= 20% of a synchronous save.  Prints a table, appends to bench/RESULTS.md.
+  load         `load_dcp` into a fresh model and optimizer, after verifying the manifest and without
+Then a 2-rank torchrun training run with async saves in the middle: the stall each save put on rank 0's step.
+Targets: verification adds at most 10% to load time on the 125M config (issue 16); the async stall is <= 20% of
+a synchronous save (issue 6).  Prints tables, appends them to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -47,21 +49,23 @@ def build(overrides: list[str]):
 
 
 def measure(overrides: list[str], reps: int = 3) -> dict:
+    from trainer.checkpointing import verify_checkpoint
     from trainer.checkpointing.dcp import DCPCheckpointer as Checkpointer
-    from trainer.checkpointing.dcp import load_dcp as load_checkpoint
+    from trainer.checkpointing.dcp import load_dcp
 
     model, optimizer, cfg = build(overrides)
     n = sum(p.numel() for p in model.parameters())
     state = {"step": 1, "tokens": 0, "scheduler": {}, "data": {}}
     out = {"params": n}
     with tempfile.TemporaryDirectory() as root:
-        sync = Checkpointer(Path(root) / "sync")
-        times = []
-        for i in range(reps):
-            start = time.perf_counter()
-            sync.save(i + 1, model, optimizer, state)
-            times.append(time.perf_counter() - start)
-        out["sync"] = min(times)
+        for label, checksums in (("sync", True), ("sync_plain", False)):
+            saver = Checkpointer(Path(root) / label, checksums=checksums)
+            times = []
+            for i in range(reps):
+                start = time.perf_counter()
+                saver.save(i + 1, model, optimizer, state)
+                times.append(time.perf_counter() - start)
+            out[label] = min(times)
         background = Checkpointer(Path(root) / "async", async_save=True)
         stalls, totals = [], []
         for i in range(reps):
@@ -72,10 +76,52 @@ def measure(overrides: list[str], reps: int = 3) -> dict:
             totals.append(time.perf_counter() - start)
         out["stall"], out["async_total"] = min(stalls), min(totals)
         model2, optimizer2, _ = build(overrides)
-        start = time.perf_counter()
-        load_checkpoint(Path(root) / "sync" / f"step_{reps}", model2, optimizer2)
-        out["load"] = time.perf_counter() - start
+        path = Path(root) / "sync" / f"step_{reps}"
+        plain, verified = [], []
+        for _ in range(reps):  # alternate, so both see the same page cache
+            start = time.perf_counter()
+            load_dcp(path, model2, optimizer2)
+            plain.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            assert verify_checkpoint(path) is None
+            load_dcp(path, model2, optimizer2)
+            verified.append(time.perf_counter() - start)
+        out["load"], out["load_verified"] = min(plain), min(verified)
     return out
+
+
+def async_stall_two_ranks() -> dict:
+    """A 2-rank torchrun run (tiny config, async saves every 5 steps): the stall of each save on rank 0."""
+    import json
+    import os
+    import socket
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as run_dir, socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        script = ("import sys, json, trainer.train as t\n"
+                  "from trainer.checkpointing.step_folder import StepFolderWriter\n"
+                  "stalls = []\n"
+                  "save = StepFolderWriter.save\n"
+                  "def timed(self, *a, **k):\n"
+                  "    out = save(self, *a, **k); stalls.append(self.last_stall); return out\n"
+                  "StepFolderWriter.save = timed\n"
+                  "t.main(sys.argv[1:])\n"
+                  "print('STALLS', json.dumps(stalls))\n")
+        script_path = Path(run_dir) / "stall.py"
+        script_path.write_text(script)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+               f"--rdzv_endpoint=127.0.0.1:{port}", str(script_path), f"run.dir={run_dir}/run", "train.steps=20",
+               "checkpoint.interval=5", "checkpoint.async=true", "logging.progress=false", "train.batch_size=8"]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+        lines = [line for line in res.stdout.splitlines() if line.startswith("STALLS")]
+        if res.returncode != 0 or not lines:
+            return {"error": (res.stderr or res.stdout)[-300:]}
+        stalls = json.loads(lines[0].split(" ", 1)[1])
+        return {"stalls": stalls}
 
 
 def main() -> int:
@@ -83,18 +129,29 @@ def main() -> int:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
-    rows = ["### bench_checkpoint: save / load / async stall (one process, local disk)",
+    rows = ["### bench_checkpoint: save / load with and without checksums, async stall (local disk)",
             f"{machine()} · best of 3",
-            "", "| model | params | sync save s | async stall s | stall / sync | async total s | load s |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+            "", "| model | params | save s | save, no checksums s | async stall s | stall / sync | async total s "
+            "| load s | verify + load s | verify adds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ok = True
     for name, overrides in SIZES.items():
         r = measure(overrides)
         ratio = r["stall"] / r["sync"]
+        extra = r["load_verified"] / r["load"] - 1
         ok &= ratio <= 0.2 if r["params"] > 20e6 else True
-        rows.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['sync']:.3f} | {r['stall']:.3f} | {ratio:.0%} | "
-                    f"{r['async_total']:.3f} | {r['load']:.3f} |")
+        rows.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['sync']:.3f} | {r['sync_plain']:.3f} | "
+                    f"{r['stall']:.3f} | {ratio:.0%} | {r['async_total']:.3f} | {r['load']:.3f} | "
+                    f"{r['load_verified']:.3f} | {extra:+.0%} |")
         print(rows[-1], flush=True)
+    two = async_stall_two_ranks()
+    if "stalls" in two:
+        stalls = ", ".join(f"{s:.3f}" for s in two["stalls"])
+        rows += ["", f"2-rank torchrun (tiny config, gloo), async saves at steps 5/10/15/20: stall per save on "
+                 f"rank 0 = {stalls} s"]
+    else:
+        rows += ["", f"2-rank async run failed: {two['error']}"]
+    print(rows[-1], flush=True)
     table = "\n".join(rows + [""])
     publish(table, record=not args.no_record)
     return 0 if ok else 3

@@ -156,6 +156,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (latest in run.dir, if any) | none | a checkpoint folder
     keep_last: int = 0  # keep only the newest k complete checkpoints; 0 = keep all
     async_save: bool = False  # write in the background (dcp.async_save); also spelled checkpoint.async
+    checksums: bool = True  # write a CRC32 manifest with each checkpoint and verify it before loading
 
 
 @dataclass

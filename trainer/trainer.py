@@ -115,7 +115,8 @@ class Trainer:
         self.resume_from = resume_path(cfg, self.ckpt_dir)
         if cfg.checkpoint.resume != "none":  # the newest that verifies (auto), or the named one if it verifies
             self.resume_from = verified_checkpoint(
-                self.ckpt_dir, None if cfg.checkpoint.resume == "auto" else self.resume_from)
+                self.ckpt_dir, None if cfg.checkpoint.resume == "auto" else self.resume_from,
+                verify=cfg.checkpoint.checksums)
 
         model = HybridLM(cfg.model).to(self.device)
         if cfg.model.init_from and self.resume_from is None:

@@ -85,8 +85,8 @@ def _split_optimizer(optim_sd: dict) -> tuple[dict, list]:
 class DCPCheckpointer(StepFolderWriter):
     """Step folders of DCP shards; `async_save` writes them in the background."""
 
-    def __init__(self, root: Path, *, keep_last: int = 0, async_save: bool = False):
-        super().__init__(root, keep_last=keep_last)
+    def __init__(self, root: Path, *, keep_last: int = 0, async_save: bool = False, checksums: bool = True):
+        super().__init__(root, keep_last=keep_last, checksums=checksums)
         self.async_save = async_save
         # A background save's collectives run on a group of their own (as torchtitan's async mode does): on the
         # training group they would interleave with DDP's/FSDP's and the preemption vote, and hang or abort.

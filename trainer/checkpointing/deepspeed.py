@@ -29,8 +29,8 @@ def require_deepspeed():
 class DeepSpeedCheckpointer(StepFolderWriter):
     """hylo's step folders around `engine.save_checkpoint` (DeepSpeed gathers model and optimizer states itself)."""
 
-    def __init__(self, root: Path, engine, *, keep_last: int = 0):
-        super().__init__(root, keep_last=keep_last)
+    def __init__(self, root: Path, engine, *, keep_last: int = 0, checksums: bool = True):
+        super().__init__(root, keep_last=keep_last, checksums=checksums)
         self.engine = engine
 
     def _collect(self, model, optimizer, trainer_state: dict[str, Any]) -> tuple[None, dict]:

@@ -5,7 +5,7 @@ shards, each rank's RNG states, and the write protocol (tmp folder -> COMPLETE -
     ...                    the format's own files (DCP shards + .metadata, or DeepSpeed's model/optimizer states)
     trainer_state.json     step, tokens, LR schedule, data-loader position, the engine that wrote it, ...
     rng/rank_<r>.json      each rank's RNG states (torch, CUDA, numpy, python)
-    MANIFEST.json          size and CRC32 of every file above (integrity.py), checked before loading
+    MANIFEST.json          size and XXH3 hash of every file above (integrity.py), checked before loading
     COMPLETE               written last: a folder without it is never loaded
 
 A step is written into `step_<N>.tmp/` and renamed when complete, so a crash mid-save leaves the earlier
@@ -106,12 +106,13 @@ def verify_checkpoint(path: Path) -> str | None:
     return verify_manifest(Path(path), skip={MARKER})
 
 
-def verified_checkpoint(root: Path, explicit: Path | None, say=print) -> Path | None:
+def verified_checkpoint(root: Path, explicit: Path | None, say=print, verify: bool = True) -> Path | None:
     """The checkpoint to resume from.  An explicit path must verify, or the run is refused; otherwise the newest
-    complete checkpoint under `root` that verifies, each one skipped said out loud.  Collective."""
+    complete checkpoint under `root` that verifies, each one skipped said out loud.  Collective.  With
+    `verify=False` (checkpoint.checksums=false) the manifests are not read."""
     if explicit is not None:
         read_trainer_state(explicit)  # exists and complete
-        problem = verify_checkpoint(explicit)
+        problem = verify_checkpoint(explicit) if verify else None
         if problem:
             raise CheckpointError(f"checkpoint '{explicit}' is corrupt: {problem}. Point checkpoint.resume at an "
                                   "earlier step_<N> folder (or checkpoint.resume=auto to take the newest that "
@@ -122,7 +123,7 @@ def verified_checkpoint(root: Path, explicit: Path | None, say=print) -> Path | 
             say(f"[hylo] skipping checkpoint {path}: incomplete (no {MARKER} marker: cut off while being written)")
     rejected = []
     for _, path in reversed(complete_checkpoints(root)):
-        problem = verify_checkpoint(path)
+        problem = verify_checkpoint(path) if verify else None
         if problem is None:
             return path
         rejected.append(f"{path.name}: {problem}")
@@ -209,8 +210,8 @@ class StepFolderWriter:
     `save` writes synchronously unless the format starts a background write in `_start` (returning a future);
     `poll` finalises a finished background write, `wait` blocks for it."""
 
-    def __init__(self, root: Path, *, keep_last: int = 0):
-        self.root, self.keep_last = root, keep_last
+    def __init__(self, root: Path, *, keep_last: int = 0, checksums: bool = True):
+        self.root, self.keep_last, self.checksums = root, keep_last, checksums
         self.pending: tuple[Any, Path, Path, dict] | None = None  # (future, tmp, final, trainer state)
         self.last_stall = 0.0  # seconds the last save blocked the training loop
 
@@ -289,7 +290,8 @@ class StepFolderWriter:
             if rank() == 0:
                 (tmp / TRAINER_STATE).write_text(json.dumps(meta))
             barrier()
-            write_manifest(tmp, skip={MARKER})
+            if self.checksums:
+                write_manifest(tmp, skip={MARKER})
             if rank() == 0:
                 (tmp / MARKER).write_text(f"complete at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         except OSError as err:

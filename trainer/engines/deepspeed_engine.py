@@ -65,6 +65,7 @@ class DeepSpeedEngine(Engine):
                                                dist_init_required=False)
         self.model = self.engine
         self.keep_last, self.zero_stage = c.checkpoint.keep_last, c.deepspeed.zero_stage
+        self.checksums = c.checkpoint.checksums
 
     @classmethod
     def config_problem(cls, c: Config) -> str | None:
@@ -94,7 +95,8 @@ class DeepSpeedEngine(Engine):
         return StepResult(step_loss, torch.as_tensor(float("nan") if norm is None else float(norm)), True)
 
     def checkpointer(self, root: Path) -> DeepSpeedCheckpointer:
-        return DeepSpeedCheckpointer(root, self.engine, keep_last=self.keep_last)
+        return DeepSpeedCheckpointer(root, self.engine, keep_last=self.keep_last,
+                                     checksums=self.checksums)
 
     def load(self, path: Path) -> dict[str, Any]:
         return load_deepspeed(path, self.engine, self.zero_stage)

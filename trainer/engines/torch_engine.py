@@ -67,7 +67,7 @@ class TorchEngine(Engine):
 
     def checkpointer(self, root: Path) -> DCPCheckpointer:
         c = self.cfg.checkpoint
-        return DCPCheckpointer(root, keep_last=c.keep_last, async_save=c.async_save)
+        return DCPCheckpointer(root, keep_last=c.keep_last, async_save=c.async_save, checksums=c.checksums)
 
     def load(self, path: Path) -> dict[str, Any]:
         return load_dcp(path, self.model, self.optimizer)
