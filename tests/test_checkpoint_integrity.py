@@ -356,3 +356,34 @@ def test_orphaned_ranks_stop_and_save_when_the_launcher_dies(shards, tmp_path, f
     assert "its launcher died: saved step" in out, out[-3000:]
     newest = complete_checkpoints(tmp_path / "checkpoints")[-1][1]
     assert verify_checkpoint(newest) is None and not (tmp_path / "hylo.lock").exists()
+
+
+def test_checksums_can_be_turned_off(tmp_path):
+    model, optimizer = tiny()
+    saver = DCPCheckpointer(tmp_path, checksums=False)
+    saver.save(1, model, optimizer, state(1))
+    assert not (tmp_path / "step_1" / MANIFEST).exists()
+    assert verified_checkpoint(tmp_path, None, verify=False) == tmp_path / "step_1"
+
+
+def test_a_real_full_disk(tmp_path):
+    """On a tmpfs just large enough for one checkpoint (root can mount one; skipped where it cannot)."""
+    model, optimizer = tiny()
+    probe = tmp_path / "probe"
+    DCPCheckpointer(probe).save(1, model, optimizer, state(1))
+    size = sum(p.stat().st_size for p in probe.rglob("*") if p.is_file())
+    mount = tmp_path / "small"
+    mount.mkdir()
+    pages = (size * 3 // 2) // 4096 + 4
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * 4096}", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected-ENOSPC tests cover the logic")
+    try:
+        saver = DCPCheckpointer(mount / "checkpoints")
+        saver.save(1, model, optimizer, state(1))
+        with pytest.raises(CheckpointWriteError, match="the disk is full: free space or lower checkpoint.keep_last"):
+            saver.save(2, model, optimizer, state(2))
+        assert sorted(p.name for p in (mount / "checkpoints").iterdir()) == ["step_1"]
+        assert verify_checkpoint(mount / "checkpoints" / "step_1") is None
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
