@@ -1,4 +1,8 @@
-"""A tqdm bar on rank 0 (logging.progress); while it runs, the trainer's messages go through it."""
+"""A tqdm bar on rank 0 (logging.progress); while it runs, the trainer's messages go through it.
+
+The bar shows the logged loss smoothed over the last ten log points (`loss`) beside the last one (`last`): one
+batch's loss swings by a nat or more on a mixed corpus, and a run's end should not be judged by its last batch.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,11 @@ if TYPE_CHECKING:
 
 
 class ProgressBar(Callback):
+    WINDOW = 10  # log points averaged for the bar's loss
+
     def __init__(self):
         self.bar = None
+        self.recent: list[float] = []
 
     def on_train_start(self, trainer: Trainer) -> None:
         if not trainer.is_main:
@@ -27,7 +34,9 @@ class ProgressBar(Callback):
         if self.bar is None:
             return
         if trainer.is_log_step() and "last_loss" in trainer.summary:
-            self.bar.set_postfix(loss=f"{trainer.summary['last_loss']:.3f}",
+            self.recent = (self.recent + [trainer.summary["last_loss"]])[-self.WINDOW:]
+            self.bar.set_postfix(loss=f"{sum(self.recent) / len(self.recent):.3f}",
+                                 last=f"{trainer.summary['last_loss']:.3f}",
                                  tok_s=f"{trainer.summary['tokens_per_sec']:,.0f}")
         self.bar.update(1)
 
