@@ -339,20 +339,22 @@ class DataLoader:
             raise RuntimeError("load the data loader's state before iterating it")
         self.resume_note = None
         if state["seq_len"] != self.seq_len:
-            if not isinstance(self.packer, SequencePacker):
-                raise DataError(
-                    f"the checkpoint read token shards in windows of train.seq_len={state['seq_len']}; this run uses "
-                    f"{self.seq_len}. Shards are read as a shuffled order of fixed windows, which has no position "
-                    "to continue from at another length: keep the length, or train the new stage on the text "
-                    "source (data.path of the documents), whose stream continues exactly")
-            # the streaming packer's position is a token (document + offset), whatever the window length
-            self.resume_note = (f"[hylo] train.seq_len {state['seq_len']} -> {self.seq_len}: the data stream continues "
-                                "at the same token, nothing skipped or repeated")
+            if isinstance(self.packer, SequencePacker):
+                # the streaming packer's position is a token (document + offset), whatever the window length
+                self.resume_note = (f"[hylo] train.seq_len {state['seq_len']} -> {self.seq_len}: the data stream "
+                                    "continues at the same token, nothing skipped or repeated")
+            else:
+                self.resume_note = (f"[hylo] train.seq_len {state['seq_len']} -> {self.seq_len}: the rest of the "
+                                    "interrupted epoch is read in its order, cut to the new length (nothing "
+                                    f"repeated; under {self.seq_len} tokens dropped at its end), then new epochs")
         if state["global_batch"] != self.global_batch:
             raise DataError(f"data state was saved with train.batch_size={state['global_batch']}, this run uses "
                              f"{self.global_batch}: keep the global batch when resuming (the number of ranks may "
                              "change)")
-        self.packer.load_state_dict(state["packer"])
+        if isinstance(self.packer, SequencePacker):
+            self.packer.load_state_dict(state["packer"])
+        else:
+            self.packer.load_state_dict(state["packer"], saved_seq_len=state["seq_len"])
         self._state = self.packer.state_dict()
 
     def close(self) -> None:

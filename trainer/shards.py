@@ -130,35 +130,86 @@ class TokenShards:
 
 
 class ShardSequences:
-    """Global sequence stream over token shards with the SequencePacker interface; state = next global index."""
+    """Global sequence stream over token shards with the SequencePacker interface.
+
+    Each epoch is a seeded shuffle of the corpus cut into windows of seq_len (+1 target token); sequence g is
+    window perm_epoch[g mod n] of epoch g // n, so the state is the next global index.  A resume at another
+    seq_len (training in stages of growing length) first reads the rest of the interrupted epoch in its old order
+    — the old windows not yet read, laid end to end and cut into windows of the new length — then starts the next
+    epoch at the new length: no token of the interrupted epoch is repeated, and at most one new window's worth at
+    its very end (fewer than seq_len tokens) is dropped.
+    """
 
     def __init__(self, shards: TokenShards, seq_len: int, seed: int):
         self.shards, self.seq_len, self.seed = shards, seq_len, seed
-        self.n = (shards.total - 1) // seq_len
-        if self.n < 1:
-            raise DataError(f"token shards '{shards.path}' hold {shards.total} tokens: fewer than one sequence of "
-                             f"{seq_len + 1}")
+        self.n = self._windows(seq_len)
         self.next_index = 0
-        self._perm_epoch, self._perm = -1, None
+        self.carry: dict | None = None  # the rest of an epoch read at another length: see the class docstring
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _windows(self, seq_len: int) -> int:
+        n = (self.shards.total - 1) // seq_len
+        if n < 1:
+            raise DataError(f"token shards '{self.shards.path}' hold {self.shards.total} tokens: fewer than one "
+                            f"sequence of {seq_len + 1}")
+        return n
+
+    def _perm(self, epoch: int, n: int) -> np.ndarray:
+        if (epoch, n) not in self._perms:
+            self._perms = {(epoch, n): np.random.default_rng([self.seed, epoch]).permutation(n)}
+        return self._perms[(epoch, n)]
 
     def _sequence(self, g: int) -> np.ndarray:
         epoch, j = divmod(g, self.n)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            self._perm_epoch = epoch
-        start = int(self._perm[j]) * self.seq_len
+        start = int(self._perm(epoch, self.n)[j]) * self.seq_len
         return self.shards.slice(start, start + self.seq_len + 1)
 
+    def _carried(self, i: int) -> np.ndarray:
+        """Sequence i of the carried rest of an epoch: tokens [i*T, i*T + T + 1) of the old windows end to end."""
+        c, t = self.carry, self.seq_len
+        old_t, perm = c["seq_len"], self._perm(c["epoch"], c["n"])
+        parts, pos, need = [], i * t, t + 1
+        while need:
+            unit, offset = divmod(pos, old_t)
+            start = int(perm[c["start"] + unit]) * old_t + offset
+            take = min(need, old_t - offset)
+            parts.append(self.shards.slice(start, start + take))
+            pos, need = pos + take, need - take
+        return np.concatenate(parts)
+
+    def _carried_count(self) -> int:
+        c = self.carry
+        return ((c["n"] - c["start"]) * c["seq_len"] - 1) // self.seq_len
+
     def next_sequence(self, keep: bool = True) -> np.ndarray | None:
+        if self.carry is not None:
+            i = self.carry["taken"]
+            out = self._carried(i) if keep else None
+            self.carry["taken"] += 1
+            if self.carry["taken"] >= self._carried_count():
+                self.carry = None
+            return out
         out = self._sequence(self.next_index) if keep else None
         self.next_index += 1
         return out
 
     def state_dict(self) -> dict:
-        return {"kind": "tokens", "next_index": self.next_index}
+        return {"kind": "tokens", "next_index": self.next_index, "carry": dict(self.carry) if self.carry else None}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, saved_seq_len: int | None = None) -> None:
         if state.get("kind") != "tokens":
             raise DataError("the data state was saved by the streaming loader, not by token shards; resume with "
-                             "the same data.path")
-        self.next_index = state["next_index"]
+                            "the same data.path")
+        if saved_seq_len is None or saved_seq_len == self.seq_len:
+            self.next_index, self.carry = state["next_index"], state.get("carry")
+            return
+        if state.get("carry"):
+            raise DataError(f"the checkpoint is still reading the rest of an epoch begun at another length "
+                            f"(seq_len {state['carry']['seq_len']}); change train.seq_len again only after it "
+                            f"(resume at seq_len={saved_seq_len} first)")
+        old_n = self._windows(saved_seq_len)
+        epoch, start = divmod(state["next_index"], old_n)
+        self.carry = {"seq_len": saved_seq_len, "epoch": epoch, "start": start, "n": old_n, "taken": 0}
+        if self._carried_count() <= 0:
+            self.carry = None
+        self.next_index = (epoch + 1) * self.n  # then the next epoch, at the new length
