@@ -51,3 +51,16 @@ def test_tokenizer_smaller_than_asked_says_so(tmp_path):
     res = run_module(["-m", "trainer.cli", "tokenize", "--input", str(text), "--vocab-size", "32000",
                       "--output", str(tmp_path / "tok.json")])
     assert res.returncode == 0 and "asked for --vocab-size 32000" in res.stdout
+
+
+def test_eval_says_when_it_measures_on_the_bundled_split(capsys):
+    from argparse import Namespace
+
+    from models import HybridLM
+    from trainer.config import load_config
+    from trainer.evaluate import _eval_ppl
+
+    cfg = load_config(None, ["model.d_model=32", "model.n_layers=1", "model.vocab_size=4096", "data.path=my/corpus"])
+    args = Namespace(seq_len=32, batch_size=1, batches=1, bucket=0, data="bundled:val", checkpoint="ckpt")
+    assert _eval_ppl(HybridLM(cfg.model).eval(), cfg, args) == 0
+    assert "the model trained on my/corpus; perplexity is measured on the bundled" in capsys.readouterr().out

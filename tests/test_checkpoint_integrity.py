@@ -282,13 +282,14 @@ def test_leftovers_are_reported_at_start(shards, tmp_path):  # noqa: F811
     assert run_module([*args, "train.steps=5"]).returncode == 0
     ckpts = tmp_path / "checkpoints"
     shutil.copytree(ckpts / "step_5", ckpts / "step_9.tmp")
+    shutil.copytree(ckpts / "step_5", ckpts / "step_7")
+    (ckpts / "step_7" / MARKER).unlink()  # complete but for its marker: never loaded, and said so
     (ckpts / "step_5").rename(ckpts / "step_5.old")  # a re-save of step 5 cut off after moving it aside
     res = run_module([*args, "train.steps=6"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "recovered step_5" in res.stdout and "removed step_9.tmp" in res.stdout
+    assert "skipping checkpoint" in res.stdout and "step_7: incomplete" in res.stdout
     assert f"resuming from {ckpts / 'step_5'}" in res.stdout
-
-
 
 # ---------------------------------------------------------------------------------------------- one job per run dir
 def _start(args: list[str], log: Path, torchrun_ranks: int = 0, port: int = 0) -> subprocess.Popen:
