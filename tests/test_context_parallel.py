@@ -55,7 +55,8 @@ def one_rank(tmp_path_factory):
     return first_step(run_dir)
 
 
-@pytest.mark.parametrize("extra", [["parallel.cp=4"], ["parallel.cp=2", "parallel.cp_mode=ulysses"]],
+@pytest.mark.parametrize("extra", [pytest.param(["parallel.cp=4"], marks=pytest.mark.slow),  # ring: ops test above
+                                   ["parallel.cp=2", "parallel.cp_mode=ulysses"]],
                          ids=["cp4-ring", "dp2-cp2-ulysses"])
 def test_hybrid_model_under_cp_matches_one_rank(one_rank, tmp_path, free_port, extra):
     res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=4", "--rdzv_backend=c10d",

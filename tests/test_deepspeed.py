@@ -128,6 +128,7 @@ def test_missing_deepspeed_is_explained(monkeypatch):
         require_deepspeed()
 
 
+@pytest.mark.slow  # the engine itself trains in test_zero_stage_..., the launcher in test_launch
 def test_deepspeed_launcher_smoke_run(tmp_path):
     res = run_module(["-m", "trainer.cli", "launch", "--engine", "deepspeed", "--gpus-per-node", "2",
                       "--master-port", "29431", "--", f"run.dir={tmp_path}", "train.steps=2", "checkpoint.interval=0",

@@ -29,7 +29,9 @@ def test_large_preset_builds_at_its_size(name):
     assert low <= n <= high, f"{name}: {n / 1e9:.2f}B parameters"
 
 
-@pytest.mark.parametrize("name", TINY)
+# hybrid_tiny (every layer type) runs by default; the single-type presets with -m slow (each op's decoding is
+# checked against its parallel forward in the kernel tests)
+@pytest.mark.parametrize("name", [n if n == "hybrid_tiny" else pytest.param(n, marks=pytest.mark.slow) for n in TINY])
 def test_tiny_preset_trains_and_decodes(name, tmp_path):
     cfg = load_config(f"configs/{name}.yaml", [f"run.dir={tmp_path}", "train.steps=50", "logging.interval=10",
                                                "checkpoint.interval=50", "logging.progress=false"])
