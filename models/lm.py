@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import MLPS, RMSNorm, ffn_width
+from models.loss import chunked_cross_entropy, full_cross_entropy, token_nll
 from models.registry import MIXERS
 
 
@@ -81,14 +82,29 @@ class HybridLM(nn.Module):
         x = self.norm(x)
         return self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab).  `positions` (seq,) are global positions."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, loss_chunk: int = 0, reduction: str = "mean") -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab).  `positions` (seq,) are global positions.
+
+        With `targets` (batch, seq; -100 = not scored) it returns the loss instead, computed here so that sharded
+        (FSDP2, ZeRO-3) head weights are gathered: the mean cross-entropy (`reduction="mean"`) or each token's
+        (`"none"`, for evaluation), through the head `loss_chunk` tokens at a time (models/loss.py) when the
+        tokens outnumber it, so the full logits never exist."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embed(tokens) * self.embed_scale
         for block in self.blocks:
             x = block(x, positions)
-        return self._logits(x)
+        if targets is None:
+            return self._logits(x)
+        hidden = self.norm(x)
+        weight = self.head.weight if self.head is not None else self.embed.weight
+        chunked = 0 < loss_chunk < targets.numel()
+        if reduction == "none":
+            return token_nll(hidden, weight, targets, loss_chunk if chunked else 0)
+        if chunked:
+            return chunked_cross_entropy(hidden, weight, targets, loss_chunk)
+        return full_cross_entropy(hidden, weight, targets)
 
     def step(self, tokens: torch.Tensor, pos: int, caches: list | None) -> tuple[torch.Tensor, list]:
         """One decoding step: tokens (batch,) at position `pos` -> (logits (batch, vocab), caches)."""

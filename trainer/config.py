@@ -110,6 +110,11 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile each block
+    # tokens per chunk of the output head + cross-entropy (models/loss.py): the full logits never exist.  4096
+    # keeps one chunk's fp32 logits at 512 MiB with a 32K vocabulary, at the cost of a second head matmul in
+    # backward (~2% of a 1B model's step); a micro-batch of at most this many tokens takes the plain path.
+    # 0 = always the full logits.
+    loss_chunk: int = 4096
     activation_checkpointing: bool = False  # recompute each block's activations in backward (long contexts)
     deterministic: bool = False  # torch.use_deterministic_algorithms
     # Triton attention backward: deterministic (own dQ kernel, bit-reproducible) | atomic (FlashAttention-2's
@@ -364,9 +369,10 @@ def validate(c: Config) -> None:
         raise ConfigError(f"schedule.min_lr_ratio={c.schedule.min_lr_ratio} must lie in [0, 1]")
     if len(c.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in c.optim.betas):
         raise ConfigError(f"optim.betas={c.optim.betas} must be two numbers in [0, 1)")
-    if min(t.micro_batch_size, c.checkpoint.interval, c.checkpoint.keep_last, t.grad_clip, c.data.prefetch) < 0:
-        raise ConfigError("train.micro_batch_size, checkpoint.interval, checkpoint.keep_last, train.grad_clip and "
-                          "data.prefetch must be >= 0")
+    if min(t.micro_batch_size, c.checkpoint.interval, c.checkpoint.keep_last, t.grad_clip, c.data.prefetch,
+           t.loss_chunk) < 0:
+        raise ConfigError("train.micro_batch_size, checkpoint.interval, checkpoint.keep_last, train.grad_clip, "
+                          "train.loss_chunk and data.prefetch must be >= 0")
 
 
 def check_batch_layout(c: Config, dp: int) -> tuple[int, int]:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from trainer.config import DataConfig
 from trainer.data import DataLoader
@@ -25,7 +24,7 @@ from trainer.tokenizer import load_tokenizer
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, batches: Iterable[torch.Tensor], bucket: int,
-               positions: torch.Tensor | None = None, autocast=None) -> dict:
+               positions: torch.Tensor | None = None, autocast=None, loss_chunk: int = 0) -> dict:
     """batches of (B, T+1) token windows -> {"loss", "ppl", "tokens", "buckets": [{lo, hi, loss, ppl, tokens}]}.
 
     `positions`: the global positions of the tokens this rank holds (context parallelism); sums are all-reduced
@@ -37,8 +36,9 @@ def perplexity(model: torch.nn.Module, batches: Iterable[torch.Tensor], bucket: 
         if positions is not None:
             inputs, targets = inputs[:, positions], targets[:, positions]
         with autocast or torch.autocast(inputs.device.type, enabled=False):
-            logits = model(inputs, None if positions is None else positions)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+            # per-token NLL, through the head loss_chunk tokens at a time (the full logits never exist)
+            nll = model(inputs, None if positions is None else positions, targets=targets, loss_chunk=loss_chunk,
+                        reduction="none")
         n_buckets = int(pos.max()) // bucket + 1
         if sums is None:
             size = max(n_buckets, -(-int(batch.shape[1] - 1) // bucket))
@@ -91,7 +91,8 @@ def run_eval_tasks(model, cfg, tokenizer, device, ppl_batches, positions, logger
     scalars: dict[str, float] = {}
     if "ppl" in cfg.eval.tasks and ppl_batches is not None:
         bucket = cfg.eval.bucket or default_bucket(cfg.eval.seq_len or cfg.train.seq_len)
-        scalars.update(eval_scalars(perplexity(model, ppl_batches, bucket, positions, autocast())))
+        scalars.update(eval_scalars(perplexity(model, ppl_batches, bucket, positions, autocast(),
+                                                cfg.train.loss_chunk)))
     if "mqar" in cfg.eval.tasks:
         with autocast():
             scalars["eval/mqar_accuracy"] = mqar_accuracy(model, mqar_spec(cfg), cfg.eval.mqar_samples, device=device)
@@ -147,7 +148,7 @@ def _eval_ppl(model, cfg, args) -> int:
               "validation split (give --data for held-out data of your own)", flush=True)
     data = DataConfig(**{**cfg.data.__dict__, "path": args.data, "prefetch": 0})
     batches = eval_batches(data, load_tokenizer(cfg.data.tokenizer), seq_len, args.batch_size, args.batches)
-    result = perplexity(model, batches, args.bucket or default_bucket(seq_len))
+    result = perplexity(model, batches, args.bucket or default_bucket(seq_len), loss_chunk=cfg.train.loss_chunk)
     print(f"[hylo] {args.checkpoint}: loss {result['loss']:.4f}, ppl {result['ppl']:.2f} over {result['tokens']:,} "
           f"tokens at length {seq_len} (trained at {cfg.train.seq_len})")
     for b in result["buckets"]:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.data import inputs_and_targets
@@ -27,11 +26,6 @@ class StepResult:
     loss: torch.Tensor  # the step's mean loss over its micro-batches (a 0-d tensor on the device: no host sync)
     grad_norm: torch.Tensor  # global gradient norm before clipping (0-d tensor)
     stepped: bool  # False only when the engine skipped a non-finite step (train.nan_policy=skip)
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32 whatever the logits' dtype; targets of -100 are ignored."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def micro_batches(batch: torch.Tensor,

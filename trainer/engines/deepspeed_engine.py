@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from trainer.checkpointing.deepspeed import DeepSpeedCheckpointer, load_deepspeed, require_deepspeed
-from trainer.engines.base import Engine, StepResult, lm_loss, micro_batches
+from trainer.engines.base import Engine, StepResult, micro_batches
 from trainer.optim import build_optimizer
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class DeepSpeedEngine(Engine):
                                                dist_init_required=False)
         self.model = self.engine
         self.keep_last, self.zero_stage = c.checkpoint.keep_last, c.deepspeed.zero_stage
-        self.checksums = c.checkpoint.checksums
+        self.checksums, self.loss_chunk = c.checkpoint.checksums, c.train.loss_chunk
 
     @classmethod
     def config_problem(cls, c: Config) -> str | None:
@@ -87,7 +87,7 @@ class DeepSpeedEngine(Engine):
         accum = batch.shape[0]
         step_loss = torch.zeros((), device=batch.device)
         for _, inputs, targets in micro_batches(batch, positions):
-            loss = lm_loss(self.engine(inputs, positions), targets)
+            loss = self.engine(inputs, positions, targets=targets, loss_chunk=self.loss_chunk)
             self.engine.backward(loss)
             self.engine.step()
             step_loss += loss.detach() / accum

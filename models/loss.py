@@ -1,0 +1,89 @@
+"""Cross-entropy through the output head, chunk by chunk, so the full logits never exist.
+
+At 128K tokens and a 32K vocabulary the logits are 8 GiB in bf16, 16 GiB once upcast for the loss, and as much
+again for their gradient.  `chunked_cross_entropy` computes head and loss over `chunk` tokens at a time in a
+custom autograd function: forward keeps only the per-token log-sum-exp, backward recomputes each chunk's logits
+and turns them straight into that chunk's input gradient and its share of the head weight's gradient.  At most
+one chunk's logits and their gradient exist at a time, at the price of computing the head's matmul twice.
+Softmax statistics and the loss are float32 whatever the dtype of the hidden states.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        """hidden (N, d), weight (V, d), targets (N,) -> the summed loss over targets != IGNORE_INDEX (fp32)."""
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else hidden.dtype
+        w = weight.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # float32, or float64 for the oracle tests
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = (hidden[rows].to(dtype) @ w.t()).to(acc)
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            t = targets[rows]
+            keep = t != IGNORE_INDEX
+            picked = logits.gather(1, t.clamp_min(0)[:, None])[:, 0]
+            total += ((lse[rows] - picked) * keep).sum()
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            h = hidden[rows].to(ctx.dtype)
+            # d loss / d logits = softmax - onehot, for kept rows; computed in fp32, used in the dots' dtype
+            probs = torch.exp((h @ w.t()).to(lse.dtype) - lse[rows, None])
+            t = targets[rows]
+            keep = (t != IGNORE_INDEX)
+            probs[torch.arange(len(t), device=t.device), t.clamp_min(0)] -= 1.0
+            d_logits = (probs * (keep[:, None] * grad_total)).to(ctx.dtype)
+            grad_hidden[rows] = (d_logits @ w).to(hidden.dtype)
+            grad_weight += (d_logits.t() @ h).to(lse.dtype)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk: int) -> torch.Tensor:
+    """Mean next-token cross-entropy of `hidden @ weight.T` against `targets`, `chunk` tokens at a time.
+
+    hidden (..., d), weight (V, d), targets (...) with IGNORE_INDEX for positions not scored.  The same value and
+    gradients as `F.cross_entropy(F.linear(hidden, weight).float(), targets)`; the result is float32 (float64 for
+    float64 inputs)."""
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    flat_targets = targets.reshape(-1)
+    total = _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets, chunk)
+    return total / (flat_targets != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def full_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The reference: all logits at once, upcast to float32 (float64 stays float64)."""
+    logits = F.linear(hidden, weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, -2), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Per-token negative log-likelihood (float32, shaped like `targets`), `chunk` tokens of logits at a time
+    (0: all at once).  For evaluation: under autograd every chunk's logits would be kept for backward."""
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    step = chunk if chunk > 0 else max(1, flat_h.shape[0])
+    parts = [F.cross_entropy(F.linear(flat_h[i:i + step], weight).float(), flat_t[i:i + step], reduction="none",
+                             ignore_index=IGNORE_INDEX) for i in range(0, flat_h.shape[0], step)]
+    return torch.cat(parts).view(targets.shape)
