@@ -56,8 +56,9 @@ def one_rank(tmp_path_factory):
 
 
 @pytest.mark.parametrize("extra", [pytest.param(["parallel.cp=4"], marks=pytest.mark.slow),  # ring: ops test above
-                                   ["parallel.cp=2", "parallel.cp_mode=ulysses"]],
-                         ids=["cp4-ring", "dp2-cp2-ulysses"])
+                                   # and the chunked loss over each rank's own tokens vs full logits on one rank
+                                   ["parallel.cp=2", "parallel.cp_mode=ulysses", "train.loss_chunk=24"]],
+                         ids=["cp4-ring", "dp2-cp2-ulysses-chunked-loss"])
 def test_hybrid_model_under_cp_matches_one_rank(one_rank, tmp_path, free_port, extra):
     res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=4", "--rdzv_backend=c10d",
                       f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "trainer.train", "--config",
