@@ -148,7 +148,12 @@ class Trainer:
         self.say = print
         self._first_bad_step = torch.zeros((), dtype=torch.long, device=self.device)  # 0: every step finite
         if self.resume_from is not None:
-            changed = resume_changes(read_trainer_state(self.resume_from).get("config"), cfg, str(self.resume_from))
+            saved = read_trainer_state(self.resume_from)  # checked before the weights are read
+            changed = resume_changes(saved.get("config"), cfg, str(self.resume_from))
+            note = check_source(saved.get("data_source"), self.data_source, str(self.resume_from),
+                                cfg.data.allow_source_change)
+            if note and self.is_main:
+                print(note, flush=True)
             self.load_checkpoint_state(self.engine.load(self.resume_from))
             apply_optimiser_settings(self.engine.optimizer, self.scheduler, cfg)
             if changed and self.is_main:
@@ -243,10 +248,6 @@ class Trainer:
                 **self.engine.trainer_state_extras(), **self.callbacks.state_dict()}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        note = check_source(state.get("data_source"), self.data_source, str(self.resume_from),
-                            self.cfg.data.allow_source_change)
-        if note and self.is_main:
-            print(note, flush=True)
         self.load_state_dict(state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["data"])
