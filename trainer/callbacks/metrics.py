@@ -6,6 +6,7 @@ synchronisation) only at logging steps, where the non-finite check also runs."""
 from __future__ import annotations
 
 import math
+import resource
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,8 @@ class MetricsCallback(Callback):
         }
         if trainer.device.type == "cuda":
             scalars["train/mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+        else:  # the process's peak resident memory (Linux reports KiB), so CPU runs show memory settings too
+            scalars["train/mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         trainer.log(scalars)
         trainer.summary.setdefault("first_loss", mean_loss)
         trainer.summary["last_loss"] = mean_loss
