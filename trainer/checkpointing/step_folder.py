@@ -212,6 +212,7 @@ class StepFolderWriter:
 
     def __init__(self, root: Path, *, keep_last: int = 0, checksums: bool = True):
         self.root, self.keep_last, self.checksums = root, keep_last, checksums
+        self._vote_group = None  # created on the first background save's poll, on every rank at once
         self.pending: tuple[Any, Path, Path, dict] | None = None  # (future, tmp, final, trainer state)
         self.last_stall = 0.0  # seconds the last save blocked the training loop
 
@@ -267,7 +268,7 @@ class StepFolderWriter:
 
     def _agreement_group(self):
         """A CPU (gloo) group for `poll`'s one-integer vote, so it never needs the accelerator's group."""
-        if getattr(self, "_vote_group", None) is None:
+        if self._vote_group is None:
             self._vote_group = dist.new_group(backend="gloo")
         return self._vote_group
 
