@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kernels import attention, attention_prefill, attention_step
-from models.mixer import Mixer, Reduce
+from models.mixer import Mixer, Reduce, Saved
 from models.registry import register_mixer
 from models.rope import RotaryEmbedding, apply_rope
 from parallel.context import cp_degree_ulysses
@@ -90,6 +90,19 @@ class SoftmaxAttention(Mixer):
         if config.model.attn.pinned < 0:
             return f"model.attn.pinned={config.model.attn.pinned} must be >= 0"
         return None
+
+    @classmethod
+    def saved_per_token(cls, model_cfg, act: int, compute: int) -> list[Saved]:
+        h, kv = model_cfg.n_heads, model_cfg.n_kv_heads or model_cfg.n_heads
+        hd = model_cfg.head_dim or model_cfg.d_model // h
+        saved = [Saved("qkv projection (v is a view of it)", (h + 2 * kv) * hd * act),
+                 Saved("q, k after rotary", (h + kv) * hd * act),
+                 Saved("rotary cos, sin", hd * 4),
+                 Saved("attention output", h * hd * act, op_output=True),
+                 Saved("lse", h * 4, op_output=True)]
+        if model_cfg.attn.gate:
+            saved += [Saved("output gate", h * compute), Saved("gated output", h * hd * act)]
+        return saved
 
     @classmethod
     def context_per_token(cls, model_cfg, seq_len: int) -> float:

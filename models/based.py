@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import based_linear_attention, based_step, short_conv, short_conv_prefill, short_conv_step
-from models.mixer import Mixer, Reduce, state_norm_scalars
+from models.mixer import Mixer, Reduce, Saved, state_norm_scalars
 from models.registry import register_mixer
 from parallel.halo import HaloConv
 from parallel.linear_state import BasedCP
@@ -63,6 +63,14 @@ class BasedLinearAttention(Mixer):
         return BasedCP(ctx)
 
     @classmethod
+    def saved_per_token(cls, model_cfg, act: int, compute: int) -> list[Saved]:
+        h, f = model_cfg.n_heads, model_cfg.based.feature_dim
+        hd = model_cfg.head_dim or model_cfg.d_model // h
+        return [Saved("q, k, v projection (views of it)", h * (2 * f + hd) * act),
+                Saved("output", h * hd * act, op_output=True),
+                Saved("normaliser (fp32)", h * 4, op_output=True)]
+
+    @classmethod
     def check_config(cls, config) -> str | None:
         if config.model.based.feature_dim < 1:
             return f"model.based.feature_dim={config.model.based.feature_dim} must be >= 1"
@@ -109,6 +117,15 @@ class BaseConv(Mixer):
 
     def context_parallel_op(self, ctx):
         return HaloConv(ctx)
+
+    @classmethod
+    def saved_per_token(cls, model_cfg, act: int, compute: int) -> list[Saved]:
+        inner = model_cfg.based.conv_expand * model_cfg.d_model
+        return [Saved("input projection (u2 is a view of it)", 2 * inner * act),
+                Saved("padded u1", inner * act, op_output=True),
+                Saved("convolution output", inner * act, op_output=True),
+                Saved("silu(conv)", inner * act),
+                Saved("silu(conv) * u2", inner * act)]
 
     @classmethod
     def check_config(cls, config) -> str | None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import MLPS, RMSNorm, ffn_width
+from models.layers import MLPS, RMSNorm, ffn_width, tiled_mlp
 from models.loss import chunked_cross_entropy, full_cross_entropy, token_nll
 from models.registry import MIXERS
 
@@ -31,10 +31,11 @@ class Block(nn.Module):
         self.mixer = MIXERS[layer_type](cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, with_weight)
         self.mlp = MLPS[cfg.mlp](cfg.d_model, ffn_width(cfg))
+        self.mlp_tile = cfg.mlp_tile
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), positions)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + tiled_mlp(self.mlp, self.mlp_norm(x), self.mlp_tile)
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor):
         y, cache = self.mixer.prefill(self.mixer_norm(x), positions)
@@ -83,18 +84,22 @@ class HybridLM(nn.Module):
         return self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, loss_chunk: int = 0, reduction: str = "mean") -> torch.Tensor:
+                targets: torch.Tensor | None = None, loss_chunk: int = 0, reduction: str = "mean",
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab).  `positions` (seq,) are global positions.
 
         With `targets` (batch, seq; -100 = not scored) it returns the loss instead, computed here so that sharded
         (FSDP2, ZeRO-3) head weights are gathered: the mean cross-entropy (`reduction="mean"`) or each token's
         (`"none"`, for evaluation), through the head `loss_chunk` tokens at a time (models/loss.py) when the
-        tokens outnumber it, so the full logits never exist."""
+        tokens outnumber it, so the full logits never exist.  With `logits_at` (batch, seq; bool) it returns the
+        logits of those tokens only, (n, vocab) in row-major order (recall evaluations score a few positions)."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embed(tokens) * self.embed_scale
         for block in self.blocks:
             x = block(x, positions)
+        if logits_at is not None:
+            return self._logits(x[logits_at])
         if targets is None:
             return self._logits(x)
         hidden = self.norm(x)

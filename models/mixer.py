@@ -11,6 +11,7 @@ kernels/, and at most one context-parallel strategy in parallel/; nothing else i
   check_config(config)             a reason this run's config does not suit the layer, or None
   attention_flops_per_token(...)   forward FLOPs a token spends in the sequence mixing itself (beyond the
                                    projections 6N counts): linear layers are not counted as quadratic
+  saved_per_token(cfg, act, compute)  what autograd keeps per token for backward (the planner's model)
   cp_problem(config, segments)     a reason the layer cannot run on this context-parallel layout, or None
   context_parallel_op(ctx)         the op that replaces `self.op` under context parallelism (a parallel/ strategy)
   monitor_group, monitor(...)      what the layer reports to a monitor callback (trainer/callbacks/monitors.py)
@@ -22,12 +23,23 @@ and monitors hand them a `reduce` (a sum over the CP group) for statistics that 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Saved:
+    """One tensor a layer keeps for backward: bytes per token, and whether selective checkpointing keeps it (the
+    outputs of the mixer's op) or recomputes it."""
+
+    what: str
+    bytes: float
+    op_output: bool = False
 
 
 class Mixer(nn.Module):
@@ -55,6 +67,13 @@ class Mixer(nn.Module):
 
     @classmethod
     def attention_flops_per_token(cls, model_cfg, seq_len: int) -> float:
+        raise NotImplementedError
+
+    @classmethod
+    def saved_per_token(cls, model_cfg, act: int, compute: int) -> list[Saved]:
+        """What the mixer (from its pre-normed input to its output projection's input) keeps for backward with the
+        fused kernels a GPU runs, per token: `act` bytes per activation element (2 under bf16 autocast), `compute`
+        bytes per element of what stays in fp32 (gates, lse, norms)."""
         raise NotImplementedError
 
     @classmethod

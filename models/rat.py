@@ -17,7 +17,7 @@ from torch import nn
 
 from kernels import rat_attention, rat_prefill, rat_step
 from kernels.dispatch import upcast
-from models.mixer import Mixer
+from models.mixer import Mixer, Saved
 from models.registry import register_mixer
 from parallel.rat import RatCP
 
@@ -74,6 +74,18 @@ class RAT(Mixer):
         o, cache = rat_step(cache, *(y[:, 0].to(gate.dtype) for y in (q, k, v, gate)), self.chunk,
                             rope_theta=self.rope_theta)
         return self.out(z * o[:, None].flatten(2).to(z.dtype)), cache
+
+    @classmethod
+    def saved_per_token(cls, model_cfg, act: int, compute: int) -> list[Saved]:
+        inner = model_cfg.n_heads * (model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads)
+        return [Saved("z, v, g projection (v is a view of it)", 3 * inner * act),
+                Saved("sigmoid(z)", inner * act),
+                Saved("sigmoid gate (fp32)", inner * compute),
+                Saved("q, k tiled over heads", 2 * inner * act),
+                Saved("output", inner * act, op_output=True),
+                Saved("chunk summaries of k and v", 2 * inner * act / model_cfg.rat.chunk_size, op_output=True),
+                Saved("lse", model_cfg.n_heads * 4, op_output=True),
+                Saved("z * output", inner * act)]
 
     @classmethod
     def check_config(cls, config) -> str | None:

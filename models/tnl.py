@@ -17,7 +17,7 @@ from torch import nn
 from kernels import lightning_attention, lightning_step, tnl_slopes
 from kernels.dispatch import upcast
 from models.layers import RMSNorm
-from models.mixer import Mixer, Reduce, state_norm_scalars
+from models.mixer import Mixer, Reduce, Saved, state_norm_scalars
 from models.registry import register_mixer
 from parallel.linear_state import LightningCP
 
@@ -88,6 +88,20 @@ class TNL(Mixer):
 
     def context_parallel_op(self, ctx):
         return LightningCP(ctx)
+
+    @classmethod
+    def saved_per_token(cls, model_cfg, act: int, compute: int) -> list[Saved]:
+        hidden = model_cfg.tnl.hidden or model_cfg.d_model
+        rotated = 2 * hidden * act if model_cfg.tnl.lrpe else 0  # LRPE doubles q and k
+        saved = [Saved("q, k, v, u projection (v, u are views of it)", 4 * hidden * act),
+                 Saved("silu(q), silu(k)", 2 * hidden * act + rotated),
+                 Saved("output", hidden * act, op_output=True),
+                 Saved("SRMSNorm statistics", compute),
+                 Saved("normed output", hidden * compute),
+                 Saved("normed output * u", hidden * act)]
+        if act != compute:
+            saved.append(Saved("normed output cast for the product", hidden * act))
+        return saved
 
     @classmethod
     def check_config(cls, config) -> str | None:

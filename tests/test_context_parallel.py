@@ -55,10 +55,13 @@ def one_rank(tmp_path_factory):
     return first_step(run_dir)
 
 
-@pytest.mark.parametrize("extra", [pytest.param(["parallel.cp=4"], marks=pytest.mark.slow),  # ring: ops test above
-                                   # and the chunked loss over each rank's own tokens vs full logits on one rank
-                                   ["parallel.cp=2", "parallel.cp_mode=ulysses", "train.loss_chunk=24"]],
-                         ids=["cp4-ring", "dp2-cp2-ulysses-chunked-loss"])
+@pytest.mark.parametrize("extra", [pytest.param(["parallel.cp=4", "train.activation_checkpointing=full"],
+                                                marks=pytest.mark.slow),  # ring: ops test above
+                                   # the chunked loss over each rank's own tokens vs full logits on one rank, and
+                                   # selective checkpointing (caching the ops' collectives) with tiled MLPs
+                                   ["parallel.cp=2", "parallel.cp_mode=ulysses", "train.loss_chunk=24",
+                                    "train.activation_checkpointing=selective", "model.mlp_tile=24"]],
+                         ids=["cp4-ring-full-ac", "dp2-cp2-ulysses-chunked-loss-selective-ac-tiled-mlp"])
 def test_hybrid_model_under_cp_matches_one_rank(one_rank, tmp_path, free_port, extra):
     res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=4", "--rdzv_backend=c10d",
                       f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "trainer.train", "--config",
@@ -71,7 +74,7 @@ def test_hybrid_model_under_cp_matches_one_rank(one_rank, tmp_path, free_port, e
                  and "position" not in tag]  # a position is an argmax: ties may order differently
     assert {"sinks/layer5/sink_mass/head0", "sinks/layer2/secondary_top_mass/head3", "states/layer1/norm",
             "states/layer3/max_head", "grads/layer0"} <= set(monitored)
-    if extra == ["parallel.cp=4"]:  # the same sequences as one rank: the monitors see the whole of each
+    if extra[0] == "parallel.cp=4":  # the same sequences as one rank: the monitors see the whole of each
         for tag in monitored:
             assert many[tag] == pytest.approx(one_rank[tag], rel=1e-4, abs=1e-6), tag
     else:  # rank 0's data-parallel share: the monitors run and report the same tags

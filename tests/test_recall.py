@@ -35,14 +35,14 @@ class LookupOracle(torch.nn.Module):
         super().__init__()
         self.spec, self.wrong = spec, wrong
 
-    def forward(self, tokens):
+    def forward(self, tokens, logits_at=None):
         logits = torch.zeros(*tokens.shape, self.spec.vocab)
         p = self.spec.pairs
         for b, row in enumerate(tokens.tolist()):
             table = dict(zip(row[0:2 * p:2], row[1:2 * p:2], strict=True))
             for t in range(2 * p, 4 * p, 2):
                 logits[b, t, row[1] if self.wrong else table[row[t]]] = 1.0
-        return logits
+        return logits if logits_at is None else logits[logits_at]  # HybridLM's contract
 
 
 def test_mqar_sequences_are_well_formed():

@@ -58,14 +58,16 @@ def tokenize_main(argv: list[str]) -> int:
 COMMANDS = {"train": ("trainer.train", "main"), "tokenize": (__name__, "tokenize_main"),
             "export": ("trainer.export", "export_main"), "eval": ("trainer.evaluate", "eval_main"),
             "generate": ("trainer.generate", "generate_main"), "launch": ("launch.launcher", "launch_main"),
-            "report": ("trainer.report", "report_main")}
+            "report": ("trainer.report", "report_main"), "plan": ("trainer.plan", "main")}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: hylo {train,tokenize,export,eval,generate,launch,report} [args]\n"
+        print("usage: hylo {train,plan,tokenize,export,eval,generate,launch,report} [args]\n"
               "  train     train a model (hylo train --help)\n"
+              "  plan      per-rank GPU memory of a config before launching it, and what would fit (hylo plan "
+              "--help)\n"
               "  tokenize  train a byte-level BPE tokenizer, or pre-tokenize a corpus (hylo tokenize --help)\n"
               "  export    a checkpoint as one safetensors file (hylo export --help)\n"
               "  eval      perplexity by position, MQAR and passkey recall (hylo eval --help)\n"

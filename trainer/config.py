@@ -70,6 +70,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     init_from: str = ""  # start from these weights (a safetensors file from `hylo export`) instead of random
+    mlp_tile: int = 0  # tokens per tile of each MLP, recomputed tile by tile in backward; 0 = the whole sequence
     mlp: str = "swiglu"  # swiglu | sglu (TNL: W3(W1 x * W2 x), no activation) | gelu (4x, RAT's reference)
     norm: str = "rms"  # rms (with weight) | srms (TNL's SRMSNorm, no weight)
     embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (TNL)
@@ -115,7 +116,12 @@ class TrainConfig:
     # backward (~2% of a 1B model's step); a micro-batch of at most this many tokens takes the plain path.
     # 0 = always the full logits.
     loss_chunk: int = 4096
-    activation_checkpointing: bool = False  # recompute each block's activations in backward (long contexts)
+    # none | selective (recompute norms, projections and MLPs; keep each mixer op's outputs) | full (keep only
+    # each block's input); true/false mean full/none.  What each layer keeps: README "Memory".
+    activation_checkpointing: str = "none"
+    # move what is saved for backward (the checkpointed block inputs, at least) to pinned host memory during
+    # forward and fetch it back ahead of use in backward (GPU runs only)
+    activation_offload: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms
     # Triton attention backward: deterministic (own dQ kernel, bit-reproducible) | atomic (FlashAttention-2's
     # atomic dQ: one pass over the scores, float32 sums in arrival order)
@@ -228,6 +234,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.nan_policy": ("stop", "skip"),
     "train.engine": ("torch", "deepspeed"),
     "train.attention_dq": ("deterministic", "atomic"),
+    "train.activation_checkpointing": ("none", "selective", "full"),
 }
 
 
@@ -297,6 +304,9 @@ def to_yaml(config: Config) -> str:
 def validate(c: Config) -> None:
     """Cross-field checks the types alone cannot express.  What depends on the number of ranks or the engine
     is checked when the run starts (trainer.trainer.run_problem)."""
+    legacy = {"true": "full", "false": "none"}  # the setting was a boolean before it had policies
+    c.train.activation_checkpointing = legacy.get(c.train.activation_checkpointing.lower(),
+                                                  c.train.activation_checkpointing)
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(c, section), name)
@@ -370,9 +380,9 @@ def validate(c: Config) -> None:
     if len(c.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in c.optim.betas):
         raise ConfigError(f"optim.betas={c.optim.betas} must be two numbers in [0, 1)")
     if min(t.micro_batch_size, c.checkpoint.interval, c.checkpoint.keep_last, t.grad_clip, c.data.prefetch,
-           t.loss_chunk) < 0:
+           t.loss_chunk, m.mlp_tile) < 0:
         raise ConfigError("train.micro_batch_size, checkpoint.interval, checkpoint.keep_last, train.grad_clip, "
-                          "train.loss_chunk and data.prefetch must be >= 0")
+                          "train.loss_chunk, model.mlp_tile and data.prefetch must be >= 0")
 
 
 def check_batch_layout(c: Config, dp: int) -> tuple[int, int]:

@@ -65,8 +65,12 @@ def mqar_batch(spec: MQARSpec, n: int, generator: torch.Generator) -> tuple[torc
 
 
 def recall_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
-    """(correct, scored) over the positions whose target is not IGNORE; argmax prediction."""
+    """(correct, scored) over the positions whose target is not IGNORE; argmax prediction.  `logits` are either
+    every position's (batch, T, vocab) or only the scored positions' (n, vocab), as `model(..., logits_at=)`
+    gives them."""
     scored = targets != IGNORE
+    if logits.dim() == 2:
+        return int((logits.argmax(-1) == targets[scored]).sum()), int(scored.sum())
     correct = (logits.argmax(-1) == targets) & scored
     return int(correct.sum()), int(scored.sum())
 
@@ -79,7 +83,8 @@ def mqar_accuracy(model: torch.nn.Module, spec: MQARSpec, n: int = 256, batch_si
     correct = total = 0
     for start in range(0, n, batch_size):
         inputs, targets = mqar_batch(spec, min(batch_size, n - start), generator)
-        c, t = recall_accuracy(model(inputs.to(device)).float().cpu(), targets)
+        scored = (targets != IGNORE).to(device)  # only these positions' logits: never (batch, T, vocab)
+        c, t = recall_accuracy(model(inputs.to(device), logits_at=scored).float().cpu(), targets)
         correct, total = correct + c, total + t
     return correct / total
 
@@ -149,9 +154,10 @@ def passkey_sample(tokenizer, length: int, depth: float, rng: np.random.Generato
 
 
 def passkey_correct(logits: torch.Tensor, sample: PasskeySample) -> bool:
-    """logits (T, vocab) of the sample's tokens: right iff every answer token is the argmax where it is due."""
+    """logits (T, vocab) of the sample's tokens, or only of the len(answer) positions where the answer tokens are
+    due (position t predicts token t + 1): right iff every answer token is the argmax where it is due."""
     n = len(sample.answer)
-    predicted = logits[-n - 1:-1].argmax(-1)  # position t predicts token t + 1
+    predicted = (logits if logits.shape[0] == n else logits[-n - 1:-1]).argmax(-1)
     return bool((predicted.cpu() == sample.answer).all())
 
 
@@ -164,7 +170,11 @@ def passkey_grid(model: torch.nn.Module, tokenizer, lengths: list[int], depths: 
     for i, length in enumerate(lengths):
         for j, depth in enumerate(depths):
             samples = [passkey_sample(tokenizer, length, depth, rng) for _ in range(trials)]
-            logits = model(torch.stack([s.tokens for s in samples]).to(device)).float()
+            tokens = torch.stack([s.tokens for s in samples]).to(device)
+            due = torch.zeros(tokens.shape, dtype=torch.bool, device=device)  # where the answer tokens are due
+            for row, s in enumerate(samples):
+                due[row, -len(s.answer) - 1:-1] = True
+            logits = model(tokens, logits_at=due).float().split([len(s.answer) for s in samples])
             grid[i, j] = np.mean([passkey_correct(lg, s) for lg, s in zip(logits, samples, strict=True)])
     return grid
 

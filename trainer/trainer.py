@@ -39,9 +39,13 @@ from trainer.run_lock import RunDirLocked, RunLock
 from trainer.tokenizer import load_tokenizer
 
 
-def run_problem(cfg: Config, world: int) -> str | None:
-    """Why this config cannot run on `world` ranks (parallel layout, layer types, engine), or None — before any
-    work starts."""
+def run_problem(cfg: Config, world: int, device: torch.device | None = None) -> str | None:
+    """Why this config cannot run on `world` ranks of `device` (parallel layout, layer types, engine), or None —
+    before any work starts."""
+    if cfg.train.activation_offload and device is not None and device.type == "cpu":
+        return ("train.activation_offload=true moves saved activations from the GPU to host memory, but this run is "
+                "on the CPU, where they already are; drop train.activation_offload (to save memory on a CPU, use "
+                "train.activation_checkpointing=full or model.mlp_tile)")
     layer_classes = [MIXERS[name] for name in sorted(set(cfg.model.pattern))]
     return cp_config_problem(cfg, world, layer_classes) or engine_problem(cfg)
 
@@ -62,7 +66,7 @@ def resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
 
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, callbacks: Sequence[Callback] = ()):
-        problem = run_problem(cfg, info.world)
+        problem = run_problem(cfg, info.world, info.device)
         if problem:
             raise ConfigError(problem)
         self.cfg, self.device, self.is_main = cfg, info.device, info.is_main
@@ -128,8 +132,7 @@ class Trainer:
             self.positions = cp.positions(self.device)
         self.flops_per_token = model.flops_per_token(cfg.train.seq_len)
         self.n_params = model.num_params()
-        if cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
         if cfg.train.compile:
             for block in model.blocks:
                 block.compile()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from parallel.activation_offload import ActivationOffload
 from trainer.data import inputs_and_targets
 
 if TYPE_CHECKING:
@@ -26,6 +27,11 @@ class StepResult:
     loss: torch.Tensor  # the step's mean loss over its micro-batches (a 0-d tensor on the device: no host sync)
     grad_norm: torch.Tensor  # global gradient norm before clipping (0-d tensor)
     stepped: bool  # False only when the engine skipped a non-finite step (train.nan_policy=skip)
+
+
+def saved_for_backward(offload: bool, device: torch.device):
+    """The context a micro-batch's forward runs in: train.activation_offload moves what it saves to the host."""
+    return ActivationOffload(device) if offload else contextlib.nullcontext()
 
 
 def micro_batches(batch: torch.Tensor,

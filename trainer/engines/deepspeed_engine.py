@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from trainer.checkpointing.deepspeed import DeepSpeedCheckpointer, load_deepspeed, require_deepspeed
-from trainer.engines.base import Engine, StepResult, micro_batches
+from trainer.engines.base import Engine, StepResult, micro_batches, saved_for_backward
 from trainer.optim import build_optimizer
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class DeepSpeedEngine(Engine):
         self.model = self.engine
         self.keep_last, self.zero_stage = c.checkpoint.keep_last, c.deepspeed.zero_stage
         self.checksums, self.loss_chunk = c.checkpoint.checksums, c.train.loss_chunk
+        self.offload = c.train.activation_offload
 
     @classmethod
     def config_problem(cls, c: Config) -> str | None:
@@ -87,7 +88,8 @@ class DeepSpeedEngine(Engine):
         accum = batch.shape[0]
         step_loss = torch.zeros((), device=batch.device)
         for _, inputs, targets in micro_batches(batch, positions):
-            loss = self.engine(inputs, positions, targets=targets, loss_chunk=self.loss_chunk)
+            with saved_for_backward(self.offload, batch.device):
+                loss = self.engine(inputs, positions, targets=targets, loss_chunk=self.loss_chunk)
             self.engine.backward(loss)
             self.engine.step()
             step_loss += loss.detach() / accum

@@ -13,7 +13,7 @@ from torch import nn
 
 from parallel.data_parallel import apply_data_parallel, gradient_sync
 from trainer.checkpointing.dcp import DCPCheckpointer, load_dcp
-from trainer.engines.base import Engine, StepResult, micro_batches
+from trainer.engines.base import Engine, StepResult, micro_batches, saved_for_backward
 from trainer.optim import build_optimizer
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class TorchEngine(Engine):
         step_loss = torch.zeros((), device=self.device)
         for i, inputs, targets in micro_batches(batch, positions):
             with gradient_sync(self.model, i == accum - 1):  # DDP's no_sync must cover the backward too
-                with self.autocast():
+                with self.autocast(), saved_for_backward(self.cfg.train.activation_offload, self.device):
                     loss = self.model(inputs, positions, targets=targets, loss_chunk=self.cfg.train.loss_chunk) / accum
                 loss.backward()
             step_loss += loss.detach()

@@ -1,0 +1,155 @@
+"""Long-context memory settings: checkpointing policies, tiled MLPs and activation offload change nothing but
+memory; the planner's activation model matches what autograd really keeps; `hylo plan` flags what cannot fit."""
+
+import pytest
+import torch
+
+import kernels.dispatch
+from models import HybridLM
+from models.lm import Block
+from parallel.activation_checkpointing import apply_activation_checkpointing
+from parallel.activation_offload import ActivationOffload
+from trainer.config import ConfigError, load_config
+from trainer.plan import RetainedBytes, block_saved, main, per_token, plan_memory, suggest
+from trainer.trainer import run_problem
+
+KINDS = ["full", "swa", "rat", "based", "baseconv", "tnl"]
+
+
+def small(kind, *extra):
+    return load_config(None, [f"model.pattern=[{kind}]", "model.n_layers=2", "model.d_model=64", "model.n_heads=2",
+                              "model.vocab_size=64", "model.window=16", "model.rat.chunk_size=8", *extra]).model
+
+
+def loss_and_grads(model_cfg, policy="none", offload=False):
+    torch.manual_seed(0)
+    model = HybridLM(model_cfg).double()
+    apply_activation_checkpointing(model, policy)
+    tokens, targets = torch.randint(0, 64, (2, 56)), torch.randint(0, 64, (2, 56))
+    hooks = ActivationOffload(torch.device("cpu"), min_bytes=0)
+    if offload:
+        with hooks:
+            loss = model(tokens, targets=targets)
+    else:
+        loss = model(tokens, targets=targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, hooks.offloaded_bytes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_policies_tiles_and_offload_give_the_plain_gradients(kind):
+    plain_loss, plain_grads, _ = loss_and_grads(small(kind))
+    variants = {"selective": (small(kind), "selective", False), "full": (small(kind), "full", False),
+                "tiled MLP": (small(kind, "model.mlp_tile=24"), "none", False),  # 56 tokens: tiles 24, 24, 8
+                "selective + tiled MLP": (small(kind, "model.mlp_tile=24"), "selective", False),
+                "offload": (small(kind), "none", True), "full + offload": (small(kind), "full", True)}
+    for name, (cfg, policy, offload) in variants.items():
+        loss, grads, moved = loss_and_grads(cfg, policy, offload)
+        torch.testing.assert_close(loss, plain_loss, rtol=1e-12, atol=1e-12, msg=name)
+        for key, grad in plain_grads.items():
+            torch.testing.assert_close(grads[key], grad, rtol=1e-10, atol=1e-12, msg=f"{name}: {key}")
+        if offload:  # at least every block's input went through the host copy
+            assert moved >= 2 * 2 * 56 * 64 * 8, name
+
+
+def test_offload_moves_checkpointed_inputs_through_the_host_copy(monkeypatch):
+    """With full checkpointing what is saved outside the recomputed blocks is their inputs: offload copies them
+    out and backward reads the copies (corrupting the copies changes the gradients)."""
+    cfg = small("full")
+    _, plain, _ = loss_and_grads(cfg, "full")
+    original = ActivationOffload._pack
+
+    def corrupting_pack(self, t):
+        packed = original(self, t)
+        if not isinstance(packed, torch.Tensor) and packed.host.is_floating_point():
+            packed.host.mul_(2.0)
+        return packed
+
+    monkeypatch.setattr(ActivationOffload, "_pack", corrupting_pack)
+    _, corrupted, moved = loss_and_grads(cfg, "full", offload=True)
+    assert moved > 0
+    assert any(not torch.allclose(corrupted[k], plain[k]) for k in plain)
+
+
+def test_offload_is_refused_on_cpu_and_the_policy_names_are_checked():
+    cfg = load_config(None, ["train.activation_offload=true"])
+    assert "this run is on the CPU" in run_problem(cfg, 1, torch.device("cpu"))
+    assert run_problem(cfg, 1, torch.device("cuda", 0)) is None
+    assert load_config(None, ["train.activation_checkpointing=true"]).train.activation_checkpointing == "full"
+    assert load_config(None, ["train.activation_checkpointing=false"]).train.activation_checkpointing == "none"
+    with pytest.raises(ConfigError, match="train.activation_checkpointing='some'"):
+        load_config(None, ["train.activation_checkpointing=some"])
+    with pytest.raises(ConfigError, match="model.mlp_tile"):
+        load_config(None, ["model.mlp_tile=-1"])
+
+
+def test_logits_at_gives_the_selected_rows_of_the_full_logits():
+    torch.manual_seed(0)
+    model = HybridLM(small("full")).double()
+    tokens = torch.randint(0, 64, (2, 32))
+    pick = torch.rand(2, 32) < 0.3
+    torch.testing.assert_close(model(tokens, logits_at=pick), model(tokens)[pick])
+
+
+# --------------------------------------------------------------------------------- the planner's activation model
+def measured_block_bytes(kind, seq_len, policy, tile):
+    """Bytes one block keeps after its forward with the fused (Triton) kernels, fp32, its input included."""
+    cfg = small(kind, f"model.mlp_tile={tile}")
+    block = Block(cfg, 0, kind)
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([block])
+
+    apply_activation_checkpointing(One(), policy)
+    x = torch.randn(1, seq_len, cfg.d_model, requires_grad=True)
+    with RetainedBytes() as probe:
+        y = block(x, torch.arange(seq_len))
+    return probe.retained(exclude=(*block.parameters(), x, y)) + x.numel() * 4, cfg
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_activation_model_matches_what_autograd_keeps(kind, monkeypatch):
+    """Every layer type, two lengths, each policy and the tiled MLP: within 15% of the bytes really kept (the fused
+    kernels, on the CPU through the Triton interpreter, fp32)."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(kernels.dispatch, "triton_fits", lambda *tensors: True)
+    cases = [(32, "none", 0), (64, "none", 0), (32, "selective", 0), (64, "selective", 0), (64, "full", 0),
+             (64, "none", 16)]
+    for seq_len, policy, tile in cases:
+        measured, cfg = measured_block_bytes(kind, seq_len, policy, tile)
+        predicted = seq_len * per_token(block_saved(kind, cfg, policy, tile, act=4, compute=4))
+        assert predicted == pytest.approx(measured, rel=0.15), (seq_len, policy, tile, measured, predicted)
+
+
+def test_plan_flags_a_config_that_cannot_fit_and_suggests_one_that_does(capsys):
+    overrides = ["train.seq_len=131072", "train.batch_size=1", "train.micro_batch_size=1"]
+    cfg = load_config("configs/hybrid_1b.yaml", overrides)
+    cfg.model.vocab_size = 32768
+    plain = plan_memory(cfg, 1, 80)
+    assert not plain.fits
+    changes, fitted = suggest(cfg, 1, 80)
+    assert fitted.fits and fitted.total < plain.total
+    again = load_config("configs/hybrid_1b.yaml", overrides + changes)
+    again.model.vocab_size = 32768
+    assert plan_memory(again, 1, 80).fits
+
+    assert main(["--config", "configs/hybrid_1b.yaml", *overrides, "model.vocab_size=32768", "--gpu-mem", "80"]) == 1
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "it fits with" in out
+    assert main(["--config", "configs/hybrid_1b.yaml", *overrides, "model.vocab_size=32768", *changes]) == 0
+    assert ": fits" in capsys.readouterr().out
+
+
+def test_plan_counts_sharding_and_context_parallel_buffers():
+    cfg = load_config("configs/hybrid_1b.yaml", ["model.vocab_size=32768", "train.micro_batch_size=1"])
+    lines = lambda plan: {name: b for name, b, _ in plan.lines}  # noqa: E731
+    one = lines(plan_memory(cfg, 1, 80))
+    cfg.parallel.dp_shard = True
+    sharded = lines(plan_memory(cfg, 8, 80))
+    assert sharded["AdamW moments (2 x fp32)"] == pytest.approx(one["AdamW moments (2 x fp32)"] / 8)
+    cfg.parallel.dp_shard, cfg.parallel.cp = False, 4
+    with_cp = lines(plan_memory(cfg, 4, 80))
+    assert with_cp["activations"] == pytest.approx(one["activations"] / 4)
+    assert with_cp["context-parallel buffers"] > 0

@@ -1,0 +1,296 @@
+"""`hylo plan`: the per-rank memory of a run, before anything is allocated, and what would make it fit.
+
+The model counts bytes the way the run will hold them on a GPU (bf16 autocast over fp32 weights, the fused
+Triton/SDPA kernels):
+
+  weights, gradients, optimizer   fp32 weights and gradients, AdamW's two fp32 moments; FSDP2 (parallel.dp_shard)
+                                  shards all three over the data-parallel ranks and gathers two blocks' weights at a
+                                  time; DeepSpeed ZeRO shards the moments (stage 1), the gradients (2), the weights (3)
+  activations                     what each block keeps for backward, per token, from what its layers save
+                                  (`Mixer.saved_per_token`, the norms and the MLP below) under the checkpointing
+                                  policy, the MLP tile and offload; times the rank's tokens (micro-batch x seq_len / cp)
+  recompute                       checkpointing recomputes one block at a time in backward: one block's tensors
+  logits                          the loss: the full logits (kept as fp32 log-probabilities, with their gradient
+                                  and the bf16 logits alive at the peak), or one chunk's worth with train.loss_chunk
+  context parallelism             ring: the neighbours' key/value blocks in flight; Ulysses: the all-to-all copies
+                                  of one layer's q, k, v and output
+  runtime                         the CUDA context and allocator fragmentation (a fixed 1 GiB + 5%)
+
+The activation model is checked against the bytes autograd really keeps (tests/test_memory.py, every layer type,
+two lengths, within 15%); the GPU check compares the whole plan with torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from models import MIXERS, HybridLM
+from models.layers import ffn_width
+from models.lm import layer_types
+from models.mixer import Saved
+from parallel.context import cp_degree_ulysses
+from trainer.config import Config, ConfigError, check_batch_layout, load_config
+
+GiB = 1024**3
+RUNTIME_FIXED = 1.0 * GiB
+FRAGMENTATION = 0.05
+
+
+def norm_saved(model_cfg, act: int, compute: int, what: str) -> list[Saved]:
+    """A pre-norm in front of a projection: x * rstd and its statistics in fp32, the normed output (which the
+    projection keeps), and its bf16 copy under autocast."""
+    d = model_cfg.d_model
+    saved = [Saved(f"{what}: statistics", compute), Saved(f"{what}: x * rstd", d * compute)]
+    if model_cfg.norm == "rms":
+        saved.append(Saved(f"{what}: output", d * compute))
+    if act != compute:
+        saved.append(Saved(f"{what}: output cast for the projection", d * act))
+    return saved
+
+
+def mlp_saved(model_cfg, act: int) -> list[Saved]:
+    f = ffn_width(model_cfg)
+    if model_cfg.mlp == "swiglu":
+        return [Saved("MLP: gate and up projection", 2 * f * act), Saved("MLP: silu(gate)", f * act),
+                Saved("MLP: silu(gate) * up", f * act)]
+    if model_cfg.mlp == "sglu":
+        return [Saved("MLP: both projections", 2 * f * act), Saved("MLP: product", f * act)]
+    return [Saved("MLP: up projection", f * act), Saved("MLP: gelu(up)", f * act)]
+
+
+def block_saved(layer_type: str, model_cfg, policy: str, mlp_tile: int, act: int, compute: int) -> list[Saved]:
+    """What one block keeps per token until its backward, under checkpointing `policy`."""
+    d = model_cfg.d_model
+    kept = [Saved("block input (residual stream)", d * compute)]
+    mixer = MIXERS[layer_type].saved_per_token(model_cfg, act, compute)
+    if policy == "full":
+        return kept
+    if policy == "selective":
+        return kept + [s for s in mixer if s.op_output]
+    kept += norm_saved(model_cfg, act, compute, "mixer norm") + mixer
+    kept += [Saved("residual after the mixer", d * compute)] + norm_saved(model_cfg, act, compute, "MLP norm")
+    if not mlp_tile:
+        kept += mlp_saved(model_cfg, act)
+    return kept
+
+
+def per_token(saved: list[Saved]) -> float:
+    return sum(s.bytes for s in saved)
+
+
+@dataclass
+class Plan:
+    lines: list[tuple[str, float, str]]  # (component, bytes, how it was counted)
+    gpu_bytes: float
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b, _ in self.lines)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_bytes
+
+
+def _parameter_counts(cfg: Config) -> tuple[int, int]:
+    """(all parameters, the largest block's), counted on the meta device."""
+    with torch.device("meta"):
+        model = HybridLM(cfg.model)
+    block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
+    return model.num_params(), block
+
+
+class RetainedBytes(TorchDispatchMode):
+    """Measures what a forward leaves alive for backward: every storage an op creates inside the context is
+    tracked (weakly); `retained()` sums those still alive, so saved tensors, checkpoint inputs and selective
+    checkpointing's cache all count, whatever keeps them.  Storages named in `exclude` (weights, inputs, the
+    output itself) are left out.  CPU or GPU; this is how the activation model is validated."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, tuple[weakref.ref, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                known = self.storages.get(id(storage))
+                if known is None or known[0]() is not storage:  # (an id can be reused once a storage is freed)
+                    self.storages[id(storage)] = (weakref.ref(storage), storage.nbytes())
+        return out
+
+    def retained(self, exclude: tuple[torch.Tensor, ...] = ()) -> int:
+        gc.collect()
+        skip = {t.untyped_storage().data_ptr() for t in exclude}
+        return sum(n for ref, n in self.storages.values()
+                   if (s := ref()) is not None and s.data_ptr() not in skip)
+
+
+def plan_memory(cfg: Config, gpus: int, gpu_mem_gib: float) -> Plan:
+    """Per-rank bytes of a run of `cfg` on `gpus` GPUs of `gpu_mem_gib` GiB each."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    if gpus % p.cp:
+        raise ConfigError(f"--gpus {gpus} is not a multiple of parallel.cp={p.cp}")
+    dp = gpus // p.cp
+    micro, _ = check_batch_layout(cfg, dp)
+    bf16 = t.dtype in ("auto", "bf16")
+    act, compute = (2 if bf16 else 4), 4
+    tokens = micro * t.seq_len / p.cp  # this rank's tokens in one forward
+    n_params, block_params = _parameter_counts(cfg)
+    lines: list[tuple[str, float, str]] = []
+
+    # weights, gradients, optimizer state
+    shard_w = shard_g = shard_o = 1
+    if t.engine == "deepspeed":
+        stage = cfg.deepspeed.zero_stage
+        shard_o, shard_g, shard_w = (dp if stage >= 1 else 1), (dp if stage >= 2 else 1), (dp if stage >= 3 else 1)
+        how = f"ZeRO stage {stage} over {dp} data-parallel ranks"
+    elif p.dp_shard and dp > 1:
+        shard_w = shard_g = shard_o = dp
+        how = f"FSDP2 over {dp} data-parallel ranks"
+    else:
+        how = "replicated" + (f" (DDP over {dp} ranks)" if dp > 1 else "")
+    lines.append(("weights (fp32)", 4 * n_params / shard_w, how))
+    lines.append(("gradients (fp32)", 4 * n_params / shard_g, how))
+    lines.append(("AdamW moments (2 x fp32)", 8 * n_params / shard_o, how))
+    if shard_w > 1:
+        lines.append(("gathered weights", 2 * 4 * block_params, "two blocks unsharded at a time"))
+    if bf16 and t.activation_checkpointing == "none":
+        lines.append(("bf16 weight copies", 2 * (n_params - m.vocab_size * m.d_model), "autocast keeps them for "
+                                                                                        "backward"))
+
+    # activations
+    offload = t.activation_offload
+    kinds = layer_types(m)
+    body = sum(per_token(block_saved(k, m, t.activation_checkpointing, m.mlp_tile, act, compute)) for k in kinds)
+    head = m.d_model * compute + per_token(norm_saved(m, act, compute, "final norm"))
+    label = f"{len(kinds)} blocks, {t.activation_checkpointing} checkpointing"
+    label += f", MLP tiles of {m.mlp_tile}" if m.mlp_tile else ""
+    if offload:
+        lines.append(("activations", 0.0, f"{label}: {tokens * (body + head) / GiB:.2f} GiB offloaded to host "
+                                          "memory (one block's worth in flight, below)"))
+        lines.append(("offload in flight", tokens * max(body / len(kinds), head) * 2, "two blocks' tensors"))
+    else:
+        lines.append(("activations", tokens * (body + head), f"{label}; {tokens:,.0f} tokens per rank"))
+    if t.activation_checkpointing != "none":
+        worst = max(per_token(block_saved(k, m, "none", m.mlp_tile, act, compute)) for k in set(kinds))
+        lines.append(("recompute", tokens * worst, "one block's tensors rebuilt in backward"))
+    tile = min(m.mlp_tile or tokens, tokens)
+    lines.append(("MLP hidden in backward", tile * 3 * ffn_width(m) * act, "the widest transient of a block's "
+                                                                            "backward"))
+
+    # logits and loss
+    v = m.vocab_size
+    chunked = 0 < t.loss_chunk < micro * t.seq_len / p.cp
+    if chunked:
+        lines.append(("logits", t.loss_chunk * v * (act + 2 * compute) + tokens * (compute + 8),
+                      f"one chunk of {t.loss_chunk} tokens (train.loss_chunk) + per-token lse"))
+    else:
+        lines.append(("logits", tokens * v * (act + 2 * compute), "full logits: bf16, fp32 log-probabilities kept "
+                                                                   "for backward and their gradient"))
+
+    # context parallelism
+    if p.cp > 1:
+        h, kv = m.n_heads, m.n_kv_heads or m.n_heads
+        hd = m.head_dim or m.d_model // h
+        u = cp_degree_ulysses(p.cp, p.cp_mode, p.ulysses)
+        ring = p.cp // u
+        buffers = 0.0
+        if ring > 1:
+            buffers += 2 * 2 * tokens * kv * hd * act  # double-buffered k and v of a neighbour's segment
+        if u > 1:
+            buffers += 2 * tokens * (2 * h + 2 * kv) * hd * act  # send and receive copies of q, k, v, out
+        lines.append(("context-parallel buffers", buffers, f"cp={p.cp} ({p.cp_mode}: ring {ring} x Ulysses {u}), "
+                                                           "one layer at a time"))
+
+    gpu = gpu_mem_gib * GiB
+    lines.append(("runtime", RUNTIME_FIXED + FRAGMENTATION * sum(b for _, b, _ in lines),
+                  "CUDA context + 5% allocator fragmentation"))
+    return Plan(lines, gpu)
+
+
+def _with(cfg: Config, **changes) -> Config:
+    out = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), model=dataclasses.replace(cfg.model),
+                              parallel=dataclasses.replace(cfg.parallel))
+    for key, value in changes.items():
+        section, name = key.split("__")
+        setattr(getattr(out, section), name, value)
+    return out
+
+
+def suggest(cfg: Config, gpus: int, gpu_mem_gib: float) -> tuple[list[str], Plan] | None:
+    """Settings added cheapest first (in compute and communication) until the run fits: (the overrides, the
+    plan with them), or None."""
+    steps: list[dict] = []
+    if cfg.train.loss_chunk == 0:
+        steps.append({"train__loss_chunk": 4096})
+    if cfg.train.activation_checkpointing == "none":
+        steps.append({"train__activation_checkpointing": "selective"})
+    if not cfg.model.mlp_tile:
+        steps.append({"model__mlp_tile": 4096})
+    if cfg.train.activation_checkpointing != "full":
+        steps.append({"train__activation_checkpointing": "full"})
+    cp = cfg.parallel.cp
+    while cp * 2 <= gpus and gpus % (cp * 2) == 0 and cfg.train.seq_len % (cp * 2) == 0:
+        cp *= 2
+        steps.append({"parallel__cp": cp})
+    if not cfg.train.activation_offload:
+        steps.append({"train__activation_offload": True})
+    changes: dict = {}
+    for change in steps:
+        changes.update(change)
+        candidate = plan_memory(_with(cfg, **changes), gpus, gpu_mem_gib)
+        if candidate.fits:
+            overrides = [f"{key.replace('__', '.')}={str(value).lower() if isinstance(value, bool) else value}"
+                         for key, value in changes.items()]
+            return overrides, candidate
+    return None
+
+
+def render(plan: Plan) -> str:
+    width = max(len(name) for name, _, _ in plan.lines)
+    rows = [f"  {name:<{width}}  {b / GiB:8.2f} GiB   {how}" for name, b, how in plan.lines]
+    verdict = "fits" if plan.fits else "does NOT fit"
+    rows.append(f"  {'total':<{width}}  {plan.total / GiB:8.2f} GiB   of {plan.gpu_bytes / GiB:.0f} GiB: {verdict}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hylo plan", description="Per-rank GPU memory of a run before launching "
+                                     "it, and the settings that would make it fit.")
+    parser.add_argument("--config", help="YAML config (default: the embedded tiny config)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs in the job (data parallel x parallel.cp)")
+    parser.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.seq_len=131072")
+    args = parser.parse_intermixed_args(argv)
+    if args.gpus < 1 or args.gpu_mem <= 0:
+        raise ConfigError("--gpus must be >= 1 and --gpu-mem positive")
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.vocab_size == 0:
+        from trainer.tokenizer import load_tokenizer
+
+        cfg.model.vocab_size = 64 * -(-load_tokenizer(cfg.data.tokenizer).get_vocab_size() // 64)
+    plan = plan_memory(cfg, args.gpus, args.gpu_mem)
+    t = cfg.train
+    print(f"[hylo] plan: {cfg.model.n_layers} layers {cfg.model.pattern}, d_model {cfg.model.d_model}, "
+          f"seq_len {t.seq_len:,}, {args.gpus} GPU(s) of {args.gpu_mem:g} GiB, per rank:")
+    print(render(plan))
+    if plan.fits:
+        return 0
+    found = suggest(cfg, args.gpus, args.gpu_mem)
+    if found is None:
+        print(f"[hylo] no combination of loss chunking, checkpointing, MLP tiles, context parallelism over the "
+              f"{args.gpus} GPU(s) and offload fits; use more GPUs (--gpus) or a shorter train.seq_len")
+        return 1
+    changes, fitted = found
+    print(f"[hylo] it fits with {' '.join(changes)}: {fitted.total / GiB:.2f} GiB per rank")
+    return 1
