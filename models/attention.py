@@ -58,9 +58,10 @@ class SoftmaxAttention(Mixer):
             o = o * torch.sigmoid(self.gate(x)).unsqueeze(-1).to(o.dtype)
         return self.out(o.flatten(2))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._qkv(x, positions)
-        return self._output(x, self.op(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned))
+        return self._output(x, self.op(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned,
+                                       cu_seqlens=cu_seqlens))
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The parallel forward of a prompt plus the cache `step` would hold after it."""

@@ -40,8 +40,8 @@ class BasedLinearAttention(Mixer):
         q, k, v = self.qkv(x).split([h * f, h * f, h * self.head_dim], dim=-1)
         return q.view(b, t, h, f), k.view(b, t, h, f), v.view(b, t, h, self.head_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.out(self.op(*self._qkv(x)).flatten(2))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        return self.out(self.op(*self._qkv(x), cu_seqlens=cu_seqlens).flatten(2))
 
     @torch.no_grad()
     def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce) -> dict[str, torch.Tensor]:
@@ -98,9 +98,9 @@ class BaseConv(Mixer):
         self.out = nn.Linear(self.inner, cfg.d_model, bias=False)
         self.out.is_residual_projection = True
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)
-        u1 = self.op(u1, self.conv.weight[:, 0], self.conv.bias)
+        u1 = self.op(u1, self.conv.weight[:, 0], self.conv.bias, cu_seqlens=cu_seqlens)
         return self.out(F.silu(u1) * u2)
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,8 +33,8 @@ class Block(nn.Module):
         self.mlp = MLPS[cfg.mlp](cfg.d_model, ffn_width(cfg))
         self.mlp_tile = cfg.mlp_tile
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), positions, cu_seqlens)
         return x + tiled_mlp(self.mlp, self.mlp_norm(x), self.mlp_tile)
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor):
@@ -85,19 +85,21 @@ class HybridLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, loss_chunk: int = 0, reduction: str = "mean",
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab).  `positions` (seq,) are global positions.
 
         With `targets` (batch, seq; -100 = not scored) it returns the loss instead, computed here so that sharded
         (FSDP2, ZeRO-3) head weights are gathered: the mean cross-entropy (`reduction="mean"`) or each token's
         (`"none"`, for evaluation), through the head `loss_chunk` tokens at a time (models/loss.py) when the
         tokens outnumber it, so the full logits never exist.  With `logits_at` (batch, seq; bool) it returns the
-        logits of those tokens only, (n, vocab) in row-major order (recall evaluations score a few positions)."""
+        logits of those tokens only, (n, vocab) in row-major order (recall evaluations score a few positions).
+        `cu_seqlens`: tokens (1, T) hold packed documents with these boundaries (kernels/varlen.py), and no layer
+        lets a token see another document; `positions` (T,) may then restart at each document."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embed(tokens) * self.embed_scale
         for block in self.blocks:
-            x = block(x, positions)
+            x = block(x, positions, cu_seqlens)
         if logits_at is not None:
             return self._logits(x[logits_at])
         if targets is None:

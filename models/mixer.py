@@ -3,8 +3,9 @@
 A layer type is one `Mixer` subclass in models/ (registered by name with `@register_mixer`), one op folder in
 kernels/, and at most one context-parallel strategy in parallel/; nothing else in the framework names layer types.
 
-  forward(x, positions)            x: the pre-normed (batch, seq, d_model) input; positions: its tokens' global
-                                   positions (under context parallelism a rank holds only some of them)
+  forward(x, positions, cu_seqlens) x: the pre-normed (batch, seq, d_model) input; positions: its tokens' global
+                                   positions (under context parallelism a rank holds only some of them);
+                                   cu_seqlens: packed documents (batch 1, kernels/varlen.py) or None
   prefill(x, positions)            the parallel forward of a prompt plus the decoding cache stepping would hold
                                    after it (built by the op's kernels/<op>/step.py)
   step(x, pos, cache)              one token at global position `pos`; cache=None starts a sequence
@@ -52,7 +53,7 @@ class Mixer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Any]:

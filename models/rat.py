@@ -56,10 +56,11 @@ class RAT(Mixer):
                 for y in self.qk(x).chunk(2, dim=-1))
         return torch.sigmoid(z), q, k, v.view(shape), gate
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # positions are not needed: the op numbers the chunks itself, and RoPE only sees chunk differences
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        # positions are not needed: the op numbers the chunks itself (from each document's start), and RoPE only
+        # sees chunk differences
         z, q, k, v, gate = self._project(x)
-        o = self.op(q, k, v, gate, self.chunk, rope_theta=self.rope_theta)
+        o = self.op(q, k, v, gate, self.chunk, rope_theta=self.rope_theta, cu_seqlens=cu_seqlens)
         return self.out(z * o.flatten(2).to(z.dtype))
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:

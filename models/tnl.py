@@ -64,9 +64,9 @@ class TNL(Mixer):
     def _output(self, o: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self.out(self.norm(o.flatten(2)).to(u.dtype) * u)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v, u = self._project(x, positions)
-        return self._output(self.op(q, k, v, self.slopes), u)
+        return self._output(self.op(q, k, v, self.slopes, cu_seqlens=cu_seqlens), u)
 
     @torch.no_grad()
     def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce) -> dict[str, torch.Tensor]:

@@ -2,55 +2,103 @@
 Parameter names do not change, so checkpoints are interchangeable between policies.
 
   none       autograd keeps what every op saves
-  selective  each block keeps its input and what its mixer op produced (attention output and lse, RAT's chunk
-             summaries, the linear layers' outputs): the expensive part.  Norms, projections, the MLP and the
-             residual adds are recomputed in backward.  torch's selective checkpointing (a per-op policy, as in
-             torchtitan): every op run inside the mixer's `op` call is cached, everything else recomputed.
+  selective  each block keeps its input and what its mixer op needs (the expensive part, never rerun); the norms,
+             projections, residual adds and the MLP are recomputed in backward
   full       each block keeps only its input; its whole forward runs again in backward
 
-README "Memory" lists what each layer type keeps under each policy (the planner's model, trainer/plan.py).
+`selective` is torch's selective checkpointing with a per-op policy (as in torchtitan), keyed on the mixer's `op`
+call, in one of two ways by how the op runs:
+  fused      (the Triton/SDPA kernels a GPU runs: one dispatcher op) every op inside the call is cached, so the
+             op's outputs (attention output and lse, RAT's chunk summaries, the linear layers' outputs) are kept
+             and its inputs (q, k, v) are recomputed with the projections; under context parallelism the op's
+             collectives are cached too, never re-sent.
+  composite  (the PyTorch paths of a CPU: many small ops) the op runs outside the checkpoint, keeping exactly
+             what its own backward needs, and backward hands its outputs to the recompute instead of rerunning
+             it (caching its every intermediate would keep more than no checkpointing).
+
+README "Long-context memory" lists what each layer type keeps under each policy (the planner's model,
+trainer/plan.py, which is of the fused kind).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable
 
+import torch
 from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from kernels import dispatch
 
 POLICIES = ("none", "selective", "full")
 
-_inside = threading.local()  # depth of mixer-op calls on this thread (the autograd engine runs recompute here too)
+# Per thread (backward recomputes on the thread that runs it): how deep inside a fused mixer-op call we are, and
+# which phase of which selective checkpoint is running, with the outputs its composite op calls stashed.
+_state = threading.local()
 
 
 def _keep_mixer_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     # Views are free to recompute, and a cached view would keep its whole base alive (a projection's output).
-    if getattr(_inside, "depth", 0) and not getattr(op, "is_view", False):
+    if getattr(_state, "depth", 0) and not getattr(op, "is_view", False):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _marked(op: Callable) -> Callable:
-    """The mixer's op, run with the marker that makes the selective policy keep what it computes."""
+class _Phase(contextlib.AbstractContextManager):
+    """torch's selective-checkpoint context for one phase, plus the phase and stash the mixer ops read."""
 
-    @functools.wraps(op)
-    def run(*args, **kwargs):
-        _inside.depth = getattr(_inside, "depth", 0) + 1
-        try:
-            return op(*args, **kwargs)
-        finally:
-            _inside.depth -= 1
+    def __init__(self, inner, name: str, stash: list):
+        self.inner, self.phase = inner, (name, stash)
 
-    run.marked_op = op
-    return run
+    def __enter__(self):
+        self.outer = getattr(_state, "phase", None)
+        _state.phase = self.phase
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        _state.phase = self.outer
+        return self.inner.__exit__(*exc)
 
 
 def _selective_contexts():
-    # The chunked PyTorch paths fill buffers in place after creating them; the cache holds their final contents,
-    # which is what the recompute reads back.
-    return create_selective_checkpoint_contexts(_keep_mixer_ops, allow_cache_entry_mutation=True)
+    # The fused path's cache may hold buffers the op filled in place; it keeps their final contents, which is
+    # what the recompute reads back.
+    forward, recompute = create_selective_checkpoint_contexts(_keep_mixer_ops, allow_cache_entry_mutation=True)
+    stash: list = []
+    return _Phase(forward, "forward", stash), _Phase(recompute, "recompute", stash)
+
+
+def _runs_fused(args) -> bool:
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return first is not None and dispatch.triton_fits(first)
+
+
+def _marked(op: Callable) -> Callable:
+    """The mixer's op as selective checkpointing runs it (module docstring); outside a checkpoint, just the op."""
+
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        phase = getattr(_state, "phase", None)
+        if phase is None or _runs_fused(args):
+            _state.depth = getattr(_state, "depth", 0) + 1
+            try:
+                return op(*args, **kwargs)
+            finally:
+                _state.depth -= 1
+        name, stash = phase
+        if name == "recompute":
+            return stash.pop(0)
+        with saved_tensors_hooks(lambda t: t, lambda t: t):  # saved by the op's own graph, not the checkpoint
+            out = op(*args, **kwargs)
+        stash.append(out)
+        return out
+
+    run.marked_op = op
+    return run
 
 
 def _recomputed(forward, *args, **kwargs):

@@ -104,6 +104,13 @@ class CPContext:
         return dist.get_global_rank(group, group_rank)
 
 
+def refuse_documents(kw: dict) -> None:
+    """Context-parallel ops do not take packed documents yet (the config refuses data.document_masking with
+    parallel.cp > 1); a cu_seqlens reaching one anyway must not be dropped silently."""
+    if kw.get("cu_seqlens") is not None:
+        raise ValueError("packed documents (cu_seqlens) are not supported under context parallelism yet")
+
+
 def split_segments(x: torch.Tensor, segments: list[Segment], dim: int = 1) -> list[torch.Tensor]:
     return list(x.split([n for _, n in segments], dim=dim))
 

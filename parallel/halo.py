@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import attention, short_conv
-from parallel.context import CPContext, Segment, exchange, split_segments
+from parallel.context import CPContext, Segment, exchange, refuse_documents, split_segments
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,7 @@ class HaloWindowAttention:
         self.cp = cp
 
     def __call__(self, q, k, v, *, window=None, sink=None, scale=None, return_lse=False, n_pinned=0, **kw):
+        refuse_documents(kw)
         if window is None or n_pinned:
             raise ValueError("halo attention needs a window and no pinned tokens")
         kv = torch.cat([k, v], dim=-1)
@@ -135,6 +136,7 @@ class HaloConv:
         self.cp = cp
 
     def __call__(self, x, weight, bias=None, **kw):
+        refuse_documents(kw)
         k = weight.shape[1]
         halos = fetch_halos(x, self.cp, k - 1, f"{self.cp.tag}/halo")
         outs = []

@@ -11,7 +11,7 @@ import torch
 from kernels import based_linear_attention, lightning_attention
 from kernels.based import taylor_features
 from kernels.dispatch import upcast
-from parallel.context import CPContext, all_gather, split_segments
+from parallel.context import CPContext, all_gather, refuse_documents, split_segments
 
 
 def _before(cp: CPContext, start: int, device) -> torch.Tensor:
@@ -38,6 +38,7 @@ class LightningCP:
         self.cp = cp
 
     def __call__(self, q, k, v, decay, *, output_final_state: bool = False, **kw):
+        refuse_documents(kw)
         cp, segs = self.cp, self.cp.local_segments
         s = upcast(decay.to(q.dtype))
         ks, vs = split_segments(k, segs), split_segments(v, segs)
@@ -65,6 +66,7 @@ class BasedCP:
         self.cp = cp
 
     def __call__(self, q, k, v, *, output_final_state: bool = False, **kw):
+        refuse_documents(kw)
         cp, segs = self.cp, self.cp.local_segments
         ks, vs = split_segments(k, segs), split_segments(v, segs)
         own_s, own_z = [], []

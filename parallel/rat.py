@@ -9,7 +9,7 @@ import torch
 
 from kernels import rat_attention
 from kernels.rat import scan_summaries
-from parallel.context import CPContext, all_gather, split_segments
+from parallel.context import CPContext, all_gather, refuse_documents, split_segments
 
 
 class RatCP:
@@ -17,6 +17,7 @@ class RatCP:
         self.cp = cp
 
     def __call__(self, q, k, v, gate, chunk_size, **kw):
+        refuse_documents(kw)
         cp, segs = self.cp, self.cp.local_segments
         for start, n in segs:
             if start % chunk_size or n % chunk_size:

@@ -24,7 +24,7 @@ from kernels.attention.chunk import (
     to_groups,
 )
 from kernels.dispatch import check_backend, choose_backend
-from parallel.context import COMM, Segment
+from parallel.context import COMM, Segment, refuse_documents
 
 
 # One (query segment, key segment) pair, forward and backward, on the grouped layout q (B, Hkv, G, Tq, d),
@@ -165,6 +165,7 @@ class RingAttention:
 
     def __call__(self, q, k, v, *, causal=True, window=None, sink=None, scale=None, return_lse=False, n_pinned=0,
                  **kw):
+        refuse_documents(kw)
         if not causal or window is not None or n_pinned:
             raise ValueError("ring attention runs full causal attention; window layers use the halo exchange")
         scale = q.shape[-1] ** -0.5 if scale is None else scale

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallel.context import Segment, all_to_all
+from parallel.context import Segment, all_to_all, refuse_documents
 
 
 def _seq_to_heads(x: torch.Tensor, group, key: str) -> torch.Tensor:
@@ -38,6 +38,7 @@ class UlyssesAttention:
         self.inverse = torch.argsort(self.order)
 
     def __call__(self, q, k, v, *, sink=None, return_lse=False, **kw):
+        refuse_documents(kw)
         u, h, h_kv = self.size, q.shape[2], k.shape[2]
         if h % u:
             raise ValueError(f"Ulysses over {u} ranks needs the query heads ({h}) divisible by {u}")

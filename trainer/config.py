@@ -74,6 +74,9 @@ class ModelConfig:
     mlp: str = "swiglu"  # swiglu | sglu (TNL: W3(W1 x * W2 x), no activation) | gelu (4x, RAT's reference)
     norm: str = "rms"  # rms (with weight) | srms (TNL's SRMSNorm, no weight)
     embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (TNL)
+    # with data.document_masking: positions restart at every document start (off: each row's positions, so the
+    # model keeps seeing positions up to train.seq_len however short the documents)
+    document_positions: bool = False
     attn: AttentionLayerConfig = field(default_factory=AttentionLayerConfig)
     rat: RatLayerConfig = field(default_factory=RatLayerConfig)
     based: BasedLayerConfig = field(default_factory=BasedLayerConfig)
@@ -97,6 +100,8 @@ class DataConfig:
     prefetch: int = 4  # batches prepared ahead by the background thread (0 = inline)
     verify: bool = True  # token shards: check every shard's CRC32 when opening
     allow_source_change: bool = False  # resume even if the files/dataset/tokenizer changed since the checkpoint
+    # no layer lets a token see the documents packed before it (boundaries: the EOS tokens the packer writes)
+    document_masking: bool = False
     mqar: MQARDataConfig = field(default_factory=MQARDataConfig)
 
 
@@ -368,6 +373,15 @@ def validate(c: Config) -> None:
     if c.data.format == "mqar" and "ppl" in c.eval.tasks and c.eval.interval:
         raise ConfigError("data.format=mqar trains on synthetic recall sequences; held-out text perplexity means "
                           "nothing there: set eval.tasks=[mqar]")
+    if c.data.document_masking and c.data.format == "mqar":
+        raise ConfigError("data.document_masking splits text at EOS tokens; MQAR sequences are one document each "
+                          "(and their ids are not text): drop data.document_masking")
+    if c.model.document_positions and not c.data.document_masking:
+        raise ConfigError("model.document_positions=true restarts positions at document boundaries, which only "
+                          "data.document_masking=true marks; set both")
+    if c.data.document_masking and c.parallel.cp > 1:
+        raise ConfigError("data.document_masking is not supported with context parallelism (parallel.cp > 1) yet; "
+                          "set parallel.cp=1 or drop data.document_masking")
     if c.profile.enabled and (c.profile.start_step < 1 or c.profile.steps < 1):
         raise ConfigError("profile.start_step and profile.steps must be >= 1")
     if c.parallel.cp > 1 and c.eval.seq_len not in (0, t.seq_len):

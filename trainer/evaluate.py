@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from trainer.config import DataConfig
 from trainer.data import DataLoader
+from trainer.documents import DocumentMasking, document_masking
 from trainer.errors import ConfigError, DataError
 from trainer.export import load_trained_model
 from trainer.tokenizer import load_tokenizer
@@ -24,11 +25,13 @@ from trainer.tokenizer import load_tokenizer
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, batches: Iterable[torch.Tensor], bucket: int,
-               positions: torch.Tensor | None = None, autocast=None, loss_chunk: int = 0) -> dict:
+               positions: torch.Tensor | None = None, autocast=None, loss_chunk: int = 0,
+               documents: DocumentMasking | None = None) -> dict:
     """batches of (B, T+1) token windows -> {"loss", "ppl", "tokens", "buckets": [{lo, hi, loss, ppl, tokens}]}.
 
     `positions`: the global positions of the tokens this rank holds (context parallelism); sums are all-reduced
-    over every rank when a process group is up, so each rank returns the same numbers."""
+    over every rank when a process group is up, so each rank returns the same numbers.  `documents`: the run's
+    document masking, applied as in training (buckets stay by position in the window)."""
     sums = counts = None
     for batch in batches:
         inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -37,8 +40,13 @@ def perplexity(model: torch.nn.Module, batches: Iterable[torch.Tensor], bucket: 
             inputs, targets = inputs[:, positions], targets[:, positions]
         with autocast or torch.autocast(inputs.device.type, enabled=False):
             # per-token NLL, through the head loss_chunk tokens at a time (the full logits never exist)
-            nll = model(inputs, None if positions is None else positions, targets=targets, loss_chunk=loss_chunk,
-                        reduction="none")
+            if documents is None:
+                nll = model(inputs, None if positions is None else positions, targets=targets,
+                            loss_chunk=loss_chunk, reduction="none")
+            else:
+                packed = documents.pack(inputs, targets)
+                nll = model(packed.inputs, packed.positions, targets=packed.targets, loss_chunk=loss_chunk,
+                            reduction="none", cu_seqlens=packed.cu_seqlens).view(inputs.shape)
         n_buckets = int(pos.max()) // bucket + 1
         if sums is None:
             size = max(n_buckets, -(-int(batch.shape[1] - 1) // bucket))
@@ -92,7 +100,7 @@ def run_eval_tasks(model, cfg, tokenizer, device, ppl_batches, positions, logger
     if "ppl" in cfg.eval.tasks and ppl_batches is not None:
         bucket = cfg.eval.bucket or default_bucket(cfg.eval.seq_len or cfg.train.seq_len)
         scalars.update(eval_scalars(perplexity(model, ppl_batches, bucket, positions, autocast(),
-                                                cfg.train.loss_chunk)))
+                                                cfg.train.loss_chunk, document_masking(cfg, tokenizer))))
     if "mqar" in cfg.eval.tasks:
         with autocast():
             scalars["eval/mqar_accuracy"] = mqar_accuracy(model, mqar_spec(cfg), cfg.eval.mqar_samples, device=device)
@@ -147,8 +155,10 @@ def _eval_ppl(model, cfg, args) -> int:
         print(f"[hylo] note: the model trained on {cfg.data.path}; perplexity is measured on the bundled corpus's "
               "validation split (give --data for held-out data of your own)", flush=True)
     data = DataConfig(**{**cfg.data.__dict__, "path": args.data, "prefetch": 0})
-    batches = eval_batches(data, load_tokenizer(cfg.data.tokenizer), seq_len, args.batch_size, args.batches)
-    result = perplexity(model, batches, args.bucket or default_bucket(seq_len), loss_chunk=cfg.train.loss_chunk)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    batches = eval_batches(data, tokenizer, seq_len, args.batch_size, args.batches)
+    result = perplexity(model, batches, args.bucket or default_bucket(seq_len), loss_chunk=cfg.train.loss_chunk,
+                        documents=document_masking(cfg, tokenizer))  # as the run trained
     print(f"[hylo] {args.checkpoint}: loss {result['loss']:.4f}, ppl {result['ppl']:.2f} over {result['tokens']:,} "
           f"tokens at length {seq_len} (trained at {cfg.train.seq_len})")
     for b in result["buckets"]:

@@ -27,6 +27,7 @@ from trainer.checkpointing import latest_checkpoint, read_trainer_state, recover
 from trainer.checkpointing.step_folder import barrier
 from trainer.config import Config, check_batch_layout, to_yaml
 from trainer.data import DataLoader
+from trainer.documents import document_masking
 from trainer.engines import StepResult, build_engine, engine_problem
 from trainer.errors import ConfigError, TrainingDiverged
 from trainer.export import load_weights
@@ -88,6 +89,7 @@ class Trainer:
         if isinstance(self.loader, DataLoader):
             self.loader.check_readable()  # bad data fails here, before the run dir is touched
         self.data_source = data_provenance(cfg.data, self.tokenizer)
+        self.documents = document_masking(cfg, self.tokenizer)  # None unless data.document_masking
         self.lock = RunLock(self.run_dir)
         try:
             self._lock_run_dir()
@@ -188,7 +190,8 @@ class Trainer:
                 batch = next(self.loader).to(self.device, non_blocking=True).long()
                 result = self.engine.train_step(batch, self.positions,
                                                 skip_nonfinite=self.cfg.train.nan_policy == "skip",
-                                                on_gradients=self.callbacks.gradient_hook(self))
+                                                on_gradients=self.callbacks.gradient_hook(self),
+                                                documents=self.documents)
                 self.scheduler.step()
                 self._account(result)
                 self.callbacks.on_step_end(self, result)

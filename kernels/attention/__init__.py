@@ -16,6 +16,7 @@ from kernels.attention.dq_mode import atomic_dq, set_backward_dq
 from kernels.attention.naive import naive_attention
 from kernels.attention.step import attention_prefill, attention_step
 from kernels.dispatch import choose_backend, triton_fits
+from kernels.varlen import document_bounds
 
 __all__ = ["attention", "attention_prefill", "attention_step", "naive_attention", "chunk_attention",
            "set_backward_dq", "atomic_dq"]
@@ -61,18 +62,30 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, windo
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, window: int | None = None,
               sink: torch.Tensor | None = None, scale: float | None = None, return_lse: bool = False,
-              n_pinned: int = 0, backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              n_pinned: int = 0, backend: str = "auto", cu_seqlens: torch.Tensor | None = None
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention.  q (B, Tq, H, d); k, v (B, Tk, Hkv, d) with H a multiple of Hkv; Tq <= Tk, the queries
     being the last Tq positions.  Returns out (B, Tq, H, d), and lse (B, H, Tq) with `return_lse=True`.
 
     window    each query sees itself and the window-1 keys before it (None: all earlier keys)
     sink      (H,) learned logits that join each query's softmax denominator and carry no value
     n_pinned  with a window, the first n_pinned tokens stay visible to every query (StreamingLLM)
+    cu_seqlens  packed documents (batch 1, kernels/varlen.py): no query sees another document's keys, each
+              document's softmax has its own sink, window and pinned tokens
     backend   "naive" (quadratic oracle) | "chunk" (blockwise PyTorch) | "triton" (flash kernels) | "sdpa"
               (torch's SDPA, plain attention only) | "auto" (kernels/dispatch.py: SDPA for plain attention,
               else Triton for CUDA tensors it takes, else chunk)
     """
     check_inputs(q, k, v, window, causal, sink, n_pinned)
+    if cu_seqlens is not None:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError("attention: with cu_seqlens the queries and keys are the same packed sequence")
+        parts = [attention(q[:, a:b], k[:, a:b], v[:, a:b], causal=causal, window=window, sink=sink, scale=scale,
+                           return_lse=return_lse, n_pinned=n_pinned, backend=backend)
+                 for a, b in document_bounds(cu_seqlens, q, "attention")]
+        if not return_lse:
+            return torch.cat(parts, dim=1)
+        return torch.cat([o for o, _ in parts], dim=1), torch.cat([lse for _, lse in parts], dim=2)
     if window is not None and window >= k.shape[1]:
         window = None  # the window covers everything: plain causal attention
     plain = sink is None and not return_lse and n_pinned == 0 and q.shape[1] == k.shape[1]

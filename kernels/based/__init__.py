@@ -8,6 +8,7 @@ from kernels.based.chunk import chunk_based_linear_attention, taylor_features
 from kernels.based.naive import naive_based_linear_attention
 from kernels.based.step import based_step
 from kernels.dispatch import choose_backend
+from kernels.varlen import document_bounds
 
 __all__ = ["based_linear_attention", "based_step", "taylor_features", "naive_based_linear_attention",
            "chunk_based_linear_attention"]
@@ -15,7 +16,8 @@ __all__ = ["based_linear_attention", "based_step", "taylor_features", "naive_bas
 
 def based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = 1e-6,
                            initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
-                           output_final_state: bool = False, backend: str = "auto"):
+                           output_final_state: bool = False, backend: str = "auto",
+                           cu_seqlens: torch.Tensor | None = None):
     """q, k (B, T, H, d_f) with the small feature dim (16 by default in the layer), v (B, T, H, e) -> (B, T, H, e).
 
     y_t = sum_{j<=t} (1 + s + s^2/2) v_j / (sum_{j<=t} (1 + s + s^2/2) + eps), s = q_t . k_j / sqrt(d_f).
@@ -24,10 +26,20 @@ def based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     the state after the last token.  backend: "naive" | "chunk" | "triton" | "auto" (Triton for CUDA q, k, v
     of one dtype, not float64; the chunk path otherwise).  The chunk and Triton paths return states in float32
     (chunk: float64 for float64 inputs) in one feature order, so either continues the other's segment.
+    `cu_seqlens`: packed documents (batch 1, kernels/varlen.py), each starting from a zero state; `initial_state`
+    applies to the first document, the final state is the last document's.
     """
     if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"based_linear_attention expects q, k (B, T, H, d_f) and v (B, T, H, e); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if cu_seqlens is not None:
+        outs, state = [], initial_state
+        for a, b in document_bounds(cu_seqlens, q, "based_linear_attention"):
+            out, state = based_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], eps=eps, initial_state=state,
+                                                output_final_state=True, backend=backend)
+            outs.append(out)
+            state = None if b < q.shape[1] else state  # the next document starts from zero
+        return (torch.cat(outs, dim=1), state) if output_final_state else torch.cat(outs, dim=1)
     backend = choose_backend("based_linear_attention", backend, ("naive", "chunk", "triton"), (q, k, v))
     if backend == "triton":
         from kernels.based.triton import triton_based_linear_attention  # imports triton: only when asked for

@@ -10,6 +10,7 @@ from kernels.dispatch import choose_backend
 from kernels.lightning.chunk import chunk_lightning_attention
 from kernels.lightning.naive import naive_lightning_attention
 from kernels.lightning.step import lightning_step
+from kernels.varlen import document_bounds
 
 __all__ = ["lightning_attention", "lightning_step", "tnl_slopes", "naive_lightning_attention",
            "chunk_lightning_attention"]
@@ -34,7 +35,8 @@ def tnl_slopes(n_heads: int, layer_idx: int, n_layers: int) -> torch.Tensor:
 
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, *,
                         initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-                        backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                        backend: str = "auto", cu_seqlens: torch.Tensor | None = None
+                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """q, k (B, T, H, d), v (B, T, H, e), decay (H,) slopes >= 0 -> (B, T, H, e).
 
     O_i = sum_{j<=i} exp(-s_h (i-j)) (q_i . k_j) v_j  [+ exp(-s_h (i+1)) q_i S0 with an `initial_state` S0].
@@ -42,7 +44,8 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
     float64 inputs): feed it as the next segment's `initial_state`.
     backend: "naive" | "chunk" | "triton" | "auto" (Triton for CUDA tensors when it can run them: q, k, v of one
     dtype, not float64, and no gradient wanted for `decay`, which the Triton path treats as a constant; the chunk
-    path otherwise).
+    path otherwise).  `cu_seqlens`: packed documents (batch 1, kernels/varlen.py), each starting from a zero
+    state; `initial_state` applies to the first document, the final state is the last document's.
     """
     if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"lightning_attention expects q, k (B, T, H, d) and v (B, T, H, e); got "
@@ -56,6 +59,14 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
     if initial_state is not None and initial_state.shape != state_shape:
         raise ValueError(f"initial_state must have shape (B, H, d, e) = {state_shape}, got "
                          f"{tuple(initial_state.shape)}")
+    if cu_seqlens is not None:
+        outs, state = [], initial_state
+        for a, b in document_bounds(cu_seqlens, q, "lightning_attention"):
+            out, state = lightning_attention(q[:, a:b], k[:, a:b], v[:, a:b], decay, initial_state=state,
+                                             output_final_state=True, backend=backend)
+            outs.append(out)
+            state = None if b < q.shape[1] else state  # the next document starts from zero
+        return (torch.cat(outs, dim=1), state) if output_final_state else torch.cat(outs, dim=1)
     backend = choose_backend("lightning_attention", backend, ("naive", "chunk", "triton"), (q, k, v),
                              triton_ok=lambda: not decay.requires_grad)
     if backend == "triton":

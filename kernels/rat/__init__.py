@@ -8,6 +8,7 @@ from kernels.dispatch import choose_backend
 from kernels.rat.chunk import chunk_rat_attention, scan_summaries
 from kernels.rat.naive import naive_rat_attention
 from kernels.rat.step import rat_prefill, rat_step
+from kernels.varlen import document_bounds
 
 __all__ = ["rat_attention", "rat_prefill", "rat_step", "scan_summaries", "naive_rat_attention", "chunk_rat_attention"]
 
@@ -16,7 +17,8 @@ TRITON_MAX_CHUNK = 128  # a chunk must fit in one tile of the Triton kernels' qu
 
 def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, chunk_size: int, *,
                   scale: float | None = None, rope_theta: float | None = None,
-                  prefix: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "auto") -> torch.Tensor:
+                  prefix: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "auto",
+                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v, gate (B, T, H, d), gate in (0, 1) -> (B, T, H, d).
 
     Inside each chunk of `chunk_size` tokens k~_l = g*k~_{l-1} + (1-g)*k_l (same for v), restarting per chunk.
@@ -28,6 +30,8 @@ def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
     this segment's chunks are numbered: how context parallelism continues a sequence held by other ranks.
     backend: "naive" | "chunk" | "triton" | "auto" (Triton for fp32/bf16/fp16 CUDA tensors when triton is
     installed and chunk_size <= 128, else chunk).  The gate may be float32 while q, k, v are 16-bit.
+    `cu_seqlens`: packed documents (batch 1, kernels/varlen.py); the chunk grid restarts at every document start
+    (a document of n tokens has chunks [0, L), [L, 2L), ... of its own), so no summary mixes documents.
     """
     if q.dim() != 4 or not (q.shape == k.shape == gate.shape) or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"rat_attention expects q, k, gate (B, T, H, d) and v (B, T, H, e); got q{tuple(q.shape)} "
@@ -38,6 +42,13 @@ def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     if rope_theta is not None and q.shape[-1] % 2:
         raise ValueError(f"RoPE rotates channel pairs: head dim {q.shape[-1]} must be even")
+    if cu_seqlens is not None:
+        if prefix is not None:
+            raise ValueError("rat_attention: a prefix of chunk summaries continues one sequence; it cannot be "
+                             "combined with cu_seqlens")
+        return torch.cat([rat_attention(q[:, a:b], k[:, a:b], v[:, a:b], gate[:, a:b], chunk_size, scale=scale,
+                                        rope_theta=rope_theta, backend=backend)
+                          for a, b in document_bounds(cu_seqlens, q, "rat_attention")], dim=1)
     backend = choose_backend("rat_attention", backend, ("naive", "chunk", "triton"), (q, k, v),
                              triton_ok=lambda: chunk_size <= TRITON_MAX_CHUNK and q.shape[-1] % 2 == 0)
     if backend == "naive":

@@ -16,6 +16,7 @@ from torch import nn
 
 from parallel.activation_offload import ActivationOffload
 from trainer.data import inputs_and_targets
+from trainer.documents import DocumentMasking
 
 if TYPE_CHECKING:
     from trainer.checkpointing.step_folder import StepFolderWriter
@@ -34,13 +35,30 @@ def saved_for_backward(offload: bool, device: torch.device):
     return ActivationOffload(device) if offload else contextlib.nullcontext()
 
 
-def micro_batches(batch: torch.Tensor,
-                  positions: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(index, inputs, targets) for each micro-batch of a step's batch (micro-batches, sequences, [2,] T + 1);
-    with context parallelism each rank takes its positions of every sequence."""
+@dataclass
+class MicroBatch:
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor | None  # None: 0..T-1 of each row
+    cu_seqlens: torch.Tensor | None  # packed documents (data.document_masking)
+
+    def loss(self, model: nn.Module, loss_chunk: int) -> torch.Tensor:
+        return model(self.inputs, self.positions, targets=self.targets, loss_chunk=loss_chunk,
+                     cu_seqlens=self.cu_seqlens)
+
+
+def micro_batches(batch: torch.Tensor, positions: torch.Tensor | None,
+                  documents: DocumentMasking | None = None) -> Iterator[tuple[int, MicroBatch]]:
+    """(index, micro-batch) for each micro-batch of a step's batch (micro-batches, sequences, [2,] T + 1); with
+    context parallelism each rank takes its positions of every sequence; with document masking the sequences
+    become one packed sequence with its document boundaries."""
     for i in range(batch.shape[0]):
         inputs, targets = inputs_and_targets(batch[i], positions)
-        yield i, inputs, targets
+        if documents is None:
+            yield i, MicroBatch(inputs, targets, positions, None)
+        else:
+            packed = documents.pack(inputs, targets)
+            yield i, MicroBatch(packed.inputs, packed.targets, packed.positions, packed.cu_seqlens)
 
 
 class Engine:
@@ -63,7 +81,8 @@ class Engine:
         return None
 
     def train_step(self, batch: torch.Tensor, positions: torch.Tensor | None, *, skip_nonfinite: bool = False,
-                   on_gradients: Callable[[nn.Module], None] | None = None) -> StepResult:
+                   on_gradients: Callable[[nn.Module], None] | None = None,
+                   documents: DocumentMasking | None = None) -> StepResult:
         raise NotImplementedError
 
     def autocast(self):

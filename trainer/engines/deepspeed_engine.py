@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from trainer.checkpointing.deepspeed import DeepSpeedCheckpointer, load_deepspeed, require_deepspeed
+from trainer.documents import DocumentMasking
 from trainer.engines.base import Engine, StepResult, micro_batches, saved_for_backward
 from trainer.optim import build_optimizer
 
@@ -82,14 +83,15 @@ class DeepSpeedEngine(Engine):
         return None
 
     def train_step(self, batch: torch.Tensor, positions: torch.Tensor | None, *, skip_nonfinite: bool = False,
-                   on_gradients: Callable[[nn.Module], None] | None = None) -> StepResult:
+                   on_gradients: Callable[[nn.Module], None] | None = None,
+                   documents: DocumentMasking | None = None) -> StepResult:
         """DeepSpeed scales each micro-batch's loss by 1/accum, reduces the gradients and, at the last micro-batch,
         clips and steps the optimizer (and zeroes the gradients)."""
         accum = batch.shape[0]
         step_loss = torch.zeros((), device=batch.device)
-        for _, inputs, targets in micro_batches(batch, positions):
+        for _, micro in micro_batches(batch, positions, documents):
             with saved_for_backward(self.offload, batch.device):
-                loss = self.engine(inputs, positions, targets=targets, loss_chunk=self.loss_chunk)
+                loss = micro.loss(self.engine, self.loss_chunk)
             self.engine.backward(loss)
             self.engine.step()
             step_loss += loss.detach() / accum

@@ -13,6 +13,7 @@ from torch import nn
 
 from parallel.data_parallel import apply_data_parallel, gradient_sync
 from trainer.checkpointing.dcp import DCPCheckpointer, load_dcp
+from trainer.documents import DocumentMasking
 from trainer.engines.base import Engine, StepResult, micro_batches, saved_for_backward
 from trainer.optim import build_optimizer
 
@@ -43,16 +44,17 @@ class TorchEngine(Engine):
         return contextlib.nullcontext()
 
     def train_step(self, batch: torch.Tensor, positions: torch.Tensor | None, *, skip_nonfinite: bool = False,
-                   on_gradients: Callable[[nn.Module], None] | None = None) -> StepResult:
+                   on_gradients: Callable[[nn.Module], None] | None = None,
+                   documents: DocumentMasking | None = None) -> StepResult:
         """Forward and backward over the micro-batches (gradients accumulate, synchronised at the last one),
         clip, then step — or, with `skip_nonfinite`, leave the weights alone when the norm is not finite (the one
         host synchronisation of a step, and only with train.nan_policy=skip)."""
         accum = batch.shape[0]
         step_loss = torch.zeros((), device=self.device)
-        for i, inputs, targets in micro_batches(batch, positions):
+        for i, micro in micro_batches(batch, positions, documents):
             with gradient_sync(self.model, i == accum - 1):  # DDP's no_sync must cover the backward too
                 with self.autocast(), saved_for_backward(self.cfg.train.activation_offload, self.device):
-                    loss = self.model(inputs, positions, targets=targets, loss_chunk=self.cfg.train.loss_chunk) / accum
+                    loss = micro.loss(self.model, self.cfg.train.loss_chunk) / accum
                 loss.backward()
             step_loss += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)

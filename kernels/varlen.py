@@ -1,0 +1,51 @@
+"""Packed documents, FlashAttention/fla's varlen convention: a batch of one sequence holding several documents, and
+`cu_seqlens = [0, l1, l1 + l2, ..., T]`, a 1-D integer tensor of document boundaries.
+
+Every op that takes `cu_seqlens` promises the same result (outputs, lse, final states, every input gradient) as
+running each document on its own and concatenating.  They keep that promise by running each document through the
+op's chosen backend (naive, chunk or triton): work across a boundary is never done at all, so masking costs
+nothing and shorter documents mean less attention work.  A CPU tensor for `cu_seqlens` avoids a device sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def document_bounds(cu_seqlens: torch.Tensor, x: torch.Tensor, op: str) -> list[tuple[int, int]]:
+    """The (start, end) of each document of x (1, T, ...), after checking `cu_seqlens` against it."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+        raise ValueError(f"{op}: cu_seqlens must be a 1-D tensor [0, l1, l1+l2, ..., T], got "
+                         f"{type(cu_seqlens).__name__} {tuple(getattr(cu_seqlens, 'shape', ()))}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if x.shape[0] != 1:
+        raise ValueError(f"{op}: with cu_seqlens the batch must be one packed sequence (batch size 1), got batch "
+                         f"{x.shape[0]}; flatten the rows into one sequence and add their boundaries")
+    bounds = cu_seqlens.tolist()
+    total = x.shape[1]
+    if len(bounds) < 2 or bounds[0] != 0:
+        raise ValueError(f"{op}: cu_seqlens must start at 0 and hold at least one document, got {bounds[:4]}...")
+    if bounds[-1] != total:
+        raise ValueError(f"{op}: cu_seqlens must end at the sequence length {total}, ends at {bounds[-1]}")
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if b <= a:
+            raise ValueError(f"{op}: cu_seqlens must increase strictly (document {i} would have length {b - a}; "
+                             "zero-length documents are not allowed)")
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def documents_of(cu_seqlens: torch.Tensor | None, length: int) -> torch.Tensor:
+    """Index of the document each of `length` tokens belongs to (all zeros without cu_seqlens)."""
+    if cu_seqlens is None:
+        return torch.zeros(length, dtype=torch.long)
+    starts = torch.zeros(length, dtype=torch.long)
+    starts[cu_seqlens[1:-1].long().cpu()] = 1
+    return starts.cumsum(0)
+
+
+def positions_within_documents(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """Each token's position counted from its document's start."""
+    bounds = cu_seqlens.long().cpu()
+    doc = documents_of(bounds, length)
+    return torch.arange(length) - bounds[doc]
