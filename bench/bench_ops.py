@@ -1,11 +1,16 @@
 """Forward+backward time and peak memory of each op's chunk path against SDPA, at growing context.
 
   python bench/bench_ops.py [--lengths 2048 8192 32768] [--no-record]
+  python bench/bench_ops.py --masked [--lengths 32768]     # document masking: packed vs unmasked
+
 
 B=1, H=4, head dim 64 (BASED: q/k feature dim 16, v 64; RAT: chunk 16), float32 on the CPU.  Each (op, T)
 runs in its own process so its peak resident memory is its own (reported above the process's baseline).
 Targets (issue 3): at 32K lightning, BASED and RAT are each >= 5x faster than SDPA(is_causal=True), and their
-time grows <= 4.5x from 8K to 32K.  Prints a table and appends it to bench/RESULTS.md.
+time grows <= 4.5x from 8K to 32K.  With --masked, each op at the last length with packed documents
+(`cu_seqlens`) of mean length 1K, 4K and one document, against the unmasked op.  Targets (issue 18): one
+document no more than 10% slower than unmasked; attention faster as documents get shorter.  Prints a table and
+appends it to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -24,10 +29,23 @@ sys.path.insert(0, str(ROOT))
 from bench.record import machine, publish  # noqa: E402
 
 OPS = ["sdpa", "lightning", "based", "rat", "attention_swa1024_sink"]
+MASKED_OPS = ["attention_full_sink", "attention_swa1024_sink", "lightning", "based", "rat"]
+
+
+def document_boundaries(t: int, mean: int):
+    """cu_seqlens of documents with lengths drawn uniformly from [1, 2 * mean - 1] (mean `mean`), cut at t."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    bounds = [0]
+    while bounds[-1] < t:
+        n = 1 if mean <= 1 else int(torch.randint(1, 2 * mean, (1,), generator=gen))
+        bounds.append(min(t, bounds[-1] + (t if mean >= t else n)))
+    return torch.tensor(bounds, dtype=torch.int32)
 TARGETS = ("lightning", "based", "rat")
 
 
-def make_call(op: str, t: int):
+def make_call(op: str, t: int, doc_mean: int = 0):
     import torch
     import torch.nn.functional as F
 
@@ -35,6 +53,7 @@ def make_call(op: str, t: int):
 
     h, d = 4, 64
     gen = torch.Generator().manual_seed(0)
+    docs = {"cu_seqlens": document_boundaries(t, doc_mean)} if doc_mean else {}
 
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).requires_grad_()
@@ -45,25 +64,28 @@ def make_call(op: str, t: int):
     if op == "lightning":
         q, k, v = r(1, t, h, d, scale=0.1), r(1, t, h, d, scale=0.1), r(1, t, h, d)
         slopes = tnl_slopes(h, 0, 2)
-        return [q, k, v], lambda: lightning_attention(q, k, v, slopes)
+        return [q, k, v], lambda: lightning_attention(q, k, v, slopes, **docs)
     if op == "based":
         q, k, v = r(1, t, h, 16), r(1, t, h, 16), r(1, t, h, d)
-        return [q, k, v], lambda: based_linear_attention(q, k, v)
+        return [q, k, v], lambda: based_linear_attention(q, k, v, **docs)
     if op == "rat":
         q, k, v = r(1, t, h, d), r(1, t, h, d), r(1, t, h, d)
         g = torch.rand(1, t, h, d, generator=gen).requires_grad_()
-        return [q, k, v, g], lambda: rat_attention(q, k, v, g, 16)
+        return [q, k, v, g], lambda: rat_attention(q, k, v, g, 16, **docs)
     if op == "attention_swa1024_sink":
         q, k, v, s = r(1, t, h, d), r(1, t, h, d), r(1, t, h, d), r(h)
-        return [q, k, v, s], lambda: attention(q, k, v, window=1024, sink=s)
+        return [q, k, v, s], lambda: attention(q, k, v, window=1024, sink=s, **docs)
+    if op == "attention_full_sink":
+        q, k, v, s = r(1, t, h, d), r(1, t, h, d), r(1, t, h, d), r(h)
+        return [q, k, v, s], lambda: attention(q, k, v, sink=s, **docs)
     raise ValueError(op)
 
 
-def run_one(op: str, t: int, reps: int) -> dict:
+def run_one(op: str, t: int, reps: int, doc_mean: int = 0) -> dict:
     import torch
 
     torch.manual_seed(0)
-    inputs, call = make_call(op, t)
+    inputs, call = make_call(op, t, doc_mean)
     base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for i in range(reps + 1):  # the first run warms up allocator and caches
@@ -80,29 +102,63 @@ def run_one(op: str, t: int, reps: int) -> dict:
     return {"seconds": min(times), "peak_mib": peak_mib}  # best of reps, as timeit: the least disturbed run
 
 
+def measure(op: str, t: int, reps: int, doc_mean: int = 0) -> dict:
+    """One (op, length, documents) case in its own process."""
+    cmd = [sys.executable, __file__, "--one", op, str(t), str(doc_mean), "--reps", str(reps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode or not line:
+        raise RuntimeError(f"{op} T={t} documents of {doc_mean}: {out.stderr[-3000:]}")
+    return json.loads(line[-1][7:])
+
+
+def masked(args) -> int:
+    t = args.lengths[-1]
+    means = [0, t, 4096, 1024]  # 0 = unmasked; a mean of T = one document
+    rows = []
+    ok = True
+    for op in MASKED_OPS:
+        reps = 1 if op == "attention_full_sink" else args.reps
+        times = {}
+        for mean in means:
+            times[mean] = measure(op, t, reps, mean)["seconds"]
+            print(f"  {op:>24} T={t} documents of mean {mean or 'unmasked'}: {times[mean]:.3f} s", flush=True)
+        one_doc = times[t] / times[0]
+        ok &= one_doc <= 1.10
+        if op.startswith("attention_full"):
+            ok &= times[1024] < times[4096] < times[t]
+        rows.append(f"| {op} | {times[0]:.3f} | " + " | ".join(f"{times[m]:.3f} ({times[m] / times[0]:.2f}x)"
+                                                         for m in means[1:]) + " |")
+    lines = [f"### bench_ops --masked: forward+backward at T={t}, B=1 H=4 d=64, float32, packed documents",
+             f"{machine()} · best of {args.reps} after a warm-up run (full attention: 1)", "",
+             "| op | unmasked s | one document | mean 4K | mean 1K |", "|---|---:|---:|---:|---:|", *rows, "",
+             "Targets (issue 18: one document <= 1.10x unmasked; full attention faster as documents get shorter): "
+             + ("met" if ok else "NOT met"), ""]
+    publish("\n".join(lines), record=not args.no_record)
+    return 0 if ok else 3
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--ops", nargs="+", default=OPS)
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--masked", action="store_true", help="document masking: packed vs unmasked")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one[0], int(args.one[1]), args.reps)), flush=True)
+        op, t, doc_mean = args.one[0], int(args.one[1]), int(args.one[2])
+        print("RESULT " + json.dumps(run_one(op, t, args.reps, doc_mean)), flush=True)
         return 0
+    if args.masked:
+        return masked(args)
 
     results: dict[tuple[str, int], dict] = {}
     for t in args.lengths:
         for op in args.ops:
             reps = 1 if (op == "sdpa" and t >= 32768) else args.reps
-            cmd = [sys.executable, __file__, "--one", op, str(t), "--reps", str(reps)]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode or not line:
-                print(out.stderr[-3000:], file=sys.stderr)
-                return 1
-            results[op, t] = json.loads(line[-1][7:])
+            results[op, t] = measure(op, t, reps)
             print(f"  {op:>24} T={t:>6}: {results[op, t]['seconds']:.3f} s, {results[op, t]['peak_mib']:.0f} MiB",
                   flush=True)
 

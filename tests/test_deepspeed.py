@@ -122,6 +122,13 @@ def test_unsupported_combinations_fail_clearly(override, message):
     assert re.search(message, engine_problem(load_config(None, ["train.engine=deepspeed", override])))
 
 
+def test_tiled_mlp_is_refused_under_zero3_only():
+    tiled = ["train.engine=deepspeed", "model.mlp_tile=64"]
+    assert "model.mlp_tile is not supported with deepspeed.zero_stage=3" in engine_problem(
+        load_config(None, [*tiled, "deepspeed.zero_stage=3"]))
+    assert engine_problem(load_config(None, [*tiled, "deepspeed.zero_stage=2"])) is None
+
+
 def test_missing_deepspeed_is_explained(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
     with pytest.raises(ConfigError, match=r"pip install 'hylo\[deepspeed\]'"):

@@ -74,6 +74,9 @@ class DeepSpeedEngine(Engine):
         ds = c.deepspeed
         if ds.zero_stage not in (0, 1, 2, 3):
             return f"deepspeed.zero_stage={ds.zero_stage} is not one of 0, 1, 2, 3"
+        if c.model.mlp_tile and ds.zero_stage == 3:
+            return ("model.mlp_tile is not supported with deepspeed.zero_stage=3: ZeRO-3 partitions the MLP weights "
+                    "the tiled MLP takes as inputs; use zero_stage 2, or train.engine=torch with FSDP2")
         for key in DERIVED:
             head, _, tail = key.partition(".")
             if head in ds.config and (not tail or tail in (ds.config[head] or {})):
