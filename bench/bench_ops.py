@@ -117,7 +117,7 @@ def masked(args) -> int:
     means = [0, t, 4096, 1024]  # 0 = unmasked; a mean of T = one document
     rows = []
     ok = True
-    for op in MASKED_OPS:
+    for op in args.ops or MASKED_OPS:
         reps = 1 if op == "attention_full_sink" else args.reps
         times = {}
         for mean in means:
@@ -142,7 +142,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--ops", nargs="+", default=OPS)
+    parser.add_argument("--ops", nargs="+", default=None, help=f"default {OPS} (with --masked: {MASKED_OPS})")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--masked", action="store_true", help="document masking: packed vs unmasked")
     parser.add_argument("--no-record", action="store_true")
@@ -153,6 +153,7 @@ def main() -> int:
         return 0
     if args.masked:
         return masked(args)
+    args.ops = args.ops or OPS
 
     results: dict[tuple[str, int], dict] = {}
     for t in args.lengths:

@@ -4,7 +4,8 @@
 Every op that takes `cu_seqlens` promises the same result (outputs, lse, final states, every input gradient) as
 running each document on its own and concatenating.  They keep that promise by running each document through the
 op's chosen backend (naive, chunk or triton): work across a boundary is never done at all, so masking costs
-nothing and shorter documents mean less attention work.  A CPU tensor for `cu_seqlens` avoids a device sync.
+nothing and shorter documents mean less attention work (each document is one call, though, which many tiny
+documents pay for).  A CPU tensor for `cu_seqlens` avoids a device sync.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ def document_bounds(cu_seqlens: torch.Tensor, x: torch.Tensor, op: str) -> list[
             raise ValueError(f"{op}: cu_seqlens must increase strictly (document {i} would have length {b - a}; "
                              "zero-length documents are not allowed)")
     return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def split_documents(cu_seqlens: torch.Tensor, op: str, *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Each document's pieces of `tensors` (1, T, ...), after checking `cu_seqlens` against the first.  One split
+    per tensor, not a slice per document: each slice's backward would add a zero gradient of the whole sequence."""
+    lengths = [b - a for a, b in document_bounds(cu_seqlens, tensors[0], op)]
+    return list(zip(*(t.split(lengths, dim=1) for t in tensors), strict=True))
 
 
 def documents_of(cu_seqlens: torch.Tensor | None, length: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ class Block(nn.Module):
         self.mlp_tile = cfg.mlp_tile
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), positions, cu_seqlens)
+        x = x + self.mixer(self.mixer_norm(x), positions, cu_seqlens=cu_seqlens)  # hooks see (x, positions)
         return x + tiled_mlp(self.mlp, self.mlp_norm(x), self.mlp_tile)
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor):

@@ -22,8 +22,11 @@ def single(tmp_path_factory):
     return first_step(run_dir)
 
 
-@pytest.mark.parametrize("extra", [["parallel.dp_shard=false"], ["parallel.dp_shard=true", "train.micro_batch_size=2"]],
-                         ids=["ddp", "fsdp2-accum"])
+@pytest.mark.parametrize("extra", [["parallel.dp_shard=false"],
+                                   # FSDP2 with accumulation, selective checkpointing and a tiled MLP (128 = 48+48+32)
+                                   ["parallel.dp_shard=true", "train.micro_batch_size=2",
+                                    "train.activation_checkpointing=selective", "model.mlp_tile=48"]],
+                         ids=["ddp", "fsdp2-accum-selective-ac-tiled-mlp"])
 def test_two_ranks_match_one(single, tmp_path, free_port, extra):
     res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
                       f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "trainer.train", f"run.dir={tmp_path}",

@@ -229,10 +229,12 @@ def test_config_refusals():
 
 
 def test_training_with_document_masking_learns(tmp_path):
-    cfg = load_config("configs/hybrid_tiny.yaml", [f"run.dir={tmp_path}", "train.steps=40", "logging.interval=5",
-                                                    "checkpoint.interval=0", "logging.progress=false",
-                                                    "data.document_masking=true", "eval.interval=40",
-                                                    "eval.batches=1"])
+    # (each layer type's masking is checked exactly above; here the default model trains through the packing,
+    # with the monitors hooked in and a periodic perplexity evaluation)
+    cfg = load_config("configs/tiny.yaml", [f"run.dir={tmp_path}", "train.steps=30", "logging.interval=5",
+                                            "checkpoint.interval=0", "logging.progress=false",
+                                            "data.document_masking=true", "eval.interval=30", "eval.batches=1",
+                                            "logging.sink_interval=10", "logging.layer_interval=10"])
     summary = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]

@@ -16,7 +16,7 @@ from kernels.attention.dq_mode import atomic_dq, set_backward_dq
 from kernels.attention.naive import naive_attention
 from kernels.attention.step import attention_prefill, attention_step
 from kernels.dispatch import choose_backend, triton_fits
-from kernels.varlen import document_bounds
+from kernels.varlen import split_documents
 
 __all__ = ["attention", "attention_prefill", "attention_step", "naive_attention", "chunk_attention",
            "set_backward_dq", "atomic_dq"]
@@ -80,9 +80,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if cu_seqlens is not None:
         if q.shape[1] != k.shape[1]:
             raise ValueError("attention: with cu_seqlens the queries and keys are the same packed sequence")
-        parts = [attention(q[:, a:b], k[:, a:b], v[:, a:b], causal=causal, window=window, sink=sink, scale=scale,
-                           return_lse=return_lse, n_pinned=n_pinned, backend=backend)
-                 for a, b in document_bounds(cu_seqlens, q, "attention")]
+        parts = [attention(qd, kd, vd, causal=causal, window=window, sink=sink, scale=scale, return_lse=return_lse,
+                           n_pinned=n_pinned, backend=backend)
+                 for qd, kd, vd in split_documents(cu_seqlens, "attention", q, k, v)]
         if not return_lse:
             return torch.cat(parts, dim=1)
         return torch.cat([o for o, _ in parts], dim=1), torch.cat([lse for _, lse in parts], dim=2)

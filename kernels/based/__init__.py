@@ -8,7 +8,7 @@ from kernels.based.chunk import chunk_based_linear_attention, taylor_features
 from kernels.based.naive import naive_based_linear_attention
 from kernels.based.step import based_step
 from kernels.dispatch import choose_backend
-from kernels.varlen import document_bounds
+from kernels.varlen import split_documents
 
 __all__ = ["based_linear_attention", "based_step", "taylor_features", "naive_based_linear_attention",
            "chunk_based_linear_attention"]
@@ -34,11 +34,10 @@ def based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if cu_seqlens is not None:
         outs, state = [], initial_state
-        for a, b in document_bounds(cu_seqlens, q, "based_linear_attention"):
-            out, state = based_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], eps=eps, initial_state=state,
-                                                output_final_state=True, backend=backend)
+        for i, (qd, kd, vd) in enumerate(split_documents(cu_seqlens, "based_linear_attention", q, k, v)):
+            out, state = based_linear_attention(qd, kd, vd, eps=eps, initial_state=state if i == 0 else None,
+                                                output_final_state=True, backend=backend)  # then from zero
             outs.append(out)
-            state = None if b < q.shape[1] else state  # the next document starts from zero
         return (torch.cat(outs, dim=1), state) if output_final_state else torch.cat(outs, dim=1)
     backend = choose_backend("based_linear_attention", backend, ("naive", "chunk", "triton"), (q, k, v))
     if backend == "triton":

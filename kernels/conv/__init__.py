@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from kernels.conv.naive import naive_short_conv
 from kernels.conv.step import short_conv_prefill, short_conv_step
 from kernels.dispatch import choose_backend
-from kernels.varlen import document_bounds
+from kernels.varlen import split_documents
 
 __all__ = ["short_conv", "short_conv_prefill", "short_conv_step", "naive_short_conv"]
 
@@ -23,9 +23,9 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """
     k = weight.shape[1]
     if cu_seqlens is not None:  # each document sees zeros before its first token (initial_state: the first's)
-        return torch.cat([short_conv(x[:, a:b], weight, bias, initial_state=initial_state if a == 0 else None,
+        return torch.cat([short_conv(xd, weight, bias, initial_state=initial_state if i == 0 else None,
                                      backend=backend)
-                          for a, b in document_bounds(cu_seqlens, x, "short_conv")], dim=1)
+                          for i, (xd,) in enumerate(split_documents(cu_seqlens, "short_conv", x))], dim=1)
     if initial_state is not None and initial_state.shape != (x.shape[0], k - 1, x.shape[2]):
         raise ValueError(f"initial_state must be (B, K-1, C) = {(x.shape[0], k - 1, x.shape[2])}, "
                          f"got {tuple(initial_state.shape)}")

@@ -10,7 +10,7 @@ from kernels.dispatch import choose_backend
 from kernels.lightning.chunk import chunk_lightning_attention
 from kernels.lightning.naive import naive_lightning_attention
 from kernels.lightning.step import lightning_step
-from kernels.varlen import document_bounds
+from kernels.varlen import split_documents
 
 __all__ = ["lightning_attention", "lightning_step", "tnl_slopes", "naive_lightning_attention",
            "chunk_lightning_attention"]
@@ -61,11 +61,10 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
                          f"{tuple(initial_state.shape)}")
     if cu_seqlens is not None:
         outs, state = [], initial_state
-        for a, b in document_bounds(cu_seqlens, q, "lightning_attention"):
-            out, state = lightning_attention(q[:, a:b], k[:, a:b], v[:, a:b], decay, initial_state=state,
-                                             output_final_state=True, backend=backend)
+        for i, (qd, kd, vd) in enumerate(split_documents(cu_seqlens, "lightning_attention", q, k, v)):
+            out, state = lightning_attention(qd, kd, vd, decay, initial_state=state if i == 0 else None,
+                                             output_final_state=True, backend=backend)  # then from zero
             outs.append(out)
-            state = None if b < q.shape[1] else state  # the next document starts from zero
         return (torch.cat(outs, dim=1), state) if output_final_state else torch.cat(outs, dim=1)
     backend = choose_backend("lightning_attention", backend, ("naive", "chunk", "triton"), (q, k, v),
                              triton_ok=lambda: not decay.requires_grad)

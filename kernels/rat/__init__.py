@@ -8,7 +8,7 @@ from kernels.dispatch import choose_backend
 from kernels.rat.chunk import chunk_rat_attention, scan_summaries
 from kernels.rat.naive import naive_rat_attention
 from kernels.rat.step import rat_prefill, rat_step
-from kernels.varlen import document_bounds
+from kernels.varlen import split_documents
 
 __all__ = ["rat_attention", "rat_prefill", "rat_step", "scan_summaries", "naive_rat_attention", "chunk_rat_attention"]
 
@@ -46,9 +46,9 @@ def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
         if prefix is not None:
             raise ValueError("rat_attention: a prefix of chunk summaries continues one sequence; it cannot be "
                              "combined with cu_seqlens")
-        return torch.cat([rat_attention(q[:, a:b], k[:, a:b], v[:, a:b], gate[:, a:b], chunk_size, scale=scale,
-                                        rope_theta=rope_theta, backend=backend)
-                          for a, b in document_bounds(cu_seqlens, q, "rat_attention")], dim=1)
+        return torch.cat([rat_attention(qd, kd, vd, gd, chunk_size, scale=scale, rope_theta=rope_theta,
+                                        backend=backend)
+                          for qd, kd, vd, gd in split_documents(cu_seqlens, "rat_attention", q, k, v, gate)], dim=1)
     backend = choose_backend("rat_attention", backend, ("naive", "chunk", "triton"), (q, k, v),
                              triton_ok=lambda: chunk_size <= TRITON_MAX_CHUNK and q.shape[-1] % 2 == 0)
     if backend == "naive":
