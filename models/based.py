@@ -122,7 +122,7 @@ class BaseConv(Mixer):
     def saved_per_token(cls, model_cfg, act: int, compute: int) -> list[Saved]:
         inner = model_cfg.based.conv_expand * model_cfg.d_model
         return [Saved("input projection (u2 is a view of it)", 2 * inner * act),
-                Saved("padded u1", inner * act, op_output=True),
+                Saved("padded u1", inner * act),
                 Saved("convolution output", inner * act, op_output=True),
                 Saved("silu(conv)", inner * act),
                 Saved("silu(conv) * u2", inner * act)]

@@ -8,10 +8,12 @@ Parameter names do not change, so checkpoints are interchangeable between polici
 
 `selective` is torch's selective checkpointing with a per-op policy (as in torchtitan), keyed on the mixer's `op`
 call, in one of two ways by how the op runs:
-  fused      (the Triton/SDPA kernels a GPU runs: one dispatcher op) every op inside the call is cached, so the
-             op's outputs (attention output and lse, RAT's chunk summaries, the linear layers' outputs) are kept
-             and its inputs (q, k, v) are recomputed with the projections; under context parallelism the op's
-             collectives are cached too, never re-sent.
+  fused      (the Triton/SDPA kernels a GPU runs) the outputs of the fused ops inside the call (hylo's Triton
+             ops, SDPA, convolutions, collectives) are cached, so attention output and lse, RAT's chunk summaries and the linear
+             layers' outputs are kept, the op's inputs (q, k, v) are recomputed with the projections, and under
+             context parallelism the collectives are not re-sent.  Where a GPU call falls back to the PyTorch
+             path after all (a RAT chunk over 128, a decay that wants its gradient) nothing in it is cached and
+             the op is recomputed, as under `full`.
   composite  (the PyTorch paths of a CPU: many small ops) the op runs outside the checkpoint, keeping exactly
              what its own backward needs, and backward hands its outputs to the recompute instead of rerunning
              it (caching its every intermediate would keep more than no checkpointing).
@@ -41,22 +43,41 @@ POLICIES = ("none", "selective", "full")
 _state = threading.local()
 
 
+_FUSED_NAMESPACES = ("hylo", "c10d", "_c10d_functional")
+
+
+def _is_fused(op) -> bool:
+    """One of the expensive single ops: hylo's Triton kernels, SDPA's, a convolution, a collective.  (Only these
+    are cached: an intermediate of a PyTorch path would keep more than its backward needs.)"""
+    namespace = getattr(op, "namespace", "")
+    return namespace in _FUSED_NAMESPACES or (namespace == "aten" and any(
+        name in str(op) for name in ("scaled_dot_product", "convolution")))
+
+
 def _keep_mixer_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    # Views are free to recompute, and a cached view would keep its whole base alive (a projection's output).
-    if getattr(_state, "depth", 0) and not getattr(op, "is_view", False):
+    if getattr(_state, "depth", 0) and _is_fused(op):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class _Stash:
+    """A composite op's outputs, saved in forward and read back in order by each recompute."""
+
+    def __init__(self):
+        self.outputs: list = []
+        self.next = 0
 
 
 class _Phase(contextlib.AbstractContextManager):
     """torch's selective-checkpoint context for one phase, plus the phase and stash the mixer ops read."""
 
-    def __init__(self, inner, name: str, stash: list):
+    def __init__(self, inner, name: str, stash: _Stash):
         self.inner, self.phase = inner, (name, stash)
 
     def __enter__(self):
         self.outer = getattr(_state, "phase", None)
         _state.phase = self.phase
+        self.phase[1].next = 0  # a second backward through the graph recomputes from the start again
         return self.inner.__enter__()
 
     def __exit__(self, *exc):
@@ -68,7 +89,7 @@ def _selective_contexts():
     # The fused path's cache may hold buffers the op filled in place; it keeps their final contents, which is
     # what the recompute reads back.
     forward, recompute = create_selective_checkpoint_contexts(_keep_mixer_ops, allow_cache_entry_mutation=True)
-    stash: list = []
+    stash = _Stash()
     return _Phase(forward, "forward", stash), _Phase(recompute, "recompute", stash)
 
 
@@ -91,10 +112,11 @@ def _marked(op: Callable) -> Callable:
                 _state.depth -= 1
         name, stash = phase
         if name == "recompute":
-            return stash.pop(0)
+            stash.next += 1
+            return stash.outputs[stash.next - 1]
         with saved_tensors_hooks(lambda t: t, lambda t: t):  # saved by the op's own graph, not the checkpoint
             out = op(*args, **kwargs)
-        stash.append(out)
+        stash.outputs.append(out)
         return out
 
     run.marked_op = op

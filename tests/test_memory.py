@@ -1,6 +1,8 @@
 """Long-context memory settings: checkpointing policies, tiled MLPs and activation offload change nothing but
 memory; the planner's activation model matches what autograd really keeps; `hylo plan` flags what cannot fit."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ import kernels.dispatch
 from models import HybridLM
 from models.lm import Block
 from parallel.activation_checkpointing import apply_activation_checkpointing
-from parallel.activation_offload import ActivationOffload
+from parallel.activation_offload import ActivationOffload, _State, is_weight
 from trainer.config import ConfigError, load_config
 from trainer.plan import RetainedBytes, block_saved, main, per_token, plan_memory, suggest
 from trainer.trainer import run_problem
@@ -57,7 +59,7 @@ def test_offload_moves_checkpointed_inputs_through_the_host_copy(monkeypatch):
     out and backward reads the copies (corrupting the copies changes the gradients)."""
     cfg = small("full")
     _, plain, _ = loss_and_grads(cfg, "full")
-    original = ActivationOffload._pack
+    original = _State.pack
 
     def corrupting_pack(self, t):
         packed = original(self, t)
@@ -65,10 +67,37 @@ def test_offload_moves_checkpointed_inputs_through_the_host_copy(monkeypatch):
             packed.host.mul_(2.0)
         return packed
 
-    monkeypatch.setattr(ActivationOffload, "_pack", corrupting_pack)
+    monkeypatch.setattr(_State, "pack", corrupting_pack)
     _, corrupted, moved = loss_and_grads(cfg, "full", offload=True)
     assert moved > 0
     assert any(not torch.allclose(corrupted[k], plain[k]) for k in plain)
+
+
+def test_offload_leaves_weights_alone_and_frees_its_copies_with_the_graph():
+    linear = torch.nn.Linear(16, 16)
+    x = torch.randn(4, 16, requires_grad=True)
+    hooks = ActivationOffload(torch.device("cpu"), min_bytes=0)
+    offered, real_pack = [], hooks.state.pack
+
+    def spy(t):
+        packed = real_pack(t)
+        offered.append((is_weight(t), isinstance(packed, torch.Tensor)))
+        return packed
+
+    hooks.state.pack = spy
+    with hooks, torch.autocast("cpu", dtype=torch.bfloat16):  # the cast copy of the weight is a weight too
+        linear(x).float().square().sum().backward()
+    assert any(weight for weight, _ in offered) and all(kept for weight, kept in offered if weight)
+    assert any(not kept for _, kept in offered)  # the activations moved
+    assert is_weight(linear.weight) and is_weight(linear.weight.t()) and not is_weight(x)
+
+    plain = ActivationOffload(torch.device("cpu"), min_bytes=0)
+    with plain:
+        loss = linear(x).square().sum()
+    state = weakref.ref(plain.state)
+    loss.backward()
+    del plain, loss
+    assert state() is None  # no reference cycle: freed with the graph, before any garbage collection
 
 
 def test_offload_is_refused_on_cpu_and_the_policy_names_are_checked():
@@ -81,6 +110,21 @@ def test_offload_is_refused_on_cpu_and_the_policy_names_are_checked():
         load_config(None, ["train.activation_checkpointing=some"])
     with pytest.raises(ConfigError, match="model.mlp_tile"):
         load_config(None, ["model.mlp_tile=-1"])
+    with pytest.raises(ConfigError, match="selective does not compile"):
+        load_config(None, ["train.activation_checkpointing=selective", "train.compile=true"])
+
+
+@pytest.mark.parametrize("kind", ["full", "rat"])
+def test_selective_checkpointing_recomputes_again_for_a_second_backward(kind):
+    torch.manual_seed(0)
+    model = HybridLM(small(kind)).double()
+    apply_activation_checkpointing(model, "selective")
+    tokens = torch.randint(0, 64, (2, 40))
+    loss = model(tokens, targets=tokens)
+    first = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(model.parameters()))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_logits_at_gives_the_selected_rows_of_the_full_logits():

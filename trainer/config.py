@@ -373,6 +373,9 @@ def validate(c: Config) -> None:
     if c.data.format == "mqar" and "ppl" in c.eval.tasks and c.eval.interval:
         raise ConfigError("data.format=mqar trains on synthetic recall sequences; held-out text perplexity means "
                           "nothing there: set eval.tasks=[mqar]")
+    if t.compile and t.activation_checkpointing == "selective":
+        raise ConfigError("train.activation_checkpointing=selective does not compile (torch.compile skips the "
+                          "selectively checkpointed blocks); use train.compile=false, or checkpointing none/full")
     if c.data.document_masking and c.data.format == "mqar":
         raise ConfigError("data.document_masking splits text at EOS tokens; MQAR sequences are one document each "
                           "(and their ids are not text): drop data.document_masking")
