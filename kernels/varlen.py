@@ -36,6 +36,14 @@ def document_bounds(cu_seqlens: torch.Tensor, x: torch.Tensor, op: str) -> list[
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
+def packed(cu_seqlens: torch.Tensor | None, x: torch.Tensor, op: str) -> torch.Tensor | None:
+    """`cu_seqlens` if it holds more than one document (checked against x), else None: one document is the
+    plain op, without a split and a concatenation."""
+    if cu_seqlens is None or len(document_bounds(cu_seqlens, x, op)) > 1:
+        return cu_seqlens
+    return None
+
+
 def split_documents(cu_seqlens: torch.Tensor, op: str, *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     """Each document's pieces of `tensors` (1, T, ...), after checking `cu_seqlens` against the first.  One split
     per tensor, not a slice per document: each slice's backward would add a zero gradient of the whole sequence."""

@@ -9,11 +9,11 @@ Parameter names do not change, so checkpoints are interchangeable between polici
 `selective` is torch's selective checkpointing with a per-op policy (as in torchtitan), keyed on the mixer's `op`
 call, in one of two ways by how the op runs:
   fused      (the Triton/SDPA kernels a GPU runs) the outputs of the fused ops inside the call (hylo's Triton
-             ops, SDPA, convolutions, collectives) are cached, so attention output and lse, RAT's chunk summaries and the linear
-             layers' outputs are kept, the op's inputs (q, k, v) are recomputed with the projections, and under
-             context parallelism the collectives are not re-sent.  Where a GPU call falls back to the PyTorch
-             path after all (a RAT chunk over 128, a decay that wants its gradient) nothing in it is cached and
-             the op is recomputed, as under `full`.
+             ops, SDPA, convolutions, collectives) are cached, so attention output and lse, RAT's chunk summaries
+             and the linear layers' outputs are kept, the op's inputs (q, k, v) are recomputed with the
+             projections, and under context parallelism the collectives are not re-sent.  Where a GPU call falls
+             back to the PyTorch path after all (a RAT chunk over 128, a decay that wants its gradient) nothing in
+             it is cached and the op is recomputed, as under `full`.
   composite  (the PyTorch paths of a CPU: many small ops) the op runs outside the checkpoint, keeping exactly
              what its own backward needs, and backward hands its outputs to the recompute instead of rerunning
              it (caching its every intermediate would keep more than no checkpointing).

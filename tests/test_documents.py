@@ -41,7 +41,8 @@ def grads_of(out_fn, inputs):
         t.grad = None
     out = out_fn()
     outs = out if isinstance(out, tuple) else (out,)
-    loss = sum((o * torch.randn_like(o, generator=torch.Generator().manual_seed(i))).sum()
+    # (randn, not randn_like: randn_like follows the output's strides, which differ between paths)
+    loss = sum((o * torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(i))).sum()
                for i, o in enumerate(outs))
     loss.backward()
     # (an input a path never reads, as RAT's queries in a one-chunk document, gets no gradient: zero)

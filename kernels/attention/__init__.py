@@ -16,7 +16,7 @@ from kernels.attention.dq_mode import atomic_dq, set_backward_dq
 from kernels.attention.naive import naive_attention
 from kernels.attention.step import attention_prefill, attention_step
 from kernels.dispatch import choose_backend, triton_fits
-from kernels.varlen import split_documents
+from kernels.varlen import packed, split_documents
 
 __all__ = ["attention", "attention_prefill", "attention_step", "naive_attention", "chunk_attention",
            "set_backward_dq", "atomic_dq"]
@@ -77,6 +77,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               else Triton for CUDA tensors it takes, else chunk)
     """
     check_inputs(q, k, v, window, causal, sink, n_pinned)
+    cu_seqlens = packed(cu_seqlens, q, "attention")
     if cu_seqlens is not None:
         if q.shape[1] != k.shape[1]:
             raise ValueError("attention: with cu_seqlens the queries and keys are the same packed sequence")

@@ -8,7 +8,7 @@ from kernels.based.chunk import chunk_based_linear_attention, taylor_features
 from kernels.based.naive import naive_based_linear_attention
 from kernels.based.step import based_step
 from kernels.dispatch import choose_backend
-from kernels.varlen import split_documents
+from kernels.varlen import packed, split_documents
 
 __all__ = ["based_linear_attention", "based_step", "taylor_features", "naive_based_linear_attention",
            "chunk_based_linear_attention"]
@@ -32,6 +32,7 @@ def based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"based_linear_attention expects q, k (B, T, H, d_f) and v (B, T, H, e); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    cu_seqlens = packed(cu_seqlens, q, "based_linear_attention")
     if cu_seqlens is not None:
         outs, state = [], initial_state
         for i, (qd, kd, vd) in enumerate(split_documents(cu_seqlens, "based_linear_attention", q, k, v)):

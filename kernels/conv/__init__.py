@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from kernels.conv.naive import naive_short_conv
 from kernels.conv.step import short_conv_prefill, short_conv_step
 from kernels.dispatch import choose_backend
-from kernels.varlen import split_documents
+from kernels.varlen import packed, split_documents
 
 __all__ = ["short_conv", "short_conv_prefill", "short_conv_step", "naive_short_conv"]
 
@@ -22,6 +22,7 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     context parallelism); zeros when None.  backend: "naive" | "chunk" | "auto".
     """
     k = weight.shape[1]
+    cu_seqlens = packed(cu_seqlens, x, "short_conv")
     if cu_seqlens is not None:  # each document sees zeros before its first token (initial_state: the first's)
         return torch.cat([short_conv(xd, weight, bias, initial_state=initial_state if i == 0 else None,
                                      backend=backend)

@@ -10,7 +10,7 @@ from kernels.dispatch import choose_backend
 from kernels.lightning.chunk import chunk_lightning_attention
 from kernels.lightning.naive import naive_lightning_attention
 from kernels.lightning.step import lightning_step
-from kernels.varlen import split_documents
+from kernels.varlen import packed, split_documents
 
 __all__ = ["lightning_attention", "lightning_step", "tnl_slopes", "naive_lightning_attention",
            "chunk_lightning_attention"]
@@ -59,6 +59,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
     if initial_state is not None and initial_state.shape != state_shape:
         raise ValueError(f"initial_state must have shape (B, H, d, e) = {state_shape}, got "
                          f"{tuple(initial_state.shape)}")
+    cu_seqlens = packed(cu_seqlens, q, "lightning_attention")
     if cu_seqlens is not None:
         outs, state = [], initial_state
         for i, (qd, kd, vd) in enumerate(split_documents(cu_seqlens, "lightning_attention", q, k, v)):

@@ -8,7 +8,7 @@ from kernels.dispatch import choose_backend
 from kernels.rat.chunk import chunk_rat_attention, scan_summaries
 from kernels.rat.naive import naive_rat_attention
 from kernels.rat.step import rat_prefill, rat_step
-from kernels.varlen import split_documents
+from kernels.varlen import packed, split_documents
 
 __all__ = ["rat_attention", "rat_prefill", "rat_step", "scan_summaries", "naive_rat_attention", "chunk_rat_attention"]
 
@@ -42,6 +42,7 @@ def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     if rope_theta is not None and q.shape[-1] % 2:
         raise ValueError(f"RoPE rotates channel pairs: head dim {q.shape[-1]} must be even")
+    cu_seqlens = packed(cu_seqlens, q, "rat_attention")
     if cu_seqlens is not None:
         if prefix is not None:
             raise ValueError("rat_attention: a prefix of chunk summaries continues one sequence; it cannot be "
