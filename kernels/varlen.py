@@ -51,17 +51,9 @@ def split_documents(cu_seqlens: torch.Tensor, op: str, *tensors: torch.Tensor) -
     return list(zip(*(t.split(lengths, dim=1) for t in tensors), strict=True))
 
 
-def documents_of(cu_seqlens: torch.Tensor | None, length: int) -> torch.Tensor:
-    """Index of the document each of `length` tokens belongs to (all zeros without cu_seqlens)."""
-    if cu_seqlens is None:
-        return torch.zeros(length, dtype=torch.long)
-    starts = torch.zeros(length, dtype=torch.long)
-    starts[cu_seqlens[1:-1].long().cpu()] = 1
-    return starts.cumsum(0)
-
-
 def positions_within_documents(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
     """Each token's position counted from its document's start."""
     bounds = cu_seqlens.long().cpu()
-    doc = documents_of(bounds, length)
-    return torch.arange(length) - bounds[doc]
+    starts = torch.zeros(length, dtype=torch.long)
+    starts[bounds[1:-1]] = 1
+    return torch.arange(length) - bounds[starts.cumsum(0)]  # minus the start of the token's document
