@@ -5,7 +5,8 @@
 
 One `trainer.train` process per (config, length, compile), one sequence per step (batch_size = micro = 1), bf16,
 activation checkpointing from 32K on, checkpoints and evals off.  tokens/s and MFU are the trainer's own numbers
-over the steps after --warmup; peak memory is torch.cuda.max_memory_allocated.  One table with each hybrid's
+over the steps after --warmup; peak memory is torch.cuda.max_memory_allocated, beside what `hylo plan` predicts
+for the same run (its total without the CUDA context and fragmentation line, which the allocator does not count).  One table with each hybrid's
 speed-up over the dense model at the same length; each row goes to bench/RESULTS.md as soon as it is measured.
 """
 
@@ -25,13 +26,34 @@ sys.path.insert(0, str(ROOT))
 from bench.record import StreamedTable, machine  # noqa: E402
 
 
+def overrides_for(seq_len: int, compiled: bool, args) -> list[str]:
+    return [f"train.seq_len={seq_len}", "train.batch_size=1", "train.micro_batch_size=1",
+            f"train.steps={args.warmup + args.steps}", f"logging.interval={args.warmup}",
+            "checkpoint.interval=0", "eval.interval=0", "logging.sink_interval=0", "logging.layer_interval=0",
+            "logging.progress=false", "train.dtype=bf16", f"train.compile={str(compiled).lower()}",
+            f"train.activation_checkpointing={'full' if seq_len >= 32768 else 'none'}"]
+
+
+def planned_gib(config: str, seq_len: int, compiled: bool, args) -> float | None:
+    """hylo plan's allocator bytes for the run (its total less the CUDA context + fragmentation line)."""
+    try:
+        from trainer.config import load_config
+        from trainer.plan import GiB, plan_memory
+        from trainer.tokenizer import load_tokenizer
+
+        cfg = load_config(str(ROOT / "configs" / f"{config}.yaml"), overrides_for(seq_len, compiled, args))
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = 64 * -(-load_tokenizer(cfg.data.tokenizer).get_vocab_size() // 64)
+        plan = plan_memory(cfg, 1, 1e6)
+        return sum(b for name, b, _ in plan.lines if name != "runtime") / GiB
+    except Exception as err:  # the plan is a column, not a reason to lose the timing
+        print(f"[bench_e2e] plan failed: {err}", file=sys.stderr)
+        return None
+
+
 def run(config: str, seq_len: int, compiled: bool, args) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
-        overrides = [f"run.dir={run_dir}", f"train.seq_len={seq_len}", "train.batch_size=1", "train.micro_batch_size=1",
-                     f"train.steps={args.warmup + args.steps}", f"logging.interval={args.warmup}",
-                     "checkpoint.interval=0", "eval.interval=0", "logging.sink_interval=0", "logging.layer_interval=0",
-                     "logging.progress=false", "train.dtype=bf16", f"train.compile={str(compiled).lower()}",
-                     f"train.activation_checkpointing={str(seq_len >= 32768).lower()}"]
+        overrides = [f"run.dir={run_dir}", *overrides_for(seq_len, compiled, args)]
         try:
             res = subprocess.run([sys.executable, "-m", "trainer.train", "--config", f"configs/{config}.yaml",
                                   *overrides], cwd=ROOT, capture_output=True, text=True, timeout=args.time_limit,
@@ -58,21 +80,23 @@ def main() -> None:
     args = parser.parse_args()
     table = StreamedTable([f"### End to end, one GPU: 1B presets vs dense ({args.steps} timed steps, 1 sequence/step, "
                            "bf16, activation checkpointing from 32K)", machine(), "",
-                           "| config | T | compile | tokens/s | vs dense | MFU | peak GiB |",
-                           "|---|---|---|---|---|---|---|"], record=not args.no_record)
+                           "| config | T | compile | tokens/s | vs dense | MFU | peak GiB | planned GiB |",
+                           "|---|---|---|---|---|---|---|---|"], record=not args.no_record)
     results = {}
     for compiled in [c == "on" for c in args.compile.split(",")]:
         for seq_len in map(int, args.lengths.split(",")):
             for config in args.configs.split(","):  # dense first (the default order): the ratios need it
                 results[config, seq_len, compiled] = r = run(config, seq_len, compiled, args)
+                gib = planned_gib(config, seq_len, compiled, args)
+                plan = "-" if gib is None else f"{gib:.1f}"
                 mode = "on" if compiled else "off"
                 if "error" in r:
-                    table.row(f"| {config} | {seq_len // 1024}K | {mode} | {r['error']} | | | |")
+                    table.row(f"| {config} | {seq_len // 1024}K | {mode} | {r['error']} | | | | {plan} |")
                     continue
                 dense = results.get(("dense_1b", seq_len, compiled), {})
                 ratio = f"{r['tok_s'] / dense['tok_s']:.2f}x" if "tok_s" in dense else "-"
                 table.row(f"| {config} | {seq_len // 1024}K | {mode} | {r['tok_s']:,.0f} | {ratio} | {r['mfu']:.1%} | "
-                          f"{r['mem']:.1f} |")
+                          f"{r['mem']:.1f} | {plan} |")
 
 if __name__ == "__main__":
     main()

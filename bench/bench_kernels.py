@@ -2,6 +2,7 @@
 
   python bench/bench_kernels.py [--lengths 4096,16384,65536] [--tokens 65536] [--heads 16] [--dim 128]
   TRITON_INTERPRET=1 python bench/bench_kernels.py --smoke      (CPU: tiny shapes, checks the script only)
+  python bench/bench_kernels.py --masked [--lengths 65536]      (document masking, issue 18)
 
 B*T = --tokens at every length.  Median times from triton.testing.do_bench (GPU) of forward + backward.
 Rows: SDPA causal (the reference), our flash attention causal (deterministic dQ; and FA2-style atomic dQ),
@@ -10,6 +11,10 @@ full causal at the same T), lightning (TNL), BASED linear attention (feature dim
 calls it: bf16 q/k/v, fp32 gate, RoPE after the scan).  Attention
 rows report TFLOP/s (causal fwd+bwd = 3.5 x 2·B·H·T²·D); every row reports tokens/s and its speed-up over SDPA
 at the same T.  Each row goes to bench/RESULTS.md as soon as it is measured.
+
+With --masked: one packed sequence (B=1) of the last length, each op with `cu_seqlens` of documents of mean
+length 1K and 4K and as one document, against the unmasked op (issue 18's targets: one document within 10% of
+unmasked; attention faster as documents shorten).
 """
 
 from __future__ import annotations
@@ -103,6 +108,54 @@ def cases(b: int, t: int, h: int, d: int, device, dtype, window: int):
         fwd_bwd(lambda q, k, v: attention(q, k, v, backend="triton"), q, k, v)), "attn"
 
 
+def masked_cases(t: int, h: int, d: int, device, dtype, window: int):
+    """(op name, documents' mean length or 0 for unmasked, fwd+bwd closure) on one packed sequence of t tokens."""
+    from bench.bench_ops import document_boundaries
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+
+    q, k, v = rand(1, t, h, d), rand(1, t, h, d), rand(1, t, h, d)
+    qf, kf = rand(1, t, h, 16), rand(1, t, h, 16)
+    sink = torch.zeros(h, device=device, requires_grad=True)
+    gate = torch.rand(1, t, h, d, device=device).requires_grad_()
+    slopes = tnl_slopes(h, 0, 24).to(device)
+    ops = {
+        "attention causal + sinks": (lambda q, k, v, s, **kw: attention(q, k, v, sink=s, backend="triton", **kw),
+                                     (q, k, v, sink)),
+        f"attention window {window} + sinks": (lambda q, k, v, s, **kw: attention(
+            q, k, v, window=window, sink=s, backend="triton", **kw), (q, k, v, sink)),
+        "lightning": (lambda q, k, v, **kw: lightning_attention(q, k, v, slopes, backend="triton", **kw), (q, k, v)),
+        "BASED": (lambda q, k, v, **kw: based_linear_attention(q, k, v, backend="triton", **kw), (qf, kf, v)),
+        "RAT L=16": (lambda q, k, v, g, **kw: rat_attention(q, k, v, torch.sigmoid(g), 16, rope_theta=1e4,
+                                                            backend="triton", **kw), (q, k, v, gate)),
+    }
+    for name, (op, tensors) in ops.items():
+        for mean in (0, t, 4096, 1024):
+            # boundaries on the host, as the trainer's loader would pass them: no device sync per call
+            docs = {"cu_seqlens": document_boundaries(t, mean)} if mean else {}
+            yield name, mean, fwd_bwd(lambda *x, op=op, docs=docs: op(*x, **docs), *tensors)
+
+
+def run_masked(args, device, dtype) -> None:
+    t = int(args.lengths.split(",")[-1])
+    table = StreamedTable([f"### Document masking, Triton kernels, fwd+bwd, one packed sequence of T={t}, "
+                           f"H={args.heads}, D={args.dim}, {dtype}", machine(), "",
+                           "| op | documents | ms | vs unmasked |", "|---|---|---|---|"],
+                          record=not args.no_record and not args.smoke)
+    base = None
+    for name, mean, fn in masked_cases(t, args.heads, args.dim, device, dtype, args.window):
+        label = "unmasked" if not mean else "one document" if mean >= t else f"mean {mean // 1024}K"
+        try:
+            ms = timed(fn, args.smoke)
+        except Exception as err:  # a failing kernel is a table row, not the end of the run
+            table.row(f"| {name} | {label} | failed: {type(err).__name__}: {str(err).splitlines()[0][:60]} | |")
+            base = None if not mean else base
+            continue
+        base = ms if not mean else base
+        table.row(f"| {name} | {label} | {ms:.2f} | {ms / base:.2f}x |" if base else f"| {name} | {label} | {ms:.2f} | |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="4096,65536")
@@ -111,11 +164,15 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter")
+    parser.add_argument("--masked", action="store_true", help="document masking: packed vs unmasked")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
     if args.smoke:
         args.lengths, args.tokens, args.heads, args.dim, args.window = "32,64", 64, 2, 16, 16
+    if args.masked:
+        run_masked(args, device, dtype)
+        return
     table = StreamedTable([f"### Triton kernels vs SDPA, fwd+bwd, B*T={args.tokens}, H={args.heads}, D={args.dim}, "
                            f"{dtype}", machine() + (" (smoke run on the CPU interpreter: timings meaningless)"
                                                     if args.smoke else ""), "",

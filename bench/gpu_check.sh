@@ -8,6 +8,8 @@
 #   e2e      bench/bench_e2e.py: dense_1b vs hybrid_1b tokens/s, MFU, peak memory at 32K and 128K (eager, bf16,
 #            activation checkpointing)
 # Other sections, by name:
+#   masked   (issue 18) bench/bench_kernels.py --masked: each Triton op on one packed 64K sequence with documents of
+#            mean 1K and 4K and as one document, vs unmasked
 #   tests    the Triton kernels' correctness suite on CUDA (bf16 and fp32 vs the fp64 oracles)
 #   engines  (issue 7) torch DDP/FSDP2 vs DeepSpeed ZeRO-1/2/3 step time for hybrid_1b at 4K
 #   trainer  (issue 2) trainer overhead and data headroom, tiny and ~125M
@@ -36,6 +38,8 @@ for section in "$@"; do
       timeout 90 python3 bench/gpu_smoke.py || status=1 ;;
     kernels)
       timeout 140 python3 bench/bench_kernels.py --lengths 4096,65536 || status=1 ;;
+    masked)
+      timeout 120 python3 bench/bench_kernels.py --masked --lengths 65536 || status=1 ;;
     e2e)
       timeout 230 python3 bench/bench_e2e.py --configs dense_1b,hybrid_1b --lengths 32768,131072 --compile off \
         --steps 3 --warmup 1 --time-limit 55 || status=1 ;;
@@ -52,7 +56,7 @@ for section in "$@"; do
     generation)
       timeout 420 python3 bench/bench_eval.py --device cuda --d-model 2048 --n-layers 24 --heads 16 \
         --prompts 4096 32768 || status=1 ;;
-    *) echo "gpu_check.sh: unknown section '$section' (smoke, kernels, e2e, tests, engines, trainer, generation)" >&2
+    *) echo "gpu_check.sh: unknown section '$section' (smoke, kernels, masked, e2e, tests, engines, trainer, generation)" >&2
        status=2 ;;
   esac
   save
