@@ -60,7 +60,7 @@ def minimum_bytes(kind: str, mode: str, n: int, t: int, n_seg: int) -> float:
         from parallel.halo import halo_plan
 
         h, width = (W - 1, 2 * HKV * D) if kind == "swa" else (K - 1, C)
-        pieces, _ = halo_plan(cp_segments(t, n, mode), h)
+        pieces, _ = halo_plan(cp_segments(t, n, mode), lambda a, h=h: max(0, a - h))
         worst = max(sum(p.length for p in pieces if p.src == r and p.dst != r) for r in range(n))
         return 2 * worst * width * F32
     if kind == "tnl":

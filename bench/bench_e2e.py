@@ -6,8 +6,9 @@
 One `trainer.train` process per (config, length, compile), one sequence per step (batch_size = micro = 1), bf16,
 activation checkpointing from 32K on, checkpoints and evals off.  tokens/s and MFU are the trainer's own numbers
 over the steps after --warmup; peak memory is torch.cuda.max_memory_allocated, beside what `hylo plan` predicts
-for the same run (its total without the CUDA context and fragmentation line, which the allocator does not count).  One table with each hybrid's
-speed-up over the dense model at the same length; each row goes to bench/RESULTS.md as soon as it is measured.
+for the same run (its total without the CUDA context and fragmentation line, which the allocator does not count).
+One table with each hybrid's speed-up over the dense model at the same length; each row goes to bench/RESULTS.md
+as soon as it is measured.
 """
 
 from __future__ import annotations

@@ -153,7 +153,8 @@ def run_masked(args, device, dtype) -> None:
             base = None if not mean else base
             continue
         base = ms if not mean else base
-        table.row(f"| {name} | {label} | {ms:.2f} | {ms / base:.2f}x |" if base else f"| {name} | {label} | {ms:.2f} | |")
+        ratio = f"{ms / base:.2f}x" if base else ""
+        table.row(f"| {name} | {label} | {ms:.2f} | {ratio} |")
 
 
 def main() -> None:

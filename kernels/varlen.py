@@ -10,21 +10,19 @@ documents pay for).  A CPU tensor for `cu_seqlens` avoids a device sync.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-def document_bounds(cu_seqlens: torch.Tensor, x: torch.Tensor, op: str) -> list[tuple[int, int]]:
-    """The (start, end) of each document of x (1, T, ...), after checking `cu_seqlens` against it."""
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str) -> list[int]:
+    """The boundaries of `cu_seqlens` as a list, after checking they describe documents covering `total` tokens."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
         raise ValueError(f"{op}: cu_seqlens must be a 1-D tensor [0, l1, l1+l2, ..., T], got "
                          f"{type(cu_seqlens).__name__} {tuple(getattr(cu_seqlens, 'shape', ()))}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{op}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-    if x.shape[0] != 1:
-        raise ValueError(f"{op}: with cu_seqlens the batch must be one packed sequence (batch size 1), got batch "
-                         f"{x.shape[0]}; flatten the rows into one sequence and add their boundaries")
     bounds = cu_seqlens.tolist()
-    total = x.shape[1]
     if len(bounds) < 2 or bounds[0] != 0:
         raise ValueError(f"{op}: cu_seqlens must start at 0 and hold at least one document, got {bounds[:4]}...")
     if bounds[-1] != total:
@@ -33,6 +31,15 @@ def document_bounds(cu_seqlens: torch.Tensor, x: torch.Tensor, op: str) -> list[
         if b <= a:
             raise ValueError(f"{op}: cu_seqlens must increase strictly (document {i} would have length {b - a}; "
                              "zero-length documents are not allowed)")
+    return bounds
+
+
+def document_bounds(cu_seqlens: torch.Tensor, x: torch.Tensor, op: str) -> list[tuple[int, int]]:
+    """The (start, end) of each document of x (1, T, ...), after checking `cu_seqlens` against it."""
+    if x.shape[0] != 1:
+        raise ValueError(f"{op}: with cu_seqlens the batch must be one packed sequence (batch size 1), got batch "
+                         f"{x.shape[0]}; flatten the rows into one sequence and add their boundaries")
+    bounds = check_cu_seqlens(cu_seqlens, x.shape[1], op)
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
@@ -57,3 +64,26 @@ def positions_within_documents(cu_seqlens: torch.Tensor, length: int) -> torch.T
     starts = torch.zeros(length, dtype=torch.long)
     starts[bounds[1:-1]] = 1
     return torch.arange(length) - bounds[starts.cumsum(0)]  # minus the start of the token's document
+
+
+@dataclass(frozen=True)
+class DocumentView:
+    """Packed documents as the layer monitors see them: the boundaries, and for each token a layer holds (all of
+    them, or a context-parallel rank's) its document and its position inside it."""
+
+    cu_seqlens: torch.Tensor
+    index: torch.Tensor  # (T_local,) the document of each token
+    within: torch.Tensor  # (T_local,) its position inside that document
+    count: int  # documents in the packed sequence
+    longest: int  # the longest document (the first of equals): where the sink monitor looks for secondary sinks
+    longest_length: int
+
+
+def document_view(cu_seqlens: torch.Tensor, positions: torch.Tensor) -> DocumentView:
+    """The view for tokens at `positions` of the whole packed sequence (global, 0..B*T-1)."""
+    bounds = cu_seqlens.long().cpu()
+    positions = positions.long().cpu()
+    index = torch.bucketize(positions, bounds, right=True) - 1
+    lengths = bounds[1:] - bounds[:-1]
+    longest = int(lengths.argmax())
+    return DocumentView(cu_seqlens, index, positions - bounds[index], len(lengths), longest, int(lengths[longest]))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from kernels import attention, attention_prefill, attention_step
+from kernels.varlen import DocumentView
 from models.mixer import Mixer, Reduce, Saved
 from models.registry import register_mixer
 from models.rope import RotaryEmbedding, apply_rope
@@ -77,12 +78,16 @@ class SoftmaxAttention(Mixer):
         return self._output(x, o[:, None]), cache
 
     @torch.no_grad()
-    def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce, n_queries: int = 64,
-                threshold: float = 0.3) -> dict[str, torch.Tensor]:
+    def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce,
+                documents: DocumentView | None = None,
+                n_queries: int = 64, threshold: float = 0.3) -> dict[str, torch.Tensor]:
         q, k, v = self._qkv(x, positions)
-        _, lse = self.op(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned, return_lse=True)
+        cu_seqlens = None if documents is None else documents.cu_seqlens
+        _, lse = self.op(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned, return_lse=True,
+                         cu_seqlens=cu_seqlens)
         stats = sink_statistics(q, k, lse, self.sink, window=self.window, n_pinned=self.n_pinned,
-                                n_queries=n_queries, threshold=threshold, positions=positions, reduce=reduce)
+                                n_queries=n_queries, threshold=threshold, positions=positions, reduce=reduce,
+                                documents=documents)
         return sink_scalars(self.layer_idx, stats)
 
     @classmethod
@@ -175,7 +180,7 @@ def _same(x: torch.Tensor) -> torch.Tensor:
 def sink_statistics(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor | None, *,
                     window: int | None, n_pinned: int = 0, n_queries: int = 64, threshold: float = 0.3,
                     top: int = 3, positions: torch.Tensor | None = None,
-                    reduce: Reduce = _same) -> dict[str, torch.Tensor]:
+                    reduce: Reduce = _same, documents: DocumentView | None = None) -> dict[str, torch.Tensor]:
     """Per-head attention-sink statistics from one forward's q (B,T,H,d), k (B,T,Hkv,d) and lse (B,H,T).
 
     sink_mass         mean over all queries of exp(b_h - lse): the mass on the learned sink (exact)
@@ -187,30 +192,42 @@ def sink_statistics(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, sink: t
 
     Under context parallelism q, k, lse are this rank's tokens at global `positions` (lse the global one, as the
     CP ops return it) and `reduce` sums over the CP group: the queries, keys and sums a statistic needs from other
-    ranks arrive through it, so every rank returns the whole sequence's numbers.
+    ranks arrive through it, so every rank returns the whole sequence's numbers.  With packed `documents` (batch
+    1) every document is a sequence of its own: token 0 is each query's document's first token, positions count
+    from it, and the secondary sinks are those of the longest document.
     """
     b, t_local, h, d = q.shape
     device = q.device
-    pos = torch.arange(t_local, device=device) if positions is None else positions.to(device)
-    t = int(reduce(torch.tensor(t_local, device=device)))
+    if documents is None:  # one document per row
+        pos = torch.arange(t_local, device=device) if positions is None else positions.to(device)
+        doc = torch.zeros_like(pos)
+        n_docs, chosen, t = 1, 0, int(reduce(torch.tensor(t_local, device=device)))
+    else:
+        pos, doc = documents.within.to(device), documents.index.to(device)
+        n_docs, chosen, t = documents.count, documents.longest, documents.longest_length
+    total = int(reduce(torch.tensor(t_local, device=device)))
     group = h // k.shape[2]
     kh = k.float().repeat_interleave(group, dim=2)
     qf, lse = q.float(), lse.float()
     scale = d**-0.5
     if sink is not None:
-        sink_mass = reduce(torch.exp(sink.float()[None, :, None] - lse).sum(dim=(0, 2))) / (b * t)
+        sink_mass = reduce(torch.exp(sink.float()[None, :, None] - lse).sum(dim=(0, 2))) / (b * total)
     else:
         sink_mass = torch.zeros(h, device=device)
 
-    k0 = reduce(kh[:, pos == 0].sum(1))  # (B, H, d): the first token's key, from the rank that holds it
+    # each document's first key, from the rank that holds it: (B, documents, H, d)
+    firsts = pos == 0
+    k0 = reduce(kh.new_zeros(b, n_docs, h, d).index_add_(1, doc[firsts], kh[:, firsts]))
     sees_first = (pos < window) | (n_pinned > 0) if window is not None else torch.ones_like(pos, dtype=torch.bool)
-    first_mass = torch.exp(torch.einsum("bthd,bhd->bht", qf, k0) * scale - lse)[:, :, sees_first]
+    first_mass = torch.exp(torch.einsum("bthd,bthd->bht", qf, k0[:, doc]) * scale - lse)[:, :, sees_first]
     first_count = reduce(torch.tensor(float(b * int(sees_first.sum())), device=device))
     first_token_mass = reduce(first_mass.sum(dim=(0, 2))) / first_count.clamp(min=1)
 
+    # secondary sinks: the last n queries of the chosen document (row 0), against its keys
     n = min(n_queries, t)
-    rows = torch.arange(t - n, t, device=device)  # the last n queries of sequence 0, from whichever rank
-    mine = pos >= t - n
+    rows = torch.arange(t - n, t, device=device)
+    in_doc = doc == chosen
+    mine = in_doc & (pos >= t - n)
     q_rows = torch.zeros(n, h, d, device=device)
     q_rows[pos[mine] - (t - n)] = qf[0, mine]
     lse_rows = torch.zeros(h, n, device=device)
@@ -223,10 +240,11 @@ def sink_statistics(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, sink: t
             seen &= (rows[:, None] - keys[None, :] < window) | (keys[None, :] < n_pinned)
         return seen
 
-    scores = torch.einsum("qhd,khd->hqk", q_rows, kh[0]) * scale  # against this rank's keys
-    probs = torch.exp(scores - lse_rows[:, :, None]).masked_fill(~visible(pos), 0)  # (H, n, T_local)
+    key_pos = pos[in_doc]
+    scores = torch.einsum("qhd,khd->hqk", q_rows, kh[0, in_doc]) * scale  # against this rank's keys of it
+    probs = torch.exp(scores - lse_rows[:, :, None]).masked_fill(~visible(key_pos), 0)  # (H, n, keys)
     received = torch.zeros(h, t, device=device)
-    received[:, pos] = probs.sum(1)
+    received[:, key_pos] = probs.sum(1)
     received = reduce(received)
     every = torch.arange(t, device=device)
     seen_by = visible(every).sum(0)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import based_linear_attention, based_step, short_conv, short_conv_prefill, short_conv_step
+from kernels.varlen import DocumentView
 from models.mixer import Mixer, Reduce, Saved, state_norm_scalars
 from models.registry import register_mixer
 from parallel.halo import HaloConv
@@ -44,9 +45,12 @@ class BasedLinearAttention(Mixer):
         return self.out(self.op(*self._qkv(x), cu_seqlens=cu_seqlens).flatten(2))
 
     @torch.no_grad()
-    def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce) -> dict[str, torch.Tensor]:
-        """The norm of the state after the sequence's last token (mean over the batch), per head."""
-        _, (state, _) = self.op(*self._qkv(x), output_final_state=True)
+    def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce,
+                documents: DocumentView | None = None) -> dict[str, torch.Tensor]:
+        """The norm of the state after the sequence's last token (mean over the batch; with packed documents, the
+        last document's), per head."""
+        _, (state, _) = self.op(*self._qkv(x), output_final_state=True,
+                                cu_seqlens=None if documents is None else documents.cu_seqlens)
         return state_norm_scalars(self.layer_idx, reduce(state.float().norm(dim=(-2, -1)).mean(0)))
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple]:

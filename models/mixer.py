@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from kernels.varlen import DocumentView
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -89,9 +91,12 @@ class Mixer(nn.Module):
         """Initialisation beyond the LM's generic one (gate biases, decay rates); called after it."""
 
     @torch.no_grad()
-    def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce, **settings) -> dict[str, torch.Tensor]:
+    def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce,
+                documents: DocumentView | None = None,
+                **settings) -> dict[str, torch.Tensor]:
         """Scalars for TensorBoard (full tags) from this forward's input; `reduce` sums a tensor over the CP group
-        so that every rank returns the whole sequence's values."""
+        so that every rank returns the whole sequence's values; `documents`: the packed documents of this forward
+        (data.document_masking), which the statistics respect as the forward did."""
         return {}
 
 

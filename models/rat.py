@@ -101,16 +101,6 @@ class RAT(Mixer):
             return f"model.n_heads={m.n_heads} must be a multiple of model.rat.qk_groups={groups}"
         return None
 
-    @classmethod
-    def cp_problem(cls, config, segments) -> str | None:
-        piece, chunk = segments[0][0][1], config.model.rat.chunk_size
-        if piece % chunk:
-            p = config.parallel
-            return (f"RAT chunks may not straddle ranks: each rank's sequence pieces are {piece} tokens "
-                    f"(train.seq_len={config.train.seq_len}, parallel.cp={p.cp}, cp_mode={p.cp_mode}), not a "
-                    f"multiple of model.rat.chunk_size={chunk}")
-        return None
-
     def context_parallel_op(self, ctx):
         return RatCP(ctx)
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from kernels import lightning_attention, lightning_step, tnl_slopes
 from kernels.dispatch import upcast
+from kernels.varlen import DocumentView
 from models.layers import RMSNorm
 from models.mixer import Mixer, Reduce, Saved, state_norm_scalars
 from models.registry import register_mixer
@@ -69,10 +70,13 @@ class TNL(Mixer):
         return self._output(self.op(q, k, v, self.slopes, cu_seqlens=cu_seqlens), u)
 
     @torch.no_grad()
-    def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce) -> dict[str, torch.Tensor]:
-        """The norm of the state after the sequence's last token (mean over the batch), per head."""
+    def monitor(self, x: torch.Tensor, positions: torch.Tensor, reduce: Reduce,
+                documents: DocumentView | None = None) -> dict[str, torch.Tensor]:
+        """The norm of the state after the sequence's last token (mean over the batch; with packed documents, the
+        last document's), per head."""
         q, k, v, _ = self._project(x, positions)
-        _, state = self.op(q, k, v, self.slopes, output_final_state=True)
+        _, state = self.op(q, k, v, self.slopes, output_final_state=True,
+                           cu_seqlens=None if documents is None else documents.cu_seqlens)
         return state_norm_scalars(self.layer_idx, reduce(state.float().norm(dim=(-2, -1)).mean(0)))
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

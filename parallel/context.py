@@ -12,11 +12,14 @@ which neighbour holds the tokens before one of its own.
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
+
+from kernels.varlen import check_cu_seqlens
 
 Segment = tuple[int, int]  # (global start, length)
 
@@ -104,11 +107,63 @@ class CPContext:
         return dist.get_global_rank(group, group_rank)
 
 
-def refuse_documents(kw: dict) -> None:
-    """Context-parallel ops do not take packed documents yet (the config refuses data.document_masking with
-    parallel.cp > 1); a cu_seqlens reaching one anyway must not be dropped silently."""
-    if kw.get("cu_seqlens") is not None:
-        raise ValueError("packed documents (cu_seqlens) are not supported under context parallelism yet")
+@dataclass(frozen=True)
+class SequenceLayout:
+    """What a context-parallel op lays its local tokens against, per call: every CP rank's segments (global start,
+    length) in local storage order, and the document boundaries of the whole sequence — `(0, T)` when no documents
+    are packed.  With packed documents the B rows of a micro-batch are one sequence of B * T tokens (batch 1), so
+    rank r holds segment (s, n) of row b at (b * T + s, n), rows one after the other."""
+
+    segments: list[list[Segment]]
+    bounds: tuple[int, ...]
+
+    def doc_start(self, pos: int) -> int:
+        """The first token of the document holding token `pos`."""
+        return self.bounds[bisect.bisect_right(self.bounds, pos) - 1]
+
+    def doc_index(self, pos: int) -> int:
+        return bisect.bisect_right(self.bounds, pos) - 1
+
+    def pieces(self, rank: int) -> list[tuple[int, int, int]]:
+        """Rank's segments cut at document boundaries, in local order: (global start, length, document index)."""
+        out = []
+        for s, n in self.segments[rank]:
+            cuts = [s, *(b for b in self.bounds if s < b < s + n), s + n]
+            out += [(a, b - a, self.doc_index(a)) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        return out
+
+    def local_cu_seqlens(self, start: int, n: int) -> torch.Tensor | None:
+        """The boundaries of tokens [start, start + n) relative to `start` (CPU int32), or None for one document."""
+        cuts = [b - start for b in self.bounds if start < b < start + n]
+        return torch.tensor([0, *cuts, n], dtype=torch.int32) if cuts else None
+
+
+def sequence_layout(segments: list[list[Segment]], cu_seqlens: torch.Tensor | None, x: torch.Tensor, rank: int,
+                    op: str, seq_len: int | None = None) -> SequenceLayout:
+    """The layout a CP op sees for local tokens x (B, T_local, ...): the CP segments and no documents, or, with
+    `cu_seqlens` (the boundaries of the whole packed sequence of B * T tokens, batch 1 — every CP rank is given the
+    same), the segments of every row and those boundaries.  A row boundary must be a document boundary.
+    `seq_len`: a row's length, when `segments` are not all of it (a Ulysses group's members in the hybrid)."""
+    seq_len = seq_len or sum(n for segs in segments for _, n in segs)
+    if cu_seqlens is None:
+        return SequenceLayout(segments, (0, seq_len))
+    if x.shape[0] != 1:
+        raise ValueError(f"{op}: with cu_seqlens the local tokens must be one packed sequence (batch 1), got batch "
+                         f"{x.shape[0]}")
+    total = int(cu_seqlens[-1]) if cu_seqlens.numel() else 0
+    rows = total // seq_len if total % seq_len == 0 else 0
+    local = sum(n for _, n in segments[rank])
+    if rows == 0 or x.shape[1] != rows * local:
+        raise ValueError(f"{op}: cu_seqlens must cover whole rows of {seq_len} tokens (the context-parallel sequence) "
+                         f"and this rank must hold {local} tokens of each row: cu_seqlens ends at {total}, the rank "
+                         f"holds {x.shape[1]} tokens")
+    bounds = check_cu_seqlens(cu_seqlens, total, op)
+    missing = sorted(set(range(0, total, seq_len)) - set(bounds))
+    if missing:
+        raise ValueError(f"{op}: every row start must be a document boundary (rows are separate sequences); "
+                         f"cu_seqlens lacks {missing[:4]}")
+    flat = [[(b * seq_len + s, n) for b in range(rows) for s, n in segs] for segs in segments]
+    return SequenceLayout(flat, tuple(bounds))
 
 
 def split_segments(x: torch.Tensor, segments: list[Segment], dim: int = 1) -> list[torch.Tensor]:

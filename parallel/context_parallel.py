@@ -76,7 +76,8 @@ def full_attention_op(ctx: CPContext):
     ring_segments = cp_segments(ctx.seq_len, ctx.size // u, "ring")
     ring = RingAttention(ctx.ring_group, ring_segments, key="full/ring")
     j = ctx.rank // u
-    return UlyssesAttention(ctx.ulysses_group, ctx.segments[j * u:(j + 1) * u], ring, key="full/ulysses")
+    return UlyssesAttention(ctx.ulysses_group, ctx.segments[j * u:(j + 1) * u], ring, key="full/ulysses",
+                            seq_len=ctx.seq_len)
 
 
 def apply_context_parallel(model: nn.Module, ctx: CPContext) -> None:

@@ -1,17 +1,20 @@
 """Halo exchange for layers that look a fixed distance back: sliding-window attention (W-1 tokens of k/v) and
 BaseConv (kernel-1 inputs).  Only the tokens a segment needs cross ranks — never a full ring — fetched point to
 point from whichever ranks hold them (with zigzag that is not always the left neighbour, and a window longer
-than a segment spans several).
+than a segment spans several).  With packed documents a halo stops at the start of the segment's first document:
+tokens of an earlier document are never fetched, and a document starting inside a segment sees zeros (BaseConv)
+or nothing (attention) before its first token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from kernels import attention, short_conv
-from parallel.context import CPContext, Segment, exchange, refuse_documents, split_segments
+from parallel.context import CPContext, Segment, SequenceLayout, exchange, sequence_layout, split_segments
 
 
 @dataclass(frozen=True)
@@ -24,13 +27,15 @@ class Piece:
     length: int
 
 
-def halo_plan(segments: list[list[Segment]], h: int) -> tuple[list[Piece], list[list[int]]]:
-    """All pieces that move (same list, same order on every rank) and each rank's halo length per segment."""
+def halo_plan(segments: list[list[Segment]], first_needed: Callable[[int], int]
+              ) -> tuple[list[Piece], list[list[int]]]:
+    """All pieces that move (same list, same order on every rank) and each rank's halo length per segment: the
+    tokens [first_needed(a), a) before each segment starting at a."""
     pieces, halo_lengths = [], []
     for dst, segs in enumerate(segments):
         lengths = []
         for si, (a, _) in enumerate(segs):
-            lo_needed = max(0, a - h)
+            lo_needed = first_needed(a)
             lengths.append(a - lo_needed)
             for src, src_segs in enumerate(segments):
                 offset = 0
@@ -98,10 +103,16 @@ class _HaloFetch(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
-def fetch_halos(x: torch.Tensor, cp: CPContext, h: int, key: str) -> list[torch.Tensor]:
-    """For each of this rank's segments, the (up to) h tokens of x (dim 1) that precede it in the sequence."""
-    pieces, lengths = halo_plan(cp.segments, h)
+def fetch_halos(x: torch.Tensor, cp: CPContext, layout: SequenceLayout, first_needed: Callable[[int], int],
+                key: str) -> list[torch.Tensor]:
+    """For each of this rank's segments (in `layout`), the tokens of x (dim 1) from first_needed(start) to it."""
+    pieces, lengths = halo_plan(layout.segments, first_needed)
     return list(_HaloFetch.apply(x, cp, pieces, lengths[cp.rank], key))
+
+
+def within_document(layout: SequenceLayout, h: int) -> Callable[[int], int]:
+    """The h tokens before a segment, but none before its document's start."""
+    return lambda a: max(a - h, layout.doc_start(a))
 
 
 class HaloWindowAttention:
@@ -111,20 +122,30 @@ class HaloWindowAttention:
     def __init__(self, cp: CPContext):
         self.cp = cp
 
-    def __call__(self, q, k, v, *, window=None, sink=None, scale=None, return_lse=False, n_pinned=0, **kw):
-        refuse_documents(kw)
+    def __call__(self, q, k, v, *, window=None, sink=None, scale=None, return_lse=False, n_pinned=0, cu_seqlens=None,
+                 **kw):
         if window is None or n_pinned:
             raise ValueError("halo attention needs a window and no pinned tokens")
+        layout = sequence_layout(self.cp.segments, cu_seqlens, q, self.cp.rank, "halo window attention")
         kv = torch.cat([k, v], dim=-1)
-        halos = fetch_halos(kv, self.cp, window - 1, f"{self.cp.tag}/halo")
+        halos = fetch_halos(kv, self.cp, layout, within_document(layout, window - 1), f"{self.cp.tag}/halo")
         outs, lses = [], []
-        segs = self.cp.local_segments
-        for qs, kvs, halo in zip(split_segments(q, segs), split_segments(kv, segs), halos, strict=True):
-            keys = torch.cat([halo, kvs], dim=1)
-            o, lse = attention(qs, keys[..., :k.shape[-1]], keys[..., k.shape[-1]:], window=window, sink=sink,
-                               scale=scale, return_lse=True, **kw)
+        segs = layout.segments[self.cp.rank]
+        d = k.shape[-1]
+        for qs, kvs, halo, (a, n) in zip(split_segments(q, segs), split_segments(kv, segs), halos, segs, strict=True):
+            # The segment's first document continues the halo; documents starting inside it are a packed call.
+            docs = layout.local_cu_seqlens(a, n)
+            first = n if docs is None else int(docs[1])
+            keys = torch.cat([halo, kvs[:, :first]], dim=1)
+            o, lse = attention(qs[:, :first], keys[..., :d], keys[..., d:], window=window, sink=sink, scale=scale,
+                               return_lse=True, **kw)
             outs.append(o)
             lses.append(lse)
+            if first < n:
+                o, lse = attention(qs[:, first:], kvs[:, first:, :, :d], kvs[:, first:, :, d:], window=window,
+                                   sink=sink, scale=scale, return_lse=True, cu_seqlens=docs[1:] - first, **kw)
+                outs.append(o)
+                lses.append(lse)
         out = torch.cat(outs, dim=1)
         return (out, torch.cat(lses, dim=-1)) if return_lse else out
 
@@ -135,13 +156,16 @@ class HaloConv:
     def __init__(self, cp: CPContext):
         self.cp = cp
 
-    def __call__(self, x, weight, bias=None, **kw):
-        refuse_documents(kw)
+    def __call__(self, x, weight, bias=None, *, cu_seqlens=None, **kw):
         k = weight.shape[1]
-        halos = fetch_halos(x, self.cp, k - 1, f"{self.cp.tag}/halo")
+        layout = sequence_layout(self.cp.segments, cu_seqlens, x, self.cp.rank, "halo convolution")
+        halos = fetch_halos(x, self.cp, layout, within_document(layout, k - 1), f"{self.cp.tag}/halo")
         outs = []
-        for xs, halo in zip(split_segments(x, self.cp.local_segments), halos, strict=True):
-            if halo.shape[1] < k - 1:  # the sequence start: zeros before it
+        segs = layout.segments[self.cp.rank]
+        for xs, halo, (a, n) in zip(split_segments(x, segs), halos, segs, strict=True):
+            if halo.shape[1] < k - 1:  # a sequence or document start: zeros before it
                 halo = torch.cat([halo.new_zeros(halo.shape[0], k - 1 - halo.shape[1], *halo.shape[2:]), halo], 1)
-            outs.append(short_conv(xs, weight, bias, initial_state=halo, **kw))
+            # the halo is the first document's; later documents in the segment start from zeros
+            outs.append(short_conv(xs, weight, bias, initial_state=halo, cu_seqlens=layout.local_cu_seqlens(a, n),
+                                   **kw))
         return torch.cat(outs, dim=1)

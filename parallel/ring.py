@@ -6,6 +6,11 @@ the last step.  Zigzag (rank r holds chunks r and 2N-1-r) gives every rank the s
 (query chunk, key chunk) pairs per step, each is either fully visible, the causal diagonal, or skipped.
 Backward sends K/V around again, with their dK/dV accumulators one hop behind, so each block's gradient returns
 to its owner after N hops.
+
+Packed documents (`cu_seqlens` of the whole sequence, parallel/context.py's SequenceLayout): every segment is cut
+at document boundaries, and a (query piece, key piece) pair is computed only when both pieces belong to the same
+document, with the plain causal mask — pairs that share no document are skipped, so no cross-document work is
+done and nothing needs a mask beyond causality.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from kernels.attention.chunk import (
     to_groups,
 )
 from kernels.dispatch import check_backend, choose_backend
-from parallel.context import COMM, Segment, refuse_documents
+from parallel.context import COMM, Segment, sequence_layout
 
 
 # One (query segment, key segment) pair, forward and backward, on the grouped layout q (B, Hkv, G, Tq, d),
@@ -62,13 +67,16 @@ def _triton_backward(q, k, v, d_out, delta, lse, scale: float, layout: Layout):
 PAIR_KERNELS = {"chunk": (block_forward, block_backward), "triton": (_triton_forward, _triton_backward)}
 
 
-def _pairs(q_segs: list[Segment], k_segs: list[Segment]):
-    """(q slice, k slice, Layout) for every (query segment, key segment) pair with something visible."""
+Piece = tuple[int, int, int]  # (global start, length, document index): a segment's part inside one document
+
+
+def _pairs(q_pieces: list[Piece], k_pieces: list[Piece]):
+    """(q slice, k slice, Layout) for every (query piece, key piece) pair of one document with something visible."""
     q_off = 0
-    for qs, qn in q_segs:
+    for qs, qn, q_doc in q_pieces:
         k_off = 0
-        for ks, kn in k_segs:
-            if ks < qs + qn:  # some key at or before the last query
+        for ks, kn, k_doc in k_pieces:
+            if k_doc == q_doc and ks < qs + qn:  # the same document, some key at or before the last query
                 causal = ks + kn > qs + 1  # some key after the first query: the diagonal
                 layout = Layout(qn, kn, causal=causal, q_start=qs, k_start=ks)
                 yield slice(q_off, q_off + qn), slice(k_off, k_off + kn), layout
@@ -98,18 +106,18 @@ def _merge(out, lse, o, lse_b):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sink, scale, ring: _Ring, backend: str):
+    def forward(ctx, q, k, v, sink, scale, ring: _Ring, backend: str, pieces: list[list[Piece]]):
         pair_forward = PAIR_KERNELS[backend][0]
         d = k.shape[-1]
         acc = torch.promote_types(q.dtype, torch.float32)  # partial results merge in fp32 even for bf16 inputs
         out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=acc, device=q.device)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
         kv = torch.cat([k, v], dim=-1).contiguous()
-        mine = ring.segments[ring.rank]
+        mine = pieces[ring.rank]
         for step in range(ring.size):
             pending = ring.start(kv, ring.key) if step < ring.size - 1 else None  # overlap with the compute
             src = (ring.rank - step) % ring.size
-            for qsl, ksl, layout in _pairs(mine, ring.segments[src]):
+            for qsl, ksl, layout in _pairs(mine, pieces[src]):
                 o, lb = pair_forward(q[..., qsl, :], kv[..., ksl, :d], kv[..., ksl, d:], scale, layout)
                 out[..., qsl, :], lse[..., qsl] = _merge(out[..., qsl, :], lse[..., qsl], o.to(acc), lb.to(acc))
             if pending:
@@ -118,7 +126,7 @@ class _RingAttention(torch.autograd.Function):
                 kv = pending[1]
         out, lse = add_sink(out, lse, sink)
         ctx.save_for_backward(q, k, v, sink, out, lse)
-        ctx.scale, ctx.ring, ctx.backend = scale, ring, backend
+        ctx.scale, ctx.ring, ctx.backend, ctx.pieces = scale, ring, backend, pieces
         return out, lse
 
     @staticmethod
@@ -132,10 +140,10 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=out.dtype, device=q.device)
         kv = torch.cat([k, v], dim=-1).contiguous()
         dkv = torch.zeros_like(kv, dtype=out.dtype)  # gradients accumulate in fp32 across the ring
-        mine = ring.segments[ring.rank]
+        mine = ctx.pieces[ring.rank]
         for step in range(ring.size):
             src = (ring.rank - step) % ring.size
-            for qsl, ksl, layout in _pairs(mine, ring.segments[src]):
+            for qsl, ksl, layout in _pairs(mine, ctx.pieces[src]):
                 g_q, g_k, g_v = pair_backward(q[..., qsl, :], kv[..., ksl, :d], kv[..., ksl, d:], d_out[..., qsl, :],
                                                delta[..., qsl], lse[..., qsl], scale, layout)
                 dq[..., qsl, :] += g_q
@@ -149,7 +157,7 @@ class _RingAttention(torch.autograd.Function):
                 # one buffer in fp32: k/v come back to their own (exactly representable) dtype
                 kv, dkv = (kv, recv) if last else (recv[..., : kv.shape[-1]].to(k.dtype), recv[..., kv.shape[-1]:])
         d_sink = sink_grad(sink, lse, delta) if sink is not None and ctx.needs_input_grad[3] else None
-        return dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype), d_sink, None, None, None
+        return dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype), d_sink, None, None, None, None
 
 
 class RingAttention:
@@ -164,8 +172,7 @@ class RingAttention:
         self.ring, self.backend = _Ring(group, segments, key), backend
 
     def __call__(self, q, k, v, *, causal=True, window=None, sink=None, scale=None, return_lse=False, n_pinned=0,
-                 **kw):
-        refuse_documents(kw)
+                 cu_seqlens=None):
         if not causal or window is not None or n_pinned:
             raise ValueError("ring attention runs full causal attention; window layers use the halo exchange")
         scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -174,7 +181,9 @@ class RingAttention:
         # The Triton kernels take bf16/fp16 operands as they are (fp32 accumulation inside, fp32 merges here);
         # the blockwise PyTorch path computes in fp32.
         groups = _grouped(q, k, v, sink) if backend == "triton" else to_groups(q, k, v, sink)
-        out, lse = _RingAttention.apply(*groups, scale, self.ring, backend)
+        layout = sequence_layout(self.ring.segments, cu_seqlens, q, self.ring.rank, "ring attention")
+        pieces = [layout.pieces(r) for r in range(self.ring.size)]
+        out, lse = _RingAttention.apply(*groups, scale, self.ring, backend, pieces)
         out, lse = from_groups(out, lse, q.dtype)
         return (out, lse) if return_lse else out
 

@@ -1,7 +1,10 @@
 """Ulysses (DeepSpeed-Ulysses) attention: all-to-all from sequence-sharded to head-sharded, attention over the
 whole sequence on H/U heads, all-to-all back.  Works for every softmax variant (full, window, sinks — sliced per
 head — and pinned tokens), with GQA: k/v heads are replicated when there are fewer of them than ranks.
-In the hybrid mode the inner attention is ring attention across the Ulysses groups (USP).
+In the hybrid mode the inner attention is ring attention across the Ulysses groups (USP).  Packed documents: the
+gathered heads hold every token of the group's part of the sequence in order, so the inner attention takes the
+whole sequence's `cu_seqlens` as they are (plain attention over the whole sequence, or the ring, which cuts its
+segments at them).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallel.context import Segment, all_to_all, refuse_documents
+from parallel.context import Segment, all_to_all, sequence_layout
 
 
 def _seq_to_heads(x: torch.Tensor, group, key: str) -> torch.Tensor:
@@ -28,17 +31,26 @@ def _heads_to_seq(y: torch.Tensor, group, key: str) -> torch.Tensor:
 
 
 class UlyssesAttention:
-    def __init__(self, group: dist.ProcessGroup, member_segments: list[list[Segment]], inner, key: str = "ulysses"):
+    def __init__(self, group: dist.ProcessGroup, member_segments: list[list[Segment]], inner, key: str = "ulysses",
+                 seq_len: int | None = None):
         """member_segments: the segments of each rank of `group`, in group-rank order; `inner` runs attention on
-        the gathered sequence (plain `attention`, or ring attention across groups)."""
+        the gathered sequence (plain `attention`, or ring attention across groups); seq_len: the whole sequence's
+        length when the members hold only part of it (the hybrid)."""
         self.group, self.inner, self.key = group, inner, key
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        starts = torch.cat([torch.arange(s, s + n) for segs in member_segments for s, n in segs])
-        self.order = torch.argsort(starts)  # gathered (rank-major) order -> sequence order
-        self.inverse = torch.argsort(self.order)
+        self.member_segments, self.seq_len = member_segments, seq_len
+        self._orders: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, q, k, v, *, sink=None, return_lse=False, **kw):
-        refuse_documents(kw)
+    def _order(self, segments: list[list[Segment]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """gathered (rank-major) order -> sequence order, and back, for these member segments."""
+        key = tuple(map(tuple, segments))
+        if key not in self._orders:
+            starts = torch.cat([torch.arange(s, s + n) for segs in segments for s, n in segs])
+            order = torch.argsort(starts)
+            self._orders = {key: (order, torch.argsort(order))}  # one entry: rows per micro-batch rarely change
+        return self._orders[key]
+
+    def __call__(self, q, k, v, *, sink=None, return_lse=False, cu_seqlens=None, **kw):
         u, h, h_kv = self.size, q.shape[2], k.shape[2]
         if h % u:
             raise ValueError(f"Ulysses over {u} ranks needs the query heads ({h}) divisible by {u}")
@@ -47,10 +59,15 @@ class UlyssesAttention:
                 raise ValueError(f"Ulysses over {u} ranks: {h_kv} key/value heads neither divide nor are "
                                  f"divided by {u}")
             k, v = k.repeat_interleave(u // h_kv, dim=2), v.repeat_interleave(u // h_kv, dim=2)
-        order, inverse = self.order.to(q.device), self.inverse.to(q.device)
+        # With documents the rows are one packed sequence: the members' segments of every row, in order.
+        # (the boundaries are checked by the inner attention, against the gathered sequence)
+        segments = self.member_segments
+        if cu_seqlens is not None:
+            segments = sequence_layout(segments, cu_seqlens, q, self.rank, "Ulysses attention", self.seq_len).segments
+        order, inverse = (x.to(q.device) for x in self._order(segments))
         qh, kh, vh = (_seq_to_heads(x, self.group, self.key)[:, order] for x in (q, k, v))
         sink_h = None if sink is None else sink.view(u, h // u)[self.rank]
-        out, lse = self.inner(qh, kh, vh, sink=sink_h, return_lse=True, **kw)
+        out, lse = self.inner(qh, kh, vh, sink=sink_h, return_lse=True, cu_seqlens=cu_seqlens, **kw)
         out = _heads_to_seq(out[:, inverse], self.group, self.key)
         if not return_lse:
             return out

@@ -1,11 +1,15 @@
 """Run under torchrun: every context-parallel op against its single-rank result on the same inputs.
 
-  torchrun --nproc_per_node=N tests/cp_worker.py SEED [quick|sweep]
+  torchrun --nproc_per_node=N tests/cp_worker.py SEED [quick|sweep|documents]
 
 Rank 0 draws the full inputs and output gradients (float64) and broadcasts them; every rank computes the
 single-rank reference, runs the CP op on its slice, and the slices of outputs, log-sum-exps and input gradients
 are gathered and compared (relative error <= 1e-9); parameter-like inputs (sinks, conv weights) compare the
 gradient summed over ranks.  Prints one `CASE <name> ok <err>` line per case; any mismatch raises.
+
+`documents`: every op in every mode on two rows packed as one sequence with `cu_seqlens`, against the naive op on
+the whole packed sequence (which runs each document alone): boundaries on a rank boundary, one token off it, tiny
+documents, a document straddling ranks and one spanning every rank; plus fresh random boundaries.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch.distributed as dist
 
 from kernels import attention, based_linear_attention, lightning_attention, rat_attention, short_conv, tnl_slopes
 from kernels.triton_support import triton_usable
-from parallel.context import CPContext
+from parallel.context import CPContext, sequence_layout
 from parallel.context_parallel import full_attention_op, make_context
 from parallel.dims import ParallelDims
 from parallel.halo import HaloConv, HaloWindowAttention
@@ -38,9 +42,12 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def run_case(name, ctx: CPContext, ref_fn, cp_fn, seq_inputs, param_inputs=(), with_lse=False, tol=1e-9):
-    """seq_inputs: (B, T, ...) tensors sharded along T; param_inputs: replicated tensors."""
-    pos = ctx.positions()
+def run_case(name, ctx: CPContext, ref_fn, cp_fn, seq_inputs, param_inputs=(), with_lse=False, tol=1e-9,
+             segments=None):
+    """seq_inputs: (B, T, ...) tensors sharded along T; param_inputs: replicated tensors; segments: every rank's
+    segments when not the context's (packed rows)."""
+    segments = segments or ctx.segments
+    pos = torch.cat([torch.arange(s, s + n) for s, n in segments[ctx.rank]])
     full = [x.clone().requires_grad_() for x in seq_inputs]
     params = [p.clone().requires_grad_() for p in param_inputs]
     ref = ref_fn(*full, *params)
@@ -61,7 +68,7 @@ def run_case(name, ctx: CPContext, ref_fn, cp_fn, seq_inputs, param_inputs=(), w
         parts = [torch.empty_like(x) for _ in range(ctx.size)]
         dist.all_gather(parts, x.contiguous(), group=ctx.group)
         whole = torch.empty(*x.shape[:seq_dim], x.shape[seq_dim] * ctx.size, *x.shape[seq_dim + 1:], dtype=x.dtype)
-        all_pos = torch.cat([torch.cat([torch.arange(s, s + n) for s, n in segs]) for segs in ctx.segments])
+        all_pos = torch.cat([torch.cat([torch.arange(s, s + n) for s, n in segs]) for segs in segments])
         whole.index_copy_(seq_dim, all_pos, torch.cat(parts, dim=seq_dim))
         return whole
 
@@ -81,6 +88,59 @@ def run_case(name, ctx: CPContext, ref_fn, cp_fn, seq_inputs, param_inputs=(), w
         print(f"CASE {name} ok {worst:.1e}", flush=True)
 
 
+def document_cases(contexts, seed: int):
+    """Every op under every mode on two packed rows of T tokens each, against the per-document oracle."""
+    t = next(iter(contexts.values())).seq_len
+    gen = torch.Generator().manual_seed(seed)
+    # Row 0: a 1-token document, boundaries on a segment edge (t/4: every layout's edge) and one token off it, two
+    # tiny documents, one straddling ranks; row 1: one document over every rank.  Then random boundaries.
+    fixed = [0, 1, t // 4, t // 4 + 1, t // 4 + 2, t // 2 - 1, t, 2 * t]
+    cuts = torch.randperm(2 * t - 1, generator=gen)[: t // 3] + 1
+    random = sorted({0, t, 2 * t, *cuts.tolist()})
+    for label, bounds in (("fixed", fixed), ("random", random)):
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        for mode, ctx in contexts.items():
+            local = torch.zeros(1, 2 * sum(n for _, n in ctx.local_segments))
+            segments = sequence_layout(ctx.segments, cu, local, ctx.rank, "test").segments
+            documents_in_one_mode(f"docs-{label}/{mode}", ctx, cu, segments)
+
+
+def documents_in_one_mode(prefix: str, ctx: CPContext, cu: torch.Tensor, segments) -> None:
+    t = ctx.seq_len
+
+    def case(name, ref, par, seq, params=(), lse=False):
+        run_case(f"{prefix}/{name}", ctx, ref, par, seq, params, with_lse=lse, segments=segments)
+
+    q, k, v, s = broadcast_randn(1, 2 * t, 4, 8), broadcast_randn(1, 2 * t, 2, 8), \
+        broadcast_randn(1, 2 * t, 2, 8), broadcast_randn(4)
+    op = full_attention_op(ctx)
+    case("full", lambda q, k, v, s: attention(q, k, v, sink=s, return_lse=True, cu_seqlens=cu, backend="naive"),
+         lambda q, k, v, s: op(q, k, v, sink=s, return_lse=True, cu_seqlens=cu), [q, k, v], [s], lse=True)
+    halo = HaloWindowAttention(ctx)
+    for window in (3, t // 2 + 3):
+        case(f"swa-W{window}", lambda q, k, v, s, w=window: attention(
+            q, k, v, window=w, sink=s, return_lse=True, cu_seqlens=cu, backend="naive"),
+            lambda q, k, v, s, w=window: halo(q, k, v, window=w, sink=s, return_lse=True, cu_seqlens=cu),
+            [q, k, v], [s], lse=True)
+    x, w, b = broadcast_randn(1, 2 * t, 6), broadcast_randn(6, 7), broadcast_randn(6)
+    conv = HaloConv(ctx)
+    case("baseconv-K7", lambda x, w, b: short_conv(x, w, b, cu_seqlens=cu, backend="naive"),
+         lambda x, w, b: conv(x, w, b, cu_seqlens=cu), [x], [w, b])
+    q, k, v = broadcast_randn(1, 2 * t, 2, 4), broadcast_randn(1, 2 * t, 2, 4), broadcast_randn(1, 2 * t, 2, 3)
+    dec = torch.tensor([0.0, 0.3], dtype=F64)
+    tnl, based = LightningCP(ctx), BasedCP(ctx)
+    case("tnl", lambda q, k, v: lightning_attention(q, k, v, dec, cu_seqlens=cu, backend="naive"),
+         lambda q, k, v: tnl(q, k, v, dec, cu_seqlens=cu), [q, k, v])
+    case("based", lambda q, k, v: based_linear_attention(q, k, v, cu_seqlens=cu, backend="naive"),
+         lambda q, k, v: based(q, k, v, cu_seqlens=cu), [q, k, v])
+    v, g = broadcast_randn(1, 2 * t, 2, 4), broadcast_randn(1, 2 * t, 2, 4, positive=True)
+    rat = RatCP(ctx)
+    for chunk in (3, 4):  # 3: chunks straddle ranks on every grid; 4: on the layouts' own
+        case(f"rat-L{chunk}", lambda q, k, v, g, c=chunk: rat_attention(
+            q, k, v, g, c, rope_theta=3.0, cu_seqlens=cu, backend="naive"),
+            lambda q, k, v, g, c=chunk: rat(q, k, v, g, c, rope_theta=3.0, cu_seqlens=cu), [q, k, v, g])
+
+
 def main():
     seed, which = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo")
@@ -91,6 +151,11 @@ def main():
     modes = ["ring", "ulysses"] + (["hybrid"] if n == 4 else [])
     contexts = {m: make_context(mesh, T, m, 2 if m == "hybrid" else 1) for m in modes}
     sweep = which == "sweep"
+    if which == "documents":
+        document_cases(contexts, seed)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
 
     # ---- full attention: every mode, sinks on/off, GQA
     for mode in modes:
@@ -151,7 +216,7 @@ def main():
                  lambda q, k, v, op=op: op(q, k, v), [q, k, v])
         # ---- RAT: a segment of exactly one chunk, and several chunks per segment
         seg = ctx.local_segments[0][1]
-        for chunk in ([seg, seg // 2] if sweep else [seg]):
+        for chunk in ([seg, seg // 2, 3, seg + 1] if sweep else [seg, 3]):  # 3, seg + 1: chunks straddle ranks
             q, k, v = broadcast_randn(2, T, 2, 4), broadcast_randn(2, T, 2, 4), broadcast_randn(2, T, 2, 4)
             g = broadcast_randn(2, T, 2, 4, positive=True)
             op = RatCP(ctx)

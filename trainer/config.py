@@ -382,9 +382,6 @@ def validate(c: Config) -> None:
     if c.model.document_positions and not c.data.document_masking:
         raise ConfigError("model.document_positions=true restarts positions at document boundaries, which only "
                           "data.document_masking=true marks; set both")
-    if c.data.document_masking and c.parallel.cp > 1:
-        raise ConfigError("data.document_masking is not supported with context parallelism (parallel.cp > 1) yet; "
-                          "set parallel.cp=1 or drop data.document_masking")
     if c.profile.enabled and (c.profile.start_step < 1 or c.profile.steps < 1):
         raise ConfigError("profile.start_step and profile.steps must be >= 1")
     if c.parallel.cp > 1 and c.eval.seq_len not in (0, t.seq_len):

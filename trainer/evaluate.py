@@ -36,17 +36,17 @@ def perplexity(model: torch.nn.Module, batches: Iterable[torch.Tensor], bucket: 
     for batch in batches:
         inputs, targets = batch[:, :-1], batch[:, 1:]
         pos = torch.arange(inputs.shape[1], device=inputs.device) if positions is None else positions
-        if positions is not None:
-            inputs, targets = inputs[:, positions], targets[:, positions]
         with autocast or torch.autocast(inputs.device.type, enabled=False):
             # per-token NLL, through the head loss_chunk tokens at a time (the full logits never exist)
             if documents is None:
+                if positions is not None:
+                    inputs, targets = inputs[:, positions], targets[:, positions]
                 nll = model(inputs, None if positions is None else positions, targets=targets,
                             loss_chunk=loss_chunk, reduction="none")
-            else:
-                packed = documents.pack(inputs, targets)
+            else:  # boundaries from the whole rows, then this CP rank's tokens of each
+                packed = documents.pack(inputs, targets, local=positions)
                 nll = model(packed.inputs, packed.positions, targets=packed.targets, loss_chunk=loss_chunk,
-                            reduction="none", cu_seqlens=packed.cu_seqlens).view(inputs.shape)
+                            reduction="none", cu_seqlens=packed.cu_seqlens).view(inputs.shape[0], -1)
         n_buckets = int(pos.max()) // bucket + 1
         if sums is None:
             size = max(n_buckets, -(-int(batch.shape[1] - 1) // bucket))

@@ -8,7 +8,9 @@ Layer monitors use one mechanism for every layer type: on a due step a forward h
 `monitor_group` matches; the hook hands the mixer's input to `mixer.monitor(...)` (the statistics are the
 mixer's own business, models/mixer.py) and removes itself, so activation checkpointing's recompute does not run
 it twice.  Under context parallelism the mixers reduce their partial statistics over the CP group with the
-`reduce` they are given, so the numbers are the whole sequence's.  A monitor that cannot run under this run's
+`reduce` they are given, so the numbers are the whole sequence's.  With document masking the hook also hands over
+the forward's documents (`cu_seqlens`, and each token's document and position in it), so the statistics see the
+same documents the forward did.  A monitor that cannot run under this run's
 settings says so once at the start.
 """
 
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kernels.varlen import document_view
 from models.mixer import Mixer
 from trainer.callbacks.base import Callback
 
@@ -54,16 +57,27 @@ class LayerMonitor(Callback):
             return
         self.mixers = mixers
         self.reduce = trainer.cp_reduce
+        # where this rank's tokens sit in a row (context parallelism) and the row length: packed rows follow
+        # each other, so a token's place in the packed sequence is row * seq_len + its place in the row
+        self.seq_len = trainer.cfg.train.seq_len
+        self.row_positions = (torch.arange(self.seq_len) if trainer.positions is None else trainer.positions.cpu())
 
     def on_step_start(self, trainer: Trainer) -> None:
         if self.mixers and trainer.step % self.interval == 0:
-            self.handles = [m.register_forward_hook(self._hook) for m in self.mixers]
+            self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.mixers]
 
-    def _hook(self, mixer: Mixer, args, output) -> None:
+    def _hook(self, mixer: Mixer, args, kwargs, output) -> None:
         self.handles[self.mixers.index(mixer)].remove()  # once per step: not again in a recompute
         x, positions = args[0], args[1]
+        cu_seqlens = kwargs.get("cu_seqlens")
+        documents = None
+        if cu_seqlens is not None:
+            rows = int(cu_seqlens[-1]) // self.seq_len
+            packed = (torch.arange(rows)[:, None] * self.seq_len + self.row_positions[None]).reshape(-1)
+            documents = document_view(cu_seqlens, packed)
         with torch.no_grad():
-            self.collected.update(mixer.monitor(x.detach(), positions, self.reduce, **self.settings))
+            self.collected.update(mixer.monitor(x.detach(), positions, self.reduce, documents=documents,
+                                                **self.settings))
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         for handle in self.handles:

@@ -53,11 +53,11 @@ def micro_batches(batch: torch.Tensor, positions: torch.Tensor | None,
     context parallelism each rank takes its positions of every sequence; with document masking the sequences
     become one packed sequence with its document boundaries."""
     for i in range(batch.shape[0]):
-        inputs, targets = inputs_and_targets(batch[i], positions)
         if documents is None:
+            inputs, targets = inputs_and_targets(batch[i], positions)
             yield i, MicroBatch(inputs, targets, positions, None)
-        else:
-            packed = documents.pack(inputs, targets)
+        else:  # the boundaries come from the whole rows, then each CP rank keeps its own tokens
+            packed = documents.pack(*inputs_and_targets(batch[i]), local=positions)
             yield i, MicroBatch(packed.inputs, packed.targets, packed.positions, packed.cu_seqlens)
 
 
