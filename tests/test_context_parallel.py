@@ -26,6 +26,17 @@ def test_every_layer_type_matches_one_rank_on_4_ranks(free_port, fresh_seed):
         "full/ring-triton-float32/kv2/sink1", "full/ring-triton-bfloat16/kv2/sink1"}
 
 
+@pytest.mark.parametrize("n", [2, 4])
+def test_packed_documents_under_every_mode_match_one_rank(n, free_port, fresh_seed):
+    # every op on two rows packed as one sequence: boundaries on and one token off a rank boundary, 1-token and
+    # tiny documents, a document straddling ranks and one over every rank, then random boundaries; RAT chunks of 3
+    # straddle the ranks
+    cases = run_worker(n, fresh_seed, "documents", free_port)
+    ops = {"full", "swa-W3", "swa-W19", "baseconv-K7", "tnl", "based", "rat-L3", "rat-L4"}
+    modes = {"ring", "ulysses"} | ({"hybrid"} if n == 4 else set())
+    assert set(cases) == {f"docs-{b}/{m}/{op}" for b in ("fixed", "random") for m in modes for op in ops}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 4])
 def test_cp_sweep(n, free_port, fresh_seed):
@@ -79,6 +90,37 @@ def test_hybrid_model_under_cp_matches_one_rank(one_rank, tmp_path, free_port, e
             assert many[tag] == pytest.approx(one_rank[tag], rel=1e-4, abs=1e-6), tag
     else:  # rank 0's data-parallel share: the monitors run and report the same tags
         assert set(monitored) <= set(many)
+
+
+@pytest.fixture(scope="module")
+def one_rank_masked(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one-masked")
+    res = run_module(["-m", "trainer.train", "--config", "configs/hybrid_tiny.yaml", f"run.dir={run_dir}", *COMMON,
+                      "data.document_masking=true", "model.document_positions=true"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return first_step(run_dir)
+
+
+@pytest.mark.parametrize("n, extra", [(2, ["parallel.cp=2"]),
+                                      pytest.param(4, ["parallel.cp=4", "parallel.cp_mode=hybrid",
+                                                       "parallel.ulysses=2"], marks=pytest.mark.slow)],
+                         ids=["cp2-ring", "cp4-hybrid"])
+def test_document_masking_under_cp_matches_one_rank(one_rank_masked, tmp_path, free_port, n, extra):
+    # the hybrid preset (every layer type) with packed documents and per-document positions: the first step's
+    # loss, gradient norm and every monitor equal one rank's
+    res = run_module(["-m", "torch.distributed.run", f"--nproc_per_node={n}", "--rdzv_backend=c10d",
+                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "trainer.train", "--config",
+                      "configs/hybrid_tiny.yaml", f"run.dir={tmp_path}", *COMMON, "data.document_masking=true",
+                      "model.document_positions=true", *extra])
+    assert res.returncode == 0, res.stderr[-5000:]
+    many = first_step(tmp_path)
+    assert many["train/loss"] == pytest.approx(one_rank_masked["train/loss"], rel=1e-5)
+    assert many["train/grad_norm"] == pytest.approx(one_rank_masked["train/grad_norm"], rel=1e-5)
+    monitored = [tag for tag in one_rank_masked if tag.startswith(("sinks/", "states/", "grads/"))
+                 and "position" not in tag]
+    assert len(monitored) > 20
+    for tag in monitored:
+        assert many[tag] == pytest.approx(one_rank_masked[tag], rel=1e-4, abs=1e-6), tag
 
 
 def test_layouts():

@@ -191,6 +191,48 @@ def test_packing_finds_documents_at_eos_and_row_boundaries():
     restarted = pack_documents(inputs, inputs, eos, restart_positions=True)
     assert restarted.positions.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 0, 1, 2, 3]
     assert positions_within_documents(cu([3, 1, 2]), 6).tolist() == [0, 1, 2, 0, 0, 1]
+    # a context-parallel rank (zigzag: positions 0, 1 and 4, 5 of each row) keeps its tokens of every row, with
+    # the whole sequence's boundaries
+    local = torch.tensor([0, 1, 4, 5])
+    mine = pack_documents(inputs, inputs, eos, restart_positions=True, local=local)
+    assert mine.cu_seqlens.tolist() == [0, 3, 6, 8, 12]
+    assert mine.inputs.tolist() == [[1, 2, 4, 7, 5, 7, 6, 6]]
+    assert mine.positions.tolist() == [0, 1, 1, 2, 0, 1, 2, 3]
+
+
+def test_sink_statistics_of_packed_documents_are_each_documents_own():
+    # The sink monitor on a packed sequence sees each document as a sequence of its own: the secondary sinks of
+    # the longest document equal its statistics alone, and the sink / first-token masses are the documents'
+    # query-weighted means.
+    from kernels.varlen import document_view
+    from models.attention import sink_statistics
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 1, 13, 9]
+    t, h, d = sum(lengths), 2, 8
+    q, k = torch.randn(1, t, h, d, generator=g, dtype=torch.float64), torch.randn(1, t, h, d, generator=g,
+                                                                                 dtype=torch.float64)
+    v, sink = torch.randn(1, t, h, d, generator=g, dtype=torch.float64), torch.randn(h, generator=g,
+                                                                                    dtype=torch.float64)
+    bounds = cu(lengths)
+    for window in (None, 4):
+        _, lse = attention(q, k, v, window=window, sink=sink, cu_seqlens=bounds, return_lse=True, backend="naive")
+        view = document_view(bounds, torch.arange(t))
+        packed = sink_statistics(q, k, lse, sink, window=window, n_queries=6, documents=view)
+        alone = []
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            _, lse_d = attention(q[:, a:b], k[:, a:b], v[:, a:b], window=window, sink=sink, return_lse=True,
+                                 backend="naive")
+            alone.append(sink_statistics(q[:, a:b], k[:, a:b], lse_d, sink, window=window, n_queries=6))
+        longest = alone[lengths.index(max(lengths))]
+        for key in ("secondary_pos", "secondary_mass", "secondary_count"):
+            torch.testing.assert_close(packed[key], longest[key], rtol=1e-6, atol=1e-7)
+        def weighted(key, weights, alone=alone):
+            return sum(w * s[key] for w, s in zip(weights, alone, strict=True)) / sum(weights)
+
+        torch.testing.assert_close(packed["sink_mass"], weighted("sink_mass", lengths))
+        seeing = [min(n, window or n) for n in lengths]  # queries that see their document's first token
+        torch.testing.assert_close(packed["first_token_mass"], weighted("first_token_mass", seeing))
 
 
 @pytest.mark.parametrize("pattern", [["full"], ["swa"], ["rat"], ["based"], ["baseconv"], ["tnl"],
