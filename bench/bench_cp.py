@@ -14,6 +14,14 @@ The minimum counts what the math must move:
   state      each rank's per-segment states reach the N-1 others (and back as gradients)
   rat        each rank's chunk summaries (1/L of its k and v) reach the N-1 others (and back)
 Prints a table and appends it to bench/RESULTS.md.
+
+  python bench/bench_cp.py --balance [--seq 131072] [--no-record]
+
+Load balance with packed documents (issue 18), by arithmetic on the layouts: the causal attention work (visible
+query-key pairs, within documents) each of N ranks does for full attention, under the zigzag layout (ring and
+the hybrid's ring slots) and, for comparison, plain contiguous pieces, with documents of mean length 1K and 4K
+(lengths uniform in [1, 2 mean)) and as one document.  Ulysses needs no row: every rank attends the whole
+sequence on H/N heads, so its work is equal by construction; linear layers' work is their tokens, equal too.
 """
 
 from __future__ import annotations
@@ -165,12 +173,44 @@ def worker(t: int) -> None:
     dist.destroy_process_group()
 
 
+def balance(seq: int, record: bool) -> None:
+    import torch
+
+    from bench.bench_ops import document_boundaries
+    from parallel.context import SequenceLayout, cp_segments
+
+    def pairs(layout: SequenceLayout, rank: int) -> int:
+        # queries [s, s + n) of a document starting at d see s - d + 1 ... s - d + n keys
+        return sum(n * (s - layout.doc_start(s)) + n * (n + 1) // 2 for s, n, _ in layout.pieces(rank))
+
+    rows = [f"### bench_cp --balance: causal attention work per rank with packed documents, T={seq}",
+            f"{machine()} · arithmetic on the layouts (visible query-key pairs inside documents)", "",
+            "| ranks | documents | zigzag max/mean | zigzag min/mean | contiguous max/mean | contiguous min/mean |",
+            "|---|---|---:|---:|---:|---:|"]
+    for n in (4, 8):
+        for mean in (seq, 4096, 1024):
+            bounds = tuple(document_boundaries(seq, mean).tolist())
+            cells = []
+            for mode in ("ring", "ulysses"):  # ulysses' segments are the contiguous layout
+                layout = SequenceLayout(cp_segments(seq, n, mode), bounds)
+                work = torch.tensor([pairs(layout, r) for r in range(n)], dtype=torch.float64)
+                cells += [f"{(work.max() / work.mean()).item():.3f}", f"{(work.min() / work.mean()).item():.3f}"]
+            label = "one document" if mean >= seq else f"mean {mean // 1024}K ({len(bounds) - 1} documents)"
+            rows.append(f"| {n} | {label} | " + " | ".join(cells) + " |")
+    publish("\n".join(rows) + "\n", record=record)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--seq", type=int, default=None, help="default 4096 (131072 with --balance)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--balance", action="store_true", help="load balance with packed documents (arithmetic)")
     args = parser.parse_args()
+    if args.balance:
+        balance(args.seq or 131072, not args.no_record)
+        return 0
+    args.seq = args.seq or 4096
     if args.worker:
         worker(args.seq)
         return 0
