@@ -164,6 +164,39 @@ def test_triton_backends_take_cu_seqlens():
     torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
 
 
+def test_triton_lightning_runs_packed_documents_in_one_launch_chain(monkeypatch):
+    """Lightning's Triton kernels take the documents themselves (chunks restart at every document): outputs, final
+    state and every gradient (initial state included) equal each document alone, fp32 against the fp64 oracle;
+    lengths of 1, one token under / exactly / over a chunk (16 under the interpreter), and several chunks."""
+    pytest.importorskip("triton")
+    from kernels.lightning import triton as lightning_triton
+
+    calls = []
+    monkeypatch.setattr(lightning_triton, "_lightning_forward",
+                        lambda *a, f=lightning_triton._lightning_forward: calls.append(a[-1]) or f(*a))
+    lengths = [5, 16, 1, 17, 33, 15]
+    t = sum(lengths)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, t, 2, 16, generator=g, dtype=torch.float64) * 0.5 for _ in range(3))
+    v = torch.randn(1, t, 2, 8, generator=g, dtype=torch.float64)
+    s0 = torch.randn(1, 2, 16, 8, generator=g, dtype=torch.float64)
+    w_out, w_final = torch.randn(1, t, 2, 8, generator=g, dtype=torch.float64), torch.randn(1, 2, 16, 8, generator=g,
+                                                                                           dtype=torch.float64)
+    decay = torch.tensor([0.2, 0.6])
+
+    def run(backend, dtype):
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v, s0)]
+        out, final = lightning_attention(*xs[:3], decay.to(dtype), initial_state=xs[3], output_final_state=True,
+                                         backend=backend, cu_seqlens=cu(lengths))
+        ((out * w_out.to(dtype)).sum() + (final.to(dtype) * w_final.to(dtype)).sum()).backward()
+        return [out.detach().double(), final.detach().double(), *(x.grad.double() for x in xs)]
+
+    got, want = run("triton", torch.float32), run("naive", torch.float64)
+    assert len(calls) == 1 and calls[0] is not None, "one call with the documents, not one per document"
+    for name, a, b in zip(["out", "final", "dq", "dk", "dv", "d_initial"], got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("bounds, batch, message", [
     ([1, 5, 10], 1, "must start at 0"),
     ([0, 5, 9], 1, "must end at the sequence length 10"),
