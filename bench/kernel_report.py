@@ -103,6 +103,12 @@ def _workloads(ops: list[str], dtypes: list[str]):
                 q, k, v = rand(b, t, h, 16, dtype=dt), rand(b, t, h, 16, dtype=dt), rand(b, t, h, d, dtype=dt)
                 based_linear_attention(q, k, v, backend="triton").float().sum().backward()
             yield f"based/{name}", run
+
+            def run_packed(dt=dt, t=t, h=h, d=d):  # packed documents: the varlen specialisations
+                q, k, v = rand(1, t, h, 16, dtype=dt), rand(1, t, h, 16, dtype=dt), rand(1, t, h, d, dtype=dt)
+                docs = torch.tensor([0, 3, t // 2 + 1, t], dtype=torch.int32)
+                based_linear_attention(q, k, v, backend="triton", cu_seqlens=docs).float().sum().backward()
+            yield f"based/{name}/packed", run_packed
         if "rat" in ops:
             def run(dt=dt, b=b, t=t, h=h, d=d):
                 q, k, v = rand(b, t, h, d, dtype=dt), rand(b, t, h, d, dtype=dt), rand(b, t, h, d, dtype=dt)

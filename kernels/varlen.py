@@ -87,3 +87,34 @@ def document_view(cu_seqlens: torch.Tensor, positions: torch.Tensor) -> Document
     lengths = bounds[1:] - bounds[:-1]
     longest = int(lengths.argmax())
     return DocumentView(cu_seqlens, index, positions - bounds[index], len(lengths), longest, int(lengths[longest]))
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """Packed documents as chunk-parallel kernels take them (fla's varlen layout): every document cut into chunks
+    of its own, [bos, bos + chunk), ..., its last one possibly short, so no chunk holds two documents."""
+
+    cu: torch.Tensor  # (documents + 1,) int32: the boundaries
+    first_chunk: torch.Tensor  # (documents,) int32: each document's first chunk in the table
+    rows: torch.Tensor  # (chunks, 2) int32: each chunk's first row and end row
+
+    @property
+    def documents(self) -> int:
+        return self.first_chunk.shape[0]
+
+    @property
+    def chunks(self) -> int:
+        return self.rows.shape[0]
+
+
+def chunk_table(cu_seqlens: torch.Tensor, chunk: int, device: torch.device) -> ChunkTable:
+    """The chunk table of checked `cu_seqlens` (computed on the host, then copied to `device`)."""
+    bounds = cu_seqlens.to("cpu", torch.int64)
+    lengths = bounds[1:] - bounds[:-1]
+    per_doc = (lengths + chunk - 1) // chunk
+    first_chunk = torch.cumsum(per_doc, 0) - per_doc
+    within = torch.arange(int(per_doc.sum())) - torch.repeat_interleave(first_chunk, per_doc)
+    first_row = torch.repeat_interleave(bounds[:-1], per_doc) + within * chunk
+    end_row = torch.minimum(first_row + chunk, torch.repeat_interleave(bounds[1:], per_doc))
+    to = dict(device=device, dtype=torch.int32, non_blocking=True)
+    return ChunkTable(bounds.to(**to), first_chunk.to(**to), torch.stack([first_row, end_row], 1).to(**to))

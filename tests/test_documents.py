@@ -164,37 +164,59 @@ def test_triton_backends_take_cu_seqlens():
     torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
 
 
-def test_triton_lightning_runs_packed_documents_in_one_launch_chain(monkeypatch):
-    """Lightning's Triton kernels take the documents themselves (chunks restart at every document): outputs, final
-    state and every gradient (initial state included) equal each document alone, fp32 against the fp64 oracle;
-    lengths of 1, one token under / exactly / over a chunk (16 under the interpreter), and several chunks."""
+@pytest.mark.parametrize("op", ["lightning", "based"])
+def test_triton_linear_kernels_run_packed_documents_in_one_launch_chain(op, monkeypatch):
+    """Lightning's and BASED's Triton kernels take the documents themselves (chunks restart at every document):
+    outputs, final state and every gradient (initial state included) equal each document alone, fp32 against the
+    fp64 oracle; lengths of 1, one token under / exactly / over a chunk (16 under the interpreter), several
+    chunks; one call for all documents."""
     pytest.importorskip("triton")
-    from kernels.lightning import triton as lightning_triton
+    import importlib
 
-    calls = []
-    monkeypatch.setattr(lightning_triton, "_lightning_forward",
-                        lambda *a, f=lightning_triton._lightning_forward: calls.append(a[-1]) or f(*a))
+    module = importlib.import_module(f"kernels.{op}.triton")
+    name = f"_{op}_forward"
+    calls, forward = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(a[-1]) or forward(*a))
     lengths = [5, 16, 1, 17, 33, 15]
     t = sum(lengths)
     g = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(1, t, 2, 16, generator=g, dtype=torch.float64) * 0.5 for _ in range(3))
-    v = torch.randn(1, t, 2, 8, generator=g, dtype=torch.float64)
-    s0 = torch.randn(1, 2, 16, 8, generator=g, dtype=torch.float64)
-    w_out, w_final = torch.randn(1, t, 2, 8, generator=g, dtype=torch.float64), torch.randn(1, 2, 16, 8, generator=g,
-                                                                                           dtype=torch.float64)
-    decay = torch.tensor([0.2, 0.6])
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    d = 16 if op == "lightning" else 4
+    q, k, v = randn(1, t, 2, d, scale=0.5), randn(1, t, 2, d, scale=0.5), randn(1, t, 2, 8)
+    if op == "lightning":
+        decay = torch.tensor([0.2, 0.6])
+        state = [randn(1, 2, d, 8)]
+
+        def call(xs, backend, dtype):
+            return lightning_attention(*xs[:3], decay.to(dtype), initial_state=xs[3], output_final_state=True,
+                                       backend=backend, cu_seqlens=cu(lengths))
+    else:
+        f = 1 + d + d * d
+        state = [randn(1, 2, f, 8), randn(1, 2, f).abs()]
+
+        def call(xs, backend, dtype):
+            return based_linear_attention(*xs[:3], initial_state=(xs[3], xs[4]), output_final_state=True,
+                                          backend=backend, cu_seqlens=cu(lengths))
+    inputs = [q, k, v, *state]
 
     def run(backend, dtype):
-        xs = [x.to(dtype).requires_grad_() for x in (q, k, v, s0)]
-        out, final = lightning_attention(*xs[:3], decay.to(dtype), initial_state=xs[3], output_final_state=True,
-                                         backend=backend, cu_seqlens=cu(lengths))
-        ((out * w_out.to(dtype)).sum() + (final.to(dtype) * w_final.to(dtype)).sum()).backward()
-        return [out.detach().double(), final.detach().double(), *(x.grad.double() for x in xs)]
+        xs = [x.to(dtype).requires_grad_() for x in inputs]
+        out, final = call(xs, backend, dtype)
+        finals = list(final) if isinstance(final, tuple) else [final]
+        wg = torch.Generator().manual_seed(1)
+        loss = (out * torch.randn(out.shape, generator=wg, dtype=torch.float64).to(dtype)).sum()
+        for x in finals:
+            loss = loss + (x * torch.randn(x.shape, generator=wg, dtype=torch.float64).to(x.dtype)).sum()
+        loss.backward()
+        return [out.detach().double(), *(x.detach().double() for x in finals), *(x.grad.double() for x in xs)]
 
     got, want = run("triton", torch.float32), run("naive", torch.float64)
     assert len(calls) == 1 and calls[0] is not None, "one call with the documents, not one per document"
-    for name, a, b in zip(["out", "final", "dq", "dk", "dv", "d_initial"], got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"result {i}: {m}")
 
 
 @pytest.mark.parametrize("bounds, batch, message", [

@@ -33,18 +33,19 @@ def based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         raise ValueError(f"based_linear_attention expects q, k (B, T, H, d_f) and v (B, T, H, e); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     cu_seqlens = packed(cu_seqlens, q, "based_linear_attention")
-    if cu_seqlens is not None:
+    backend = choose_backend("based_linear_attention", backend, ("naive", "chunk", "triton"), (q, k, v))
+    if backend == "triton":
+        from kernels.based.triton import triton_based_linear_attention  # imports triton: only when asked for
+
+        # packed documents too: the kernels restart at each document themselves
+        return triton_based_linear_attention(q, k, v, eps, initial_state, output_final_state, cu_seqlens)
+    if cu_seqlens is not None:  # the PyTorch paths: each document on its own
         outs, state = [], initial_state
         for i, (qd, kd, vd) in enumerate(split_documents(cu_seqlens, "based_linear_attention", q, k, v)):
             out, state = based_linear_attention(qd, kd, vd, eps=eps, initial_state=state if i == 0 else None,
                                                 output_final_state=True, backend=backend)  # then from zero
             outs.append(out)
         return (torch.cat(outs, dim=1), state) if output_final_state else torch.cat(outs, dim=1)
-    backend = choose_backend("based_linear_attention", backend, ("naive", "chunk", "triton"), (q, k, v))
-    if backend == "triton":
-        from kernels.based.triton import triton_based_linear_attention  # imports triton: only when asked for
-
-        return triton_based_linear_attention(q, k, v, eps, initial_state, output_final_state)
     if backend == "naive":
         out, final = naive_based_linear_attention(q, k, v, eps, initial_state)
     else:

@@ -39,6 +39,7 @@ from kernels.triton_support import (
     strides3,
     traceable,
 )
+from kernels.varlen import ChunkTable, chunk_table
 
 MAX_FEATURE_DIM = 16
 BD = tl.constexpr(16)  # the feature dim's tile: d <= 16, padded (a dot's inner dim is at least 16)
@@ -69,6 +70,21 @@ def _tile(base, rows, ok, s_t, n_cols, BC: tl.constexpr):
     cols = tl.arange(0, BC)
     return tl.load(base + rows.to(tl.int64)[:, None] * s_t + cols[None, :], mask=ok[:, None] & (cols < n_cols)[None, :],
                    other=0.0)
+
+
+@triton.jit
+def _chunk(bh, c, T, H, NC, CHUNK_ROWS, VARLEN: tl.constexpr, BT: tl.constexpr):
+    """Program (bh, c) of the chunk-parallel kernels -> (batch, head, first row, end row, state slot): chunk c of
+    row b, or with VARLEN (batch 1) chunk c of the packed documents' chunk table."""
+    if VARLEN:
+        b, h = (bh * 0).to(tl.int64), bh
+        row0, end = tl.load(CHUNK_ROWS + 2 * c), tl.load(CHUNK_ROWS + 2 * c + 1)
+        slot = h.to(tl.int64) * NC + c
+    else:
+        b, h = (bh // H).to(tl.int64), bh % H
+        row0, end = c * BT, T
+        slot = bh.to(tl.int64) * tl.cdiv(T, BT) + c
+    return b, h, row0, end, slot
 
 
 @triton.jit
@@ -131,16 +147,31 @@ def _store_state(S, Z, offset, offs_v, mask_v, s0, s1, s2, z0, z1, z2, D, E, STO
 
 @autotune(configs=_CONFIGS, key=["D", "E", "REVERSE"], prune_configs_by=_PRUNE, lean=_LEAN)
 @triton.jit(do_not_specialize=["T"])
-def _states_kernel(X, V, W, INIT_S, INIT_Z, STATES, NORMS, FINAL_S, FINAL_Z,
-                   sx_b, sx_t, sx_h, sv_b, sv_t, sv_h, T, H, D, E, c1, c2,
-                   HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
+def _states_kernel(X, V, W, INIT_S, INIT_Z, STATES, NORMS, FINAL_S, FINAL_Z, CU, CHUNK0,
+                   sx_b, sx_t, sx_h, sv_b, sv_t, sv_h, T, H, D, E, c1, c2, NC, n_docs,
+                   HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
                    BT: tl.constexpr, BV: tl.constexpr):
     """The sequential part, one value tile of the state per program.  Forward (X = k, V = v, weights 1):
     STATES[bh, c] = S_c, NORMS[bh, c] = z_c, then S += phi(K)^T V, z += sum phi(k).  REVERSE (X = q, V = g, W = h):
     STATES[bh, c] = G_{c+1} (after chunk c), then G += phi(Q)^T g, Gz += phi(Q)^T h.  STATES (B*H, NT, F, E) in
-    V's dtype, NORMS (B*H, NT, F) fp32 (written by the first value tile); INIT/FINAL (B*H, F, E) and (B*H, F) fp32."""
+    V's dtype, NORMS (B*H, NT, F) fp32 (written by the first value tile); INIT/FINAL (B*H, F, E) and (B*H, F) fp32.
+    VARLEN: one program per (document, head, value tile), the chunk table's slots (CHUNK0: each document's first);
+    INIT enters the first document walked (the last one in REVERSE), FINAL is the last one's."""
     bh = tl.program_id(0)
-    b, h = (bh // H).to(tl.int64), bh % H
+    if VARLEN:
+        doc, h = bh // H, bh % H
+        b, row = (bh * 0).to(tl.int64), h
+        bos, t_doc = tl.load(CU + doc).to(tl.int64), tl.load(CU + doc + 1) - tl.load(CU + doc)
+        slot0 = h.to(tl.int64) * NC + tl.load(CHUNK0 + doc)
+        if REVERSE:
+            enters, leaves = doc == n_docs - 1, doc == 0
+        else:
+            enters, leaves = doc == 0, doc == n_docs - 1
+    else:
+        b, h = (bh // H).to(tl.int64), bh % H
+        row, bos, t_doc = bh, (bh * 0).to(tl.int64), T
+        slot0 = bh.to(tl.int64) * tl.cdiv(T, BT)
+        enters, leaves = bh >= 0, bh >= 0
     offs_v = tl.program_id(1) * BV + tl.arange(0, BV)
     mask_v = offs_v < E
     first_tile = (tl.program_id(1) == 0).to(tl.int32)
@@ -152,21 +183,22 @@ def _states_kernel(X, V, W, INIT_S, INIT_Z, STATES, NORMS, FINAL_S, FINAL_Z,
     z2 = tl.zeros([BD * BD], dtype=tl.float32)
     z0 = tl.sum(z1, 0)  # a float32 scalar
     if HAS_INIT:
-        s0, s1, s2, z0, z1, z2 = _load_state(INIT_S, INIT_Z, bh.to(tl.int64) * F * E, offs_v, mask_v, D, E, True)
-        s0, s1, s2 = s0.to(tl.float32), s1.to(tl.float32), s2.to(tl.float32)
-    x_base, v_base = X + b * sx_b + h * sx_h, V + b * sv_b + h * sv_h
-    n_chunks = tl.cdiv(T, BT)
+        s0, s1, s2, z0, z1, z2 = _load_state(INIT_S, INIT_Z, row.to(tl.int64) * F * E, offs_v, mask_v, D, E, True)
+        f = enters.to(tl.float32)  # packed documents: the initial state enters one document only
+        s0, s1, s2 = s0.to(tl.float32) * f, s1.to(tl.float32) * f, s2.to(tl.float32) * f
+        z0, z1, z2 = z0 * f, z1 * f, z2 * f
+    x_base, v_base = X + b * sx_b + h * sx_h + bos * sx_t, V + b * sv_b + h * sv_h + bos * sv_t
+    n_chunks = tl.cdiv(t_doc, BT)
     for n in range(0, n_chunks):
         c = n_chunks - 1 - n if REVERSE else n
-        _store_state(STATES, NORMS, (bh.to(tl.int64) * n_chunks + c) * F * E, offs_v, mask_v, s0, s1, s2, z0, z1,
-                     z2, D, E, first_tile)
+        _store_state(STATES, NORMS, (slot0 + c) * F * E, offs_v, mask_v, s0, s1, s2, z0, z1, z2, D, E, first_tile)
         rows = c * BT + tl.arange(0, BT)
-        ok = rows < T
+        ok = rows < t_doc
         x = _tile(x_base, rows, ok, sx_t, D, BD).to(tl.float32)
         v = tl.load(v_base + rows.to(tl.int64)[:, None] * sv_t + offs_v[None, :], mask=ok[:, None] & mask_v[None, :],
                     other=0.0)
         if REVERSE:
-            w = tl.load(W + (b * H + h) * T + rows, mask=ok, other=0.0)
+            w = tl.load(W + (b * H + h) * T + bos + rows, mask=ok, other=0.0)
         else:
             w = ok.to(tl.float32)
         x1 = x * c1
@@ -178,23 +210,23 @@ def _states_kernel(X, V, W, INIT_S, INIT_Z, STATES, NORMS, FINAL_S, FINAL_Z,
         z1 += tl.sum(x1 * w[:, None], 0)
         z2 += tl.sum(x2 * w[:, None], 0)
     if STORE_FINAL:
-        _store_state(FINAL_S, FINAL_Z, bh.to(tl.int64) * F * E, offs_v, mask_v, s0, s1, s2, z0, z1, z2, D, E,
-                     first_tile)
+        last = leaves.to(tl.int32)
+        _store_state(FINAL_S, FINAL_Z, row.to(tl.int64) * F * E, offs_v, mask_v & ((offs_v * 0 + last) > 0),
+                     s0, s1, s2, z0, z1, z2, D, E, first_tile * last)
 
 
 @autotune(configs=_CONFIGS, key=["D", "E"], prune_configs_by=_PRUNE, lean=_LEAN)
 @triton.jit(do_not_specialize=["T"])
-def _output_kernel(Q, K, V, O, DEN, STATES, NORMS,
+def _output_kernel(Q, K, V, O, DEN, STATES, NORMS, CHUNK_ROWS,
                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
-                   T, H, D, E, c1, c2, eps, BT: tl.constexpr, BV: tl.constexpr):
+                   T, H, D, E, c1, c2, eps, NC, VARLEN: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """One chunk, one value tile: y = n / m; DEN (B, H, T) fp32 gets m = normaliser + eps (first value tile)."""
-    bh, c = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), bh % H
+    b, h, row0, end, slot = _chunk(tl.program_id(0), tl.program_id(1), T, H, NC, CHUNK_ROWS, VARLEN, BT)
     offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
     mask_v = offs_v < E
     rt = tl.arange(0, BT)
-    rows = c * BT + rt
-    ok = rows < T
+    rows = row0 + rt
+    ok = rows < end
     q = _tile(Q + b * sq_b + h * sq_h, rows, ok, sq_t, D, BD)
     k = _tile(K + b * sk_b + h * sk_h, rows, ok, sk_t, D, BD)
     v = tl.load(V + b * sv_b + h * sv_h + rows.to(tl.int64)[:, None] * sv_t + offs_v[None, :],
@@ -206,10 +238,8 @@ def _output_kernel(Q, K, V, O, DEN, STATES, NORMS,
     num = dot(round_to(kern, v.dtype), v)
     den = tl.sum(kern, 1)
     # Earlier chunks, through the state entering this one.
-    n_chunks = tl.cdiv(T, BT)
     F = 1 + D + D * D
-    s0, s1, s2, z0, z1, z2 = _load_state(STATES, NORMS, (bh.to(tl.int64) * n_chunks + c) * F * E, offs_v, mask_v,
-                                         D, E, True)
+    s0, s1, s2, z0, z1, z2 = _load_state(STATES, NORMS, slot * F * E, offs_v, mask_v, D, E, True)
     q1 = q.to(tl.float32) * c1
     q2 = _square(q.to(tl.float32), BT) * c2
     num += s0.to(tl.float32)[None, :] + dot(round_to(q1, v.dtype), s1) + dot(round_to(q2, v.dtype), s2)
@@ -217,23 +247,23 @@ def _output_kernel(Q, K, V, O, DEN, STATES, NORMS,
     m = den + eps
     tl.store(O + b * so_b + h * so_h + rows.to(tl.int64)[:, None] * so_t + offs_v[None, :],
              round_to(num / m[:, None], O.dtype.element_ty), mask=ok[:, None] & mask_v[None, :])
-    tl.store(DEN + (b * H + h) * T + rows, m, mask=rows < tl.where(tl.program_id(2) == 0, T, 0))
+    tl.store(DEN + (b * H + h) * T + rows, m, mask=rows < tl.where(tl.program_id(2) == 0, end, 0))
 
 
 @triton.jit(do_not_specialize=["T"])
-def _grads_kernel(Q, K, V, G, HN, STATES, NORMS, DSTATES, DNORMS, DQ, DK_, DV_,
+def _grads_kernel(Q, K, V, G, HN, STATES, NORMS, DSTATES, DNORMS, DQ, DK_, DV_, CHUNK_ROWS,
                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sg_b, sg_t, sg_h, sx_b, sx_t, sx_h,
-                  sy_b, sy_t, sy_h, T, H, D, E, c1, c2, BT: tl.constexpr, BE: tl.constexpr):
+                  sy_b, sy_t, sy_h, T, H, D, E, c1, c2, NC,
+                  VARLEN: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr):
     """One chunk: dq, dk (sx_* strides), dv (sy_*) from g = dy/m, h = -(dy . y)/m (HN, (B, H, T)), the state
     entering the chunk (STATES, NORMS) and the gradient of the state leaving it (DSTATES, DNORMS).  Whole value
     dim per program (BE >= E)."""
-    bh, c = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), bh % H
+    b, h, row0, end, slot = _chunk(tl.program_id(0), tl.program_id(1), T, H, NC, CHUNK_ROWS, VARLEN, BT)
     offs_e = tl.arange(0, BE)
     mask_e = offs_e < E
     rt = tl.arange(0, BT)
-    rows = c * BT + rt
-    ok = rows < T
+    rows = row0 + rt
+    ok = rows < end
     q = _tile(Q + b * sq_b + h * sq_h, rows, ok, sq_t, D, BD)
     k = _tile(K + b * sk_b + h * sk_h, rows, ok, sk_t, D, BD)
     v = _tile(V + b * sv_b + h * sv_h, rows, ok, sv_t, E, BE)
@@ -251,9 +281,8 @@ def _grads_kernel(Q, K, V, G, HN, STATES, NORMS, DSTATES, DNORMS, DQ, DK_, DV_,
     dk = dot(tl.trans(d_s), q)
     dv = dot(tl.trans(round_to(kern, DT)), g)
 
-    n_chunks = tl.cdiv(T, BT)
     F = 1 + D + D * D
-    offset = (bh.to(tl.int64) * n_chunks + c) * F * E
+    offset = slot * F * E
     qf, kf = q.to(tl.float32), k.to(tl.float32)
     # Queries against the state entering the chunk: d phi(q) = S g + z h.
     _, s1, s2, _, z1, z2 = _load_state(STATES, NORMS, offset, offs_e, mask_e, D, E, True)
@@ -281,21 +310,24 @@ def _constants(d: int) -> tuple[float, float]:
     return d ** -0.25, 1 / (2 ** 0.5 * d ** 0.5)
 
 
-def _state_pass(x, v, w, init, final, reverse: bool):
+def _state_pass(x, v, w, init, final, reverse: bool, docs: ChunkTable | None):
     """Runs `_states_kernel`; returns the per-chunk states (B*H, NT, F, E) in v's dtype and normalisers
-    (B*H, NT, F) fp32."""
+    (B*H, NT, F) fp32 (with packed documents: (H, chunks of the table, ...))."""
     b, t, h, d = x.shape
     e = v.shape[-1]
-    n_chunks, n_feat = triton.cdiv(t, CHUNK), 1 + d + d * d
+    n_chunks, n_feat = (triton.cdiv(t, CHUNK) if docs is None else docs.chunks), 1 + d + d * d
+    n_docs = 1 if docs is None else docs.documents
     states = output_buffer((b * h, n_chunks, n_feat, e), v.dtype, v.device)
     norms = output_buffer((b * h, n_chunks, n_feat), torch.float32, v.device)
     dummy = norms  # never read or written: the constexpr flags compile those accesses out
     init_s, init_z = (dummy, dummy) if init is None else init
     final_s, final_z = (dummy, dummy) if final is None else final
-    traceable(_states_kernel)[lambda meta: (b * h, triton.cdiv(e, meta["BV"]))](
-        x, v, dummy if w is None else w, init_s, init_z, states, norms, final_s, final_z,
-        *strides3(x), *strides3(v), t, h, d, e, *_constants(d),
-        HAS_INIT=init is not None, STORE_FINAL=final is not None, REVERSE=reverse, BT=CHUNK)
+    table = (dummy, dummy) if docs is None else (docs.cu, docs.first_chunk)
+    traceable(_states_kernel)[lambda meta: (b * h * n_docs, triton.cdiv(e, meta["BV"]))](
+        x, v, dummy if w is None else w, init_s, init_z, states, norms, final_s, final_z, *table,
+        *strides3(x), *strides3(v), t, h, d, e, *_constants(d), n_chunks, n_docs,
+        HAS_INIT=init is not None, STORE_FINAL=final is not None, REVERSE=reverse, VARLEN=docs is not None,
+        BT=CHUNK)
     return states, norms
 
 
@@ -307,7 +339,7 @@ def _fp32_state(s, z):
 # torch.compile(fullgraph=True); autograd joins them.
 @kernel_op("hylo::based_forward")
 def _based_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s0: torch.Tensor | None,
-                   z0: torch.Tensor | None, eps: float, output_final_state: bool
+                   z0: torch.Tensor | None, eps: float, output_final_state: bool, cu_seqlens: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> out (B, T, H, e), m = normaliser + eps (B, H, T) fp32 (saved for backward), and the final S, z (fp32;
     empty unless output_final_state)."""
@@ -319,19 +351,22 @@ def _based_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s0: torch.
     if output_final_state:
         final = (output_buffer((b, h, n_feat, e), torch.float32, q.device),
                  output_buffer((b, h, n_feat), torch.float32, q.device))
-    states, norms = _state_pass(k, v, None, _fp32_state(s0, z0), final, reverse=False)
+    docs = None if cu_seqlens is None else chunk_table(cu_seqlens, CHUNK, q.device)
+    states, norms = _state_pass(k, v, None, _fp32_state(s0, z0), final, reverse=False, docs=docs)
     out = output_buffer((b, t, h, e), q.dtype, q.device)
     den = output_buffer((b, h, t), torch.float32, q.device)
-    traceable(_output_kernel)[lambda meta: (b * h, triton.cdiv(t, CHUNK), triton.cdiv(e, meta["BV"]))](
-        q, k, v, out, den, states, norms, *strides3(q), *strides3(k), *strides3(v), *strides3(out),
-        t, h, d, e, *_constants(d), eps, BT=CHUNK)
+    chunks = triton.cdiv(t, CHUNK) if docs is None else docs.chunks
+    traceable(_output_kernel)[lambda meta: (b * h, chunks, triton.cdiv(e, meta["BV"]))](
+        q, k, v, out, den, states, norms, den if docs is None else docs.rows,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(out),
+        t, h, d, e, *_constants(d), eps, chunks, VARLEN=docs is not None, BT=CHUNK)
     if final is None:  # two distinct empty tensors: an op's outputs may not alias each other
         final = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
     return out, den, *final
 
 
 @_based_forward.register_fake
-def _(q, k, v, s0, z0, eps, output_final_state):
+def _(q, k, v, s0, z0, eps, output_final_state, cu_seqlens):
     b, t, h, d = q.shape
     e, n_feat = v.shape[-1], 1 + d + d * d
     s_shape, z_shape = ((b, h, n_feat, e), (b, h, n_feat)) if output_final_state else ((0,), (0,))
@@ -342,7 +377,7 @@ def _(q, k, v, s0, z0, eps, output_final_state):
 @kernel_op("hylo::based_backward")
 def _based_backward(d_out: torch.Tensor, ds_final: torch.Tensor | None, dz_final: torch.Tensor | None,
                     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, den: torch.Tensor,
-                    s0: torch.Tensor | None, z0: torch.Tensor | None, want_ds0: bool
+                    s0: torch.Tensor | None, z0: torch.Tensor | None, want_ds0: bool, cu_seqlens: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv, dS0, dz0 (fp32; empty unless want_ds0)."""
     b, t, h, d = q.shape
@@ -361,20 +396,24 @@ def _based_backward(d_out: torch.Tensor, ds_final: torch.Tensor | None, dz_final
     if want_ds0:
         ds0 = (output_buffer((b, h, n_feat, e), torch.float32, q.device),
                output_buffer((b, h, n_feat), torch.float32, q.device))
-    states, norms = _state_pass(k, v, None, _fp32_state(s0, z0), None, reverse=False)  # recomputed, not kept
-    d_states, d_norms = _state_pass(q, g, hn, _fp32_state(*d_final) if d_final else None, ds0, reverse=True)
+    docs = None if cu_seqlens is None else chunk_table(cu_seqlens, CHUNK, q.device)
+    states, norms = _state_pass(k, v, None, _fp32_state(s0, z0), None, reverse=False, docs=docs)  # recomputed
+    d_states, d_norms = _state_pass(q, g, hn, _fp32_state(*d_final) if d_final else None, ds0, reverse=True,
+                                    docs=docs)
     dq, dk, dv = (output_buffer(x.shape, x.dtype, x.device) for x in (q, k, v))
-    traceable(_grads_kernel)[(b * h, triton.cdiv(t, CHUNK))](
-        q, k, v, g, hn, states, norms, d_states, d_norms, dq, dk, dv,
+    chunks = triton.cdiv(t, CHUNK) if docs is None else docs.chunks
+    traceable(_grads_kernel)[(b * h, chunks)](
+        q, k, v, g, hn, states, norms, d_states, d_norms, dq, dk, dv, hn if docs is None else docs.rows,
         *strides3(q), *strides3(k), *strides3(v), *strides3(g), *strides3(dq), *strides3(dv),
-        t, h, d, e, *_constants(d), BT=CHUNK, BE=padded_width(e), num_warps=4 if e <= 64 else 8)
+        t, h, d, e, *_constants(d), chunks, VARLEN=docs is not None, BT=CHUNK, BE=padded_width(e),
+        num_warps=4 if e <= 64 else 8)
     if ds0 is None:  # two distinct empty tensors: an op's outputs may not alias each other
         ds0 = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
     return dq, dk, dv, *ds0
 
 
 @_based_backward.register_fake
-def _(d_out, ds_final, dz_final, q, k, v, out, den, s0, z0, want_ds0):
+def _(d_out, ds_final, dz_final, q, k, v, out, den, s0, z0, want_ds0, cu_seqlens):
     b, _, h, d = q.shape
     n_feat = 1 + d + d * d
     s_shape, z_shape = ((b, h, n_feat, v.shape[-1]), (b, h, n_feat)) if want_ds0 and s0 is not None else ((0,), (0,))
@@ -383,24 +422,25 @@ def _(d_out, ds_final, dz_final, q, k, v, out, den, s0, z0, want_ds0):
 
 
 def _based_setup(ctx, inputs, output):
-    q, k, v, s0, z0, eps, output_final_state = inputs
+    q, k, v, s0, z0, eps, output_final_state, cu_seqlens = inputs
     out, den, _, _ = output
-    ctx.save_for_backward(q, k, v, out, den, s0, z0)
+    ctx.save_for_backward(q, k, v, out, den, s0, z0, cu_seqlens)
     ctx.output_final_state = output_final_state
 
 
 def _based_grads(ctx, d_out, d_den, ds_final, dz_final):
-    q, k, v, out, den, s0, z0 = ctx.saved_tensors
+    q, k, v, out, den, s0, z0, cu_seqlens = ctx.saved_tensors
     d_out = torch.zeros_like(out) if d_out is None else d_out
     if not ctx.output_final_state:
         ds_final = dz_final = None
     want_ds0 = s0 is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-    dq, dk, dv, ds0, dz0 = _based_backward(d_out, ds_final, dz_final, q, k, v, out, den, s0, z0, want_ds0)
+    dq, dk, dv, ds0, dz0 = _based_backward(d_out, ds_final, dz_final, q, k, v, out, den, s0, z0, want_ds0,
+                                           cu_seqlens)
     if want_ds0:
         ds0, dz0 = ds0.to(s0.dtype), dz0.to(z0.dtype)
     else:
         ds0 = dz0 = None
-    return dq, dk, dv, ds0, dz0, None, None
+    return dq, dk, dv, ds0, dz0, None, None, None
 
 
 _based_forward.register_autograd(_based_grads, setup_context=_based_setup)
@@ -408,10 +448,11 @@ _based_forward.register_autograd(_based_grads, setup_context=_based_setup)
 
 def triton_based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6,
                                   initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
-                                  output_final_state: bool = False):
+                                  output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None):
     """-> out (B, T, H, e) in q's dtype, or (out, (S (B, H, F, e), z (B, H, F)) float32) with `output_final_state`;
     states in taylor_features' order, interchangeable with the chunk path's.  Inputs float32/bfloat16/float16,
-    feature dim <= 16."""
+    feature dim <= 16.  `cu_seqlens` (checked by the caller; batch 1): packed documents in the same launches; the
+    initial state enters the first document, the final state is the last one's."""
     if q.dtype not in TRITON_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"backend='triton' takes float32/bfloat16/float16 q, k, v of one dtype, got {q.dtype}, "
                         f"{k.dtype}, {v.dtype} (float64 runs on backend='chunk')")
@@ -424,5 +465,5 @@ def triton_based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if s0 is not None and (s0.shape != (*q.shape[::2], n_feat, v.shape[-1]) or z0.shape != (*q.shape[::2], n_feat)):
         raise ValueError(f"initial_state must be (S (B, H, {n_feat}, e), z (B, H, {n_feat})), got "
                          f"{tuple(s0.shape)}, {tuple(z0.shape)}")
-    out, _, s_final, z_final = _based_forward(q, k, v, s0, z0, float(eps), output_final_state)
+    out, _, s_final, z_final = _based_forward(q, k, v, s0, z0, float(eps), output_final_state, cu_seqlens)
     return (out, (s_final, z_final)) if output_final_state else out

@@ -60,11 +60,12 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
         raise ValueError(f"initial_state must have shape (B, H, d, e) = {state_shape}, got "
                          f"{tuple(initial_state.shape)}")
     cu_seqlens = packed(cu_seqlens, q, "lightning_attention")
-    triton_ok = lambda: not decay.requires_grad  # noqa: E731
-    if cu_seqlens is not None and choose_backend("lightning_attention", backend, ("naive", "chunk", "triton"),
-                                                 (q, k, v), triton_ok=triton_ok) == "triton":
-        from kernels.lightning.triton import triton_lightning_attention
+    backend = choose_backend("lightning_attention", backend, ("naive", "chunk", "triton"), (q, k, v),
+                             triton_ok=lambda: not decay.requires_grad)
+    if backend == "triton":
+        from kernels.lightning.triton import triton_lightning_attention  # imports triton: only when asked for
 
+        # packed documents too: the kernels restart at each document themselves
         return triton_lightning_attention(q, k, v, decay, initial_state, output_final_state, cu_seqlens)
     if cu_seqlens is not None:  # the PyTorch paths: each document on its own
         outs, state = [], initial_state
@@ -73,12 +74,6 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
                                              output_final_state=True, backend=backend)  # then from zero
             outs.append(out)
         return (torch.cat(outs, dim=1), state) if output_final_state else torch.cat(outs, dim=1)
-    backend = choose_backend("lightning_attention", backend, ("naive", "chunk", "triton"), (q, k, v),
-                             triton_ok=triton_ok)
-    if backend == "triton":
-        from kernels.lightning.triton import triton_lightning_attention  # imports triton: only when asked for
-
-        return triton_lightning_attention(q, k, v, decay, initial_state, output_final_state)
     if backend == "naive":
         out, final = naive_lightning_attention(q, k, v, decay, initial_state)
     else:

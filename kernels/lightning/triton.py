@@ -30,8 +30,6 @@ of chunk rows.  No work crosses a boundary and there is no mask beyond the causa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +46,7 @@ from kernels.triton_support import (
     strides3,
     traceable,
 )
+from kernels.varlen import ChunkTable, chunk_table
 
 # Chunk length: 64 on a GPU (fla's choice: 64 x 64 score tiles on tensor cores); 16 under the interpreter, so tiny
 # test shapes span several chunks.
@@ -250,41 +249,18 @@ def _state_strides(x: torch.Tensor | None, transpose: bool = False) -> tuple[int
     return (r * c, 1, c) if transpose else (r * c, c, 1)
 
 
-@dataclass(frozen=True)
-class _Docs:
-    """Packed documents as the kernels take them: the boundaries, each document's first chunk, and every chunk's
-    (first row, end row), on the inputs' device."""
-
-    cu: torch.Tensor  # (n_docs + 1,) int32
-    chunk0: torch.Tensor  # (n_docs,) int32
-    rows: torch.Tensor  # (NC, 2) int32
-
-
-def _documents(cu_seqlens: torch.Tensor, device) -> _Docs:
-    bounds = cu_seqlens.to("cpu", torch.int64)
-    lengths = bounds[1:] - bounds[:-1]
-    per_doc = (lengths + CHUNK - 1) // CHUNK
-    chunk0 = torch.cumsum(per_doc, 0) - per_doc
-    starts = torch.repeat_interleave(bounds[:-1], per_doc)
-    within = torch.arange(int(per_doc.sum())) - torch.repeat_interleave(chunk0, per_doc)
-    first = starts + within * CHUNK
-    ends = torch.minimum(first + CHUNK, torch.repeat_interleave(bounds[1:], per_doc))
-    to = dict(device=device, dtype=torch.int32, non_blocking=True)
-    return _Docs(bounds.to(**to), chunk0.to(**to), torch.stack([first, ends], 1).to(**to))
-
-
-def _state_pass(k, v, decay, init, init_strides, final, reverse: bool, docs: _Docs | None) -> torch.Tensor:
+def _state_pass(k, v, decay, init, init_strides, final, reverse: bool, docs: ChunkTable | None) -> torch.Tensor:
     """Runs `_states_kernel`; returns the per-chunk states (B*H or H, NT or NC, DK, DV) in k's dtype."""
     b, t, h, dk = k.shape
     dv = v.shape[-1]
-    n_docs = 1 if docs is None else docs.chunk0.shape[0]
-    n_chunks = triton.cdiv(t, CHUNK) if docs is None else docs.rows.shape[0]
+    n_docs = 1 if docs is None else docs.documents
+    n_chunks = triton.cdiv(t, CHUNK) if docs is None else docs.chunks
     states = output_buffer((b * h, n_chunks, dk, dv), k.dtype, k.device)
     dummy = decay  # never read: the constexpr flags compile the accesses out
     grid = lambda meta: (b * h * n_docs, triton.cdiv(dv, meta["BV"]), triton.cdiv(dk, meta["BK"]))  # noqa: E731
     traceable(_states_kernel)[grid](
         k, v, decay, dummy if init is None else init, states, dummy if final is None else final,
-        dummy if docs is None else docs.cu, dummy if docs is None else docs.chunk0,
+        dummy if docs is None else docs.cu, dummy if docs is None else docs.first_chunk,
         *strides3(k), *strides3(v), *init_strides, t, h, dk, dv, n_chunks, n_docs,
         HAS_INIT=init is not None, STORE_FINAL=final is not None, REVERSE=reverse, VARLEN=docs is not None,
         BT=CHUNK)
@@ -308,11 +284,11 @@ def _lightning_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay:
     b, t, h, d = q.shape
     e = v.shape[-1]
     q, k, v, decay, s0 = _prepare(q, k, v, decay, initial_state)
-    docs = None if cu_seqlens is None else _documents(cu_seqlens, q.device)
+    docs = None if cu_seqlens is None else chunk_table(cu_seqlens, CHUNK, q.device)
     final = output_buffer((b, h, d, e), torch.float32, q.device) if output_final_state else None
     states = _state_pass(k, v, decay, s0, _state_strides(s0), final, reverse=False, docs=docs)
     out = output_buffer((b, t, h, e), q.dtype, q.device)
-    chunks = triton.cdiv(t, CHUNK) if docs is None else docs.rows.shape[0]
+    chunks = triton.cdiv(t, CHUNK) if docs is None else docs.chunks
     traceable(_output_kernel)[lambda meta: (b * h, chunks, triton.cdiv(e, meta["BV"]))](
         q, k, v, out, decay, states, decay if docs is None else docs.rows,
         *strides3(q), *strides3(k), *strides3(v), *strides3(out), t, h, d, e, chunks,
@@ -336,14 +312,14 @@ def _lightning_backward(d_out: torch.Tensor, d_final: torch.Tensor | None, q: to
     b, t, h, d = q.shape
     e = v.shape[-1]
     q, k, v, decay, s0 = _prepare(q, k, v, decay, initial_state)
-    docs = None if cu_seqlens is None else _documents(cu_seqlens, q.device)
+    docs = None if cu_seqlens is None else chunk_table(cu_seqlens, CHUNK, q.device)
     d_out = contiguous_last(d_out.to(q.dtype))
     d_final = None if d_final is None else d_final.to(torch.float32).contiguous()
     ds0 = output_buffer((b, h, d, e), torch.float32, q.device) if want_ds0 and s0 is not None else None
     states = _state_pass(k, v, decay, s0, _state_strides(s0), None, reverse=False, docs=docs)  # recomputed
     d_states = _state_pass(q, d_out, decay, d_final, _state_strides(d_final), ds0, reverse=True, docs=docs)
     dq, dk, dv = (output_buffer(x.shape, x.dtype, x.device) for x in (q, k, v))
-    chunks = triton.cdiv(t, CHUNK) if docs is None else docs.rows.shape[0]
+    chunks = triton.cdiv(t, CHUNK) if docs is None else docs.chunks
     traceable(_grads_kernel)[(b * h, chunks)](
         q, k, v, d_out, decay, states, d_states, dq, dk, dv, decay if docs is None else docs.rows,
         *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *strides3(dq), *strides3(dv), t, h, d, e, chunks,
