@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU script (device tool).  With no arguments it runs "smoke kernels masked e2e", sized to finish in
-# under 8 minutes on an H100/H200 from a cold start (about 7 by the 2026-11-30 H200 lease) (every step has its own timeout; each row reaches bench/RESULTS.md as
-# soon as it is measured, so a timeout keeps what was done):
+# under 8 minutes on an H100/H200 from a cold start (about 7 by the 2026-11-30 H200 lease; every step has its own
+# timeout; each row reaches bench/RESULTS.md as soon as it is measured, so a timeout keeps what was done):
 #   smoke    (~30 s) bench/gpu_smoke.py: every Triton kernel in bf16 on CUDA vs the chunk path, fwd+bwd
 #   kernels  bench/bench_kernels.py: fwd+bwd of every op vs SDPA flash at 4K and 64K (B*T=64K, H=16, D=128, bf16;
 #            RAT as the layer calls it)
