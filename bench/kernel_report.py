@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
-OPS = ("attention", "lightning", "based", "rat")
+OPS = ("attention", "lightning", "based", "rat", "packed")  # packed: those ops on packed documents (varlen)
 SHAPE = (1, 64, 2, 128)  # (batch, seq, heads, head dim): the head dim the 1B presets use; lengths do not specialise
 
 
@@ -86,12 +86,21 @@ def _workloads(ops: list[str], dtypes: list[str]):
                 finally:
                     set_backward_dq("deterministic")
             yield f"attention/{name}/atomic-dq", run_atomic
+
+        if "attention" in ops and "packed" in ops:
+            def run_packed(dt=dt, t=t, h=h, d=d):  # packed documents: the varlen specialisations
+                q, k, v = rand(1, t, h, d, dtype=dt), rand(1, t, h, d, dtype=dt), rand(1, t, h, d, dtype=dt)
+                docs = torch.tensor([0, 3, t // 2 + 1, t], dtype=torch.int32)
+                sink = torch.zeros(h, requires_grad=True)
+                attention(q, k, v, sink=sink, backend="triton", cu_seqlens=docs).float().sum().backward()
+            yield f"attention/{name}/packed", run_packed
         if "lightning" in ops:
             def run(dt=dt, b=b, t=t, h=h, d=d):
                 q, k, v = rand(b, t, h, d, dtype=dt), rand(b, t, h, d, dtype=dt), rand(b, t, h, d, dtype=dt)
                 lightning_attention(q, k, v, tnl_slopes(h, 0, 2), backend="triton").float().sum().backward()
             yield f"lightning/{name}", run
 
+        if "lightning" in ops and "packed" in ops:
             def run_packed(dt=dt, t=t, h=h, d=d):  # packed documents: the varlen specialisations
                 q, k, v = rand(1, t, h, d, dtype=dt), rand(1, t, h, d, dtype=dt), rand(1, t, h, d, dtype=dt)
                 docs = torch.tensor([0, 3, t // 2 + 1, t], dtype=torch.int32)
@@ -104,6 +113,7 @@ def _workloads(ops: list[str], dtypes: list[str]):
                 based_linear_attention(q, k, v, backend="triton").float().sum().backward()
             yield f"based/{name}", run
 
+        if "based" in ops and "packed" in ops:
             def run_packed(dt=dt, t=t, h=h, d=d):  # packed documents: the varlen specialisations
                 q, k, v = rand(1, t, h, 16, dtype=dt), rand(1, t, h, 16, dtype=dt), rand(1, t, h, d, dtype=dt)
                 docs = torch.tensor([0, 3, t // 2 + 1, t], dtype=torch.int32)

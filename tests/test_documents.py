@@ -338,3 +338,40 @@ def test_training_with_document_masking_learns(tmp_path):
     assert losses[0] > 8.0 and summary["last_loss"] < losses[0] - 1.0, losses
     ppl = [r["eval/ppl"] for r in rows if "eval/ppl" in r]
     assert ppl and all(math.isfinite(p) for p in ppl)
+
+
+@pytest.mark.parametrize("case", ["causal-sink", "window-sink-gqa", "window-pinned", "not-causal"])
+def test_triton_attention_runs_packed_documents_in_one_launch(case, monkeypatch):
+    """The flash kernels take the documents themselves (programs laid out document after document): outputs, lse
+    and every gradient (sink included) equal each document alone, fp32 against the fp64 oracle; lengths of 1, one
+    under / exactly / over a query block (32 under the interpreter) and several blocks; one call for all."""
+    pytest.importorskip("triton")
+    from kernels.attention import triton as attention_triton
+
+    calls, forward = [], attention_triton._flash_forward_op
+    monkeypatch.setattr(attention_triton, "_flash_forward_op", lambda *a: calls.append(a[-1]) or forward(*a))
+    lengths = [5, 32, 1, 33, 70, 31]
+    t = sum(lengths)
+    g = torch.Generator().manual_seed(11)
+    h_kv = 1 if "gqa" in case else 2
+    q = torch.randn(1, t, 2, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, t, h_kv, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    sink = torch.randn(2, generator=g, dtype=torch.float64)
+    options = {"causal-sink": {}, "window-sink-gqa": {"window": 20}, "window-pinned": {"window": 9, "n_pinned": 3},
+               "not-causal": {"causal": False}}[case]
+    with_sink = "sink" in case
+    w_out = torch.randn(1, t, 2, 16, generator=g, dtype=torch.float64)
+    w_lse = torch.randn(1, 2, t, generator=g, dtype=torch.float64)
+
+    def run(backend, dtype):
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v, sink)]
+        out, lse = attention(*xs[:3], sink=xs[3] if with_sink else None, return_lse=True, backend=backend,
+                             cu_seqlens=cu(lengths), **options)
+        ((out * w_out.to(dtype)).sum() + (lse * w_lse.to(dtype)).sum()).backward()
+        grads = [x.grad for x in xs[:3]] + ([xs[3].grad] if with_sink else [])
+        return [out.detach().double(), lse.detach().double(), *(x.double() for x in grads)]
+
+    got, want = run("triton", torch.float32), run("naive", torch.float64)
+    assert len(calls) == 1 and calls[0] is not None, "one call with the documents, not one per document"
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=lambda m, i=i: f"result {i}: {m}")

@@ -81,6 +81,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if cu_seqlens is not None:
         if q.shape[1] != k.shape[1]:
             raise ValueError("attention: with cu_seqlens the queries and keys are the same packed sequence")
+        # The flash kernels take every document in one launch; SDPA (plain attention under "auto") and the
+        # PyTorch paths run each document on its own.
+        plain = sink is None and not return_lse and n_pinned == 0
+        chosen = choose_backend("attention", backend, ("naive", "chunk", "triton", "sdpa"), (q, k, v),
+                                triton_ok=lambda: _triton_takes(q, k, v), sdpa_ok=plain)
+        if chosen == "triton":
+            from kernels.attention.triton import triton_attention
+
+            out, lse = triton_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale,
+                                        n_pinned=n_pinned, cu_seqlens=cu_seqlens)
+            return (out, lse) if return_lse else out
         parts = [attention(qd, kd, vd, causal=causal, window=window, sink=sink, scale=scale, return_lse=return_lse,
                            n_pinned=n_pinned, backend=backend)
                  for qd, kd, vd in split_documents(cu_seqlens, "attention", q, k, v)]

@@ -269,6 +269,24 @@ def _n_blocks(start, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _document_block(pid, CU, n_docs, BLOCK: tl.constexpr):
+    """Packed documents: programs are laid out document after document, cdiv(length, BLOCK) each.  -> the first
+    row of program `pid`'s document, its length and the block's start inside it (length 0 past the last block).
+    A walk over the boundaries: cheap next to the block's tiles for the few hundred documents of a window."""
+    zero = pid * 0
+    bos, length, start, first = zero, zero, zero, zero
+    for d in range(0, n_docs):
+        a = tl.load(CU + d)
+        n = tl.load(CU + d + 1) - a
+        blocks = tl.cdiv(n, BLOCK)
+        hit = (pid >= first) & (pid < first + blocks)
+        bos, length = tl.where(hit, a, bos), tl.where(hit, n, length)
+        start = tl.where(hit, (pid - first) * BLOCK, start)
+        first += blocks
+    return bos.to(tl.int64), length, start
+
+
+@triton.jit
 def _key_range(m0, t_q, t_k, q_start, k_start, window, n_pinned,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """Key indices that queries [m0, m0 + BLOCK_M) may see: pinned keys [0, pin_hi) and the band [lo, hi).
@@ -375,17 +393,23 @@ def _fwd_keys(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, s1
 
 
 @autotune(configs=CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE_FWD, lean=LEAN)
-@triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
-def _fwd_kernel(Q, K, V, Sink, InitOut, InitLse, Out, Lse,
+@triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start", "n_docs"])
+def _fwd_kernel(Q, K, V, Sink, InitOut, InitLse, Out, Lse, CU,
                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, si_b, si_t, si_h,
-                n_heads, group, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale,
+                n_heads, group, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, n_docs,
                 D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                HAS_SINK: tl.constexpr, HAS_INIT: tl.constexpr, PRECISION: tl.constexpr,
+                HAS_SINK: tl.constexpr, HAS_INIT: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)
     h_kv = h // group
-    m0 = pid_m * BLOCK_M
+    row_len = t_q  # rows of one head in Lse
+    if VARLEN:  # one packed sequence: this program's document is the whole attention problem
+        bos, t_q, m0 = _document_block(pid_m, CU, n_docs, BLOCK_M)
+        t_k = t_q
+    else:
+        bos, m0 = (pid_m * 0).to(tl.int64), pid_m * BLOCK_M
+    Q, K, V, Out, InitOut = Q + bos * sq_t, K + bos * sk_t, V + bos * sv_t, Out + bos * so_t, InitOut + bos * si_t
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
     in_q = offs_m < t_q
@@ -394,7 +418,7 @@ def _fwd_kernel(Q, K, V, Sink, InitOut, InitLse, Out, Lse,
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lse_rows = (b * n_heads + h) * t_q + offs_m
+    lse_rows = (b * n_heads + h) * row_len + bos + offs_m
     if HAS_INIT:
         init = tl.load(_tile(InitOut + b * si_b + h * si_h, offs_m, si_t, offs_e),
                        mask=in_q[:, None], other=0.0).to(tl.float32)
@@ -505,19 +529,27 @@ def _dkv_queries(dk, dv, k, v, q_base, do_base, dq_base, Lse, Delta, rows, sq_t,
 
 
 @autotune(configs=BWD_KV_CONFIGS, key=BWD_KV_KEY, prune_configs_by=PRUNE_BWD_KV, lean=LEAN_BWD_KV)
-@triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
-def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_, DQAcc,
+@triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start", "n_docs"])
+def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_, DQAcc, CU,
                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h,
                    sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h, sdq_b, sdq_t, sdq_h,
-                   n_heads, group, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, scale,
+                   n_heads, group, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, scale, n_docs,
                    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                   PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, VARLEN: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one k/v head, summed over the G query heads sharing it (and with ATOMIC_DQ
     the unscaled dQ, added into DQAcc)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     n_kv = n_heads // group
     b, h_kv = (pid_bh // n_kv).to(tl.int64), (pid_bh % n_kv).to(tl.int64)
-    n0 = pid_n * BLOCK_N
+    row_len = t_q
+    if VARLEN:
+        bos, t_k, n0 = _document_block(pid_n, CU, n_docs, BLOCK_N)
+        t_q = t_k
+    else:
+        bos, n0 = (pid_n * 0).to(tl.int64), pid_n * BLOCK_N
+    Q, K, V, DOut = Q + bos * sq_t, K + bos * sk_t, V + bos * sv_t, DOut + bos * sd_t
+    DK, DV_, DQAcc = DK + bos * sdk_t, DV_ + bos * sdv_t, DQAcc + bos * sdq_t
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
     in_k = (offs_n < t_k)[:, None]
@@ -534,7 +566,7 @@ def _bwd_kv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV_, DQAcc,
         h = h_kv * group + g
         q_base, do_base = Q + b * sq_b + h * sq_h, DOut + b * sd_b + h * sd_h
         dq_base = DQAcc + b * sdq_b + h * sdq_h
-        rows = (b * n_heads + h) * t_q
+        rows = (b * n_heads + h) * row_len + bos
         # Masked: the diagonal and the window's edge (and ragged ends).  Then the interior, unmasked.
         dk, dv = _dkv_queries(dk, dv, k, v, q_base, do_base, dq_base, Lse, Delta, rows, sq_t, sd_t, sdq_t, offs_n,
                               lo, int_lo, int_hi, hi, t_q, shift, window, pin_end, qk_scale, D, DV, CAUSAL,
@@ -567,23 +599,29 @@ def _dq_keys(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_
 
 
 @autotune(configs=BWD_Q_CONFIGS, key=TUNE_KEY, prune_configs_by=PRUNE_BWD_Q, lean=LEAN_BWD_Q)
-@triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start"])
-def _bwd_q_kernel(Q, K, V, DOut, Lse, Delta, DQ,
+@triton.jit(do_not_specialize=["t_q", "t_k", "q_start", "k_start", "n_docs"])
+def _bwd_q_kernel(Q, K, V, DOut, Lse, Delta, DQ, CU,
                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,
-                  n_heads, group, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, scale,
+                  n_heads, group, t_q, t_k, q_start, k_start, window, n_pinned, qk_scale, scale, n_docs,
                   D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  PRECISION: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block: the same key loops as the forward."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)
     h_kv = h // group
-    m0 = pid_m * BLOCK_M
+    row_len = t_q
+    if VARLEN:
+        bos, t_q, m0 = _document_block(pid_m, CU, n_docs, BLOCK_M)
+        t_k = t_q
+    else:
+        bos, m0 = (pid_m * 0).to(tl.int64), pid_m * BLOCK_M
+    Q, K, V, DOut, DQ = Q + bos * sq_t, K + bos * sk_t, V + bos * sv_t, DOut + bos * sd_t, DQ + bos * sdq_t
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d, offs_e = tl.arange(0, D), tl.arange(0, DV)
     in_q = (offs_m < t_q)[:, None]
     q = tl.load(_tile(Q + b * sq_b + h * sq_h, offs_m, sq_t, offs_d), mask=in_q, other=0.0)
     do = tl.load(_tile(DOut + b * sd_b + h * sd_h, offs_m, sd_t, offs_e), mask=in_q, other=0.0)
-    lse2, delta = _load_rows(Lse, Delta, (b * n_heads + h) * t_q + offs_m, offs_m < t_q)
+    lse2, delta = _load_rows(Lse, Delta, (b * n_heads + h) * row_len + bos + offs_m, offs_m < t_q)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
 
     pin_hi, lo, hi = _key_range(m0, t_q, t_k, q_start, k_start, window, n_pinned, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
@@ -614,10 +652,12 @@ def _launcher(traced: bool):
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sink: torch.Tensor | None = None,
                   init_out: torch.Tensor | None = None, init_lse: torch.Tensor | None = None, *,
-                  traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  traced: bool = False, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward kernel, without autograd.  q (B, Tq, H, d), k/v (B, Tk, Hkv, d/dv) -> out (B, Tq, H, dv),
     lse (B, H, Tq) float32.  With (init_out, init_lse) the keys merge into that partial result (out then takes
-    init_out's dtype, so a float32 accumulator stays float32); the sink (H,) joins the denominator."""
+    init_out's dtype, so a float32 accumulator stays float32); the sink (H,) joins the denominator.
+    `cu_seqlens` (int32 on q's device; batch 1, queries = keys): packed documents, each its own problem, every
+    document's blocks in the one launch."""
     _check(q, k, v)
     q, k, v = contiguous_last(q), contiguous_last(k), contiguous_last(v)
     b, t_q, h, _ = q.shape
@@ -631,12 +671,15 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec,
         init_out, init_lse = contiguous_last(init_out), init_lse.float().contiguous()
     # unused pointers still need a tensor; their loads are compiled out
     sink_arg = sink.contiguous() if sink is not None else lse
-    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)  # noqa: E731
+    n_docs = 0 if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) + n_docs, b * h)  # noqa: E731  (+ each document's tail)
     _launcher(traced)(_fwd_kernel)[grid](
         q, k, v, sink_arg, out if init_out is None else init_out, lse if init_lse is None else init_lse, out, lse,
+        lse if cu_seqlens is None else cu_seqlens,
         *strides3(q), *strides3(k), *strides3(v), *strides3(out), *strides3(out if init_out is None else init_out),
-        h, h // h_kv, t_q, t_k, *spec.args(), spec.scale * LOG2E,
-        DV=dv, HAS_SINK=sink is not None, HAS_INIT=init_out is not None, **_flags(q, spec))
+        h, h // h_kv, t_q, t_k, *spec.args(), spec.scale * LOG2E, n_docs,
+        DV=dv, HAS_SINK=sink is not None, HAS_INIT=init_out is not None, VARLEN=cu_seqlens is not None,
+        **_flags(q, spec))
     return out, lse
 
 
@@ -658,7 +701,8 @@ def flash_delta(out: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | No
 
 def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor, delta: torch.Tensor,
                    lse: torch.Tensor, spec: Spec, grad_dtype: torch.dtype | None = None, *, traced: bool = False,
-                   atomic: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   atomic: bool | None = None, cu_seqlens: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of one (queries, keys) pair given the *final* lse (every key, sink and merged partial) and
     delta = rowsum(dO * O) - dlse.  Gradients come in `grad_dtype` (default: the input dtype); pass float32
     when summing the gradients of several key segments.  `atomic`: dQ added atomically by the dK/dV kernel
@@ -673,17 +717,19 @@ def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: tor
     dk, dv = output_buffer(k.shape, grad_dtype, q.device), output_buffer(v.shape, grad_dtype, q.device)
     if t_q == 0 or t_k == 0 or b * h == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    common = (h, h // h_kv, t_q, t_k, *spec.args(), spec.scale * LOG2E, spec.scale)
-    flags = {"DV": v.shape[-1], **_flags(q, spec)}
+    n_docs = 0 if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    common = (h, h // h_kv, t_q, t_k, *spec.args(), spec.scale * LOG2E, spec.scale, n_docs)
+    flags = {"DV": v.shape[-1], "VARLEN": cu_seqlens is not None, **_flags(q, spec)}
+    docs = lse if cu_seqlens is None else cu_seqlens
     atomic = atomic_dq() if atomic is None else atomic
     dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dk  # unused unless atomic
-    _launcher(traced)(_bwd_kv_kernel)[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h_kv)](
-        q, k, v, d_out, lse, delta, dk, dv, dq_sum, *strides3(q), *strides3(k), *strides3(v), *strides3(d_out),
-        *strides3(dk), *strides3(dv), *strides3(dq_sum), *common, ATOMIC_DQ=atomic, **flags)
+    _launcher(traced)(_bwd_kv_kernel)[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]) + n_docs, b * h_kv)](
+        q, k, v, d_out, lse, delta, dk, dv, dq_sum, docs, *strides3(q), *strides3(k), *strides3(v),
+        *strides3(d_out), *strides3(dk), *strides3(dv), *strides3(dq_sum), *common, ATOMIC_DQ=atomic, **flags)
     if atomic:
         return dq.copy_(dq_sum.mul_(spec.scale)), dk, dv
-    _launcher(traced)(_bwd_q_kernel)[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
-        q, k, v, d_out, lse, delta, dq,
+    _launcher(traced)(_bwd_q_kernel)[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) + n_docs, b * h)](
+        q, k, v, d_out, lse, delta, dq, docs,
         *strides3(q), *strides3(k), *strides3(v), *strides3(d_out), *strides3(dq), *common, **flags)
     return dq, dk, dv
 
@@ -703,13 +749,14 @@ def _spec(scale: float, causal: bool, window: int, n_pinned: int, q_start: int, 
 @kernel_op("hylo::flash_attention_forward")
 def _flash_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor | None,
                       init_out: torch.Tensor | None, init_lse: torch.Tensor | None, scale: float, causal: bool,
-                      window: int, n_pinned: int, q_start: int, k_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      window: int, n_pinned: int, q_start: int, k_start: int, cu_seqlens: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = _spec(scale, causal, window, n_pinned, q_start, k_start)
-    return flash_forward(q, k, v, spec, sink, init_out, init_lse, traced=True)
+    return flash_forward(q, k, v, spec, sink, init_out, init_lse, traced=True, cu_seqlens=cu_seqlens)
 
 
 @_flash_forward_op.register_fake
-def _(q, k, v, sink, init_out, init_lse, scale, causal, window, n_pinned, q_start, k_start):
+def _(q, k, v, sink, init_out, init_lse, scale, causal, window, n_pinned, q_start, k_start, cu_seqlens):
     b, t_q, h, _ = q.shape
     out_dtype = q.dtype if init_out is None else init_out.dtype
     return q.new_empty((b, t_q, h, v.shape[-1]), dtype=out_dtype), q.new_empty((b, h, t_q), dtype=torch.float32)
@@ -718,31 +765,31 @@ def _(q, k, v, sink, init_out, init_lse, scale, causal, window, n_pinned, q_star
 @kernel_op("hylo::flash_attention_backward")
 def _flash_backward_op(d_out: torch.Tensor, d_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool, window: int,
-                       n_pinned: int, q_start: int, k_start: int
+                       n_pinned: int, q_start: int, k_start: int, cu_seqlens: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv, and delta = rowsum(dO * O) - dlse (B, H, Tq) fp32, which the sink's gradient reads."""
     spec = _spec(scale, causal, window, n_pinned, q_start, k_start)
     delta = flash_delta(out, d_out, d_lse, traced=True)
-    dq, dk, dv = flash_backward(q, k, v, d_out, delta, lse, spec, traced=True)
+    dq, dk, dv = flash_backward(q, k, v, d_out, delta, lse, spec, traced=True, cu_seqlens=cu_seqlens)
     return dq, dk, dv, delta
 
 
 @_flash_backward_op.register_fake
-def _(d_out, d_lse, q, k, v, out, lse, scale, causal, window, n_pinned, q_start, k_start):
+def _(d_out, d_lse, q, k, v, out, lse, scale, causal, window, n_pinned, q_start, k_start, cu_seqlens):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
 
 
 def _flash_setup(ctx, inputs, output):
-    q, k, v, sink, init_out, init_lse, *constants = inputs
+    q, k, v, sink, init_out, init_lse, *constants, cu_seqlens = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, sink, init_out, init_lse, out, lse)
+    ctx.save_for_backward(q, k, v, sink, init_out, init_lse, out, lse, cu_seqlens)
     ctx.constants = constants
 
 
 def _flash_grads(ctx, d_out, d_lse):
-    q, k, v, sink, init_out, init_lse, out, lse = ctx.saved_tensors
+    q, k, v, sink, init_out, init_lse, out, lse, cu_seqlens = ctx.saved_tensors
     d_out = torch.zeros_like(out) if d_out is None else d_out
-    dq, dk, dv, delta = _flash_backward_op(d_out, d_lse, q, k, v, out, lse, *ctx.constants)
+    dq, dk, dv, delta = _flash_backward_op(d_out, d_lse, q, k, v, out, lse, *ctx.constants, cu_seqlens)
     d_sink = d_init_out = d_init_lse = None
     if sink is not None and ctx.needs_input_grad[3]:
         # the sink is a key with logit `sink` and value 0: dS = p_sink * (0 - delta)
@@ -752,7 +799,7 @@ def _flash_grads(ctx, d_out, d_lse):
         p = _weight(init_lse.float(), lse)
         d_init_out = (p.transpose(1, 2)[..., None] * d_out.float()).to(init_out.dtype)
         d_init_lse = (p * ((d_out.float() * init_out.float()).sum(-1).transpose(1, 2) - delta)).to(init_lse.dtype)
-    return dq, dk, dv, d_sink, d_init_out, d_init_lse, None, None, None, None, None, None
+    return dq, dk, dv, d_sink, d_init_out, d_init_lse, None, None, None, None, None, None, None
 
 
 _flash_forward_op.register_autograd(_flash_grads, setup_context=_flash_setup)
@@ -761,21 +808,28 @@ _flash_forward_op.register_autograd(_flash_grads, setup_context=_flash_setup)
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                      window: int | None = None, sink: torch.Tensor | None = None, scale: float | None = None,
                      n_pinned: int = 0, q_start: int | None = None, k_start: int = 0,
-                     init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     init: tuple[torch.Tensor, torch.Tensor] | None = None, cu_seqlens: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable flash attention.  q (B, Tq, H, d); k, v (B, Tk, Hkv, d/dv) -> out (B, Tq, H, dv) in q's
     dtype, lse (B, H, Tq) float32.
 
     Query i sits at position q_start + i (default: the last Tq positions, k_start + Tk - Tq), key j at
     k_start + j.  `init=(out, lse)` merges these keys into a partial result over other keys (out in its dtype);
-    the sink, if given, should join exactly one of the partial results that are merged.
+    the sink, if given, should join exactly one of the partial results that are merged.  `cu_seqlens` (checked
+    by the caller; batch 1, queries = keys, no `init`): packed documents, all in one launch per kernel, each
+    document its own attention problem (its own causal mask, window, pinned tokens and sink).
     """
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} key/value heads")
     spec = make_spec(q, k, causal=causal, window=window, scale=scale, n_pinned=n_pinned, q_start=q_start,
                      k_start=k_start)
     init_out, init_lse = (None, None) if init is None else init
+    if cu_seqlens is not None:
+        if init is not None or q.shape[0] != 1 or q.shape[1] != k.shape[1]:
+            raise ValueError("packed documents take one sequence (batch 1) of queries = keys, without `init`")
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32, non_blocking=True)
     return _flash_forward_op(q, k, v, sink, init_out, init_lse, spec.scale, spec.causal, spec.window or 0,
-                             spec.n_pinned, spec.q_start, spec.k_start)
+                             spec.n_pinned, spec.q_start, spec.k_start, cu_seqlens)
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor

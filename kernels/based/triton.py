@@ -146,7 +146,7 @@ def _store_state(S, Z, offset, offs_v, mask_v, s0, s1, s2, z0, z1, z2, D, E, STO
 
 
 @autotune(configs=_CONFIGS, key=["D", "E", "REVERSE"], prune_configs_by=_PRUNE, lean=_LEAN)
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "NC", "n_docs"])
 def _states_kernel(X, V, W, INIT_S, INIT_Z, STATES, NORMS, FINAL_S, FINAL_Z, CU, CHUNK0,
                    sx_b, sx_t, sx_h, sv_b, sv_t, sv_h, T, H, D, E, c1, c2, NC, n_docs,
                    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
@@ -216,7 +216,7 @@ def _states_kernel(X, V, W, INIT_S, INIT_Z, STATES, NORMS, FINAL_S, FINAL_Z, CU,
 
 
 @autotune(configs=_CONFIGS, key=["D", "E"], prune_configs_by=_PRUNE, lean=_LEAN)
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "NC"])
 def _output_kernel(Q, K, V, O, DEN, STATES, NORMS, CHUNK_ROWS,
                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
                    T, H, D, E, c1, c2, eps, NC, VARLEN: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
@@ -250,7 +250,7 @@ def _output_kernel(Q, K, V, O, DEN, STATES, NORMS, CHUNK_ROWS,
     tl.store(DEN + (b * H + h) * T + rows, m, mask=rows < tl.where(tl.program_id(2) == 0, end, 0))
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "NC"])
 def _grads_kernel(Q, K, V, G, HN, STATES, NORMS, DSTATES, DNORMS, DQ, DK_, DV_, CHUNK_ROWS,
                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sg_b, sg_t, sg_h, sx_b, sx_t, sx_h,
                   sy_b, sy_t, sy_h, T, H, D, E, c1, c2, NC,

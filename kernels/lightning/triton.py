@@ -112,7 +112,7 @@ def _chunk(bh, c, T, H, NC, CHUNK_ROWS, VARLEN: tl.constexpr, BT: tl.constexpr):
 
 
 @autotune(configs=_STATE_CONFIGS, key=["DK", "DV", "REVERSE"], prune_configs_by=_PRUNE, lean=_LEAN)
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "NC", "n_docs"])
 def _states_kernel(K, V, DECAY, INIT, STATES, FINAL, CU, CHUNK0,
                    sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_bh, si_r, si_c,
                    T, H, DK, DV, NC, n_docs,
@@ -173,7 +173,7 @@ def _states_kernel(K, V, DECAY, INIT, STATES, FINAL, CU, CHUNK0,
 
 
 @autotune(configs=_OUT_CONFIGS, key=["DK", "DV"], prune_configs_by=_PRUNE, lean=_LEAN)
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "NC"])
 def _output_kernel(Q, K, V, O, DECAY, STATES, CHUNK_ROWS,
                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
                    T, H, DK, DV, NC,
@@ -199,7 +199,7 @@ def _output_kernel(Q, K, V, O, DECAY, STATES, CHUNK_ROWS,
              round_to(o, O.dtype.element_ty), mask=ok[:, None] & mask_v[None, :])
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "NC"])
 def _grads_kernel(Q, K, V, DO, DECAY, STATES, DSTATES, DQ, DK_, DV_, CHUNK_ROWS,
                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, sx_b, sx_t, sx_h,
                   sy_b, sy_t, sy_h, T, H, DK, DV, NC,

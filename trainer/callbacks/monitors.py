@@ -60,7 +60,7 @@ class LayerMonitor(Callback):
         # where this rank's tokens sit in a row (context parallelism) and the row length: packed rows follow
         # each other, so a token's place in the packed sequence is row * seq_len + its place in the row
         self.seq_len = trainer.cfg.train.seq_len
-        self.row_positions = (torch.arange(self.seq_len) if trainer.positions is None else trainer.positions.cpu())
+        self.row_positions = None if trainer.positions is None else trainer.positions.cpu()
 
     def on_step_start(self, trainer: Trainer) -> None:
         if self.mixers and trainer.step % self.interval == 0:
@@ -73,7 +73,8 @@ class LayerMonitor(Callback):
         documents = None
         if cu_seqlens is not None:
             rows = int(cu_seqlens[-1]) // self.seq_len
-            packed = (torch.arange(rows)[:, None] * self.seq_len + self.row_positions[None]).reshape(-1)
+            in_row = torch.arange(self.seq_len) if self.row_positions is None else self.row_positions
+            packed = (torch.arange(rows)[:, None] * self.seq_len + in_row[None]).reshape(-1)
             documents = document_view(cu_seqlens, packed)
         with torch.no_grad():
             self.collected.update(mixer.monitor(x.detach(), positions, self.reduce, documents=documents,
