@@ -75,6 +75,10 @@ class RatCP:
         mine = torch.cat(own, dim=2) if own else torch.zeros(2, b, 0, h, d, dtype=compute, device=k.device)
         assert mine.shape[2] == len(owned[cp.rank]), "the scans and the ownership plan disagree"
         padded = torch.cat([mine, mine.new_zeros(2, b, most - mine.shape[2], h, d)], dim=2)
+        # Two collectives run in backward, the gather's and the halos': every rank must run them in one order, so
+        # the gather hangs off the halos on every rank (weight zero; a rank owning no chunk has no edge otherwise)
+        # and autograd finishes its backward before the halos'.
+        padded = padded + 0 * sum(halo.sum() for halo in halos)
         gathered = all_gather(padded, cp, "summaries")  # (cp, 2, B, most, H, d)
         where = {c: (r, i) for r, starts in enumerate(owned) for i, c in enumerate(starts)}
 
