@@ -39,6 +39,7 @@ from kernels.triton_support import (
     strides3,
     traceable,
 )
+from kernels.triton_varlen import chunk_program, state_program
 from kernels.varlen import ChunkTable, chunk_table
 
 MAX_FEATURE_DIM = 16
@@ -70,21 +71,6 @@ def _tile(base, rows, ok, s_t, n_cols, BC: tl.constexpr):
     cols = tl.arange(0, BC)
     return tl.load(base + rows.to(tl.int64)[:, None] * s_t + cols[None, :], mask=ok[:, None] & (cols < n_cols)[None, :],
                    other=0.0)
-
-
-@triton.jit
-def _chunk(bh, c, T, H, NC, CHUNK_ROWS, VARLEN: tl.constexpr, BT: tl.constexpr):
-    """Program (bh, c) of the chunk-parallel kernels -> (batch, head, first row, end row, state slot): chunk c of
-    row b, or with VARLEN (batch 1) chunk c of the packed documents' chunk table."""
-    if VARLEN:
-        b, h = (bh * 0).to(tl.int64), bh
-        row0, end = tl.load(CHUNK_ROWS + 2 * c), tl.load(CHUNK_ROWS + 2 * c + 1)
-        slot = h.to(tl.int64) * NC + c
-    else:
-        b, h = (bh // H).to(tl.int64), bh % H
-        row0, end = c * BT, T
-        slot = bh.to(tl.int64) * tl.cdiv(T, BT) + c
-    return b, h, row0, end, slot
 
 
 @triton.jit
@@ -157,21 +143,8 @@ def _states_kernel(X, V, W, INIT_S, INIT_Z, STATES, NORMS, FINAL_S, FINAL_Z, CU,
     V's dtype, NORMS (B*H, NT, F) fp32 (written by the first value tile); INIT/FINAL (B*H, F, E) and (B*H, F) fp32.
     VARLEN: one program per (document, head, value tile), the chunk table's slots (CHUNK0: each document's first);
     INIT enters the first document walked (the last one in REVERSE), FINAL is the last one's."""
-    bh = tl.program_id(0)
-    if VARLEN:
-        doc, h = bh // H, bh % H
-        b, row = (bh * 0).to(tl.int64), h
-        bos, t_doc = tl.load(CU + doc).to(tl.int64), tl.load(CU + doc + 1) - tl.load(CU + doc)
-        slot0 = h.to(tl.int64) * NC + tl.load(CHUNK0 + doc)
-        if REVERSE:
-            enters, leaves = doc == n_docs - 1, doc == 0
-        else:
-            enters, leaves = doc == 0, doc == n_docs - 1
-    else:
-        b, h = (bh // H).to(tl.int64), bh % H
-        row, bos, t_doc = bh, (bh * 0).to(tl.int64), T
-        slot0 = bh.to(tl.int64) * tl.cdiv(T, BT)
-        enters, leaves = bh >= 0, bh >= 0
+    b, h, row, bos, t_doc, slot0, enters, leaves = state_program(tl.program_id(0), T, H, NC, n_docs, CU, CHUNK0,
+                                                                 VARLEN, REVERSE, BT)
     offs_v = tl.program_id(1) * BV + tl.arange(0, BV)
     mask_v = offs_v < E
     first_tile = (tl.program_id(1) == 0).to(tl.int32)
@@ -221,7 +194,7 @@ def _output_kernel(Q, K, V, O, DEN, STATES, NORMS, CHUNK_ROWS,
                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
                    T, H, D, E, c1, c2, eps, NC, VARLEN: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """One chunk, one value tile: y = n / m; DEN (B, H, T) fp32 gets m = normaliser + eps (first value tile)."""
-    b, h, row0, end, slot = _chunk(tl.program_id(0), tl.program_id(1), T, H, NC, CHUNK_ROWS, VARLEN, BT)
+    b, h, row0, end, slot = chunk_program(tl.program_id(0), tl.program_id(1), T, H, NC, CHUNK_ROWS, VARLEN, BT)
     offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
     mask_v = offs_v < E
     rt = tl.arange(0, BT)
@@ -258,7 +231,7 @@ def _grads_kernel(Q, K, V, G, HN, STATES, NORMS, DSTATES, DNORMS, DQ, DK_, DV_, 
     """One chunk: dq, dk (sx_* strides), dv (sy_*) from g = dy/m, h = -(dy . y)/m (HN, (B, H, T)), the state
     entering the chunk (STATES, NORMS) and the gradient of the state leaving it (DSTATES, DNORMS).  Whole value
     dim per program (BE >= E)."""
-    b, h, row0, end, slot = _chunk(tl.program_id(0), tl.program_id(1), T, H, NC, CHUNK_ROWS, VARLEN, BT)
+    b, h, row0, end, slot = chunk_program(tl.program_id(0), tl.program_id(1), T, H, NC, CHUNK_ROWS, VARLEN, BT)
     offs_e = tl.arange(0, BE)
     mask_e = offs_e < E
     rt = tl.arange(0, BT)

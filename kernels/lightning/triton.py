@@ -46,6 +46,7 @@ from kernels.triton_support import (
     strides3,
     traceable,
 )
+from kernels.triton_varlen import chunk_program, state_program
 from kernels.varlen import ChunkTable, chunk_table
 
 # Chunk length: 64 on a GPU (fla's choice: 64 x 64 score tiles on tensor cores); 16 under the interpreter, so tiny
@@ -96,21 +97,6 @@ def _spread(flag, offs_k, offs_v):
     return (offs_k[:, None] * 0 + offs_v[None, :] * 0 + flag.to(tl.int32)) != 0
 
 
-@triton.jit
-def _chunk(bh, c, T, H, NC, CHUNK_ROWS, VARLEN: tl.constexpr, BT: tl.constexpr):
-    """Program (bh, c) of the chunk-parallel kernels -> (batch, head, first row, end row, state slot): chunk c of
-    row b, or with VARLEN (batch 1) chunk c of the packed documents' chunk table."""
-    if VARLEN:
-        b, h = (bh * 0).to(tl.int64), bh
-        row0, end = tl.load(CHUNK_ROWS + 2 * c), tl.load(CHUNK_ROWS + 2 * c + 1)
-        slot = h.to(tl.int64) * NC + c
-    else:
-        b, h = (bh // H).to(tl.int64), bh % H
-        row0, end = c * BT, T
-        slot = bh.to(tl.int64) * tl.cdiv(T, BT) + c
-    return b, h, row0, end, slot
-
-
 @autotune(configs=_STATE_CONFIGS, key=["DK", "DV", "REVERSE"], prune_configs_by=_PRUNE, lean=_LEAN)
 @triton.jit(do_not_specialize=["T", "NC", "n_docs"])
 def _states_kernel(K, V, DECAY, INIT, STATES, FINAL, CU, CHUNK0,
@@ -125,21 +111,8 @@ def _states_kernel(K, V, DECAY, INIT, STATES, FINAL, CU, CHUNK0,
     FINAL (B*H, DK, DV) fp32, INIT addressed by strides (a transposed state is swapped strides).  VARLEN: one
     program per (document, head); STATES (H, NC, DK, DV) by the chunk table (CHUNK0: each document's first chunk);
     INIT enters the first document walked (the last one in REVERSE), FINAL is the last one's."""
-    bh = tl.program_id(0)
-    if VARLEN:
-        doc, h = bh // H, bh % H
-        b, row = (bh * 0).to(tl.int64), h
-        bos, T = tl.load(CU + doc).to(tl.int64), tl.load(CU + doc + 1) - tl.load(CU + doc)
-        slot0 = h.to(tl.int64) * NC + tl.load(CHUNK0 + doc)
-        if REVERSE:
-            enters, leaves = doc == n_docs - 1, doc == 0
-        else:
-            enters, leaves = doc == 0, doc == n_docs - 1
-    else:
-        b, h = (bh // H).to(tl.int64), bh % H
-        row, bos = bh, (bh * 0).to(tl.int64)
-        slot0 = bh.to(tl.int64) * tl.cdiv(T, BT)
-        enters, leaves = bh >= 0, bh >= 0
+    b, h, row, bos, T, slot0, enters, leaves = state_program(tl.program_id(0), T, H, NC, n_docs, CU, CHUNK0, VARLEN,
+                                                             REVERSE, BT)
     s = tl.load(DECAY + h).to(tl.float32)
     offs_k, offs_v = tl.program_id(2) * BK + tl.arange(0, BK), tl.program_id(1) * BV + tl.arange(0, BV)
     mask_k, mask_v = offs_k < DK, offs_v < DV
@@ -179,7 +152,7 @@ def _output_kernel(Q, K, V, O, DECAY, STATES, CHUNK_ROWS,
                    T, H, DK, DV, NC,
                    VARLEN: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """One chunk, one value tile: O_c = (Q K^T * M) V + lambda^(i+1) Q h_c."""
-    b, h, row0, end, slot = _chunk(tl.program_id(0), tl.program_id(1), T, H, NC, CHUNK_ROWS, VARLEN, BT)
+    b, h, row0, end, slot = chunk_program(tl.program_id(0), tl.program_id(1), T, H, NC, CHUNK_ROWS, VARLEN, BT)
     s = tl.load(DECAY + h).to(tl.float32)
     offs_k, offs_v = tl.arange(0, BK), tl.program_id(2) * BV + tl.arange(0, BV)
     mask_k, mask_v = offs_k < DK, offs_v < DV
@@ -206,7 +179,7 @@ def _grads_kernel(Q, K, V, DO, DECAY, STATES, DSTATES, DQ, DK_, DV_, CHUNK_ROWS,
                   VARLEN: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """One chunk: dQ, dK (sx_* strides) and dV (sy_*), from the chunk's tokens, the state entering it (STATES) and
     the gradient of the state leaving it (DSTATES).  Whole head dims per program (BK, BV >= DK, DV)."""
-    b, h, row0, end, chunk_slot = _chunk(tl.program_id(0), tl.program_id(1), T, H, NC, CHUNK_ROWS, VARLEN, BT)
+    b, h, row0, end, chunk_slot = chunk_program(tl.program_id(0), tl.program_id(1), T, H, NC, CHUNK_ROWS, VARLEN, BT)
     s = tl.load(DECAY + h).to(tl.float32)
     offs_k, offs_v = tl.arange(0, BK), tl.arange(0, BV)
     mask_k, mask_v = offs_k < DK, offs_v < DV
