@@ -46,3 +46,27 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# What gloo, NCCL and the rendezvous store say when the other end of a connection is gone.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+              "NCCL communicator was aborted", "Socket Timeout", "connection to the store")
+
+
+def peer_lost(err: BaseException):
+    """A HyloError saying this rank lost its peers (a rank or the launcher died), for an error a collective or the
+    rendezvous store raised because the other end is gone; None for any other error."""
+    from trainer.errors import PeerLost
+    from trainer.launcher_watch import launcher_died
+
+    text = str(err)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(err, (RuntimeError, ConnectionError)):
+        return None  # (torch.distributed's DistError is a RuntimeError)
+    if not (isinstance(err, dist.DistError) or any(mark in text for mark in _PEER_GONE)):
+        return None
+    rank = os.environ.get("RANK", "?")
+    cause = next((mark for mark in _PEER_GONE if mark in text), type(err).__name__)
+    who = "its torchrun agent died" if launcher_died() else "another rank died or was killed"
+    return PeerLost(f"rank {rank} lost contact with the job ({cause}): {who}. The last complete checkpoint is "
+                    "kept; run with torchrun --max-restarts=N to restart the ranks automatically, or launch again "
+                    "(checkpoint.resume=auto)")

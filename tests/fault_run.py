@@ -5,6 +5,8 @@ args>` runs `trainer.train` with one extra callback.  HYLO_FAULT="<kind>:<step>[
   kill          SIGKILL itself at the start of that step,
   kill_in_save  SIGKILL itself inside that step's checkpoint save, after the shards are written,
   nan           turn that step's model output (so its loss and gradients) into NaN,
+  delete_data   delete every file of data.path (a folder) at the start of that step,
+  slow_start    (the number is seconds, not a step) sleep that long in start-up, before joining the process group,
 
 on the first attempt only (a run restarted by `torchrun --max-restarts` carries TORCHELASTIC_RESTART_COUNT > 0).
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 from trainer.callbacks import Callback
 from trainer.train import main
@@ -47,8 +51,25 @@ class FaultInjector(Callback):
     def on_step_start(self, trainer) -> None:
         if self.kind == "kill" and self._due(trainer):
             _kill()
+        if self.kind == "delete_data" and self._due(trainer):
+            for file in Path(trainer.cfg.data.path).iterdir():
+                file.unlink()
+
+
+def _slow_start(seconds: float) -> None:
+    import trainer.train
+
+    join = trainer.train.init_distributed
+
+    def slow_join(*args, **kwargs):
+        time.sleep(seconds)
+        return join(*args, **kwargs)
+    trainer.train.init_distributed = slow_join
 
 
 if __name__ == "__main__":
     spec = os.environ.get("HYLO_FAULT", "")
+    if spec.startswith("slow_start:"):
+        _slow_start(float(spec.split(":")[1]))
+        spec = ""
     sys.exit(main(sys.argv[1:], callbacks=[FaultInjector(spec)] if spec else []))

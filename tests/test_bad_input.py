@@ -27,7 +27,7 @@ def test_unwritable_run_dir(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("", "holds no text"),
-    ('{"text": "fine"}\n{"text": "broken\n', "could not read the data"),
+    ('{"text": "fine"}\n{"text": "broken\n', "data.jsonl, line 2 is not valid JSON"),
     ('{"body": "no text field"}\n', "have no field 'text'"),
 ], ids=["empty", "malformed-jsonl", "no-text-field"])
 def test_bad_data_fails_before_the_run_dir_exists(tmp_path, content, message):
@@ -35,6 +35,36 @@ def test_bad_data_fails_before_the_run_dir_exists(tmp_path, content, message):
     data.write_text(content)
     run = tmp_path / "run"
     res = train(f"run.dir={run}", f"data.path={data}")
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and not run.exists()
+
+
+@pytest.mark.parametrize("binary", ["random-bytes", "executable"])
+def test_binary_files_are_not_training_text(tmp_path, binary):
+    """200 KB of random bytes named .txt, or a copy of a program, among good text files: refused by name, exit 2."""
+    import os
+    import sys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(5):
+        (data / f"good{i}.txt").write_text(f"plain text file {i}\n" * 50)
+    bad = data / "bad.txt"
+    bad.write_bytes(os.urandom(200_000) if binary == "random-bytes" else open(sys.executable, "rb").read())
+    run = tmp_path / "run"
+    res = train(f"run.dir={run}", f"data.path={data}")
+    assert res.returncode == 2 and f"data file {bad} is not text" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and not run.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.lr=nan"], "train.lr=nan is not a finite number"),
+    (["optim.betas=[0.9,inf]"], "optim.betas=[0.9, inf] is not a finite number"),
+    (["--resume", "/nonexistent/step_5"], "checkpoint '/nonexistent/step_5' does not exist"),
+], ids=["lr-nan", "beta-inf", "resume-missing"])
+def test_refused_starts_leave_no_run_dir(tmp_path, args, message):
+    run = tmp_path / "run"
+    res = train(f"run.dir={run}", *args)
     assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and not run.exists()
 

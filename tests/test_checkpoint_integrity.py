@@ -234,17 +234,67 @@ def test_full_disk_inside_dcp_is_clear(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["step_1"] and verify_checkpoint(tmp_path / "step_1") is None
 
 
-def test_resume_auto_falls_back_and_a_named_corrupt_checkpoint_is_refused(shards, tmp_path):  # noqa: F811
-    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=5", *SMALL]
+@pytest.fixture(scope="module")
+def ten_steps(shards, tmp_path_factory):  # noqa: F811
+    """A run saved at steps 5 and 10, copied by each test that damages it."""
+    run_dir = tmp_path_factory.mktemp("ten_steps")
+    args = ["-m", "trainer.train", f"run.dir={run_dir}", f"data.path={shards}", "checkpoint.interval=5", *SMALL]
     first = run_module([*args, "train.steps=10"])
     assert first.returncode == 0, first.stderr[-3000:]
-    _flip_bit(next((tmp_path / "checkpoints" / "step_10").glob("*.distcp")), 777)
-    named = run_module([*args, "train.steps=12", f"checkpoint.resume={tmp_path / 'checkpoints' / 'step_10'}"])
-    assert named.returncode == 2 and "step_10' is corrupt" in named.stderr and ".distcp" in named.stderr
+    return run_dir
+
+
+def _damage_step(folder: Path, damage: str) -> str:
+    """Damage a saved step folder the way the fault campaign did; returns what the refusal must name."""
+    if damage == "bit-flip":
+        _flip_bit(next(folder.glob("*.distcp")), 777)
+        return ".distcp"
+    if damage == "manifest-deleted-and-bit-flip":  # once loaded unverified, the loss changed silently
+        (folder / MANIFEST).unlink()
+        _flip_bit(next(folder.glob("*.distcp")), 777)
+        return f"{MANIFEST} is missing"
+    if damage == "metadata-crafted":  # with the manifest rewritten to match, as an attacker would
+        (folder / ".metadata").write_bytes(pickle.dumps(_Payload(folder / "executed")))
+        write_manifest(folder, skip={MARKER})
+        return "refuses to unpickle"
+    if damage == "metadata-truncated":
+        (folder / ".metadata").write_bytes((folder / ".metadata").read_bytes()[:40])
+        write_manifest(folder, skip={MARKER})
+        return ".metadata is unreadable"
+    assert damage == "trainer-state-deleted"
+    (folder / "trainer_state.json").unlink()
+    return "trainer_state.json is missing"
+
+
+@pytest.mark.parametrize("damage", ["bit-flip", "manifest-deleted-and-bit-flip", "metadata-crafted",
+                                    "metadata-truncated", "trainer-state-deleted"])
+def test_resume_auto_falls_back_and_a_named_corrupt_checkpoint_is_refused(ten_steps, shards, tmp_path, damage):  # noqa: F811
+    """One line each, before DCP touches anything: a named damaged checkpoint is refused (exit 2), auto-resume
+    falls back to the previous one and says why."""
+    shutil.copytree(ten_steps, tmp_path, dirs_exist_ok=True)
+    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=5", *SMALL]
+    step_10 = tmp_path / "checkpoints" / "step_10"
+    named_by = _damage_step(step_10, damage)
+    named = run_module([*args, "train.steps=12", f"checkpoint.resume={step_10}"])
+    assert named.returncode == 2 and "step_10' is" in named.stderr and named_by in named.stderr, named.stderr
     auto = run_module([*args, "train.steps=12"])
     assert auto.returncode == 0, auto.stderr[-3000:]
-    assert "skipping checkpoint" in auto.stdout and "step_10" in auto.stdout
+    assert "WARNING: skipping checkpoint" in auto.stdout and "step_10" in auto.stdout and named_by in auto.stdout
     assert f"resuming from {tmp_path / 'checkpoints' / 'step_5'}" in auto.stdout
+    for noise in ("Traceback", "Global metadata is not found", "AssertionError"):
+        assert noise not in named.stderr + auto.stderr, (named.stderr + auto.stderr)[-3000:]
+    assert not (step_10 / "executed").exists()
+
+
+def test_a_checkpoint_saved_without_checksums_loads_without_a_manifest(ten_steps, shards, tmp_path):  # noqa: F811
+    """Missing manifests are refused only where the save wrote one: checkpoint.checksums=false runs resume."""
+    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=5",
+            "checkpoint.checksums=false", *SMALL]
+    assert run_module([*args, "train.steps=5"]).returncode == 0
+    assert not (tmp_path / "checkpoints" / "step_5" / MANIFEST).exists()
+    assert verify_checkpoint(tmp_path / "checkpoints" / "step_5") is None
+    again = run_module([*args, "train.steps=6"])
+    assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-3000:]
 
 
 @pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
@@ -370,6 +420,31 @@ def test_orphaned_ranks_stop_and_save_when_the_launcher_dies(shards, tmp_path, f
     assert "its launcher died: saved step" in out, out[-3000:]
     newest = complete_checkpoints(tmp_path / "checkpoints")[-1][1]
     assert verify_checkpoint(newest) is None and not (tmp_path / "hylo.lock").exists()
+
+
+def test_ranks_end_with_one_line_when_the_launcher_dies_during_start_up(shards, tmp_path, free_port):  # noqa: F811
+    """kill -9 of the torchrun agent while its ranks are still starting (held in start-up by the fault hook): both
+    ranks end within seconds, each with one line, no traceback, and nothing trained."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "tests.fault_run", f"run.dir={tmp_path / 'run'}",
+           f"data.path={shards}", "train.steps=5", *SMALL]
+    log = tmp_path / "out.log"
+    agent = subprocess.Popen(cmd, cwd=ROOT, env={**subprocess_env(), "HYLO_FAULT": "slow_start:300"},
+                             stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(ranks := [p for p in _processes_with(f"run.dir={tmp_path / 'run'}")
+                                                   if p != agent.pid]) < 2:
+        time.sleep(0.2)
+    assert len(ranks) == 2, "the ranks did not start"
+    time.sleep(3)  # inside start-up now (the hook holds them for 300 s)
+    agent.kill()
+    agent.wait(timeout=60)
+    deadline = time.time() + 60
+    while time.time() < deadline and _processes_with(f"run.dir={tmp_path / 'run'}"):
+        time.sleep(0.5)
+    assert not _processes_with(f"run.dir={tmp_path / 'run'}"), "ranks outlived their launcher in start-up"
+    out = log.read_text()
+    assert out.count("died during start-up; stopping") == 2 and "Traceback" not in out, out[-3000:]
 
 
 def test_checksums_can_be_turned_off(tmp_path):

@@ -50,6 +50,19 @@ def test_a_file_removed_mid_stream_is_named(corpus):
             next(stream)
 
 
+def test_data_removed_while_training_is_one_line_and_exit_1(tmp_path):
+    """A failure while running exits 1 (the README's rule), with one line naming the file and no traceback."""
+    corpus = tmp_path / "small"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc_{i:02d}.txt").write_text(f"document {i} " + "some words of text " * 30)
+    res = run_module(["-m", "tests.fault_run", f"run.dir={tmp_path / 'run'}", f"data.path={corpus}",
+                      "train.steps=60", "data.prefetch=0", "checkpoint.interval=0", *SMALL],
+                     env={"HYLO_FAULT": "delete_data:2"})
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "cannot read data file" in res.stderr and "doc_" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_resume_on_changed_data_is_refused_unless_allowed(corpus, tmp_path):
     run = tmp_path / "run"
     args = ["-m", "trainer.train", f"run.dir={run}", f"data.path={corpus}", "checkpoint.interval=2", *SMALL]

@@ -72,3 +72,23 @@ def test_cpu_smoke_run_through_hylo_launch(tmp_path):
     assert res.stdout.startswith("torchrun --standalone --nproc_per_node=2 -m trainer.train")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+
+
+def test_a_lost_peer_is_one_line(monkeypatch):
+    """What gloo raises on the surviving rank when another rank is killed becomes one line (exit 1); other errors,
+    and any error of a one-process run, stay themselves."""
+    import torch.distributed as dist
+
+    from launch.distributed import peer_lost
+    from trainer.errors import PeerLost
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:41234: "
+                        "Connection reset by peer")
+    assert peer_lost(gloo) is None  # one process: no peers to lose
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    lost = peer_lost(gloo)
+    assert isinstance(lost, PeerLost) and lost.exit_code == 1
+    assert "rank 1 lost contact with the job (Connection reset by peer): another rank died" in str(lost)
+    assert isinstance(peer_lost(dist.DistNetworkError("Broken pipe")), PeerLost)
+    assert peer_lost(RuntimeError("shape mismatch")) is None and peer_lost(ValueError("Broken pipe")) is None

@@ -20,9 +20,11 @@ def test_changed_settings_on_resume(shards, tmp_path):  # noqa: F811
             "schedule.warmup_steps=2", *SMALL]
     first = run_module([*args, "train.steps=3"])
     assert first.returncode == 0, first.stderr[-2000:]
-    second = run_module([*args, "train.steps=6", "train.lr=1e-3", "optim.weight_decay=0.05"])
+    second = run_module([*args, "train.steps=6", "train.lr=1e-3", "optim.weight_decay=0.05", "model.window=32"])
     assert second.returncode == 0, second.stderr[-2000:]
     assert "train.lr 0.003 -> 0.001" in second.stdout and "optim.weight_decay 0.1 -> 0.05" in second.stdout
+    assert "model settings that change what the model computes" in second.stdout
+    assert "model.window 64 -> 32" in second.stdout
     cfg = load_config(None, ["train.steps=6", "train.lr=1e-3", "schedule.warmup_steps=2"])
     rows = {r["step"]: r for r in metrics(tmp_path) if "train/lr" in r}
     for step in (4, 5, 6):  # logged after the scheduler's step: train.lr x the schedule at s
@@ -30,6 +32,22 @@ def test_changed_settings_on_resume(shards, tmp_path):  # noqa: F811
     # a setting that defines the parameters' shapes is refused by name
     res = run_module([*args, "train.steps=8", "model.n_layers=3"])
     assert res.returncode == 2 and "model.n_layers 2 -> 3" in res.stderr and "cannot change on resume" in res.stderr
+
+
+def test_every_model_setting_has_a_resume_rule():
+    """Each model key is refused (shape), noted (changes the function) or neutral on resume: a new key must pick."""
+    import dataclasses
+
+    from trainer.config import ModelConfig
+    from trainer.resume import COMPUTE_KEYS, NEUTRAL_MODEL_KEYS, SHAPE_KEYS
+
+    def keys(node, prefix):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            yield from keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+
+    rules = [*SHAPE_KEYS, *COMPUTE_KEYS, *NEUTRAL_MODEL_KEYS]
+    assert sorted(rules) == sorted(keys(ModelConfig(), "model.")) and len(set(rules)) == len(rules)
 
 
 def test_a_new_seq_len_continues_the_stream_at_the_same_token():

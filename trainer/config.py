@@ -8,7 +8,9 @@ naming the key and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,6 +311,8 @@ def to_yaml(config: Config) -> str:
 def validate(c: Config) -> None:
     """Cross-field checks the types alone cannot express.  What depends on the number of ranks or the engine
     is checked when the run starts (trainer.trainer.run_problem)."""
+    if bad := next(_non_finite(c), None):
+        raise ConfigError(f"{bad[0]}={bad[1]} is not a finite number; give a real value")
     legacy = {"true": "full", "false": "none"}  # the setting was a boolean before it had policies
     c.train.activation_checkpointing = legacy.get(c.train.activation_checkpointing.lower(),
                                                   c.train.activation_checkpointing)
@@ -397,6 +401,17 @@ def validate(c: Config) -> None:
            t.loss_chunk, m.mlp_tile) < 0:
         raise ConfigError("train.micro_batch_size, checkpoint.interval, checkpoint.keep_last, train.grad_clip, "
                           "train.loss_chunk, model.mlp_tile and data.prefetch must be >= 0")
+
+
+def _non_finite(node: Any, prefix: str = ""):
+    """(key, value) of every float setting that is nan or infinite (YAML and the command line both accept them)."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _non_finite(value, f"{prefix}{f.name}.")
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                yield f"{prefix}{f.name}", value
 
 
 def check_batch_layout(c: Config, dp: int) -> tuple[int, int]:

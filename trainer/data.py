@@ -15,8 +15,10 @@ as long as the global batch size stays the same.
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
+import json
 import os
 import queue
 import random
@@ -38,6 +40,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 PARQUET_SUFFIXES = {".parquet"}
 TOKENIZE_GROUP = 32  # documents per batched tokenizer call
+SNIFF_BYTES = 4096  # read from the start of every text file to refuse binary files before a run starts
 
 
 def bundled_corpus_files(split: str = "train") -> list[str]:
@@ -123,6 +126,25 @@ def _read_error(err: Exception) -> str:
     return f"could not read the data: {detail}"
 
 
+# C0 control characters text does not hold (tab, newlines, form feed and escape are text); about 1 byte in 10 of
+# random or compiled data is one of them.
+BINARY_CONTROLS = [chr(c) for c in range(32) if chr(c) not in "\t\n\r\x0b\x0c\x1b"]
+
+
+def looks_like_text(text: str) -> bool:
+    """False for what a binary file decodes to: a NUL, or more than 1% control characters.  (Undecodable bytes
+    alone do not make a file binary: text in a legacy encoding, as the stdlib's koi8-r test module, decodes to
+    many replacement characters and is still text.)"""
+    if "\x00" in text:
+        return False
+    return sum(text.count(c) for c in BINARY_CONTROLS) * 100 <= len(text)
+
+
+def not_text(file: str) -> str:
+    return (f"data file {file} is not text (it holds NUL or other control bytes: a binary file, or text in UTF-16?); "
+            "remove it from data.path (or convert it to UTF-8)")
+
+
 class DocumentStream:
     """An endless, rank-independent stream of documents: epoch after epoch, files in a seeded order.
 
@@ -138,6 +160,9 @@ class DocumentStream:
         if self.builder != "hf":
             os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files: never look for a hub
         from datasets import load_dataset
+        from datasets.utils import logging as datasets_logging
+
+        datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # read errors are hylo's one line, not its logs
 
         if self.builder == "hf":
             try:
@@ -149,15 +174,59 @@ class DocumentStream:
                 ) from None
             ds.set_epoch(epoch)
             return ds
-        files = list(self.source)
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(files)
+        files = self._epoch_files(epoch)
         # Real corpora hold the odd non-UTF-8 byte (the stdlib has latin-1 test files): replace, never crash.
         text_kwargs = {"sample_by": "document", "encoding_errors": "replace"}
         kwargs: dict[str, Any] = text_kwargs if self.builder == "text" else {}
         return load_dataset(self.builder, data_files=files, split="train", streaming=True, **kwargs)
 
+    def _epoch_files(self, epoch: int) -> list[str]:
+        files = list(self.source)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(files)
+        return files
+
+    def _binary_file(self) -> str | None:
+        """The first text file whose start is not text (read at start-up and when a document is not text)."""
+        for file in self.source if self.builder == "text" else ():
+            try:
+                with open(file, "rb") as f:
+                    head = f.read(SNIFF_BYTES)
+            except OSError:
+                continue  # unreadable files are reported by the read itself
+            if not looks_like_text(head.decode("utf-8", errors="replace")):
+                return file
+        return None
+
+    def _bad_json_line(self) -> str | None:
+        """'file:line: what is wrong' for the first line of a JSON-lines file that does not parse, or None (the
+        datasets library reads JSON in blocks and reports a block's row, not the file or its line)."""
+        if self.builder != "json":
+            return None
+        for file in self.source:
+            try:
+                with open(file, encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+            except OSError:
+                return None  # reported by the read error itself
+            try:
+                json.loads(text)
+                continue  # one JSON document (an array of records): not lines
+            except ValueError:
+                pass
+            for number, line in enumerate(text.splitlines(), 1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except ValueError as err:
+                    return (f"data file {file}, line {number} is not valid JSON ({err.msg}, column {err.colno}); "
+                            "fix or remove that line")
+        return None
+
     def check_readable(self) -> None:
-        """Read up to the first document with text, so unreadable or empty data fails before a run starts."""
+        """Read up to the first document with text, so unreadable or empty data fails before a run starts, and
+        refuse text files that are binary (the first few KB of each)."""
+        if binary := self._binary_file():
+            raise DataError(not_text(binary))
         for epoch, _, text in self.iterate():
             if text.strip() or epoch > 0:
                 return
@@ -165,10 +234,14 @@ class DocumentStream:
     def iterate(self, epoch: int = 0, state: dict | None = None) -> Iterator[tuple[int, dict, str]]:
         while True:
             ds = self._dataset(epoch)
+            # The position of the next document is where the stream stands now: the state just loaded, or the
+            # epoch's start.  (A dataset reports a loaded state only once it iterates: asking it before would tag
+            # the first document after a resume with the start of the corpus, and a save inside that document
+            # would point back there.)
+            before = ds.state_dict()
             if state is not None:
                 ds.load_state_dict(state)
-                state = None
-            before = ds.state_dict()
+                before, state = copy.deepcopy(state), None
             empty_epoch = True
             has_text = epoch > 0  # one epoch with text is proof enough
             examples = iter(ds)
@@ -178,13 +251,15 @@ class DocumentStream:
                 except StopIteration:
                     break
                 except Exception as err:  # noqa: BLE001 - a file removed or unreadable mid-run, a malformed line
-                    raise DataError(_read_error(err)) from None
+                    raise DataError(self._bad_json_line() or _read_error(err)) from None
                 text = example.get(self.cfg.text_field)
                 if text is None:
                     raise DataError(
                         f"documents have no field '{self.cfg.text_field}' (fields: {sorted(example)}); "
                         "set data.text_field"
                     )
+                if self.builder == "text" and not looks_like_text(text):  # binary past the start of a file
+                    raise DataError(not_text(self._binary_file() or f"one of {len(self.source)} files"))
                 empty_epoch = False
                 has_text = has_text or bool(text.strip())
                 yield epoch, before, text
@@ -284,6 +359,23 @@ class DataLoader:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         self._stop = threading.Event()
+
+    def _epoch_files(self, epoch: int) -> list[str]:
+        files = list(self.source)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(files)
+        return files
+
+    def _binary_file(self) -> str | None:
+        """The first text file whose start is not text (read at start-up and when a document is not text)."""
+        for file in self.source if self.builder == "text" else ():
+            try:
+                with open(file, "rb") as f:
+                    head = f.read(SNIFF_BYTES)
+            except OSError:
+                continue  # unreadable files are reported by the read itself
+            if not looks_like_text(head.decode("utf-8", errors="replace")):
+                return file
+        return None
 
     def check_readable(self) -> None:
         """Fail now, with the data's own error, if the stream cannot yield text (token shards were checked when

@@ -5,7 +5,8 @@ change, and the CLI prints it without a traceback.
           data (DataError), a checkpoint to read that is missing, incomplete, corrupt or of another model
           (CheckpointError)
   exit 1  failed while running: a checkpoint could not be written (CheckpointWriteError), the loss diverged
-          (TrainingDiverged)
+          (TrainingDiverged), another rank or the launcher died (PeerLost), any of the above raised after the
+          first step started (a data file removed mid-run)
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ class CheckpointError(HyloError, RuntimeError):
 
 class CheckpointWriteError(CheckpointError):
     """A checkpoint that could not be written (full disk, lost folder); earlier ones are intact."""
+
+    exit_code = 1
+
+
+class PeerLost(HyloError):
+    """This rank lost its peers mid-run: another rank or the launcher died."""
 
     exit_code = 1
 

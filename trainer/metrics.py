@@ -31,6 +31,16 @@ def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def drop_torn_line(path: Path) -> None:
+    """Cut a last line a killed run left half-written, so a resumed run appends whole lines only."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricsLogger:
     """Rank 0 writes TensorBoard event files under `<run>/tb` and the same points to `<run>/metrics.jsonl`."""
 
@@ -41,7 +51,9 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
-            self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+            path = run_dir / "metrics.jsonl"
+            drop_torn_line(path)
+            self.jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

@@ -3,7 +3,8 @@
 From the checkpoint: the weights, the optimizer's moments, the step, the schedule's position and the data position.
 From the new config: every optimiser and schedule setting (so `--resume train.lr=1e-3` trains at 1e-3), listed in
 a note when it differs from the checkpoint's.  Settings that define the parameters' shapes cannot change on resume
-and are refused by name.
+and are refused by name; model settings the weights fit but that change what the model computes (the window,
+RoPE's base, RAT's chunk, ...) are allowed with a note of their own.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from trainer.optim import lr_factor
 
 # Keys whose change alters the parameters' shapes: a checkpoint cannot be loaded into such a model.
 SHAPE_KEYS = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads",
-              "model.head_dim", "model.ffn_dim", "model.pattern", "model.tie_embeddings", "model.mlp", "model.norm")
+              "model.head_dim", "model.ffn_dim", "model.pattern", "model.tie_embeddings", "model.mlp", "model.norm",
+              "model.attn.sink", "model.attn.gate", "model.rat.qk_groups", "model.based.feature_dim",
+              "model.based.conv_kernel", "model.based.conv_expand", "model.tnl.hidden", "model.tnl.lrpe")
+# Keys the weights fit either way but that change what the model computes: allowed (growing a window or RAT's
+# chunk along with train.seq_len is a staged-training recipe), and said out loud.
+COMPUTE_KEYS = ("model.window", "model.rope_theta", "model.norm_eps", "model.embed_scale",
+                "model.document_positions", "model.attn.pinned", "model.rat.chunk_size")
+# Model keys that change neither: how the weights start or how much memory a step takes.
+NEUTRAL_MODEL_KEYS = ("model.init_std", "model.init_from", "model.mlp_tile")
 # Keys a resume takes from the new config (the rest of the new config applies anyway; these are the ones a
 # checkpoint also carries, so they are the ones a user could believe were ignored).
 OPTIMISER_KEYS = ("train.lr", "train.grad_clip", "optim.weight_decay", "optim.betas", "optim.eps",
@@ -40,19 +49,22 @@ def _get(record: dict[str, Any], key: str):
     return node
 
 
-def resume_changes(saved: dict[str, Any] | None, cfg: Config, checkpoint: str) -> list[str]:
-    """Refuse shape changes; return 'key old -> new' for the optimiser/schedule settings that changed."""
+def resume_changes(saved: dict[str, Any] | None, cfg: Config, checkpoint: str) -> tuple[list[str], list[str]]:
+    """Refuse shape changes; return 'key old -> new' for the optimiser/schedule settings that changed, and for the
+    model settings that change what the model computes."""
     if saved is None:  # written before checkpoints carried their config
-        return []
+        return [], []
     now = config_record(cfg)
-    shape = [f"{key} {_get(saved, key)!r} -> {_get(now, key)!r}" for key in SHAPE_KEYS
-             if _get(saved, key) != _get(now, key)]
-    if shape:
+
+    def changed(keys):
+        return [f"{key} {_get(saved, key)!r} -> {_get(now, key)!r}" for key in keys
+                if _get(saved, key) != _get(now, key)]
+
+    if shape := changed(SHAPE_KEYS):
         raise ConfigError(f"checkpoint {checkpoint} holds a model of another shape ({'; '.join(shape)}): these "
                           "settings cannot change on resume. Use the checkpoint's values, or start a new run from "
                           "its weights where they fit (hylo export, then model.init_from)")
-    return [f"{key} {_get(saved, key)!r} -> {_get(now, key)!r}" for key in OPTIMISER_KEYS
-            if _get(saved, key) != _get(now, key)]
+    return changed(OPTIMISER_KEYS), changed(COMPUTE_KEYS)
 
 
 def apply_optimiser_settings(optimizer: torch.optim.Optimizer, scheduler, cfg: Config) -> None:

@@ -11,22 +11,30 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from launch.distributed import destroy_distributed, init_distributed
+from launch.distributed import destroy_distributed, init_distributed, peer_lost
 from trainer.callbacks import Callback
 from trainer.callbacks.profiler import oom_snapshot
 from trainer.config import Config, load_config
 from trainer.errors import run_command
+from trainer.launcher_watch import StartupWatch
 from trainer.trainer import Trainer
 
 
 def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
     """Run training to `train.steps`; returns a summary (first and last logged loss, where outputs are).
     `callbacks` are added after the config's own (trainer/callbacks/)."""
-    info = init_distributed(cfg.train.device, cfg.parallel.backend)
-    snapshot = Path(cfg.run.dir) / f"oom_snapshot_rank{info.rank}.pickle"
+    watch = StartupWatch()  # a torchrun agent dying before the first step ends this rank with one line
     try:
+        info = init_distributed(cfg.train.device, cfg.parallel.backend)
+        snapshot = Path(cfg.run.dir) / f"oom_snapshot_rank{info.rank}.pickle"
         with oom_snapshot(cfg.profile.memory_snapshot, info.device, snapshot):
-            return Trainer(cfg, info, callbacks).fit()
+            trainer = Trainer(cfg, info, callbacks)
+            watch.training_started()
+            return trainer.fit()
+    except Exception as err:
+        if lost := peer_lost(err):  # a rank or the launcher died under a collective: one line, not a traceback
+            raise lost from None
+        raise
     finally:
         destroy_distributed()
 

@@ -8,6 +8,7 @@ device flag at logging steps and before saves and evaluations (`check_finite`).
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from trainer.config import Config, check_batch_layout, to_yaml
 from trainer.data import DataLoader
 from trainer.documents import document_masking
 from trainer.engines import StepResult, build_engine, engine_problem
-from trainer.errors import ConfigError, TrainingDiverged
+from trainer.errors import ConfigError, HyloError, TrainingDiverged
 from trainer.export import load_weights
 from trainer.metrics import MetricsLogger
 from trainer.optim import build_scheduler
@@ -65,6 +66,12 @@ def resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
     return Path(resume)
 
 
+def remove_if_empty(folder: Path) -> None:
+    """Remove `folder` if it holds no files (empty subfolders at most)."""
+    if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, callbacks: Sequence[Callback] = ()):
         problem = run_problem(cfg, info.world, info.device)
@@ -91,12 +98,15 @@ class Trainer:
         self.data_source = data_provenance(cfg.data, self.tokenizer)
         self.documents = document_masking(cfg, self.tokenizer)  # None unless data.document_masking
         self.lock = RunLock(self.run_dir)
+        new_run_dir = not self.run_dir.exists()
         try:
             self._lock_run_dir()
             self._build(info, micro, accum, callbacks)
         except BaseException:
             self.lock.release()
             self.loader.close()
+            if new_run_dir and self.is_main:  # a refused start leaves no empty run dir behind
+                remove_if_empty(self.run_dir)
             raise
 
     def _lock_run_dir(self) -> None:
@@ -154,7 +164,7 @@ class Trainer:
         self._first_bad_step = torch.zeros((), dtype=torch.long, device=self.device)  # 0: every step finite
         if self.resume_from is not None:
             saved = read_trainer_state(self.resume_from)  # checked before the weights are read
-            changed = resume_changes(saved.get("config"), cfg, str(self.resume_from))
+            changed, model_changes = resume_changes(saved.get("config"), cfg, str(self.resume_from))
             note = check_source(saved.get("data_source"), self.data_source, str(self.resume_from),
                                 cfg.data.allow_source_change)
             if note and self.is_main:
@@ -164,6 +174,9 @@ class Trainer:
             if changed and self.is_main:
                 print(f"[hylo] resuming with this run's settings where they differ from the checkpoint's: "
                       f"{', '.join(changed)}", flush=True)
+            if model_changes and self.is_main:
+                print(f"[hylo] note: resuming with model settings that change what the model computes (the weights "
+                      f"fit; the function they compute differs): {', '.join(model_changes)}", flush=True)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -197,6 +210,11 @@ class Trainer:
                 self.callbacks.on_step_end(self, result)
             self.check_finite()
             self.callbacks.on_train_end(self)
+        except HyloError as err:
+            self.close(done=False)
+            if self.step > self.start_step:  # failed while running (a data file removed mid-run, ...): exit 1
+                err.exit_code = 1
+            raise
         except BaseException:
             self.close(done=False)
             raise

@@ -1,6 +1,6 @@
 """Preemption: SIGTERM, SIGUSR1 or Ctrl-C (SIGINT) on any rank makes every rank save at the same step boundary
 and exit 0; a second Ctrl-C stops at once.  Ranks whose launcher died (the torchrun agent was `kill -9`ed, so
-they were re-parented) stop and save the same way instead of training on as orphans.
+they were re-parented: trainer/launcher_watch.py) stop and save the same way instead of training on as orphans.
 
 Schedulers (SLURM, Kubernetes, torchrun's agent) send SIGTERM before killing a job; SLURM can send SIGUSR1 ahead of
 the time limit (`#SBATCH --signal=USR1@120`).  The handler only sets a flag.  With one process the flag is read
@@ -11,7 +11,6 @@ logging.interval steps after the signal).
 
 from __future__ import annotations
 
-import os
 import signal
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.callbacks.base import Callback
+from trainer.launcher_watch import launcher_died
 
 if TYPE_CHECKING:
     from trainer.engines import StepResult
@@ -32,8 +32,6 @@ class PreemptionWatcher:
         self.device = device
         self.flag = False
         self.reason = "preempted"
-        # torchrun's agent is each worker's parent: if it dies the worker is re-parented
-        self.launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
@@ -44,13 +42,10 @@ class PreemptionWatcher:
             print("[hylo] interrupted: saving at the next step boundary (Ctrl-C again to stop at once)", flush=True)
         self.flag = True
 
-    def launcher_died(self) -> bool:
-        return self.launcher is not None and os.getppid() != self.launcher
-
     def requested(self) -> bool:
         """Whether any rank was signalled or lost its launcher (a collective: every rank must ask at the same
         step)."""
-        if self.launcher_died() and not self.flag:
+        if launcher_died() and not self.flag:
             self.flag, self.reason = True, "launcher died"
         if not dist.is_initialized():
             return self.flag

@@ -3,18 +3,17 @@
 
 Nothing is unpickled but DCP's own metadata: only tensors go through DCP (the load planner refuses pickled
 bytes), everything else is JSON, and DCP's `.metadata` file (a pickle) is read by an unpickler that admits only
-the types DCP writes there (`_MetadataUnpickler`), as `torch.load(weights_only=True)` does for tensors.  Saves
+the types DCP writes there (integrity.py's `read_dcp_metadata`, also run when a checkpoint is verified), as
+`torch.load(weights_only=True)` does for tensors.  Saves
 can run in the background (`dcp.async_save`).
 """
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
@@ -24,6 +23,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.optim import Optimizer
 
+from trainer.checkpointing.integrity import read_dcp_metadata
 from trainer.checkpointing.step_folder import StepFolderWriter, read_trainer_state, restore_rng
 from trainer.errors import CheckpointError
 
@@ -37,39 +37,11 @@ class _NoPickleLoadPlanner(DefaultLoadPlanner):
                               "hold only tensors and JSON, and it refuses to unpickle anything")
 
 
-# What DCP's .metadata holds: its metadata classes, tensor sizes, dtypes and layouts, and file paths.
-_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
-_METADATA_TYPES = {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-                   "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"}
-_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem",
-            "_StorageInfo"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-            ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module == _METADATA_MODULE and name in _METADATA_TYPES) or (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        raise CheckpointError(f"its .metadata asks to load {module}.{name}, which is not part of DCP's metadata; "
-                              "hylo refuses to unpickle it (the file was crafted or damaged)")
-
-
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader, with the .metadata read by `_MetadataUnpickler` instead of `pickle.load`."""
+    """DCP's file reader, with the .metadata read by hylo's restricted unpickler instead of `pickle.load`."""
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        path = Path(self.path) / ".metadata"
-        try:
-            with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except CheckpointError:
-            raise
-        except Exception as err:  # noqa: BLE001 - truncated or garbage: any unpickling error
-            raise CheckpointError(f"its .metadata is unreadable ({type(err).__name__}: {err})") from None
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"its .metadata holds a {type(metadata).__name__}, not DCP metadata")
+        metadata = read_dcp_metadata(Path(self.path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

@@ -1,4 +1,8 @@
-"""Checksums for step folders: a manifest of every file's size and XXH3-64 hash, written when a save completes
+"""Verifying a step folder before anything loads it: checksums of every file, and DCP's metadata read by hylo's own
+restricted unpickler (so a crafted or truncated `.metadata` is one line, and auto-resume falls back past it,
+before DCP ever touches it).
+
+Checksums: a manifest of every file's size and XXH3-64 hash, written when a save completes
 and checked before anything is loaded, so a flipped bit, a zeroed block or an edited JSON file is refused by name
 instead of silently changing the run.
 
@@ -16,10 +20,15 @@ from __future__ import annotations
 
 import json
 import mmap
+import pickle
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import xxhash
+from torch.distributed.checkpoint.metadata import Metadata
+
+from trainer.errors import CheckpointError
 
 MANIFEST = "MANIFEST.json"
 FORMAT = 1
@@ -62,12 +71,16 @@ def write_manifest(folder: Path, skip: set[str]) -> None:
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=0, sort_keys=True))
 
 
-def verify_manifest(folder: Path, skip: set[str]) -> str | None:
+def verify_manifest(folder: Path, skip: set[str], required: bool = True) -> str | None:
     """What is wrong with the folder's files, or None if every one matches its manifest entry.  Collective: every
-    rank calls it.  A folder without a manifest (written before hylo kept them) passes unverified."""
+    rank calls it.  A missing manifest is a failure unless not `required` (the run that saved the folder had
+    checkpoint.checksums=false)."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        return None
+        if not required:
+            return None
+        return (f"its {MANIFEST} is missing (deleted after the save?), so its files cannot be verified; restore "
+                "it, or load it unverified with checkpoint.checksums=false")
     try:
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("hash") != HASH:
@@ -90,3 +103,38 @@ def verify_manifest(folder: Path, skip: set[str]) -> str | None:
             problems[name] = f"file {name} does not match its checksum (changed or damaged on disk)"
     problems = _gather(problems)
     return problems[min(problems)] if problems else None
+
+
+# ------------------------------------------------------------------------------------------ DCP's .metadata
+# What DCP's .metadata holds: its metadata classes, tensor sizes, dtypes and layouts, and file paths.
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_METADATA_TYPES = {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                   "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"}
+_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem",
+            "_StorageInfo"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+            ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module == _METADATA_MODULE and name in _METADATA_TYPES) or (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise CheckpointError(f"its .metadata asks to load {module}.{name}, which is not part of DCP's metadata; "
+                              "hylo refuses to unpickle it (the file was crafted or damaged)")
+
+
+def read_dcp_metadata(folder: Path) -> Metadata:
+    """DCP's `.metadata` of a step folder, admitting only the types DCP writes there (as
+    `torch.load(weights_only=True)` does for tensors); a CheckpointError saying what is wrong otherwise."""
+    try:
+        with open(folder / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - missing, truncated or garbage: any reading or unpickling error
+        raise CheckpointError(f"its .metadata is unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"its .metadata holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata

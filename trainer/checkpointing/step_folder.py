@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from trainer.checkpointing.integrity import verify_manifest, write_manifest
+from trainer.checkpointing.integrity import read_dcp_metadata, verify_manifest, write_manifest
 from trainer.errors import CheckpointError, CheckpointWriteError
 
 TRAINER_STATE = "trainer_state.json"
@@ -55,8 +55,15 @@ def rank() -> int:
 
 
 def is_complete(path: Path) -> bool:
-    """The marker is written after every shard and the trainer state: it alone says the folder is whole."""
+    """The marker is written after every shard and the trainer state: it says the folder is whole."""
     return (path / MARKER).is_file() and (path / TRAINER_STATE).is_file()
+
+
+def incomplete_reason(path: Path) -> str:
+    """Why a step folder is not complete: cut off while being written, or its trainer state removed since."""
+    if not (path / MARKER).is_file():
+        return f"incomplete (no {MARKER} marker: cut off while being written)"
+    return f"damaged ({MARKER} is there but {TRAINER_STATE} is missing: deleted after the save?)"
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -76,8 +83,8 @@ def read_trainer_state(path: Path, expect_engine: str | None = None) -> dict[str
     if not path.is_dir():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     if not is_complete(path):
-        raise CheckpointError(f"checkpoint '{path}' is incomplete (no {MARKER} marker or {TRAINER_STATE}): it was "
-                              "cut off while being written; point checkpoint.resume at an earlier step_<N> folder")
+        raise CheckpointError(f"checkpoint '{path}' is {incomplete_reason(path)}; point checkpoint.resume at an "
+                              "earlier step_<N> folder")
     try:
         meta = json.loads((path / TRAINER_STATE).read_text())
     except (OSError, ValueError) as err:
@@ -100,30 +107,55 @@ def read_trainer_state(path: Path, expect_engine: str | None = None) -> dict[str
     return meta
 
 
-def verify_checkpoint(path: Path) -> str | None:
-    """What is wrong with a complete step folder's files (checked against its manifest), or None.  Collective:
-    every rank calls it, each hashing its share of the files."""
-    return verify_manifest(Path(path), skip={MARKER})
+def verify_checkpoint(path: Path, checksums: bool = True) -> str | None:
+    """What is wrong with a complete step folder, or None.  With `checksums`, every file must match its manifest,
+    which must exist unless the run that saved the folder turned checksums off; a torch-engine folder's DCP
+    metadata must read with hylo's own restricted reader, before DCP touches it.  Collective: every rank calls it,
+    each hashing its share of the files."""
+    path = Path(path)
+    if checksums:
+        problem = verify_manifest(path, skip={MARKER}, required=_saved_with_manifest(path))
+        if problem:
+            return problem
+    if (path / ".metadata").is_file():
+        try:
+            read_dcp_metadata(path)
+        except CheckpointError as err:
+            return str(err)
+    return None
+
+
+def _saved_with_manifest(path: Path) -> bool:
+    """Whether the run that saved this folder wrote a manifest (checkpoint.checksums, true unless turned off)."""
+    try:
+        return json.loads((path / TRAINER_STATE).read_text())["config"]["checkpoint"]["checksums"] is not False
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
 
 
 def verified_checkpoint(root: Path, explicit: Path | None, say=print, verify: bool = True) -> Path | None:
     """The checkpoint to resume from.  An explicit path must verify, or the run is refused; otherwise the newest
     complete checkpoint under `root` that verifies, each one skipped said out loud.  Collective.  With
-    `verify=False` (checkpoint.checksums=false) the manifests are not read."""
+    `verify=False` (checkpoint.checksums=false) the manifests are not read (the DCP metadata still is)."""
     if explicit is not None:
         read_trainer_state(explicit)  # exists and complete
-        problem = verify_checkpoint(explicit) if verify else None
+        problem = verify_checkpoint(explicit, checksums=verify)
         if problem:
             raise CheckpointError(f"checkpoint '{explicit}' is corrupt: {problem}. Point checkpoint.resume at an "
                                   "earlier step_<N> folder (or checkpoint.resume=auto to take the newest that "
                                   "verifies)")
         return explicit
-    if rank() == 0 and root.is_dir():
-        for path in sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and not is_complete(p)):
-            say(f"[hylo] skipping checkpoint {path}: incomplete (no {MARKER} marker: cut off while being written)")
     rejected = []
+    if root.is_dir():
+        for path in sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and not is_complete(p)):
+            if (path / MARKER).is_file():  # marked complete, then damaged: as loud as any corruption
+                rejected.append(f"{path.name}: {incomplete_reason(path)}")
+                if rank() == 0:
+                    say(f"[hylo] WARNING: skipping checkpoint {path}: {incomplete_reason(path)}")
+            elif rank() == 0:
+                say(f"[hylo] skipping checkpoint {path}: {incomplete_reason(path)}")
     for _, path in reversed(complete_checkpoints(root)):
-        problem = verify_checkpoint(path) if verify else None
+        problem = verify_checkpoint(path, checksums=verify)
         if problem is None:
             return path
         rejected.append(f"{path.name}: {problem}")
