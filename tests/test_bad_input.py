@@ -94,3 +94,18 @@ def test_eval_says_when_it_measures_on_the_bundled_split(capsys):
     args = Namespace(seq_len=32, batch_size=1, batches=1, bucket=0, data="bundled:val", checkpoint="ckpt")
     assert _eval_ppl(HybridLM(cfg.model).eval(), cfg, args) == 0
     assert "the model trained on my/corpus; perplexity is measured on the bundled" in capsys.readouterr().out
+
+
+def test_a_binary_tail_past_the_sniffed_start_is_named_when_read(tmp_path):
+    from trainer.config import DataConfig
+    from trainer.data import DocumentStream
+    from trainer.errors import DataError
+
+    (tmp_path / "good.txt").write_text("plain text\n" * 100)
+    bad = tmp_path / "tail.txt"
+    bad.write_bytes(b"text at the start\n" * 1000 + bytes(range(256)) * 100)  # binary after 18 KB of text
+    stream = DocumentStream(DataConfig(path=str(tmp_path)), seed=0)
+    stream.check_readable()  # the first 4 KB of each file are text
+    with pytest.raises(DataError, match=f"data file {bad} is not text"):
+        for _ in stream.iterate():
+            pass

@@ -447,6 +447,19 @@ def test_ranks_end_with_one_line_when_the_launcher_dies_during_start_up(shards, 
     assert out.count("died during start-up; stopping") == 2 and "Traceback" not in out, out[-3000:]
 
 
+def test_the_rank_that_outlives_a_killed_peer_says_so_in_one_line(shards, tmp_path, free_port):  # noqa: F811
+    """kill -9 of rank 1 mid-run, no restarts: rank 0 ends without a traceback of its own (a lost connection is one
+    line; torchrun's SIGTERM is a preemption), and no checkpoint is left half-written."""
+    res = torchrun(2, free_port, [f"run.dir={tmp_path}", f"data.path={shards}", "train.steps=30",
+                                  "checkpoint.interval=4", *SMALL], {"HYLO_FAULT": "kill:9:1"})
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert not [line for line in out.splitlines() if line.strip().startswith('File "') and "/trainer/" in line], \
+        out[-3000:]
+    assert "rank 0 lost contact with the job" in out or "preempted: saved step" in out, out[-3000:]
+    assert all(verify_checkpoint(p) is None for _, p in complete_checkpoints(tmp_path / "checkpoints"))
+
+
 def test_checksums_can_be_turned_off(tmp_path):
     model, optimizer = tiny()
     saver = DCPCheckpointer(tmp_path, checksums=False)

@@ -174,23 +174,20 @@ class DocumentStream:
                 ) from None
             ds.set_epoch(epoch)
             return ds
-        files = self._epoch_files(epoch)
+        files = list(self.source)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(files)
         # Real corpora hold the odd non-UTF-8 byte (the stdlib has latin-1 test files): replace, never crash.
         text_kwargs = {"sample_by": "document", "encoding_errors": "replace"}
         kwargs: dict[str, Any] = text_kwargs if self.builder == "text" else {}
         return load_dataset(self.builder, data_files=files, split="train", streaming=True, **kwargs)
 
-    def _epoch_files(self, epoch: int) -> list[str]:
-        files = list(self.source)
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(files)
-        return files
-
-    def _binary_file(self) -> str | None:
-        """The first text file whose start is not text (read at start-up and when a document is not text)."""
+    def _binary_file(self, sniff: int = SNIFF_BYTES) -> str | None:
+        """The first text file whose first `sniff` bytes (-1: all of it) are not text: at start-up, and to name the
+        file when a document turns out not to be text."""
         for file in self.source if self.builder == "text" else ():
             try:
                 with open(file, "rb") as f:
-                    head = f.read(SNIFF_BYTES)
+                    head = f.read(sniff)
             except OSError:
                 continue  # unreadable files are reported by the read itself
             if not looks_like_text(head.decode("utf-8", errors="replace")):
@@ -259,7 +256,7 @@ class DocumentStream:
                         "set data.text_field"
                     )
                 if self.builder == "text" and not looks_like_text(text):  # binary past the start of a file
-                    raise DataError(not_text(self._binary_file() or f"one of {len(self.source)} files"))
+                    raise DataError(not_text(self._binary_file(sniff=-1) or f"one of {len(self.source)} files"))
                 empty_epoch = False
                 has_text = has_text or bool(text.strip())
                 yield epoch, before, text
@@ -360,17 +357,13 @@ class DataLoader:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         self._stop = threading.Event()
 
-    def _epoch_files(self, epoch: int) -> list[str]:
-        files = list(self.source)
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(files)
-        return files
-
-    def _binary_file(self) -> str | None:
-        """The first text file whose start is not text (read at start-up and when a document is not text)."""
+    def _binary_file(self, sniff: int = SNIFF_BYTES) -> str | None:
+        """The first text file whose first `sniff` bytes (-1: all of it) are not text: at start-up, and to name the
+        file when a document turns out not to be text."""
         for file in self.source if self.builder == "text" else ():
             try:
                 with open(file, "rb") as f:
-                    head = f.read(SNIFF_BYTES)
+                    head = f.read(sniff)
             except OSError:
                 continue  # unreadable files are reported by the read itself
             if not looks_like_text(head.decode("utf-8", errors="replace")):
