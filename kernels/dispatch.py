@@ -4,8 +4,11 @@
   chunk   the blockwise PyTorch path: any device, any dtype, and what `auto` falls back to
   triton  the Triton kernels: CUDA tensors, or any tensors with TRITON_INTERPRET=1 (CPU, exact, slow)
   sdpa    torch's scaled_dot_product_attention, for the attention calls it can express
-  auto    sdpa where the op offers it and the call fits, else triton where the kernels take the inputs (CUDA tensors
-          of one 16/32-bit dtype, triton installed), else chunk
+  flash   the FlashAttention kernels torch ships (attention: kernels/attention/flash.py), with sinks, pinned tokens
+          and the lse composed around them
+  auto    sdpa where the op offers it and the call fits, else flash where the op offers it for 16-bit CUDA tensors
+          and the installed torch passes its probe, else triton where the kernels take the inputs (CUDA tensors of
+          one 16/32-bit dtype, triton installed), else chunk
 
 Asking for a backend by name gets exactly that backend or an error, never a substitute.
 """
@@ -45,14 +48,17 @@ def check_backend(op: str, backend: str, offered: tuple[str, ...]) -> None:
 
 
 def choose_backend(op: str, backend: str, offered: tuple[str, ...], tensors: tuple[torch.Tensor, ...], *,
-                   triton_ok: Callable[[], bool] = lambda: True, sdpa_ok: bool = False) -> str:
+                   triton_ok: Callable[[], bool] = lambda: True, sdpa_ok: bool = False,
+                   flash_ok: Callable[[], bool] = lambda: False) -> str:
     """The backend `op` runs: `backend` itself when named (it must be one the op offers), else auto's choice.
     `triton_ok` adds the op's own limits (head dims, gradients it cannot give); `sdpa_ok` says SDPA can express
-    this call."""
+    this call; `flash_ok` that the vendor flash kernels take it."""
     check_backend(op, backend, offered)
     if backend == "auto":
         if "sdpa" in offered and sdpa_ok:
             return "sdpa"
+        if "flash" in offered and tensors[0].is_cuda and tensors[0].dtype in LOW_PRECISION and flash_ok():
+            return "flash"
         if "triton" in offered and triton_fits(*tensors) and triton_ok():
             return "triton"
         return "chunk"

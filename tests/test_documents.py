@@ -54,7 +54,7 @@ def leaf(*shape, dtype=F64):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("backend", ["naive", "chunk"])
+@pytest.mark.parametrize("backend", ["naive", "chunk", "flash"])
 @pytest.mark.parametrize("kind", ["full", "window", "window+pinned", "gqa"])
 def test_attention_packed_equals_each_document(kind, backend, layout):
     lengths = LAYOUTS[layout]

@@ -76,14 +76,47 @@ ATTN_CASES = {  # (T, H, Hkv, kwargs)
 }
 
 
+@pytest.mark.parametrize("backend", ["chunk", "flash"])
 @pytest.mark.parametrize("with_sink", [True, False], ids=["sink", "nosink"])
 @pytest.mark.parametrize("case", ATTN_CASES)
-def test_attention_chunk_matches_oracle(case, with_sink):
+def test_attention_chunk_matches_oracle(case, with_sink, backend):
+    """The blockwise path and the flash backend (torch's CPU flash kernel with sinks, pinned tokens and the lse's
+    gradient composed around it) against the oracle: float64 exact, float32 to 1e-5, every gradient."""
     t, h, h_kv, kw = ATTN_CASES[case]
     inputs = [rand(2, t, h, 16), rand(2, t, h_kv, 16), rand(2, t, h_kv, 16)] + ([rand(h)] if with_sink else [])
-    assert_matches(attn("chunk", **kw), attn("naive", **kw), inputs, tol=1e-9)
+    assert_matches(attn(backend, **kw), attn("naive", **kw), inputs, tol=1e-9)
     f32 = [x.detach().float().requires_grad_() for x in inputs]
-    assert_matches(attn("chunk", **kw), attn("naive", **kw), f32, tol=1e-5)
+    assert_matches(attn(backend, **kw), attn("naive", **kw), f32, tol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["gqa", "pinned", "non-causal"])
+def test_attention_flash_bf16_matches_oracle(case):
+    """bf16 operands (the GPU's dtype; here the CPU kernel): outputs and gradients within bf16 rounding."""
+    t, h, h_kv, kw = ATTN_CASES[case]
+    inputs = [rand(1, t, h, 16, dtype=torch.bfloat16), rand(1, t, h_kv, 16, dtype=torch.bfloat16),
+              rand(1, t, h_kv, 16, dtype=torch.bfloat16), rand(h, dtype=torch.float32)]
+    assert_matches(attn("flash", **kw), attn("naive", **kw), inputs, tol=2e-2)
+
+
+def test_attention_flash_probe_and_refusals(monkeypatch):
+    """The probe passes on this torch, a kernel that fails it is a reason (named, never a silent substitute), and
+    what flash cannot take is a ValueError."""
+    import importlib
+
+    flash = importlib.import_module("kernels.attention.flash")  # (kernels.attention is also the op's name)
+    assert flash._probe(torch.device("cpu")) is None
+    monkeypatch.setattr(flash, "_PROBED", {})
+
+    def missing_argument(*args, **kwargs):
+        raise TypeError("_flash_attention_forward() got an unexpected keyword argument 'window_size_left'")
+    monkeypatch.setattr(flash, "kernel_forward", missing_argument)
+    q = rand(1, 8, 2, 8)
+    with pytest.raises(ValueError, match="backend='flash' cannot take these inputs: .*failed a probe call.*"
+                                         "window_size_left"):
+        attention(q, q, q, backend="flash")
+    assert attention(q, q, q, window=3, backend="auto") is not None  # auto on CPU: the blockwise path
+    with pytest.raises(ValueError, match="different dtypes"):
+        attention(q, q.float(), q, backend="flash")
 
 
 def test_attention_gradcheck():
@@ -92,9 +125,13 @@ def test_attention_gradcheck():
     assert torch.autograd.gradcheck(attn("chunk"), (q, k, v, sink))
 
 
-def test_attention_fewer_queries_than_keys():
-    q, k, v = rand(1, 5, 2, 8), rand(1, 40, 2, 8), rand(1, 40, 2, 8)
-    assert_matches(attn("chunk", window=7), attn("naive", window=7), [q, k, v], tol=1e-9)
+@pytest.mark.parametrize("backend", ["chunk", "flash"])
+def test_attention_fewer_queries_than_keys(backend):
+    q, k, v, sink = rand(1, 5, 2, 8), rand(1, 40, 2, 8), rand(1, 40, 2, 8), rand(2)
+    assert_matches(attn(backend, window=7), attn("naive", window=7), [q, k, v], tol=1e-9)
+    assert_matches(attn(backend), attn("naive"), [q, k, v, sink], tol=1e-9)
+    assert_matches(attn(backend, window=7, n_pinned=3), attn("naive", window=7, n_pinned=3), [q, k, v, sink],
+                   tol=1e-9)
 
 
 def test_attention_sdpa_fast_path_matches_oracle():
@@ -135,8 +172,8 @@ def test_attention_rejects_bad_inputs():
         attention(kv, kv, kv, window=0)
     with pytest.raises(ValueError, match=r"sink must have shape \(heads,\)"):
         attention(kv, kv, kv, sink=torch.zeros(3))
-    with pytest.raises(ValueError, match="backend='flash' is not one of"):
-        attention(kv, kv, kv, backend="flash")
+    with pytest.raises(ValueError, match="backend='fast' is not one of"):
+        attention(kv, kv, kv, backend="fast")
 
 
 # ---------------------------------------------------------------------------------------------- lightning

@@ -16,7 +16,9 @@ from kernels.attention.dq_mode import atomic_dq, set_backward_dq
 from kernels.attention.naive import naive_attention
 from kernels.attention.step import attention_prefill, attention_step
 from kernels.dispatch import choose_backend, triton_fits
-from kernels.varlen import packed, split_documents
+from kernels.varlen import document_bounds, packed, split_documents
+
+BACKENDS = ("naive", "chunk", "triton", "sdpa", "flash")
 
 __all__ = ["attention", "attention_prefill", "attention_step", "naive_attention", "chunk_attention",
            "set_backward_dq", "atomic_dq"]
@@ -52,6 +54,30 @@ def _triton_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return supported(q, k, v)
 
 
+def _flash_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `auto` may take the flash backend; a torch whose FlashAttention ops fail their probe is said once."""
+    from kernels.attention.flash import flash_problem
+
+    problem = flash_problem(q, k, v)
+    if problem and q.is_cuda and problem not in _SAID:
+        _SAID.add(problem)
+        print(f"[hylo] attention: not using the flash backend ({problem}); the Triton kernels run instead",
+              flush=True)
+    return problem is None
+
+
+_SAID: set[str] = set()
+
+
+def _flash(q, k, v, *, causal, window, sink, scale, n_pinned, bounds=None):
+    from kernels.attention.flash import flash_attention, flash_problem
+
+    if problem := flash_problem(q, k, v):
+        raise ValueError(f"attention: backend='flash' cannot take these inputs: {problem}")
+    return flash_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale, n_pinned=n_pinned,
+                           bounds=bounds)
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None,
           scale: float | None) -> torch.Tensor:
     mask = None if window is None else _window_mask(q.shape[1], window, q.device)
@@ -72,9 +98,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     n_pinned  with a window, the first n_pinned tokens stay visible to every query (StreamingLLM)
     cu_seqlens  packed documents (batch 1, kernels/varlen.py): no query sees another document's keys, each
               document's softmax has its own sink, window and pinned tokens
-    backend   "naive" (quadratic oracle) | "chunk" (blockwise PyTorch) | "triton" (flash kernels) | "sdpa"
-              (torch's SDPA, plain attention only) | "auto" (kernels/dispatch.py: SDPA for plain attention,
-              else Triton for CUDA tensors it takes, else chunk)
+    backend   "naive" (quadratic oracle) | "chunk" (blockwise PyTorch) | "triton" (our flash kernels) | "sdpa"
+              (torch's SDPA, plain attention only) | "flash" (the FlashAttention kernels torch ships, sinks, pinned
+              tokens, documents and lse composed around them: flash.py) | "auto" (kernels/dispatch.py: SDPA for
+              plain attention, else flash for 16-bit CUDA tensors where torch's ops pass their probe, else Triton
+              for CUDA tensors it takes, else chunk)
     """
     check_inputs(q, k, v, window, causal, sink, n_pinned)
     cu_seqlens = packed(cu_seqlens, q, "attention")
@@ -84,8 +112,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         # The flash kernels take every document in one launch; SDPA (plain attention under "auto") and the
         # PyTorch paths run each document on its own.
         plain = sink is None and not return_lse and n_pinned == 0
-        chosen = choose_backend("attention", backend, ("naive", "chunk", "triton", "sdpa"), (q, k, v),
-                                triton_ok=lambda: _triton_takes(q, k, v), sdpa_ok=plain)
+        chosen = choose_backend("attention", backend, BACKENDS, (q, k, v), triton_ok=lambda: _triton_takes(q, k, v),
+                                sdpa_ok=plain, flash_ok=lambda: _flash_takes(q, k, v))
+        if chosen == "flash":  # every document in one call (FlashAttention's varlen layout)
+            out, lse = _flash(q, k, v, causal=causal, window=window, sink=sink, scale=scale, n_pinned=n_pinned,
+                              bounds=document_bounds(cu_seqlens, q, "attention"))
+            return (out, lse) if return_lse else out
         if chosen == "triton":
             from kernels.attention.triton import triton_attention
 
@@ -104,14 +136,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     # SDPA takes plain attention; with a window only on GPUs where the Triton kernels cannot take the inputs (as a
     # (T, T) mask) — on CPUs the blockwise path is O(T*W).
     sdpa_ok = plain and (window is None or (q.is_cuda and not (triton_fits(q, k, v) and _triton_takes(q, k, v))))
-    backend = choose_backend("attention", backend, ("naive", "chunk", "triton", "sdpa"), (q, k, v),
-                             triton_ok=lambda: _triton_takes(q, k, v), sdpa_ok=sdpa_ok)
+    backend = choose_backend("attention", backend, BACKENDS, (q, k, v), triton_ok=lambda: _triton_takes(q, k, v),
+                             sdpa_ok=sdpa_ok, flash_ok=lambda: _flash_takes(q, k, v))
     if backend == "sdpa":
         if not plain:
             raise ValueError("backend='sdpa' takes plain attention only: no sink, lse, pinned tokens, or fewer "
                              "queries than keys")
         return _sdpa(q, k, v, causal, window, scale)
-    if backend == "naive":
+    if backend == "flash":
+        out, lse = _flash(q, k, v, causal=causal, window=window, sink=sink, scale=scale, n_pinned=n_pinned)
+    elif backend == "naive":
         out, lse = naive_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale, n_pinned=n_pinned)
     elif backend == "triton":
         from kernels.attention.triton import triton_attention  # imports triton, which CPU-only installs may lack
