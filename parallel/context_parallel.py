@@ -13,6 +13,7 @@ mixer.py).  The strategies, one file each:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 
 import torch.distributed as dist
 from torch import nn
@@ -66,15 +67,17 @@ def make_context(mesh: DeviceMesh, seq_len: int, mode: str, ulysses: int) -> CPC
     return ctx
 
 
-def full_attention_op(ctx: CPContext):
-    """Full causal attention by parallel.cp_mode: ring, Ulysses, or Ulysses inside a ring (hybrid)."""
+def full_attention_op(ctx: CPContext, backend: str = "auto"):
+    """Full causal attention by parallel.cp_mode: ring, Ulysses, or Ulysses inside a ring (hybrid); `backend`
+    names the kernels every step runs on (auto: kernels/dispatch.py's choice)."""
     if ctx.mode == "ring":
-        return RingAttention(ctx.group, ctx.segments, key="full/ring")
+        return RingAttention(ctx.group, ctx.segments, key="full/ring", backend=backend)
     if ctx.mode == "ulysses":
-        return UlyssesAttention(ctx.group, ctx.segments, attention, key="full/ulysses")
+        inner = attention if backend == "auto" else partial(attention, backend=backend)
+        return UlyssesAttention(ctx.group, ctx.segments, inner, key="full/ulysses")
     u = ctx.ulysses
     ring_segments = cp_segments(ctx.seq_len, ctx.size // u, "ring")
-    ring = RingAttention(ctx.ring_group, ring_segments, key="full/ring")
+    ring = RingAttention(ctx.ring_group, ring_segments, key="full/ring", backend=backend)
     j = ctx.rank // u
     return UlyssesAttention(ctx.ulysses_group, ctx.segments[j * u:(j + 1) * u], ring, key="full/ulysses",
                             seq_len=ctx.seq_len)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from kernels.attention import flash_usable
 from kernels.attention.chunk import (
     Layout,
     add_sink,
@@ -28,6 +29,7 @@ from kernels.attention.chunk import (
     sink_grad,
     to_groups,
 )
+from kernels.attention.flash import flash_problem
 from kernels.dispatch import check_backend, choose_backend
 from parallel.context import COMM, Segment, sequence_layout
 
@@ -64,7 +66,21 @@ def _triton_backward(q, k, v, d_out, delta, lse, scale: float, layout: Layout):
     return dq.transpose(1, 2).reshape(b, h_kv, g, t, -1), regroup(dk), regroup(dv)
 
 
-PAIR_KERNELS = {"chunk": (block_forward, block_backward), "triton": (_triton_forward, _triton_backward)}
+def _flash_forward(q, k, v, scale: float, layout: Layout):
+    from kernels.attention.flash import pair_forward
+
+    return pair_forward(q, k, v, scale, layout)
+
+
+def _flash_backward(q, k, v, d_out, delta, lse, scale: float, layout: Layout, out=None):
+    from kernels.attention.flash import pair_backward
+
+    return pair_backward(q, k, v, d_out, delta, lse, scale, layout, out=out)
+
+
+PAIR_KERNELS = {"chunk": (block_forward, block_backward), "triton": (_triton_forward, _triton_backward),
+                "flash": (_flash_forward, _flash_backward)}
+BACKENDS = ("chunk", "triton", "flash")
 
 
 Piece = tuple[int, int, int]  # (global start, length, document index): a segment's part inside one document
@@ -125,6 +141,7 @@ class _RingAttention(torch.autograd.Function):
                     req.wait()
                 kv = pending[1]
         out, lse = add_sink(out, lse, sink)
+        ctx.set_materialize_grads(False)  # an unused lse gives no gradient (the flash pairs then need one call)
         ctx.save_for_backward(q, k, v, sink, out, lse)
         ctx.scale, ctx.ring, ctx.backend, ctx.pieces = scale, ring, backend, pieces
         return out, lse
@@ -144,8 +161,10 @@ class _RingAttention(torch.autograd.Function):
         for step in range(ring.size):
             src = (ring.rank - step) % ring.size
             for qsl, ksl, layout in _pairs(mine, ctx.pieces[src]):
+                # the flash kernels' backward takes the merged output itself where no lse gradient joins delta
+                merged = {"out": out[..., qsl, :]} if ctx.backend == "flash" and d_lse is None else {}
                 g_q, g_k, g_v = pair_backward(q[..., qsl, :], kv[..., ksl, :d], kv[..., ksl, d:], d_out[..., qsl, :],
-                                               delta[..., qsl], lse[..., qsl], scale, layout)
+                                               delta[..., qsl], lse[..., qsl], scale, layout, **merged)
                 dq[..., qsl, :] += g_q
                 dkv[..., ksl, :] += torch.cat([g_k, g_v], dim=-1)
             if ring.size > 1:  # pass the block on with its gradient; after N hops dK/dV are home
@@ -163,12 +182,13 @@ class _RingAttention(torch.autograd.Function):
 class RingAttention:
     """`attention` (full causal) with the sequence split over a ring of ranks in the given segments.
 
-    backend: "auto" (the Triton flash kernels for CUDA tensors they support, else the blockwise PyTorch path),
-    "chunk" or "triton" (which also runs on the CPU interpreter, how the tests check it)."""
+    backend: "auto" (torch's FlashAttention kernels for 16-bit CUDA tensors where they pass their probe, else the
+    Triton flash kernels for CUDA tensors they support, else the blockwise PyTorch path), "chunk", "triton" (which
+    also runs on the CPU interpreter, how the tests check it) or "flash" (on the CPU: torch's CPU flash kernel)."""
 
     def __init__(self, group: dist.ProcessGroup, segments: list[list[Segment]], key: str = "ring",
                  backend: str = "auto"):
-        check_backend("ring attention", backend, ("chunk", "triton"))
+        check_backend("ring attention", backend, BACKENDS)
         self.ring, self.backend = _Ring(group, segments, key), backend
 
     def __call__(self, q, k, v, *, causal=True, window=None, sink=None, scale=None, return_lse=False, n_pinned=0,
@@ -176,11 +196,13 @@ class RingAttention:
         if not causal or window is not None or n_pinned:
             raise ValueError("ring attention runs full causal attention; window layers use the halo exchange")
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        backend = choose_backend("ring attention", self.backend, ("chunk", "triton"), (q, k, v),
-                                 triton_ok=lambda: _triton_supports(q, k, v))
-        # The Triton kernels take bf16/fp16 operands as they are (fp32 accumulation inside, fp32 merges here);
-        # the blockwise PyTorch path computes in fp32.
-        groups = _grouped(q, k, v, sink) if backend == "triton" else to_groups(q, k, v, sink)
+        backend = choose_backend("ring attention", self.backend, BACKENDS, (q, k, v),
+                                 triton_ok=lambda: _triton_supports(q, k, v), flash_ok=lambda: flash_usable(q, k, v))
+        if backend == "flash" and (problem := flash_problem(q, k, v)):
+            raise ValueError(f"ring attention: backend='flash' cannot take these inputs: {problem}")
+        # The Triton and flash kernels take bf16/fp16 operands as they are (fp32 accumulation inside, fp32 merges
+        # here); the blockwise PyTorch path computes in fp32.
+        groups = _grouped(q, k, v, sink) if backend in ("triton", "flash") else to_groups(q, k, v, sink)
         layout = sequence_layout(self.ring.segments, cu_seqlens, q, self.ring.rank, "ring attention")
         pieces = [layout.pieces(r) for r in range(self.ring.size)]
         out, lse = _RingAttention.apply(*groups, scale, self.ring, backend, pieces)
@@ -192,7 +214,7 @@ def _grouped(q, k, v, sink):
     """to_groups without the upcast: q (B, Hkv, G, Tq, d), k/v (B, Hkv, 1, Tk, d) in their own dtype."""
     b, t_q, h, d = q.shape
     h_kv = k.shape[2]
-    sink_g = None if sink is None else sink.float().view(h_kv, h // h_kv)
+    sink_g = None if sink is None else sink.to(torch.promote_types(sink.dtype, torch.float32)).view(h_kv, h // h_kv)
     return (q.transpose(1, 2).reshape(b, h_kv, h // h_kv, t_q, d), k.transpose(1, 2)[:, :, None],
             v.transpose(1, 2)[:, :, None], sink_g)
 

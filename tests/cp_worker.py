@@ -113,9 +113,11 @@ def documents_in_one_mode(prefix: str, ctx: CPContext, cu: torch.Tensor, segment
 
     q, k, v, s = broadcast_randn(1, 2 * t, 4, 8), broadcast_randn(1, 2 * t, 2, 8), \
         broadcast_randn(1, 2 * t, 2, 8), broadcast_randn(4)
-    op = full_attention_op(ctx)
-    case("full", lambda q, k, v, s: attention(q, k, v, sink=s, return_lse=True, cu_seqlens=cu, backend="naive"),
-         lambda q, k, v, s: op(q, k, v, sink=s, return_lse=True, cu_seqlens=cu), [q, k, v], [s], lse=True)
+    for backend in ("auto", "flash"):  # flash: every ring step / the Ulysses attention on torch's flash kernel
+        op = full_attention_op(ctx, backend)
+        case(f"full-{backend}", lambda q, k, v, s: attention(q, k, v, sink=s, return_lse=True, cu_seqlens=cu,
+                                                             backend="naive"),
+             lambda q, k, v, s, op=op: op(q, k, v, sink=s, return_lse=True, cu_seqlens=cu), [q, k, v], [s], lse=True)
     halo = HaloWindowAttention(ctx)
     for window in (3, t // 2 + 3):
         case(f"swa-W{window}", lambda q, k, v, s, w=window: attention(
@@ -171,6 +173,23 @@ def main():
             def par(q, k, v, *s, op=op):
                 return op(q, k, v, sink=s[0] if s else None, return_lse=True)
             run_case(f"full/{mode}/kv{h_kv}/sink{int(sink)}", ctx, ref, par, [q, k, v], params, with_lse=True)
+
+    # ---- every mode on torch's flash kernels (here the CPU one), with the lse's gradient and without (then each
+    # ring step's backward takes the merged output itself); float64 exact, bf16 operands to bf16 rounding
+    for mode in modes:
+        op = full_attention_op(contexts[mode], backend="flash")
+        q, k, v, s = broadcast_randn(2, T, 4, 8), broadcast_randn(2, T, 2, 8), broadcast_randn(2, T, 2, 8), \
+            broadcast_randn(4)
+        run_case(f"full/{mode}-flash/lse", contexts[mode],
+                 lambda q, k, v, s: attention(q, k, v, sink=s, return_lse=True, backend="naive"),
+                 lambda q, k, v, s, op=op: op(q, k, v, sink=s, return_lse=True), [q, k, v], [s], with_lse=True)
+        run_case(f"full/{mode}-flash", contexts[mode],
+                 lambda q, k, v, s: attention(q, k, v, sink=s, backend="naive"),
+                 lambda q, k, v, s, op=op: op(q, k, v, sink=s), [q, k, v], [s])
+        run_case(f"full/{mode}-flash-bf16", contexts[mode],
+                 lambda q, k, v, s: attention(q, k, v, sink=s, backend="naive"),
+                 lambda q, k, v, s, op=op: op(*(x.bfloat16() for x in (q, k, v)), sink=s.float()).double(),
+                 [q, k, v], [s], tol=2e-2)
 
     # ---- ring attention on the Triton flash kernels (float32 vs the float64 oracle; CPU interpreter here)
     if triton_usable(torch.zeros(1)):

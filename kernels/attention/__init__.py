@@ -54,8 +54,9 @@ def _triton_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return supported(q, k, v)
 
 
-def _flash_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `auto` may take the flash backend; a torch whose FlashAttention ops fail their probe is said once."""
+def flash_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `auto` may take the flash backend (ring attention asks too); a torch whose FlashAttention ops fail
+    their probe is said once."""
     from kernels.attention.flash import flash_problem
 
     problem = flash_problem(q, k, v)
@@ -113,7 +114,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         # PyTorch paths run each document on its own.
         plain = sink is None and not return_lse and n_pinned == 0
         chosen = choose_backend("attention", backend, BACKENDS, (q, k, v), triton_ok=lambda: _triton_takes(q, k, v),
-                                sdpa_ok=plain, flash_ok=lambda: _flash_takes(q, k, v))
+                                sdpa_ok=plain, flash_ok=lambda: flash_usable(q, k, v))
         if chosen == "flash":  # every document in one call (FlashAttention's varlen layout)
             out, lse = _flash(q, k, v, causal=causal, window=window, sink=sink, scale=scale, n_pinned=n_pinned,
                               bounds=document_bounds(cu_seqlens, q, "attention"))
@@ -137,7 +138,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     # (T, T) mask) — on CPUs the blockwise path is O(T*W).
     sdpa_ok = plain and (window is None or (q.is_cuda and not (triton_fits(q, k, v) and _triton_takes(q, k, v))))
     backend = choose_backend("attention", backend, BACKENDS, (q, k, v), triton_ok=lambda: _triton_takes(q, k, v),
-                             sdpa_ok=sdpa_ok, flash_ok=lambda: _flash_takes(q, k, v))
+                             sdpa_ok=sdpa_ok, flash_ok=lambda: flash_usable(q, k, v))
     if backend == "sdpa":
         if not plain:
             raise ValueError("backend='sdpa' takes plain attention only: no sink, lse, pinned tokens, or fewer "

@@ -36,6 +36,13 @@ class Spec:
     scale: float
     n_pinned: int
     bounds: tuple[tuple[int, int], ...] | None  # packed documents (start, end), or None for one sequence per row
+    # Positions of the first query and the first key (ring attention's pairs of segments); None: the queries are
+    # the last positions of the keys.
+    q_start: int | None = None
+    k_start: int = 0
+
+    def starts(self, t_q: int, t_k: int) -> tuple[int, int]:
+        return (t_k - t_q if self.q_start is None else self.q_start), self.k_start
 
 
 # ------------------------------------------------------------------------------------------------ the kernels
@@ -47,10 +54,11 @@ def _documents(spec: Spec) -> torch.Tensor | None:
 
 def _cpu_mask(spec: Spec, t_q: int, t_k: int, dtype: torch.dtype) -> torch.Tensor | None:
     """The additive (t_q, t_k) mask the CPU op needs, or None where its own `is_causal` says it all."""
-    if spec.window is None and spec.bounds is None and (t_q == t_k or not spec.causal):
+    q0, k0 = spec.starts(t_q, t_k)
+    if spec.window is None and spec.bounds is None and ((q0 == k0 and t_q == t_k) or not spec.causal):
         return None
-    i = torch.arange(t_k - t_q, t_k)[:, None]
-    j = torch.arange(t_k)[None, :]
+    i = torch.arange(q0, q0 + t_q)[:, None]
+    j = torch.arange(k0, k0 + t_k)[None, :]
     seen = j <= i if spec.causal else torch.ones(t_q, t_k, dtype=torch.bool)
     if spec.window is not None:
         seen = seen & (i - j < spec.window)
@@ -68,9 +76,19 @@ def _fa_layout(q: torch.Tensor, k: torch.Tensor, spec: Spec) -> dict:
     return {"cum": cum, "max_q": longest, "max_k": longest}
 
 
-def _fa_window(spec: Spec) -> dict:
-    return {"window_size_left": -1 if spec.window is None else spec.window - 1,
-            "window_size_right": 0 if spec.causal else -1}
+def _fa_window(spec: Spec, t_q: int, t_k: int) -> tuple[bool, dict]:
+    """(is_causal, window sizes): FA aligns a causal mask bottom-right; queries ending after the last key (a ring
+    pair) see `right` more keys past that alignment, which is FA's local mode with an unbounded left side."""
+    q0, k0 = spec.starts(t_q, t_k)
+    right = (q0 + t_q) - (k0 + t_k)
+    left = -1 if spec.window is None else spec.window - 1
+    if not spec.causal:
+        return False, {"window_size_left": -1, "window_size_right": -1}
+    if right == 0:
+        return True, {"window_size_left": left, "window_size_right": 0}
+    if right < 0 or spec.window is not None:
+        raise ValueError("flash attention: keys past the last query or a window with explicit positions")
+    return False, {"window_size_left": -1, "window_size_right": right}
 
 
 def _fa_lse(lse: torch.Tensor, q: torch.Tensor, spec: Spec) -> torch.Tensor:
@@ -87,9 +105,10 @@ def kernel_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec
     if q.is_cuda:
         fa = _fa_layout(q, k, spec)
         squeeze = (lambda x: x[0]) if fa["cum"] is not None else (lambda x: x)
+        causal, window = _fa_window(spec, q.shape[1], k.shape[1])
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            squeeze(q), squeeze(k), squeeze(v), fa["cum"], fa["cum"], fa["max_q"], fa["max_k"], 0.0, spec.causal,
-            False, scale=spec.scale, **_fa_window(spec))
+            squeeze(q), squeeze(k), squeeze(v), fa["cum"], fa["cum"], fa["max_q"], fa["max_k"], 0.0, causal, False,
+            scale=spec.scale, **window)
         return out.view(q.shape[:-1] + v.shape[-1:]), _fa_lse(lse, q, spec), (lse, rng, unused)
     mask = _cpu_mask(spec, q.shape[1], k.shape[1], q.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -112,10 +131,10 @@ def kernel_backward(d_out, q, k, v, out, lse, spec: Spec, saved) -> tuple[torch.
             lse = padded
         elif spec.bounds is not None:
             lse = lse[0]
+        causal, window = _fa_window(spec, q.shape[1], k.shape[1])
         grads = torch.ops.aten._flash_attention_backward(
             squeeze(d_out).contiguous(), squeeze(q), squeeze(k), squeeze(v), squeeze(out), lse.contiguous(),
-            fa["cum"], fa["cum"], fa["max_q"], fa["max_k"], 0.0, spec.causal, rng, unused, scale=spec.scale,
-            **_fa_window(spec))
+            fa["cum"], fa["cum"], fa["max_q"], fa["max_k"], 0.0, causal, rng, unused, scale=spec.scale, **window)
         return tuple(g.view(x.shape) for g, x in zip(grads, (q, k, v), strict=True))
     mask = _cpu_mask(spec, q.shape[1], k.shape[1], q.dtype)
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -237,6 +256,55 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     spec = Spec(causal, window, q.shape[-1] ** -0.5 if scale is None else scale, n_pinned if window else 0,
                 tuple(bounds) if bounds else None)
     return FlashAttention.apply(q, k, v, sink, spec)
+
+
+# ------------------------------------------------------------------------------------- ring attention's pairs
+# One (query segment, key segment) pair on the grouped layout q (B, Hkv, G, Tq, d), k/v (B, Hkv, 1, Tk, d), as
+# parallel/ring.py's other pair kernels: views of the same tensors as (B, T, H, d), head h = kv * G + g.
+def _pair_spec(q, k, scale: float, layout) -> tuple[Spec, int]:
+    """The pair's Spec, and how many keys can be seen at all (keys past the last query are cut: FA cannot
+    express them)."""
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    if layout.causal:
+        t_k = max(0, min(t_k, layout.q_start + t_q - layout.k_start))
+    return Spec(layout.causal, None, scale, 0, None, layout.q_start, layout.k_start), t_k
+
+
+def _bthd(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1, 2).transpose(1, 2)
+
+
+def pair_forward(q, k, v, scale: float, layout):
+    spec, t_k = _pair_spec(q, k, scale, layout)
+    b, h_kv, g, t_q, _ = q.shape
+    out, lse, _ = kernel_forward(_bthd(q), _bthd(k[..., :t_k, :]), _bthd(v[..., :t_k, :]), spec)
+    return out.transpose(1, 2).reshape(b, h_kv, g, t_q, -1), lse.reshape(b, h_kv, g, t_q)
+
+
+def pair_backward(q, k, v, d_out, delta, lse, scale: float, layout, out=None):
+    """dq, dk, dv of one pair given the merged lse and delta = rowsum(d_out * out) - d_lse.  With the merged `out`
+    (and no lse gradient) one kernel backward; without, two: dP with D = 0, then -P * delta (v = 0, dout = e_0,
+    out = delta e_0)."""
+    spec, t_k = _pair_spec(q, k, scale, layout)
+    b, h_kv, g, t_q, d = q.shape
+    qb, kb, vb, dob = _bthd(q), _bthd(k[..., :t_k, :]), _bthd(v[..., :t_k, :]), _bthd(d_out.to(q.dtype))
+    lse_b = lse.reshape(b, h_kv * g, t_q)
+    if t_k == 0:
+        return torch.zeros_like(q, dtype=lse.dtype), torch.zeros_like(k, dtype=lse.dtype), \
+            torch.zeros_like(v, dtype=lse.dtype)
+    if out is not None:
+        dq, dk, dv = kernel_backward(dob, qb, kb, vb, _bthd(out.to(q.dtype)), lse_b, spec, None)
+    else:
+        dq, dk, dv = kernel_backward(dob, qb, kb, vb, torch.zeros_like(dob), lse_b, spec, None)
+        unit = torch.zeros_like(qb)
+        unit[..., 0] = 1
+        fake_out = torch.zeros_like(dob)
+        fake_out[..., 0] = delta.reshape(b, h_kv * g, t_q).transpose(1, 2).to(q.dtype)
+        eq, ek, _ = kernel_backward(unit, qb, kb, torch.zeros_like(vb), fake_out, lse_b, spec, None)
+        dq, dk = dq.to(lse.dtype) + eq.to(lse.dtype), dk.to(lse.dtype) + ek.to(lse.dtype)
+    pad = lambda x: torch.nn.functional.pad(x.to(lse.dtype), (0, 0, 0, 0, 0, k.shape[-2] - t_k))  # noqa: E731
+    regroup = lambda x: pad(x).transpose(1, 2)[:, :, None]  # noqa: E731  (B, Tk, Hkv, d) -> (B, Hkv, 1, Tk, d)
+    return dq.to(lse.dtype).transpose(1, 2).reshape(b, h_kv, g, t_q, d), regroup(dk), regroup(dv)
 
 
 # ------------------------------------------------------------------------------------------------ the probe
