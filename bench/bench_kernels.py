@@ -1,11 +1,13 @@
-"""Triton kernels against SDPA (flash backend), forward + backward, side by side in one run on one GPU.
+"""hylo's kernels against SDPA (flash and cuDNN backends), forward + backward, side by side in one run on one GPU.
 
   python bench/bench_kernels.py [--lengths 4096,16384,65536] [--tokens 65536] [--heads 16] [--dim 128]
   TRITON_INTERPRET=1 python bench/bench_kernels.py --smoke      (CPU: tiny shapes, checks the script only)
   python bench/bench_kernels.py --masked [--lengths 65536]      (document masking, issue 18)
 
 B*T = --tokens at every length.  Median times from triton.testing.do_bench (GPU) of forward + backward.
-Rows: SDPA causal (the reference), our flash attention causal (deterministic dQ; and FA2-style atomic dQ),
+Rows: SDPA causal (the reference; and SDPA's cuDNN backend on a GPU), hylo's flash backend (torch's FlashAttention
+kernel with sinks and windows composed around it: causal, causal + sinks, window + sinks), our Triton flash
+attention causal (deterministic dQ; and FA2-style atomic dQ),
 sliding window W=4096 (and its speed-up over our
 full causal at the same T), lightning (TNL), BASED linear attention (feature dim 16), RAT (L=16, as the layer
 calls it: bf16 q/k/v, fp32 gate, RoPE after the scan).  Attention
@@ -88,7 +90,23 @@ def cases(b: int, t: int, h: int, d: int, device, dtype, window: int):
     slopes = tnl_slopes(h, 0, 24).to(device)
     gate = torch.rand(b, t, h, d, device=device, dtype=torch.float32).requires_grad_()
     qf, kf = rand(b, t, h, 16), rand(b, t, h, 16)
+    def sdpa_cudnn(q, k, v):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True)
+
+    sink = torch.zeros(h, device=device, requires_grad=True)
     yield "SDPA flash, causal", fwd_bwd(sdpa, q, k, v), "attn"
+    if q.is_cuda:
+        yield "SDPA cuDNN, causal", fwd_bwd(sdpa_cudnn, q, k, v), "attn"
+    # hylo's flash backend: torch's FlashAttention kernel with sinks, windows and lse composed around it
+    yield "flash (torch FA), causal", fwd_bwd(lambda q, k, v: attention(q, k, v, backend="flash"), q, k, v), "attn"
+    yield "flash (torch FA), causal + sinks", fwd_bwd(
+        lambda q, k, v, s: attention(q, k, v, sink=s, backend="flash"), q, k, v, sink), "attn"
+    yield f"flash (torch FA), window {window} + sinks", fwd_bwd(
+        lambda q, k, v, s: attention(q, k, v, window=window, sink=s, backend="flash"), q, k, v, sink), "window"
     yield "flash (triton), causal", fwd_bwd(lambda q, k, v: attention(q, k, v, backend="triton"), q, k, v), "attn"
     yield "flash (triton), causal + sinks", fwd_bwd(
         lambda q, k, v, s: attention(q, k, v, sink=s, backend="triton"), q, k, v,
@@ -121,6 +139,8 @@ def masked_cases(t: int, h: int, d: int, device, dtype, window: int):
     gate = torch.rand(1, t, h, d, device=device).requires_grad_()
     slopes = tnl_slopes(h, 0, 24).to(device)
     ops = {
+        "attention causal + sinks (torch FA)": (
+            lambda q, k, v, s, **kw: attention(q, k, v, sink=s, backend="flash", **kw), (q, k, v, sink)),
         "attention causal + sinks": (lambda q, k, v, s, **kw: attention(q, k, v, sink=s, backend="triton", **kw),
                                      (q, k, v, sink)),
         f"attention window {window} + sinks": (lambda q, k, v, s, **kw: attention(
@@ -191,7 +211,7 @@ def main() -> None:
                           f"{type(err).__name__}: {str(err).splitlines()[0][:60]} | | | |")
                 continue
             base = ms if base is None else base
-            if name.startswith("flash (triton), causal") and full is None:
+            if name.startswith("flash (") and "causal" in name and full is None:
                 full = ms
             tflops = f"{flops / ms / 1e9:.0f}" if kind == "attn" else ""
             note = f"{base / ms:.2f}x" + (f" ({full / ms:.1f}x full)" if kind == "window" and full else "")

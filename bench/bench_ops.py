@@ -72,12 +72,14 @@ def make_call(op: str, t: int, doc_mean: int = 0):
         q, k, v = r(1, t, h, d), r(1, t, h, d), r(1, t, h, d)
         g = torch.rand(1, t, h, d, generator=gen).requires_grad_()
         return [q, k, v, g], lambda: rat_attention(q, k, v, g, 16, **docs)
-    if op == "attention_swa1024_sink":
+    # attention_*_flash: the same call on backend="flash" (here torch's CPU flash kernel, sinks composed around it)
+    backend = {"backend": "flash"} if op.endswith("_flash") else {}
+    if op.removesuffix("_flash") == "attention_swa1024_sink":
         q, k, v, s = r(1, t, h, d), r(1, t, h, d), r(1, t, h, d), r(h)
-        return [q, k, v, s], lambda: attention(q, k, v, window=1024, sink=s, **docs)
-    if op == "attention_full_sink":
+        return [q, k, v, s], lambda: attention(q, k, v, window=1024, sink=s, **docs, **backend)
+    if op.removesuffix("_flash") == "attention_full_sink":
         q, k, v, s = r(1, t, h, d), r(1, t, h, d), r(1, t, h, d), r(h)
-        return [q, k, v, s], lambda: attention(q, k, v, sink=s, **docs)
+        return [q, k, v, s], lambda: attention(q, k, v, sink=s, **docs, **backend)
     raise ValueError(op)
 
 

@@ -146,6 +146,12 @@ class Trainer:
         self.n_params = model.num_params()
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
         if cfg.train.compile:
+            if self.device.type == "cuda":  # attention's flash backend is probed eagerly, not while tracing
+                from kernels.attention import say_flash_problem
+                from kernels.attention.flash import probe_flash
+
+                if problem := probe_flash(self.device):
+                    say_flash_problem(problem)
             for block in model.blocks:
                 block.compile()
         self.engine = build_engine(model, cfg, info.world, micro, accum, self.device)  # DP, optimizer, step

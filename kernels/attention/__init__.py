@@ -60,14 +60,20 @@ def flash_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     from kernels.attention.flash import flash_problem
 
     problem = flash_problem(q, k, v)
-    if problem and q.is_cuda and problem not in _SAID:
-        _SAID.add(problem)
-        print(f"[hylo] attention: not using the flash backend ({problem}); the Triton kernels run instead",
-              flush=True)
+    if problem and q.is_cuda and not torch.compiler.is_compiling():
+        say_flash_problem(problem)
     return problem is None
 
 
 _SAID: set[str] = set()
+
+
+def say_flash_problem(problem: str) -> None:
+    """One note per reason: auto runs the Triton kernels instead."""
+    if problem not in _SAID:
+        _SAID.add(problem)
+        print(f"[hylo] attention: not using the flash backend ({problem}); the Triton kernels run instead",
+              flush=True)
 
 
 def _flash(q, k, v, *, causal, window, sink, scale, n_pinned, bounds=None):
@@ -113,8 +119,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         # The flash kernels take every document in one launch; SDPA (plain attention under "auto") and the
         # PyTorch paths run each document on its own.
         plain = sink is None and not return_lse and n_pinned == 0
+        # (on a GPU plain attention too takes flash or Triton: one call for every document, not SDPA per document)
         chosen = choose_backend("attention", backend, BACKENDS, (q, k, v), triton_ok=lambda: _triton_takes(q, k, v),
-                                sdpa_ok=plain, flash_ok=lambda: flash_usable(q, k, v))
+                                sdpa_ok=plain and not q.is_cuda, flash_ok=lambda: flash_usable(q, k, v))
         if chosen == "flash":  # every document in one call (FlashAttention's varlen layout)
             out, lse = _flash(q, k, v, causal=causal, window=window, sink=sink, scale=scale, n_pinned=n_pinned,
                               bounds=document_bounds(cu_seqlens, q, "attention"))

@@ -326,8 +326,17 @@ def flash_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | No
         return f"FlashAttention takes head dims that are multiples of 8 up to 256, not {q.shape[-1]}"
     key = str(q.device)
     if key not in _PROBED:
+        if torch.compiler.is_compiling():  # the probe runs eagerly (probe_flash before compiling), never traced
+            return "the flash kernels were not probed before torch.compile traced this call"
         _PROBED[key] = _probe(q.device)
     return _PROBED[key]
+
+
+def probe_flash(device: torch.device) -> str | None:
+    """Probe the device's flash kernels now (the trainer calls it before compiling blocks); the reason they
+    cannot be used, or None."""
+    x = torch.zeros(1, 8, 1, 64, device=device, dtype=torch.bfloat16)
+    return flash_problem(x, x, x)
 
 
 def _probe(device: torch.device) -> str | None:
