@@ -10,7 +10,9 @@ kernel with sinks and windows composed around it: causal, causal + sinks, window
 attention causal (deterministic dQ; and FA2-style atomic dQ),
 sliding window W=4096 (and its speed-up over our
 full causal at the same T), lightning (TNL), BASED linear attention (feature dim 16), RAT (L=16, as the layer
-calls it: bf16 q/k/v, fp32 gate, RoPE after the scan).  Attention
+calls it: bf16 q/k/v, fp32 gate, RoPE after the scan; on Triton, with its summaries' softmax on torch's
+FlashAttention, and the FlexAttention form of the paper's official code: bench/references.py), and
+flash-linear-attention's lightning and BASED kernels on the same shapes when fla-core is installed.  Attention
 rows report TFLOP/s (causal fwd+bwd = 3.5 x 2·B·H·T²·D); every row reports tokens/s and its speed-up over SDPA
 at the same T.  Each row goes to bench/RESULTS.md as soon as it is measured.
 
@@ -33,6 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.record import StreamedTable, machine  # noqa: E402
+from bench.references import fla_available, fla_based, fla_lightning, rat_flex  # noqa: E402
 from kernels import (  # noqa: E402
     attention,
     based_linear_attention,
@@ -115,12 +118,23 @@ def cases(b: int, t: int, h: int, d: int, device, dtype, window: int):
         lambda q, k, v: attention(q, k, v, window=window, backend="triton"), q, k, v), "window"
     yield "lightning (triton)", fwd_bwd(
         lambda q, k, v: lightning_attention(q, k, v, slopes, backend="triton"), q, k, v), "linear"
+    if fla_available():  # flash-linear-attention's kernels on the same shapes (fla-core carried as a wheel)
+        yield "lightning (fla chunk_lightning_attn)", fwd_bwd(
+            lambda q, k, v: fla_lightning(q, k, v, 0, 24), q, k, v), "linear"
     yield "BASED (triton, d_f 16)", fwd_bwd(
         lambda q, k, v: based_linear_attention(q, k, v, backend="triton"), qf, kf, v), "linear"
+    if fla_available():
+        yield "BASED (fla fused_chunk_based, d_f 16)", fwd_bwd(fla_based, qf, kf, v), "linear"
     # RAT as the layer calls it: q, k, v in bf16, the gate in fp32, RoPE after the scan.
     yield "RAT L=16 (triton)", fwd_bwd(
         lambda q, k, v, g: rat_attention(q, k, v, torch.sigmoid(g), 16, rope_theta=1e4, backend="triton"),
         q, k, v, gate), "linear"
+    yield "RAT L=16 (flash: summaries on torch FA)", fwd_bwd(
+        lambda q, k, v, g: rat_attention(q, k, v, torch.sigmoid(g), 16, rope_theta=1e4, backend="flash"),
+        q, k, v, gate), "linear"
+    if q.is_cuda:  # FlexAttention has no backward on the CPU
+        yield "RAT L=16 (FlexAttention, paper's form)", fwd_bwd(
+            lambda q, k, v, g: rat_flex(q, k, v, torch.sigmoid(g), 16, rope_theta=1e4), q, k, v, gate), "linear"
     # last, so its extra compile (a new dK/dV specialisation) never delays the rows the GPU script must reach
     yield "flash (triton), causal, atomic dQ", atomic_dq(
         fwd_bwd(lambda q, k, v: attention(q, k, v, backend="triton"), q, k, v)), "attn"

@@ -15,7 +15,9 @@
 #   trainer  (issue 2) trainer overhead and data headroom, tiny and ~125M
 #   generation (issue 8) eval and cached-generation tokens/s per layer type, 1B-shaped models, 4K and 32K prompts
 # Tables are appended to bench/RESULTS.md (copied to $OUT when set).
-# The GPU image lacks omegaconf/datasets/deepspeed: carry wheels in .whl/ (pip download ... -d .whl on this side).
+# The GPU image lacks omegaconf/datasets/deepspeed: carry wheels in .whl/ (pip download ... -d .whl on this side);
+# fla-core and einops too, for the kernels section's flash-linear-attention rows
+# (pip download --no-deps fla-core einops -d .whl).
 set -uo pipefail
 # Autotune among each kernel's lean configs only (kernels/triton_support.py): time goes to measuring, not compiling.
 export HYLO_AUTOTUNE=${HYLO_AUTOTUNE:-lean}

@@ -118,7 +118,7 @@ def test_linear_ops_restart_their_state_at_every_document(backend, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("backend", ["naive", "chunk"])
+@pytest.mark.parametrize("backend", ["naive", "chunk", "flash"])
 @pytest.mark.parametrize("rope", [None, 10000.0])
 def test_rat_chunk_grid_restarts_at_every_document(backend, layout, rope):
     lengths = LAYOUTS[layout]

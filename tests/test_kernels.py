@@ -267,12 +267,28 @@ def test_based_step_equals_parallel():
 @pytest.mark.parametrize("t,chunk", [(1, 4), (16, 16), (64, 16), (67, 16), (33, 1), (20, 32), (130, 8)],
                          ids=["t1", "single-chunk", "even", "padded", "L1", "L>T", "many-chunks"])
 @pytest.mark.parametrize("rope", [None, 3.0], ids=["plain", "rope"])
-def test_rat_chunk_matches_oracle(t, chunk, rope):
+@pytest.mark.parametrize("backend", ["chunk", "flash"])
+def test_rat_chunk_matches_oracle(t, chunk, rope, backend):
+    """flash: the softmax over chunk summaries as one flash-attention call, the L in-chunk offsets as query heads."""
     inputs = [rand(2, t, 3, 8), rand(2, t, 3, 8), rand(2, t, 3, 8), rand(2, t, 3, 8, low=0.01)]
-    fn = lambda q, k, v, g: rat_attention(q, k, v, g, chunk, rope_theta=rope, backend="chunk")  # noqa: E731
+    fn = lambda q, k, v, g: rat_attention(q, k, v, g, chunk, rope_theta=rope, backend=backend)  # noqa: E731
     ref = lambda q, k, v, g: rat_attention(q, k, v, g, chunk, rope_theta=rope, backend="naive")  # noqa: E731
     assert_matches(fn, ref, inputs, tol=1e-9)
     assert_matches(fn, ref, [x.detach().float().requires_grad_() for x in inputs], tol=1e-5)
+
+
+def test_rat_flash_continues_a_prefix_like_the_chunk_path():
+    """A prefix of chunk summaries (how context parallelism continues a sequence): flash = chunk, every gradient."""
+    from kernels.rat import scan_summaries
+
+    q, k, v, g = rand(1, 24, 2, 8), rand(1, 24, 2, 8), rand(1, 24, 2, 8), rand(1, 24, 2, 8, low=0.01)
+    pk, pv = (x.detach().requires_grad_() for x in scan_summaries(rand(1, 12, 2, 8), rand(1, 12, 2, 8),
+                                                                   rand(1, 12, 2, 8, low=0.01), 4))
+
+    def call(backend):
+        return lambda q, k, v, g, pk, pv: rat_attention(q, k, v, g, 4, rope_theta=3.0, prefix=(pk, pv),
+                                                        backend=backend)
+    assert_matches(call("flash"), call("chunk"), [q, k, v, g, pk, pv], tol=1e-9)
 
 
 def test_rat_first_chunk_has_no_nan():
@@ -408,3 +424,14 @@ def test_a_named_backend_runs_that_backend_or_refuses():
         attention(q, k, v, sink=torch.zeros(2, dtype=F64), backend="sdpa")
     with pytest.raises(ValueError, match=r"backend='sdpa' is not one of \['auto', 'naive', 'chunk', 'triton'\]"):
         lightning_attention(q, k, v, torch.full((2,), 0.1, dtype=F64), backend="sdpa")
+
+
+def test_the_benchmarks_flex_form_of_rat_is_rat():
+    """bench/references.py's FlexAttention form of RAT (what the benchmark measures ours against) computes RAT:
+    its forward equals the oracle (FlexAttention has no backward on the CPU)."""
+    from bench.references import rat_flex
+
+    q, k, v = (torch.randn(1, 32, 2, 8, dtype=torch.float32) for _ in range(3))
+    gate = torch.rand(1, 32, 2, 8) * 0.9 + 0.05
+    want = rat_attention(*(x.double() for x in (q, k, v, gate)), 4, rope_theta=3.0, backend="naive")
+    torch.testing.assert_close(rat_flex(q, k, v, gate, 4, rope_theta=3.0).double(), want, rtol=1e-5, atol=1e-5)

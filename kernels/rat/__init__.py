@@ -28,8 +28,9 @@ def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
     multiple of chunk_size (a partial last chunk is padded internally).  `prefix` = (k, v) summaries (B, P, H, d),
     unrotated, of P chunks before this segment (see `scan_summaries`), which every query also sees and after which
     this segment's chunks are numbered: how context parallelism continues a sequence held by other ranks.
-    backend: "naive" | "chunk" | "triton" | "auto" (Triton for fp32/bf16/fp16 CUDA tensors when triton is
-    installed and chunk_size <= 128, else chunk).  The gate may be float32 while q, k, v are 16-bit.
+    backend: "naive" | "chunk" | "triton" | "flash" (the chunk path's scan, the softmax over chunk summaries on
+    attention's flash backend: torch's FlashAttention kernel) | "auto" (Triton for fp32/bf16/fp16 CUDA tensors
+    when triton is installed and chunk_size <= 128, else chunk).  The gate may be float32 while q, k, v are 16-bit.
     `cu_seqlens`: packed documents (batch 1, kernels/varlen.py); the chunk grid restarts at every document start
     (a document of n tokens has chunks [0, L), [L, 2L), ... of its own), so no summary mixes documents.
     """
@@ -50,7 +51,7 @@ def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
         return torch.cat([rat_attention(qd, kd, vd, gd, chunk_size, scale=scale, rope_theta=rope_theta,
                                         backend=backend)
                           for qd, kd, vd, gd in split_documents(cu_seqlens, "rat_attention", q, k, v, gate)], dim=1)
-    backend = choose_backend("rat_attention", backend, ("naive", "chunk", "triton"), (q, k, v),
+    backend = choose_backend("rat_attention", backend, ("naive", "chunk", "triton", "flash"), (q, k, v),
                              triton_ok=lambda: chunk_size <= TRITON_MAX_CHUNK and q.shape[-1] % 2 == 0)
     if backend == "naive":
         if prefix is not None:
@@ -60,4 +61,5 @@ def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
         from kernels.rat.triton import triton_rat_attention  # imported late: needs triton, and TRITON_INTERPRET set
 
         return triton_rat_attention(q, k, v, gate, chunk_size, scale, prefix, rope_theta)
-    return chunk_rat_attention(q, k, v, gate, chunk_size, scale, prefix, rope_theta)
+    return chunk_rat_attention(q, k, v, gate, chunk_size, scale, prefix, rope_theta,
+                               cross="flash" if backend == "flash" else "chunk")

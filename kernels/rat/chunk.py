@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.attention import attention
 from kernels.attention.chunk import chunk_attention
 from kernels.dispatch import compute_dtype
 from kernels.rope import apply_rope, rope_table
@@ -47,9 +48,13 @@ def rotate_by_chunk(x: torch.Tensor, first_chunk: int, theta: float | None) -> t
 
 def chunk_rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, chunk_size: int,
                         scale: float | None = None, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                        rope_theta: float | None = None) -> torch.Tensor:
+                        rope_theta: float | None = None, cross: str = "chunk") -> torch.Tensor:
     """`prefix` = (k, v) summaries (B, P, H, d) of P chunks that precede this segment (context parallelism:
-    the chunks held by other ranks); every query also attends to them, and this segment's chunks count from P."""
+    the chunks held by other ranks); every query also attends to them, and this segment's chunks count from P.
+    `cross`: how the softmax over chunk summaries runs — "chunk" (blockwise, the L queries of a chunk sharing one
+    position) or "flash" (one call of attention's flash backend: the L in-chunk offsets become L query heads per
+    key head, so grouped-query heads share the summaries and the bottom-right causal mask is exactly "chunk c sees
+    the chunks before it"; operands in the inputs' dtype)."""
     b, t, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
     compute = compute_dtype(q.dtype)
@@ -72,10 +77,17 @@ def chunk_rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate:
         # Queries of chunks first..N-1 against the summaries of all earlier chunks, causally at chunk
         # granularity: the L queries of a chunk share one position (query_group=L), so no key is copied.
         q_rot = rotate_by_chunk(qc[:, first:], n_prefix + first, rope_theta)
-        o_cross, lse = chunk_attention(q_rot.reshape(b, (n - first) * L, h, d), k_sum, v_sum,
-                                       causal=True, scale=scale, query_group=L)
-        o_cross = o_cross.view(b, n - first, L, h, -1)
-        lse = lse.view(b, h, n - first, L).permute(0, 2, 3, 1)  # (B, N', L, H)
+        if cross == "flash":
+            heads = q_rot.transpose(2, 3).reshape(b, n - first, h * L, d).to(q.dtype)  # head h*L + r: offset r
+            o_cross, lse = attention(heads, k_sum.to(q.dtype), v_sum.to(q.dtype), causal=True, scale=scale,
+                                     return_lse=True, backend="flash")
+            o_cross = o_cross.view(b, n - first, h, L, -1).transpose(2, 3).to(compute)
+            lse = lse.view(b, h, L, n - first).permute(0, 3, 2, 1).to(compute)  # (B, N', L, H)
+        else:
+            o_cross, lse = chunk_attention(q_rot.reshape(b, (n - first) * L, h, d), k_sum, v_sum,
+                                           causal=True, scale=scale, query_group=L)
+            o_cross = o_cross.view(b, n - first, L, h, -1)
+            lse = lse.view(b, h, n - first, L).permute(0, 2, 3, 1)  # (B, N', L, H)
         s_self = self_logit[:, first:]
         top = torch.maximum(lse, s_self)  # the self logit is finite: pivot on it, never on -inf
         w_cross, w_self = torch.exp(lse - top)[..., None], torch.exp(s_self - top)[..., None]
