@@ -268,13 +268,20 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"invalid configuration (from {source}): {str(err).splitlines()[0]}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Schema defaults <- YAML file <- dot-list overrides, validated.  Returns a typed `Config` object."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Schema defaults <- YAML file (or `base`, a saved run's config as a dict) <- dot-list overrides, validated.
+    Returns a typed `Config` object."""
     schema = OmegaConf.structured(Config)
     cfg: DictConfig = schema
     try:
+        if base is not None:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(base))
         if path is not None:
             path = Path(path)
+            for bundled in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):  # `--config hybrid_tiny` works too
+                if not path.is_file() and len(path.parts) == 1 and bundled.is_file():
+                    path = bundled
             if not path.is_file():
                 known = sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
                 raise ConfigError(f"config file '{path}' does not exist. Bundled configs in {CONFIG_DIR}: {known}")

@@ -123,7 +123,8 @@ def default_bucket(seq_len: int) -> int:
 
 def eval_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hylo eval", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a step_<N> folder")
+    parser.add_argument("--checkpoint", required=True, help="a run dir (its newest checkpoint), its checkpoints/ "
+                                                            "folder or a step_<N> folder")
     parser.add_argument("--task", choices=["ppl", "mqar", "passkey"], default="ppl")
     parser.add_argument("--data", default="bundled:val", help="ppl: held-out data (default: the bundled corpus's "
                                                                "validation split)")
@@ -140,7 +141,7 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--trials", type=int, default=4, help="passkey: random keys per (length, depth) cell")
     parser.add_argument("--heatmap", default="", help="passkey: also write the heat-map as this PNG")
     args = parser.parse_args(argv)
-    model, cfg = load_trained_model(Path(args.checkpoint))
+    model, cfg = load_trained_model(Path(args.checkpoint), "eval")
     model.eval()
     if args.task == "ppl":
         return _eval_ppl(model, cfg, args)

@@ -12,25 +12,32 @@ import torch
 from omegaconf import OmegaConf
 
 from models import HybridLM
+from trainer.checkpointing import find_checkpoint
 from trainer.checkpointing import load_weights as load_checkpoint_weights
 from trainer.config import load_config
 from trainer.errors import CheckpointError, ConfigError
 
 
-def run_config_for(checkpoint: Path):
-    """The resolved config saved with the run that wrote `checkpoint` (<run>/checkpoints/step_N)."""
+def run_config_for(checkpoint: Path, command: str = "export"):
+    """The resolved config of the run that wrote `checkpoint`: the one saved in its trainer state (exactly what
+    that step trained with), else the run's config.yaml (<run>/checkpoints/step_N -> <run>/config.yaml)."""
+    from trainer.checkpointing import read_trainer_state
+
+    record = read_trainer_state(checkpoint).get("config")
+    if isinstance(record, dict):
+        return load_config(base=record)
     path = checkpoint.parent.parent / "config.yaml"
     if not path.is_file():
-        raise CheckpointError(f"no config.yaml beside the checkpoint (looked for {path}); export needs the run's "
-                              "resolved config to rebuild the model")
+        raise CheckpointError(f"hylo {command}: checkpoint {checkpoint} carries no config and there is no "
+                              f"config.yaml beside its run (looked for {path}); the model cannot be rebuilt")
     return load_config(path)
 
 
-def load_trained_model(checkpoint: Path):
-    """(model, run config) rebuilt from the run's config.yaml and loaded from `checkpoint`, on the CPU."""
-    if not Path(checkpoint).is_dir():
-        raise CheckpointError(f"checkpoint '{checkpoint}' does not exist")
-    cfg = run_config_for(checkpoint)
+def load_trained_model(checkpoint: Path, command: str = "export"):
+    """(model, run config) rebuilt from `checkpoint` — a step folder, a run's checkpoints/ folder or a run dir —
+    on the CPU."""
+    checkpoint = find_checkpoint(checkpoint, command)
+    cfg = run_config_for(checkpoint, command)
     model = HybridLM(cfg.model)
     load_checkpoint_weights(checkpoint, model)
     return model, cfg
@@ -76,7 +83,8 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
 
 def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hylo export", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a step_<N> folder")
+    parser.add_argument("--checkpoint", required=True, help="a run dir (its newest checkpoint), its checkpoints/ "
+                                                            "folder or a step_<N> folder")
     parser.add_argument("--out", required=True, help="output .safetensors path (a .json config is written beside)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     args = parser.parse_args(argv)

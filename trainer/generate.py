@@ -29,12 +29,13 @@ def generate_tokens(model, prompt: torch.Tensor, max_new_tokens: int, use_cache:
 
 def generate_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hylo generate", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a step_<N> folder")
+    parser.add_argument("--checkpoint", required=True, help="a run dir (its newest checkpoint), its checkpoints/ "
+                                                            "folder or a step_<N> folder")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--no-cache", action="store_true", help="re-run the full forward per token (reference)")
     args = parser.parse_args(argv)
-    model, cfg = load_trained_model(Path(args.checkpoint))
+    model, cfg = load_trained_model(Path(args.checkpoint), "generate")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model.eval()
     ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids

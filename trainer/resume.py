@@ -1,5 +1,9 @@
 """What a resumed run takes from its checkpoint and what from its own config.
 
+The config itself: a resume of an existing run starts from the config the checkpoint was trained with (saved in
+its trainer state), then applies this command's overrides — `hylo train --resume run.dir=runs/x train.steps=40`
+continues runs/x as it was set up, without retyping its overrides; an explicit `--config` wins, with a note.
+
 From the checkpoint: the weights, the optimizer's moments, the step, the schedule's position and the data position.
 From the new config: every optimiser and schedule setting (so `--resume train.lr=1e-3` trains at 1e-3), listed in
 a note when it differs from the checkpoint's.  Settings that define the parameters' shapes cannot change on resume
@@ -9,13 +13,15 @@ RoPE's base, RAT's chunk, ...) are allowed with a note of their own.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from trainer.config import Config
-from trainer.errors import ConfigError
+from trainer.config import Config, load_config
+from trainer.errors import CheckpointError, ConfigError
 from trainer.optim import lr_factor
 
 # Keys whose change alters the parameters' shapes: a checkpoint cannot be loaded into such a model.
@@ -79,3 +85,35 @@ def apply_optimiser_settings(optimizer: torch.optim.Optimizer, scheduler, cfg: C
         group["eps"] = cfg.optim.eps
         if i == 0:  # build_optimizer's first group holds the matrices, the second (no decay) the rest
             group["weight_decay"] = cfg.optim.weight_decay
+
+
+def run_config(config_path: str | None, overrides: list[str]) -> Config:
+    """The config `hylo train` runs with: `config_path` and `overrides` as given, or — when they resume a run whose
+    checkpoint records its config, and no --config was given — that config with the overrides on top (run.dir and
+    checkpoint.resume always this command's)."""
+    cfg = load_config(config_path, overrides)
+    if cfg.checkpoint.resume == "none":
+        return cfg
+    from trainer.checkpointing import latest_checkpoint, read_trainer_state
+
+    ckpt_dir = Path(cfg.run.dir) / "checkpoints"
+    checkpoint = latest_checkpoint(ckpt_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
+    if checkpoint is None:
+        return cfg
+    try:
+        record = read_trainer_state(checkpoint).get("config")
+    except CheckpointError:
+        return cfg  # the trainer refuses it, or auto falls back, with the full story
+    if not isinstance(record, dict):
+        return cfg
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+    if config_path is not None:
+        say(f"[hylo] note: resuming {checkpoint} with --config {config_path} as given, not the config that "
+            "checkpoint was trained with", flush=True)
+        return cfg
+    record = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(record), {
+        "run": {"dir": cfg.run.dir}, "checkpoint": {"resume": cfg.checkpoint.resume}}))
+    shown = [o for o in overrides if not o.startswith(("checkpoint.resume=", "run.dir="))]
+    say(f"[hylo] resuming with the config {checkpoint} was trained with"
+        + (f", and this command's overrides: {' '.join(shown)}" if shown else ""), flush=True)
+    return load_config(None, overrides, base=record)

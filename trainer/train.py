@@ -14,9 +14,10 @@ from pathlib import Path
 from launch.distributed import destroy_distributed, init_distributed, peer_lost
 from trainer.callbacks import Callback
 from trainer.callbacks.profiler import oom_snapshot
-from trainer.config import Config, load_config
+from trainer.config import Config
 from trainer.errors import run_command
 from trainer.launcher_watch import StartupWatch
+from trainer.resume import run_config
 from trainer.trainer import Trainer
 
 
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
 def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
     def run(args: list[str] | None) -> int:
         config_path, overrides = parse_args(args)
-        train(load_config(config_path, overrides), callbacks)
+        train(run_config(config_path, overrides), callbacks)
         return 0
 
     return run_command(run, argv)

@@ -133,6 +133,8 @@ class Trainer:
             self.resume_from = verified_checkpoint(
                 self.ckpt_dir, None if cfg.checkpoint.resume == "auto" else self.resume_from,
                 verify=cfg.checkpoint.checksums)
+        if self.resume_from is not None:  # another engine's checkpoint: refused before any slow build
+            read_trainer_state(self.resume_from, expect_engine=cfg.train.engine)
 
         model = HybridLM(cfg.model).to(self.device)
         if cfg.model.init_from and self.resume_from is None:
@@ -296,8 +298,9 @@ class Trainer:
               f"{dims.world} rank(s){layout} on {self.device.type}, {where}; run dir {self.run_dir.resolve()}",
               flush=True)
         if self.start_step >= cfg.train.steps:
-            print(f"[hylo] run already complete at step {self.start_step} ({self.resume_from}); nothing to do",
-                  flush=True)
+            print(f"[hylo] run already complete at step {self.start_step} ({self.resume_from}); nothing to do. "
+                  f"To train on, raise train.steps (> {self.start_step}); to start afresh, give a new run.dir "
+                  f"(or move {self.ckpt_dir} aside)", flush=True)
 
     def close(self, done: bool) -> None:
         self.loader.close()

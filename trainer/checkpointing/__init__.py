@@ -15,6 +15,7 @@ from trainer.checkpointing.step_folder import (
     MARKER,
     TRAINER_STATE,
     complete_checkpoints,
+    find_checkpoint,
     is_complete,
     latest_checkpoint,
     read_trainer_state,
@@ -24,7 +25,8 @@ from trainer.checkpointing.step_folder import (
 )
 from trainer.errors import CheckpointError
 
-__all__ = ["MARKER", "TRAINER_STATE", "CheckpointError", "DCPCheckpointer", "complete_checkpoints", "is_complete",
+__all__ = ["MARKER", "TRAINER_STATE", "CheckpointError", "DCPCheckpointer", "complete_checkpoints", "find_checkpoint",
+           "is_complete",
            "latest_checkpoint", "load_weights", "read_trainer_state", "recover_leftovers", "verified_checkpoint",
            "verify_checkpoint"]
 

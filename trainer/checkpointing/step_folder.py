@@ -102,9 +102,28 @@ def read_trainer_state(path: Path, expect_engine: str | None = None) -> dict[str
     engine = meta.get("engine", "torch")
     if expect_engine is not None and engine != expect_engine:
         raise CheckpointError(f"checkpoint '{path}' was written by train.engine={engine}; this run uses "
-                              f"train.engine={expect_engine}. Resume with the engine that wrote it, or start a new "
-                              f"run from its weights (hylo export, then model.init_from)")
+                              f"train.engine={expect_engine}. Resume with the engine that wrote it, give this run "
+                              "its own run.dir, or start a new run from its weights (hylo export, then "
+                              "model.init_from)")
     return meta
+
+
+def find_checkpoint(path: str | Path, command: str) -> Path:
+    """What a user passes as `--checkpoint`: a step folder, a run's `checkpoints/` folder or a run dir (their newest
+    checkpoint that verifies).  Refuses with a message naming `command` and what was looked for."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"hylo {command}: --checkpoint '{path}' does not exist; give a run dir, its "
+                              "checkpoints/ folder or a step_<N> folder")
+    if STEP_DIR.match(path.name) or (path / TRAINER_STATE).is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = verified_checkpoint(root, None, say=lambda msg: print(msg, flush=True))
+    if found is None:
+        raise CheckpointError(f"hylo {command}: no complete checkpoint under '{root}'; give a run dir, its "
+                              "checkpoints/ folder or a step_<N> folder")
+    print(f"[hylo] {command}: using {found} (the newest checkpoint under {root})", flush=True)
+    return found
 
 
 def verify_checkpoint(path: Path, checksums: bool = True) -> str | None:

@@ -1,0 +1,76 @@
+"""Daily use as a new user meets it: a resume remembers its run's config, a finished run says how to go on, another
+engine's checkpoint is refused before any slow work, every --checkpoint takes what users type, bundled configs by
+name."""
+
+import pytest
+
+from tests.conftest import run_module
+from trainer.config import load_config
+
+SMALL = ["model.d_model=64", "model.n_layers=2", "train.batch_size=4", "train.seq_len=64", "logging.progress=false",
+         "logging.sink_interval=0", "checkpoint.interval=2"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-step run of a non-default shape (what the user would otherwise have to retype)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    res = run_module(["-m", "trainer.train", f"run.dir={run_dir}", "train.steps=2", *SMALL])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return run_dir
+
+
+def test_resume_starts_from_the_runs_own_config(run, tmp_path):
+    import shutil
+
+    shutil.copytree(run, tmp_path, dirs_exist_ok=True)
+    res = run_module(["-m", "trainer.train", "--resume", f"run.dir={tmp_path}", "train.steps=3"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming with the config" in res.stdout and "train.steps=3" in res.stdout
+    assert "0.37M params, layers ['swa', 'full'] x2" in res.stdout  # the run's shape, not the default's
+    assert "train.steps 2 -> 3" in res.stdout and "model." not in res.stdout.split("differ from")[-1].split("\n")[0]
+    # an explicit --config wins, and says so (here: the default shape, which does not fit the checkpoint)
+    explicit = run_module(["-m", "trainer.train", "--config", "tiny", "--resume", f"run.dir={tmp_path}",
+                           "train.steps=4"])
+    assert explicit.returncode == 2 and "with --config tiny as given" in explicit.stdout
+    assert "cannot change on resume" in explicit.stderr
+    # the same steps again: nothing to do, and how to go on
+    again = run_module(["-m", "trainer.train", f"run.dir={tmp_path}", "train.steps=3"])
+    assert again.returncode == 0 and "nothing to do. To train on, raise train.steps" in again.stdout
+    assert "give a new run.dir" in again.stdout
+
+
+def test_another_engines_checkpoint_is_refused_before_building(run, tmp_path):
+    import shutil
+
+    shutil.copytree(run, tmp_path, dirs_exist_ok=True)
+    res = run_module(["-m", "trainer.train", f"run.dir={tmp_path}", "train.steps=4", "train.engine=deepspeed"])
+    assert res.returncode == 2 and "was written by train.engine=torch" in res.stderr, res.stderr[-2000:]
+    assert "its own run.dir" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("form", ["run-dir", "checkpoints-folder", "step-folder"])
+def test_every_checkpoint_argument_takes_what_users_type(run, tmp_path, form):
+    given = {"run-dir": run, "checkpoints-folder": run / "checkpoints", "step-folder": run / "checkpoints" / "step_2"}
+    res = run_module(["-m", "trainer.cli", "export", "--checkpoint", str(given[form]), "--out",
+                      str(tmp_path / "m.safetensors")])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "m.safetensors").is_file()
+    if form != "step-folder":
+        assert f"using {run / 'checkpoints' / 'step_2'}" in res.stdout
+
+
+def test_a_missing_checkpoint_names_the_command(tmp_path):
+    for command in ("export", "generate"):
+        extra = ["--out", str(tmp_path / "m.safetensors")] if command == "export" else ["--prompt", "x"]
+        res = run_module(["-m", "trainer.cli", command, "--checkpoint", str(tmp_path / "nope"), *extra])
+        assert res.returncode == 2 and f"hylo {command}: --checkpoint" in res.stderr, res.stderr[-2000:]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = run_module(["-m", "trainer.cli", "generate", "--checkpoint", str(empty), "--prompt", "x"])
+    assert res.returncode == 2 and "hylo generate: no complete checkpoint under" in res.stderr
+
+
+def test_bundled_configs_by_name():
+    assert load_config("hybrid_tiny").model.pattern == load_config("configs/hybrid_tiny.yaml").model.pattern
+    assert load_config("hybrid_tiny.yaml").model.pattern == load_config("configs/hybrid_tiny.yaml").model.pattern
