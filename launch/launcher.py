@@ -11,8 +11,6 @@ On a CPU machine `--gpus-per-node` is the number of processes per node (gloo), w
 
 from __future__ import annotations
 
-import argparse
-import os
 import shlex
 import subprocess
 import sys
@@ -109,18 +107,9 @@ def launch_main(argv: list[str]) -> int:
         argv, train_args = argv[:split], argv[split + 1:]
     else:
         train_args = []
-    parser = argparse.ArgumentParser(prog="hylo launch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=1, help="processes per node (GPUs, or CPU workers)")
-    parser.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", ""))
-    parser.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "29500")))
-    parser.add_argument("--run-id", default="hylo", help="rendezvous id shared by the nodes of one job")
-    parser.add_argument("--slurm", action="store_true", help="emit the srun + torchrun line for an sbatch script")
-    parser.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
-    parser.add_argument("--hostfile", default="", help="--engine deepspeed: DeepSpeed hostfile for multi-node runs")
-    parser.add_argument("--dry-run", action="store_true")
-    args = parser.parse_args(argv)
+    from trainer.cli import launch_parser
+
+    args = launch_parser().parse_args(argv)
     cmd = build_command(args.nodes, args.gpus_per_node, train_args, master_addr=args.master_addr,
                         master_port=args.master_port, run_id=args.run_id, slurm=args.slurm, engine=args.engine,
                         hostfile=args.hostfile)

@@ -74,3 +74,28 @@ def test_a_missing_checkpoint_names_the_command(tmp_path):
 def test_bundled_configs_by_name():
     assert load_config("hybrid_tiny").model.pattern == load_config("configs/hybrid_tiny.yaml").model.pattern
     assert load_config("hybrid_tiny.yaml").model.pattern == load_config("configs/hybrid_tiny.yaml").model.pattern
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export", "generate", "plan", "launch", "report", "tokenize"])
+def test_help_imports_no_torch(command):
+    code = ("import sys, contextlib, io\nfrom trainer.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            f"    rc = main([{command!r}, '--help'])\n"
+            "assert rc == 0 and 'usage: hylo' in out.getvalue(), out.getvalue()\n"
+            "assert 'torch' not in sys.modules, 'torch imported for --help'\nprint('ok')")
+    res = run_module(["-c", code])
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_python_m_trainer_train_help_imports_no_torch():
+    res = run_module(["-c", "import sys\nfrom trainer.train import main\n"
+                            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+                            "assert 'torch' not in sys.modules"])
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_print_config_shows_the_resolved_config_and_exits(run):
+    res = run_module(["-m", "trainer.train", "--print-config", f"run.dir={run}", "train.steps=7"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "d_model: 64" in res.stdout and "steps: 7" in res.stdout  # the run's own shape, this command's steps
+    assert "[hylo] 0." not in res.stdout  # nothing was built

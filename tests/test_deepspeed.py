@@ -74,8 +74,9 @@ def test_zero_stage_trains_matches_torch_and_resumes_exactly(stage, extra, torch
         ev = run_module(["-m", "trainer.cli", "eval", "--checkpoint", str(tmp_path / "checkpoints" / "step_6"),
                          "--task", "ppl", "--batches", "1"])
         assert ev.returncode == 0, ev.stderr[-3000:]
-        # ... but the torch engine refuses to resume it, saying why
-        wrong = torchrun(2, free_port, [*args[:1], "train.steps=8", "checkpoint.interval=0", *SMALL])
+        # ... but the torch engine refuses to resume it, saying why (named: a plain resume takes the run's engine)
+        wrong = torchrun(2, free_port, [*args[:1], "train.steps=8", "checkpoint.interval=0", "train.engine=torch",
+                                        *SMALL])
         # (torchrun itself exits 1 whenever a worker fails; the worker's own code is 2: refused at start)
         assert wrong.returncode == 1 and "written by train.engine=deepspeed" in wrong.stderr
 

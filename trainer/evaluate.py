@@ -5,7 +5,6 @@ extrapolates past its training length).  Used by `hylo eval` and by periodic eva
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -122,25 +121,9 @@ def default_bucket(seq_len: int) -> int:
 
 
 def eval_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hylo eval", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a run dir (its newest checkpoint), its checkpoints/ "
-                                                            "folder or a step_<N> folder")
-    parser.add_argument("--task", choices=["ppl", "mqar", "passkey"], default="ppl")
-    parser.add_argument("--data", default="bundled:val", help="ppl: held-out data (default: the bundled corpus's "
-                                                               "validation split)")
-    parser.add_argument("--seq-len", type=int, default=0, help="ppl/mqar: 0 = the training length; longer to "
-                                                               "extrapolate")
-    parser.add_argument("--batches", type=int, default=4, help="ppl: batches")
-    parser.add_argument("--batch-size", type=int, default=4, help="ppl: sequences per batch")
-    parser.add_argument("--bucket", type=int, default=0, help="ppl: tokens per position bucket (0 = automatic)")
-    parser.add_argument("--pairs", type=int, default=0, help="mqar: key-value pairs (0 = the run's data.mqar)")
-    parser.add_argument("--samples", type=int, default=256, help="mqar: sequences scored")
-    parser.add_argument("--lengths", default="", help="passkey: comma-separated prompt lengths (default: 1/4, "
-                                                      "1/2, 1 and 2 x the training length)")
-    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: needle depths in [0, 1]")
-    parser.add_argument("--trials", type=int, default=4, help="passkey: random keys per (length, depth) cell")
-    parser.add_argument("--heatmap", default="", help="passkey: also write the heat-map as this PNG")
-    args = parser.parse_args(argv)
+    from trainer.cli import eval_parser
+
+    args = eval_parser().parse_args(argv)
     model, cfg = load_trained_model(Path(args.checkpoint), "eval")
     model.eval()
     if args.task == "ppl":

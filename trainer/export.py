@@ -3,7 +3,6 @@ loader behind `model.init_from`."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -82,12 +81,9 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def export_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hylo export", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a run dir (its newest checkpoint), its checkpoints/ "
-                                                            "folder or a step_<N> folder")
-    parser.add_argument("--out", required=True, help="output .safetensors path (a .json config is written beside)")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    args = parser.parse_args(argv)
+    from trainer.cli import export_parser
+
+    args = export_parser().parse_args(argv)
     out = export(Path(args.checkpoint), Path(args.out), args.dtype)
     print(f"[hylo] wrote {out} and {out.with_suffix('.json')}")
     return 0

@@ -4,7 +4,6 @@ forward for every token instead (slow; the reference the cached path must equal)
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -28,13 +27,9 @@ def generate_tokens(model, prompt: torch.Tensor, max_new_tokens: int, use_cache:
 
 
 def generate_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hylo generate", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a run dir (its newest checkpoint), its checkpoints/ "
-                                                            "folder or a step_<N> folder")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--no-cache", action="store_true", help="re-run the full forward per token (reference)")
-    args = parser.parse_args(argv)
+    from trainer.cli import generate_parser
+
+    args = generate_parser().parse_args(argv)
     model, cfg = load_trained_model(Path(args.checkpoint), "generate")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model.eval()

@@ -22,7 +22,6 @@ two lengths, within 15%); the GPU check compares the whole plan with torch.cuda.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import weakref
@@ -265,13 +264,9 @@ def render(plan: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hylo plan", description="Per-rank GPU memory of a run before launching "
-                                     "it, and the settings that would make it fit.")
-    parser.add_argument("--config", help="YAML config (default: the embedded tiny config)")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs in the job (data parallel x parallel.cp)")
-    parser.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
-    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.seq_len=131072")
-    args = parser.parse_intermixed_args(argv)
+    from trainer.cli import plan_parser
+
+    args = plan_parser().parse_intermixed_args(argv)
     if args.gpus < 1 or args.gpu_mem <= 0:
         raise ConfigError("--gpus must be >= 1 and --gpu-mem positive")
     cfg = load_config(args.config, args.overrides)

@@ -7,7 +7,6 @@ statistics (layer x head) and of the last passkey grid (length x depth).  Panels
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import re
@@ -149,11 +148,9 @@ def render(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
 
 
 def report_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hylo report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="a run directory (run.dir) holding metrics.jsonl")
-    parser.add_argument("--out", default="", help="where to write report.png/.html (default: the run directory)")
-    args = parser.parse_args(argv)
+    from trainer.cli import report_parser
+
+    args = report_parser().parse_args(argv)
     png, page = render(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"[hylo] report: {png} and {page}")
     return 0

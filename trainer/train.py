@@ -6,25 +6,27 @@ The run itself is trainer/trainer.py's `Trainer`; this module is its command lin
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from launch.distributed import destroy_distributed, init_distributed, peer_lost
-from trainer.callbacks import Callback
-from trainer.callbacks.profiler import oom_snapshot
-from trainer.config import Config
 from trainer.errors import run_command
 from trainer.launcher_watch import StartupWatch
-from trainer.resume import run_config
-from trainer.trainer import Trainer
+
+if TYPE_CHECKING:  # torch and the training stack load only when a run starts, never for --help
+    from trainer.callbacks import Callback
+    from trainer.config import Config
 
 
 def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
     """Run training to `train.steps`; returns a summary (first and last logged loss, where outputs are).
     `callbacks` are added after the config's own (trainer/callbacks/)."""
     watch = StartupWatch()  # a torchrun agent dying before the first step ends this rank with one line
+    from launch.distributed import destroy_distributed, init_distributed, peer_lost
+    from trainer.callbacks.profiler import oom_snapshot
+    from trainer.trainer import Trainer
+
     try:
         info = init_distributed(cfg.train.device, cfg.parallel.backend)
         snapshot = Path(cfg.run.dir) / f"oom_snapshot_rank{info.rank}.pickle"
@@ -40,28 +42,31 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
         destroy_distributed()
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(prog="hylo train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: the embedded tiny config, configs/tiny.yaml)")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                        help="resume: the latest checkpoint in run.dir (no value) or a checkpoint folder "
-                             "(--resume=PATH); key=value after --resume stays an override")
-    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.steps=100 model.d_model=256")
-    args = parser.parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str], bool]:
+    """(--config, the overrides with --resume folded in, --print-config)."""
+    from trainer.cli import train_parser
+
+    args = train_parser().parse_args(argv)
     overrides = list(args.overrides)
     if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
         overrides.insert(0, args.resume)  # `--resume train.lr=1e-3`: an override, not a checkpoint path
         args.resume = "auto"
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
-    return args.config, overrides
+    return args.config, overrides, args.print_config
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
     def run(args: list[str] | None) -> int:
-        config_path, overrides = parse_args(args)
-        train(run_config(config_path, overrides), callbacks)
+        config_path, overrides, print_config = parse_args(args)
+        from trainer.config import to_yaml
+        from trainer.resume import run_config
+
+        cfg = run_config(config_path, overrides)
+        if print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        train(cfg, callbacks)
         return 0
 
     return run_command(run, argv)
