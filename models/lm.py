@@ -7,6 +7,7 @@ Block i's mixer is `model.pattern[i % len(pattern)]`, looked up in the layer-typ
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -136,13 +137,20 @@ class HybridLM(nn.Module):
         return self._logits(x[:, -1:])[:, 0], caches
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding: the prompt in one parallel pass (`prefill`), then token by token through each layer's
-        recurrent cache.  prompt (batch, T0) -> (batch, T0 + max_new_tokens)."""
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int,
+                 pick: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Decoding: the prompt in one parallel pass (`prefill`), then token by token through each layer's
+        recurrent cache.  prompt (batch, T0) -> (batch, T0 + max_new_tokens).  `pick` turns the last logits
+        (batch, vocab) into the next tokens (batch, 1) — greedy when None (trainer/generate.py has the samplers);
+        `on_token` sees each new (batch, 1) as it is chosen (streaming)."""
         tokens = prompt
         logits, caches = self.prefill(prompt)
         for pos in range(prompt.shape[1], prompt.shape[1] + max_new_tokens):
-            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+            new = logits.argmax(-1, keepdim=True) if pick is None else pick(logits)
+            tokens = torch.cat([tokens, new], dim=1)
+            if on_token is not None:
+                on_token(new)
             if pos < prompt.shape[1] + max_new_tokens - 1:
                 logits, caches = self.step(tokens[:, pos], pos, caches)
         return tokens

@@ -158,3 +158,4 @@ def test_bad_cp_setting_stops_the_launch(tmp_path, free_port):
                       f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "trainer.train", f"run.dir={tmp_path}",
                       "parallel.cp=2", "train.seq_len=126", *COMMON])
     assert res.returncode != 0 and "train.seq_len=126 is not divisible by 2 x parallel.cp = 4" in res.stderr
+    assert res.stderr.count("[hylo] error:") == 1  # rank 0 alone says it; rank 1 exits quietly with the same code

@@ -55,11 +55,31 @@ def test_hylo_eval_and_generate(trained, tmp_path):
     outs = {}
     for flag in ([], ["--no-cache"]):
         gen = run_module(["-m", "trainer.cli", "generate", "--checkpoint", str(ckpt), "--prompt", "def main(",
-                          "--max-new-tokens", "20", *flag])
+                          "--max-new-tokens", "20", "--show-tokens", *flag])
         assert gen.returncode == 0, gen.stderr[-2000:]
         outs[bool(flag)] = [line for line in gen.stderr.splitlines() if line.startswith("TOKENS ")][0]
         assert "tokens/s" in gen.stderr
     assert outs[False] == outs[True]  # recurrent caches of every layer type == full forward per token
+    # sampling: reproducible with a seed, and the same whether cached or not; top-k 1 is greedy
+    sampled = {}
+    for flag in ([], ["--no-cache"], ["--seed", "8"]):
+        gen = run_module(["-m", "trainer.cli", "generate", "--checkpoint", str(ckpt), "--prompt", "def main(",
+                          "--max-new-tokens", "20", "--show-tokens", "--temperature", "1.0", "--top-p", "0.9",
+                          *(flag if flag[:1] == ["--seed"] else ["--seed", "7", *flag])])
+        assert gen.returncode == 0, gen.stderr[-2000:]
+        sampled[" ".join(flag)] = [x for x in gen.stderr.splitlines() if x.startswith("TOKENS ")][0]
+    assert sampled[""] == sampled["--no-cache"] != sampled["--seed 8"]
+    greedy_k1 = run_module(["-m", "trainer.cli", "generate", "--checkpoint", str(ckpt), "--prompt", "def main(",
+                            "--max-new-tokens", "20", "--show-tokens", "--temperature", "0.7", "--top-k", "1"])
+    assert [x for x in greedy_k1.stderr.splitlines() if x.startswith("TOKENS ")][0] == outs[False]
+    # several prompts: one batch per prompt length, each decoded as it would be alone (greedy)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main(\nimport os\ndef main(\n")
+    many = run_module(["-m", "trainer.cli", "generate", "--checkpoint", str(ckpt), "--prompts", str(prompts),
+                       "--max-new-tokens", "20", "--show-tokens"])
+    assert many.returncode == 0, many.stderr[-2000:]
+    rows = [x for x in many.stderr.splitlines() if x.startswith("TOKENS ")]
+    assert len(rows) == 3 and rows[0] == rows[2] == outs[False] and "3 prompt(s) in 2 batch(es)" in many.stderr
     for cmd in (["eval"], ["generate", "--prompt", "x"]):
         missing = run_module(["-m", "trainer.cli", *cmd, "--checkpoint", str(tmp_path / "nope")])
         assert missing.returncode == 2 and "does not exist" in missing.stderr

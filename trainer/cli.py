@@ -21,8 +21,9 @@ Works as is on one process, under `torchrun --standalone --nproc_per_node=N` and
 run starts from the config its checkpoint was trained with, then applies the overrides given here."""
 EVAL_HELP = """Held-out perplexity, overall and by position bucket; MQAR and passkey recall."""
 EXPORT_HELP = """One consolidated safetensors file (plus the model config) from a checkpoint."""
-GENERATE_HELP = """Decode from a checkpoint through each layer's recurrent cache, reporting tokens/s; --no-cache
-re-runs the full forward for every token instead (slow; the reference the cached path must equal)."""
+GENERATE_HELP = """Decode from a checkpoint through each layer's recurrent cache, reporting tokens/s: greedy, or
+sampled (--temperature, --top-k, --top-p, --seed).  --no-cache re-runs the full forward for every token instead
+(slow; the reference the cached path must equal)."""
 LAUNCH_HELP = """Print and run the right launcher command for a job's shape.
 
   hylo launch --nodes 1 --gpus-per-node 8 -- --config configs/hybrid_1b.yaml parallel.cp=2
@@ -82,8 +83,17 @@ def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hylo generate", description=GENERATE_HELP)
     parser.add_argument("--checkpoint", required=True, help="a run dir (its newest checkpoint), its checkpoints/ "
                                                             "folder or a step_<N> folder")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", default="", help="the text to continue")
+    parser.add_argument("--prompts", default="", help="a file of prompts, one per line (prompts of the same token "
+                                                      "length decode as one batch)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+                                                                 "whose probability reaches p")
+    parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    parser.add_argument("--stream", action="store_true", help="print each token as it is decoded (one prompt)")
+    parser.add_argument("--show-tokens", action="store_true", help="also print the token ids (TOKENS ...)")
     parser.add_argument("--no-cache", action="store_true", help="re-run the full forward per token (reference)")
     return parser
 

@@ -11,6 +11,7 @@ change, and the CLI prints it without a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -62,5 +63,8 @@ def run_command(main: Callable[[list[str]], int], argv: list[str]) -> int:
     try:
         return main(argv)
     except HyloError as err:
-        print(f"[hylo] error: {err}", file=sys.stderr, flush=True)
+        # Under torchrun every rank refuses a bad config, data or checkpoint alike: rank 0 alone says so; an error
+        # while running (exit 1) may be one rank's own, and each rank says its own.
+        if err.exit_code != 2 or os.environ.get("RANK", "0") == "0":
+            print(f"[hylo] error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
