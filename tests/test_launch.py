@@ -92,3 +92,24 @@ def test_a_lost_peer_is_one_line(monkeypatch):
     assert "rank 1 lost contact with the job (Connection reset by peer): another rank died" in str(lost)
     assert isinstance(peer_lost(dist.DistNetworkError("Broken pipe")), PeerLost)
     assert peer_lost(RuntimeError("shape mismatch")) is None and peer_lost(ValueError("Broken pipe")) is None
+
+
+def test_cpu_threads_leave_the_cores_other_work_uses(monkeypatch):
+    import os
+
+    from launch.distributed import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    assert cpu_threads()[0] == 2  # an idle 2-core box: both cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.4, 2.0, 2.0))
+    assert cpu_threads()[0] == 1  # another job on it: one thread, not two fighting a third
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+    assert cpu_threads()[0] == 4  # 16 cores for 4 ranks, whose own load is not other work
+    assert cpu_threads(3) == (3, "train.cpu_threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads()[1] == "OMP_NUM_THREADS"

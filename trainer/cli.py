@@ -53,8 +53,9 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="a run dir (its newest checkpoint), its checkpoints/ "
                                                             "folder or a step_<N> folder")
     parser.add_argument("--task", choices=["ppl", "mqar", "passkey"], default="ppl")
-    parser.add_argument("--data", default="bundled:val", help="ppl: held-out data (default: the bundled corpus's "
-                                                               "validation split)")
+    parser.add_argument("--data", default="auto", help="ppl: held-out data (default: the run's own held-out "
+                                                        "documents if it trained with data.val_fraction, else the "
+                                                        "bundled corpus's validation split)")
     parser.add_argument("--seq-len", type=int, default=0, help="ppl/mqar: 0 = the training length; longer to "
                                                                "extrapolate")
     parser.add_argument("--batches", type=int, default=4, help="ppl: batches")

@@ -102,6 +102,9 @@ class DataConfig:
     prefetch: int = 4  # batches prepared ahead by the background thread (0 = inline)
     verify: bool = True  # token shards: check every shard's CRC32 when opening
     allow_source_change: bool = False  # resume even if the files/dataset/tokenizer changed since the checkpoint
+    # documents held out of training by a stable hash of their text (streaming sources); evaluation reads them
+    val_fraction: float = 0.0
+    split: str = "train"  # which side of val_fraction a reader takes: train | val (set by evaluation, not by hand)
     # no layer lets a token see the documents packed before it (boundaries: the EOS tokens the packer writes)
     document_masking: bool = False
     mqar: MQARDataConfig = field(default_factory=MQARDataConfig)
@@ -134,6 +137,9 @@ class TrainConfig:
     # atomic dQ: one pass over the scores, float32 sums in arrival order)
     attention_dq: str = "deterministic"
     device: str = "auto"  # auto | cpu | cuda
+    # CPU runs: intra-op threads per rank; 0 = the cores this process may use, shared by the node's ranks, less
+    # the load other work puts on them (OMP_NUM_THREADS, when set, is honoured instead)
+    cpu_threads: int = 0
     nan_policy: str = "stop"  # a non-finite loss/gradient: stop (exit 1, save nothing new) | skip (drop the step)
     engine: str = "torch"  # torch (DDP/FSDP2, DCP checkpoints) | deepspeed (ZeRO, DeepSpeed checkpoints)
 
@@ -192,7 +198,9 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     interval: int = 0  # steps between held-out evaluations (and at the last step); 0 = off
-    data_path: str = "bundled:val"  # held-out data; the default is the bundled corpus's validation split
+    # held-out data; auto = the run's own held-out documents (data.val_fraction > 0), else the bundled corpus's
+    # validation split
+    data_path: str = "auto"
     seq_len: int = 0  # 0 = train.seq_len; longer measures extrapolation (not under context parallelism)
     batches: int = 4  # global batches per evaluation (the same ones every time)
     batch_size: int = 4  # sequences per batch per data-parallel rank
@@ -240,6 +248,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("rms", "srms"),
     "train.nan_policy": ("stop", "skip"),
     "train.engine": ("torch", "deepspeed"),
+    "data.split": ("train", "val"),
     "train.attention_dq": ("deterministic", "atomic"),
     "train.activation_checkpointing": ("none", "selective", "full"),
 }
@@ -398,6 +407,9 @@ def validate(c: Config) -> None:
     if c.parallel.cp > 1 and c.eval.seq_len not in (0, t.seq_len):
         raise ConfigError(f"eval.seq_len={c.eval.seq_len} differs from train.seq_len={t.seq_len}, which context "
                           "parallelism lays out; evaluate longer lengths afterwards with `hylo eval --seq-len`")
+    if not 0.0 <= c.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={c.data.val_fraction} must lie in [0, 1) (e.g. 0.01 holds out 1% of "
+                          "the documents)")
     if c.schedule.warmup_steps < 0:
         raise ConfigError(f"schedule.warmup_steps={c.schedule.warmup_steps} must be >= 0")
     if not 0.0 <= c.schedule.min_lr_ratio <= 1.0:
@@ -405,9 +417,9 @@ def validate(c: Config) -> None:
     if len(c.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in c.optim.betas):
         raise ConfigError(f"optim.betas={c.optim.betas} must be two numbers in [0, 1)")
     if min(t.micro_batch_size, c.checkpoint.interval, c.checkpoint.keep_last, t.grad_clip, c.data.prefetch,
-           t.loss_chunk, m.mlp_tile) < 0:
+           t.loss_chunk, m.mlp_tile, t.cpu_threads) < 0:
         raise ConfigError("train.micro_batch_size, checkpoint.interval, checkpoint.keep_last, train.grad_clip, "
-                          "train.loss_chunk, model.mlp_tile and data.prefetch must be >= 0")
+                          "train.loss_chunk, model.mlp_tile, train.cpu_threads and data.prefetch must be >= 0")
 
 
 def _non_finite(node: Any, prefix: str = ""):
@@ -438,3 +450,18 @@ def check_batch_layout(c: Config, dp: int) -> tuple[int, int]:
             f"(train.batch_size={b} / {dp} ranks)"
         )
     return micro, local // micro
+
+
+def held_out_data(cfg: Config, path: str = "auto") -> tuple[DataConfig, str | None]:
+    """The data evaluation reads for `path` ('auto': the run's own held-out documents when data.val_fraction > 0,
+    else the bundled corpus's validation split) and, when the run trained on other data than that, a note."""
+    data = dict(cfg.data.__dict__, prefetch=0)
+    if path == "auto" and cfg.data.val_fraction > 0:
+        return DataConfig(**{**data, "split": "val"}), None
+    path = "bundled:val" if path == "auto" else path
+    note = None
+    if path == "bundled:val" and cfg.data.path not in ("", "bundled:train"):
+        note = (f"[hylo] note: the model trained on {cfg.data.path}; perplexity is measured on the bundled corpus's "
+                "validation split (set data.val_fraction when training to hold out documents of your own, or "
+                "give held-out data)")
+    return DataConfig(**{**data, "path": path, "val_fraction": 0.0, "split": "train"}), note

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from trainer.config import DataConfig
 from trainer.errors import DataError
@@ -138,6 +139,12 @@ def looks_like_text(text: str) -> bool:
     if "\x00" in text:
         return False
     return sum(text.count(c) for c in BINARY_CONTROLS) * 100 <= len(text)
+
+
+def held_out(text: str, fraction: float) -> bool:
+    """Whether a document belongs to the validation split: a hash of its text, so the split is the same on every
+    rank, in every epoch, after any resume and for any reader of the same data."""
+    return xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) < fraction * 2**64
 
 
 def not_text(file: str) -> str:
@@ -257,6 +264,9 @@ class DocumentStream:
                     )
                 if self.builder == "text" and not looks_like_text(text):  # binary past the start of a file
                     raise DataError(not_text(self._binary_file(sniff=-1) or f"one of {len(self.source)} files"))
+                if self.cfg.val_fraction and held_out(text, self.cfg.val_fraction) != (self.cfg.split == "val"):
+                    before = ds.state_dict()  # the other split's document: passed over, the position moves on
+                    continue
                 empty_epoch = False
                 has_text = has_text or bool(text.strip())
                 yield epoch, before, text
@@ -347,6 +357,10 @@ class DataLoader:
         from trainer.shards import ShardSequences, TokenShards, is_shard_dir
 
         if cfg.format == "tokens" or is_shard_dir(cfg.path):  # pre-tokenized: random access, reshardable
+            if cfg.val_fraction:
+                raise DataError("data.val_fraction holds out documents of a streaming source; token shards are "
+                                "already tokenized: pre-tokenize the held-out documents into shards of their own "
+                                "and give them to eval.data_path (or train on the source files)")
             self.packer = ShardSequences(TokenShards(cfg.path, tokenizer, verify=cfg.verify), seq_len, seed)
         else:
             self.packer = SequencePacker(DocumentStream(cfg, seed), tokenizer, seq_len)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.config import DataConfig
+from trainer.config import DataConfig, held_out_data
 from trainer.data import DataLoader
 from trainer.documents import DocumentMasking, document_masking
 from trainer.errors import ConfigError, DataError
@@ -135,10 +135,12 @@ def eval_main(argv: list[str]) -> int:
 
 def _eval_ppl(model, cfg, args) -> int:
     seq_len = args.seq_len or cfg.train.seq_len
-    if args.data == "bundled:val" and cfg.data.path not in ("", "bundled:train"):
-        print(f"[hylo] note: the model trained on {cfg.data.path}; perplexity is measured on the bundled corpus's "
-              "validation split (give --data for held-out data of your own)", flush=True)
-    data = DataConfig(**{**cfg.data.__dict__, "path": args.data, "prefetch": 0})
+    data, note = held_out_data(cfg, args.data)
+    if note:
+        print(note + " (or --data)", flush=True)
+    if data.split == "val":
+        print(f"[hylo] perplexity on the run's held-out documents (data.val_fraction={cfg.data.val_fraction} of "
+              f"{cfg.data.path or 'the bundled corpus'})", flush=True)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     batches = eval_batches(data, tokenizer, seq_len, args.batch_size, args.batches)
     result = perplexity(model, batches, args.bucket or default_bucket(seq_len), loss_chunk=cfg.train.loss_chunk,

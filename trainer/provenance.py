@@ -30,6 +30,8 @@ def data_provenance(cfg: DataConfig, tokenizer) -> dict[str, Any]:
     if cfg.format == "mqar":
         return {"kind": "mqar"}
     record: dict[str, Any] = {"tokenizer": tokenizer_fingerprint(tokenizer)}
+    if cfg.val_fraction:  # which documents train is part of the source
+        record["val_fraction"] = cfg.val_fraction
     if cfg.format == "tokens" or is_shard_dir(cfg.path):
         index = Path(cfg.path) / INDEX
         return {**record, "kind": "tokens", "path": str(Path(cfg.path).resolve()),
@@ -55,6 +57,9 @@ def source_change(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
         return f"the data source changed kind ({saved.get('kind')} -> {now.get('kind')})"
     if saved.get("tokenizer") != now.get("tokenizer"):
         return "the tokenizer changed (data.tokenizer holds another vocabulary)"
+    if saved.get("val_fraction", 0) != now.get("val_fraction", 0):
+        return (f"data.val_fraction changed ({saved.get('val_fraction', 0)} -> {now.get('val_fraction', 0)}): "
+                "other documents train now")
     kind = now.get("kind")
     if kind == "tokens":
         if saved.get("index_crc32") != now.get("index_crc32"):

@@ -23,12 +23,20 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
     """Run training to `train.steps`; returns a summary (first and last logged loss, where outputs are).
     `callbacks` are added after the config's own (trainer/callbacks/)."""
     watch = StartupWatch()  # a torchrun agent dying before the first step ends this rank with one line
-    from launch.distributed import destroy_distributed, init_distributed, peer_lost
+    from launch.distributed import cpu_threads, destroy_distributed, init_distributed, peer_lost
     from trainer.callbacks.profiler import oom_snapshot
     from trainer.trainer import Trainer
 
     try:
         info = init_distributed(cfg.train.device, cfg.parallel.backend)
+        if info.device.type == "cpu":
+            import torch
+
+            threads, why = cpu_threads(cfg.train.cpu_threads)
+            torch.set_num_threads(threads)
+            if info.is_main:
+                print(f"[hylo] CPU: {threads} intra-op thread(s) per rank ({why}; train.cpu_threads=N to choose)",
+                      flush=True)
         snapshot = Path(cfg.run.dir) / f"oom_snapshot_rank{info.rank}.pickle"
         with oom_snapshot(cfg.profile.memory_snapshot, info.device, snapshot):
             trainer = Trainer(cfg, info, callbacks)

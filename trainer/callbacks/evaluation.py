@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from trainer.callbacks.base import Callback
-from trainer.config import DataConfig
+from trainer.config import held_out_data
 from trainer.evaluate import eval_batches, run_eval_tasks
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ class EvalCallback(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         ev, cfg = trainer.cfg.eval, trainer.cfg
         if "ppl" in ev.tasks:
-            source = DataConfig(**{**cfg.data.__dict__, "path": ev.data_path, "prefetch": 0})
+            source, _ = held_out_data(cfg, ev.data_path)
             batches = eval_batches(source, trainer.tokenizer, ev.seq_len or cfg.train.seq_len, ev.batch_size,
                                    ev.batches, trainer.dims.dp_rank, trainer.dims.dp)
             self.ppl_batches = [b.to(trainer.device) for b in batches]
