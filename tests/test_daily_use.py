@@ -99,3 +99,31 @@ def test_print_config_shows_the_resolved_config_and_exits(run):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "d_model: 64" in res.stdout and "steps: 7" in res.stdout  # the run's own shape, this command's steps
     assert "[hylo] 0." not in res.stdout  # nothing was built
+
+
+def test_a_cpu_run_too_big_for_memory_is_refused_with_the_plan(tmp_path):
+    """~7B parameters on this box: one line with the plan's numbers, exit 2, nothing allocated, no run dir."""
+    run = tmp_path / "run"
+    res = run_module(["-m", "trainer.train", f"run.dir={run}", "model.d_model=4096", "model.n_layers=32",
+                      "train.device=cpu"], timeout=120)
+    assert res.returncode == 2 and "this CPU run needs about" in res.stderr and "GiB of host memory" in res.stderr
+    assert "hylo plan --cpu" in res.stderr and "Traceback" not in res.stderr and not run.exists()
+
+
+def test_hylo_plan_plans_cpu_runs():
+    fits = run_module(["-m", "trainer.cli", "plan", "--cpu", "--gpu-mem", "8"])
+    assert fits.returncode == 0 and "CPU rank(s) with 8.0 GiB of host memory" in fits.stdout
+    assert "full logits: fp32" in fits.stdout and "the process (torch, Python, data)" in fits.stdout
+    tight = run_module(["-m", "trainer.cli", "plan", "--cpu", "--gpu-mem", "2.5", "train.seq_len=8192",
+                        "train.batch_size=4", "train.loss_chunk=0"])
+    assert tight.returncode == 1 and "does NOT fit" in tight.stdout and "it fits with" in tight.stdout, tight.stdout
+    assert "activation_offload" not in tight.stdout  # not a CPU remedy
+
+
+def test_dry_run_builds_reads_a_batch_and_leaves_nothing(tmp_path, run):
+    fresh = tmp_path / "fresh"
+    res = run_module(["-m", "trainer.train", "--dry-run", f"run.dir={fresh}", *SMALL])
+    assert res.returncode == 0 and "dry run: 0.37M parameters" in res.stdout and "first batch (1, 4, 65)" in res.stdout
+    assert not fresh.exists()
+    resumed = run_module(["-m", "trainer.train", "--dry-run", "--resume", f"run.dir={run}"])
+    assert resumed.returncode == 0 and "would resume from" in resumed.stdout, resumed.stderr[-2000:]

@@ -44,6 +44,8 @@ def train_parser() -> argparse.ArgumentParser:
                         help="resume: the latest checkpoint in run.dir (no value) or a checkpoint folder "
                              "(--resume=PATH); key=value after --resume stays an override")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
+    parser.add_argument("--dry-run", action="store_true", help="build everything (data, model, parallelism, "
+                        "engine, the checkpoint to resume), read the first batch, then exit without training")
     parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.steps=100 model.d_model=256")
     return parser
 
@@ -100,11 +102,14 @@ def generate_parser() -> argparse.ArgumentParser:
 
 
 def plan_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hylo plan", description="Per-rank GPU memory of a run before launching "
-                                     "it, and the settings that would make it fit.")
+    parser = argparse.ArgumentParser(prog="hylo plan", description="Per-rank memory of a run (GPU, or --cpu) before "
+                                     "launching it, and the settings that would make it fit.")
     parser.add_argument("--config", help="YAML config (default: the embedded tiny config)")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs in the job (data parallel x parallel.cp)")
-    parser.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    parser.add_argument("--gpu-mem", type=float, default=None, help="memory of one GPU in GiB (default 80), or "
+                                                                    "with --cpu the host memory per rank (default: "
+                                                                    "what is free, shared by --gpus ranks)")
+    parser.add_argument("--cpu", action="store_true", help="plan a CPU run (fp32, host memory; --gpus = ranks)")
     parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.seq_len=131072")
     return parser
 

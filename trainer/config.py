@@ -140,6 +140,7 @@ class TrainConfig:
     # CPU runs: intra-op threads per rank; 0 = the cores this process may use, shared by the node's ranks, less
     # the load other work puts on them (OMP_NUM_THREADS, when set, is honoured instead)
     cpu_threads: int = 0
+    check_memory: bool = True  # CPU runs: refuse before allocating when hylo plan's model says it cannot fit
     nan_policy: str = "stop"  # a non-finite loss/gradient: stop (exit 1, save nothing new) | skip (drop the step)
     engine: str = "torch"  # torch (DDP/FSDP2, DCP checkpoints) | deepspeed (ZeRO, DeepSpeed checkpoints)
 

@@ -1,4 +1,5 @@
-"""`hylo plan`: the per-rank memory of a run, before anything is allocated, and what would make it fit.
+"""`hylo plan`: the per-rank memory of a run, before anything is allocated, and what would make it fit — on GPUs,
+or (`--cpu`) on the CPU's host memory, which `hylo train` also checks before it allocates a CPU run.
 
 The model counts bytes the way the run will hold them on a GPU (bf16 autocast over fp32 weights, the fused
 Triton/SDPA kernels):
@@ -39,8 +40,27 @@ from parallel.context import cp_degree_ulysses
 from trainer.config import Config, ConfigError, check_batch_layout, load_config
 
 GiB = 1024**3
-RUNTIME_FIXED = 1.0 * GiB
+RUNTIME_FIXED = 1.0 * GiB  # the CUDA context, or on the CPU the process itself (torch, Python, the data stack)
 FRAGMENTATION = 0.05
+
+
+def host_memory_gib() -> float:
+    """Memory this process may still take on its host: MemAvailable, or less under a cgroup limit."""
+    available = float("inf")
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # cgroup v2: the container's limit less what it already uses
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            used = int(open("/sys/fs/cgroup/memory.current").read())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available / GiB if available != float("inf") else 0.0
 
 
 def norm_saved(model_cfg, act: int, compute: int, what: str) -> list[Saved]:
@@ -134,14 +154,15 @@ class RetainedBytes(TorchDispatchMode):
                    if (s := ref()) is not None and s.data_ptr() not in skip)
 
 
-def plan_memory(cfg: Config, gpus: int, gpu_mem_gib: float) -> Plan:
-    """Per-rank bytes of a run of `cfg` on `gpus` GPUs of `gpu_mem_gib` GiB each."""
+def plan_memory(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda") -> Plan:
+    """Per-rank bytes of a run of `cfg` on `gpus` GPUs of `gpu_mem_gib` GiB each, or (device "cpu") on `gpus` CPU
+    ranks sharing `gpu_mem_gib` GiB of host memory each (fp32 unless train.dtype=bf16, no CUDA context)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     if gpus % p.cp:
         raise ConfigError(f"--gpus {gpus} is not a multiple of parallel.cp={p.cp}")
     dp = gpus // p.cp
     micro, _ = check_batch_layout(cfg, dp)
-    bf16 = t.dtype in ("auto", "bf16")
+    bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device == "cuda")
     act, compute = (2 if bf16 else 4), 4
     tokens = micro * t.seq_len / p.cp  # this rank's tokens in one forward
     n_params, block_params = _parameter_counts(cfg)
@@ -194,8 +215,9 @@ def plan_memory(cfg: Config, gpus: int, gpu_mem_gib: float) -> Plan:
         lines.append(("logits", t.loss_chunk * v * (act + 2 * compute) + tokens * (compute + 8),
                       f"one chunk of {t.loss_chunk} tokens (train.loss_chunk) + per-token lse"))
     else:
-        lines.append(("logits", tokens * v * (act + 2 * compute), "full logits: bf16, fp32 log-probabilities kept "
-                                                                   "for backward and their gradient"))
+        lines.append(("logits", tokens * v * (act + 2 * compute), f"full logits: {'bf16' if bf16 else 'fp32'}, "
+                                                                   "fp32 log-probabilities kept for backward and "
+                                                                   "their gradient"))
 
     # context parallelism
     if p.cp > 1:
@@ -213,7 +235,8 @@ def plan_memory(cfg: Config, gpus: int, gpu_mem_gib: float) -> Plan:
 
     gpu = gpu_mem_gib * GiB
     lines.append(("runtime", RUNTIME_FIXED + FRAGMENTATION * sum(b for _, b, _ in lines),
-                  "CUDA context + 5% allocator fragmentation"))
+                  "CUDA context + 5% allocator fragmentation" if device == "cuda" else
+                  "the process (torch, Python, data) + 5% allocator slack"))
     return Plan(lines, gpu)
 
 
@@ -226,7 +249,7 @@ def _with(cfg: Config, **changes) -> Config:
     return out
 
 
-def suggest(cfg: Config, gpus: int, gpu_mem_gib: float) -> tuple[list[str], Plan] | None:
+def suggest(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda") -> tuple[list[str], Plan] | None:
     """Settings added cheapest first (in compute and communication) until the run fits: (the overrides, the
     plan with them), or None."""
     steps: list[dict] = []
@@ -242,12 +265,12 @@ def suggest(cfg: Config, gpus: int, gpu_mem_gib: float) -> tuple[list[str], Plan
     while cp * 2 <= gpus and gpus % (cp * 2) == 0 and cfg.train.seq_len % (cp * 2) == 0:
         cp *= 2
         steps.append({"parallel__cp": cp})
-    if not cfg.train.activation_offload:
+    if not cfg.train.activation_offload and device == "cuda":  # (on the CPU activations are in host memory)
         steps.append({"train__activation_offload": True})
     changes: dict = {}
     for change in steps:
         changes.update(change)
-        candidate = plan_memory(_with(cfg, **changes), gpus, gpu_mem_gib)
+        candidate = plan_memory(_with(cfg, **changes), gpus, gpu_mem_gib, device)
         if candidate.fits:
             overrides = [f"{key.replace('__', '.')}={str(value).lower() if isinstance(value, bool) else value}"
                          for key, value in changes.items()]
@@ -259,7 +282,7 @@ def render(plan: Plan) -> str:
     width = max(len(name) for name, _, _ in plan.lines)
     rows = [f"  {name:<{width}}  {b / GiB:8.2f} GiB   {how}" for name, b, how in plan.lines]
     verdict = "fits" if plan.fits else "does NOT fit"
-    rows.append(f"  {'total':<{width}}  {plan.total / GiB:8.2f} GiB   of {plan.gpu_bytes / GiB:.0f} GiB: {verdict}")
+    rows.append(f"  {'total':<{width}}  {plan.total / GiB:8.2f} GiB   of {plan.gpu_bytes / GiB:.1f} GiB: {verdict}")
     return "\n".join(rows)
 
 
@@ -267,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.cli import plan_parser
 
     args = plan_parser().parse_intermixed_args(argv)
+    device = "cpu" if args.cpu else "cuda"
+    if args.gpu_mem is None:  # the CPU's own host memory, shared by its ranks; a GPU's 80 GiB
+        args.gpu_mem = host_memory_gib() / args.gpus if args.cpu else 80.0
     if args.gpus < 1 or args.gpu_mem <= 0:
         raise ConfigError("--gpus must be >= 1 and --gpu-mem positive")
     cfg = load_config(args.config, args.overrides)
@@ -274,18 +300,41 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.tokenizer import load_tokenizer
 
         cfg.model.vocab_size = 64 * -(-load_tokenizer(cfg.data.tokenizer).get_vocab_size() // 64)
-    plan = plan_memory(cfg, args.gpus, args.gpu_mem)
+    plan = plan_memory(cfg, args.gpus, args.gpu_mem, device)
     t = cfg.train
+    where = (f"{args.gpus} CPU rank(s) with {args.gpu_mem:.1f} GiB of host memory each" if args.cpu
+             else f"{args.gpus} GPU(s) of {args.gpu_mem:g} GiB")
     print(f"[hylo] plan: {cfg.model.n_layers} layers {cfg.model.pattern}, d_model {cfg.model.d_model}, "
-          f"seq_len {t.seq_len:,}, {args.gpus} GPU(s) of {args.gpu_mem:g} GiB, per rank:")
+          f"seq_len {t.seq_len:,}, {where}, per rank:")
     print(render(plan))
     if plan.fits:
         return 0
-    found = suggest(cfg, args.gpus, args.gpu_mem)
+    found = suggest(cfg, args.gpus, args.gpu_mem, device)
     if found is None:
         print(f"[hylo] no combination of loss chunking, checkpointing, MLP tiles, context parallelism over the "
-              f"{args.gpus} GPU(s) and offload fits; use more GPUs (--gpus) or a shorter train.seq_len")
+              f"{args.gpus} rank(s){'' if args.cpu else ' and offload'} fits; use more "
+              f"{'memory' if args.cpu else 'GPUs (--gpus)'}, a smaller model or a shorter train.seq_len")
         return 1
     changes, fitted = found
     print(f"[hylo] it fits with {' '.join(changes)}: {fitted.total / GiB:.2f} GiB per rank")
     return 1
+
+
+def check_host_memory(cfg: Config, ranks_here: int, world: int) -> None:
+    """Refuse a CPU run that cannot fit in this host's memory, with the plan's numbers and what would fit, before
+    anything is allocated (an allocation failure is a 50-line traceback, or the kernel's OOM killer)."""
+    available = host_memory_gib()
+    if available <= 0:
+        return  # nothing to compare with
+    per_rank = available / ranks_here
+    plan = plan_memory(cfg, world, per_rank, "cpu")
+    if plan.fits:
+        return
+    found = suggest(cfg, world, per_rank, "cpu")
+    hint = (f"It fits with {' '.join(found[0])} ({found[1].total / GiB:.1f} GiB)." if found else
+            "No checkpointing, tiling or loss chunking makes it fit: use a smaller model, a shorter "
+            "train.seq_len or a smaller train.batch_size.")
+    raise ConfigError(f"this CPU run needs about {plan.total / GiB:.1f} GiB per rank by hylo plan's model (weights, "
+                      f"gradients and AdamW moments alone {sum(b for _, b, _ in plan.lines[:3]) / GiB:.1f} GiB), "
+                      f"and {per_rank:.1f} GiB of host memory is free{' per rank' if ranks_here > 1 else ''}. "
+                      f"{hint} (`hylo plan --cpu ...` shows the whole plan; train.check_memory=false tries anyway)")

@@ -6,6 +6,7 @@ The run itself is trainer/trainer.py's `Trainer`; this module is its command lin
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,9 +20,10 @@ if TYPE_CHECKING:  # torch and the training stack load only when a run starts, n
     from trainer.config import Config
 
 
-def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
+def train(cfg: Config, callbacks: Sequence[Callback] = (), dry_run: bool = False) -> dict:
     """Run training to `train.steps`; returns a summary (first and last logged loss, where outputs are).
-    `callbacks` are added after the config's own (trainer/callbacks/)."""
+    `callbacks` are added after the config's own (trainer/callbacks/).  `dry_run`: build everything (data, model,
+    parallelism, engine, the checkpoint to resume), read the first batch, then stop without training or saving."""
     watch = StartupWatch()  # a torchrun agent dying before the first step ends this rank with one line
     from launch.distributed import cpu_threads, destroy_distributed, init_distributed, peer_lost
     from trainer.callbacks.profiler import oom_snapshot
@@ -39,7 +41,10 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
                       flush=True)
         snapshot = Path(cfg.run.dir) / f"oom_snapshot_rank{info.rank}.pickle"
         with oom_snapshot(cfg.profile.memory_snapshot, info.device, snapshot):
+            new_run_dir = not Path(cfg.run.dir).exists()
             trainer = Trainer(cfg, info, callbacks)
+            if dry_run:
+                return trainer.dry_run(remove_run_dir=new_run_dir)
             watch.training_started()
             return trainer.fit()
     except Exception as err:
@@ -50,8 +55,8 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
         destroy_distributed()
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str], bool]:
-    """(--config, the overrides with --resume folded in, --print-config)."""
+def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str], argparse.Namespace]:
+    """(--config, the overrides with --resume folded in, all the parsed arguments)."""
     from trainer.cli import train_parser
 
     args = train_parser().parse_args(argv)
@@ -61,20 +66,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str], bo
         args.resume = "auto"
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
-    return args.config, overrides, args.print_config
+    return args.config, overrides, args
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
     def run(args: list[str] | None) -> int:
-        config_path, overrides, print_config = parse_args(args)
+        config_path, overrides, flags = parse_args(args)
         from trainer.config import to_yaml
         from trainer.resume import run_config
 
         cfg = run_config(config_path, overrides)
-        if print_config:
+        if flags.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        train(cfg, callbacks)
+        train(cfg, callbacks, dry_run=flags.dry_run)
         return 0
 
     return run_command(run, argv)

@@ -8,6 +8,7 @@ device flag at logging steps and before saves and evaluations (`check_finite`).
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -92,6 +93,10 @@ class Trainer:
         elif cfg.model.vocab_size < self.tokenizer.get_vocab_size() and cfg.data.format != "mqar":  # ids, not text
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's "
                               f"{self.tokenizer.get_vocab_size()}")
+        if self.device.type == "cpu" and cfg.train.check_memory:  # before anything large is allocated
+            from trainer.plan import check_host_memory
+
+            check_host_memory(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), info.world)
         self.loader = self._build_loader(micro)
         if isinstance(self.loader, DataLoader):
             self.loader.check_readable()  # bad data fails here, before the run dir is touched
@@ -229,6 +234,20 @@ class Trainer:
         self.close(done=True)
         return {"first_loss": self.summary.get("first_loss"), "last_loss": self.summary.get("last_loss"),
                 "run_dir": str(self.run_dir), "start_step": self.start_step}
+
+    def dry_run(self, remove_run_dir: bool) -> dict[str, Any]:
+        """Everything built, the first batch read and its shape said; nothing trained or saved (a run dir this
+        dry run created is removed)."""
+        batch = next(self.loader)
+        if self.is_main:
+            where = f"resume from {self.resume_from}" if self.resume_from else "start from scratch"
+            print(f"[hylo] dry run: {self.n_params / 1e6:.2f}M parameters built on {self.dims.world} rank(s), "
+                  f"would {where} at step {self.start_step}; first batch {tuple(batch.shape)} (micro-steps x "
+                  f"sequences x seq_len+1) read; nothing trained or saved", flush=True)
+        self.close(done=False)
+        if remove_run_dir and self.is_main:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return {"first_loss": None, "last_loss": None, "run_dir": str(self.run_dir), "start_step": self.start_step}
 
     def _account(self, result: StepResult) -> None:
         if not result.stepped:  # the engine skipped it (train.nan_policy=skip)
