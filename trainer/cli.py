@@ -182,7 +182,7 @@ def tokenize_main(argv: list[str]) -> int:
 
         index = write_shards(one_epoch(), load_tokenizer(args.tokenizer), Path(args.out), args.shard_tokens)
         print(f"[hylo] wrote {index['total_tokens']:,} tokens in {len(index['shards'])} shard(s) to {args.out}; "
-              f"train with data.path={args.out}")
+              f"train with data.path={args.out}" + (f" data.tokenizer={args.tokenizer}" if args.tokenizer else ""))
         return 0
     tok = train_bpe(one_epoch(), args.vocab_size, args.output)
     print(f"[hylo] wrote {args.output} ({tok.get_vocab_size()} tokens)")
