@@ -93,6 +93,25 @@ class MQARDataConfig:  # data.format=mqar: synthetic multi-query associative rec
 
 
 @dataclass
+class UpsampleConfig:  # data.sources[i].upsample_long
+    min_tokens: int = 0  # documents at least this many tokens long ...
+    factor: int = 1  # ... appear this many times per epoch (copies spread by the seed, never back to back)
+
+
+@dataclass
+class SourceConfig:  # one entry of data.sources: a weighted source of a mixture
+    name: str = ""
+    path: str = ""  # as data.path: files, a folder, a glob, an HF dataset name or a token-shard folder
+    weight: float = 1.0  # share of the sequences (normalised over the sources); 0 keeps it listed, never read
+    format: str = "auto"
+    text_field: str = "text"
+    hf_split: str = "train"
+    min_doc_tokens: int = 0  # drop documents shorter than this (a stage that wants only long ones)
+    upsample_long: UpsampleConfig = field(default_factory=UpsampleConfig)
+    max_epochs: int = 0  # stop drawing from it after this many epochs (its weight goes to the others); 0 = never
+
+
+@dataclass
 class DataConfig:
     path: str = ""  # files, a folder, a glob or a Hugging Face dataset name; empty = the bundled corpus
     format: str = "auto"  # auto | text | jsonl | parquet | hf | tokens (a `hylo tokenize --out` folder; auto-detected)
@@ -105,6 +124,9 @@ class DataConfig:
     # documents held out of training by a stable hash of their text (streaming sources); evaluation reads them
     val_fraction: float = 0.0
     split: str = "train"  # which side of val_fraction a reader takes: train | val (set by evaluation, not by hand)
+    # a mixture of weighted sources instead of data.path (trainer/mixture.py); each takes path, format, text_field
+    # and hf_split of its own, the other data.* settings apply to all
+    sources: list[SourceConfig] = field(default_factory=list)
     # no layer lets a token see the documents packed before it (boundaries: the EOS tokens the packer writes)
     document_masking: bool = False
     mqar: MQARDataConfig = field(default_factory=MQARDataConfig)
@@ -262,6 +284,13 @@ def _allowed_keys(parent: str) -> list[str]:
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
+    if (isinstance(err, ConfigKeyError) or "not in" in str(err)) and getattr(err, "object_type", None) in (
+            SourceConfig, UpsampleConfig):  # inside an entry of data.sources
+        kind = "a data.sources entry" if err.object_type is SourceConfig else "upsample_long"
+        allowed = [f.name for f in dataclasses.fields(err.object_type)]
+        hint = difflib.get_close_matches(key.rpartition(".")[2], allowed, n=1)
+        return ConfigError(f"unknown key '{key.rpartition('.')[2]}' in {kind} (from {source}). Allowed keys: "
+                           f"{', '.join(allowed)}." + (f" Did you mean '{hint[0]}'?" if hint else ""))
     if isinstance(err, ConfigKeyError) or "not in" in str(err):
         parent, _, leaf = key.rpartition(".")
         allowed = _allowed_keys(parent)
@@ -408,6 +437,7 @@ def validate(c: Config) -> None:
     if c.parallel.cp > 1 and c.eval.seq_len not in (0, t.seq_len):
         raise ConfigError(f"eval.seq_len={c.eval.seq_len} differs from train.seq_len={t.seq_len}, which context "
                           "parallelism lays out; evaluate longer lengths afterwards with `hylo eval --seq-len`")
+    check_sources(c.data)
     if not 0.0 <= c.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={c.data.val_fraction} must lie in [0, 1) (e.g. 0.01 holds out 1% of "
                           "the documents)")
@@ -421,6 +451,37 @@ def validate(c: Config) -> None:
            t.loss_chunk, m.mlp_tile, t.cpu_threads) < 0:
         raise ConfigError("train.micro_batch_size, checkpoint.interval, checkpoint.keep_last, train.grad_clip, "
                           "train.loss_chunk, model.mlp_tile, train.cpu_threads and data.prefetch must be >= 0")
+
+
+def check_sources(d: DataConfig) -> None:
+    """data.sources: named, unique, weights >= 0 and not all zero, not beside data.path."""
+    if not d.sources:
+        return
+    if d.path:
+        raise ConfigError(f"data.path='{d.path}' and data.sources are both set: data.path is the one-source "
+                          "shorthand; list it as a source instead")
+    if d.format == "mqar":
+        raise ConfigError("data.format=mqar generates its sequences; it takes no data.sources")
+    names = [s.name for s in d.sources]
+    for i, src in enumerate(d.sources):
+        where = f"data.sources[{i}]"
+        if not src.name or not src.path:
+            raise ConfigError(f"{where} needs a name and a path (e.g. {{name: code, path: data/code, weight: 0.3}})")
+        if names.count(src.name) > 1:
+            raise ConfigError(f"{where}: the name '{src.name}' is used twice; give every source its own name")
+        if not 0 <= src.weight < float("inf"):
+            raise ConfigError(f"{where} ({src.name}): weight={src.weight} must be >= 0")
+        if src.min_doc_tokens < 0 or src.max_epochs < 0 or src.upsample_long.min_tokens < 0:
+            raise ConfigError(f"{where} ({src.name}): min_doc_tokens, max_epochs and upsample_long.min_tokens "
+                              "must be >= 0")
+        if src.upsample_long.factor < 1:
+            raise ConfigError(f"{where} ({src.name}): upsample_long.factor={src.upsample_long.factor} must be >= 1 "
+                              "(1 = no upsampling)")
+        if src.format not in CHOICES["data.format"] or src.format == "mqar":
+            raise ConfigError(f"{where} ({src.name}): format='{src.format}' is not one of "
+                              f"{[f for f in CHOICES['data.format'] if f != 'mqar']}")
+    if sum(src.weight for src in d.sources) <= 0:
+        raise ConfigError("data.sources: every weight is 0; give at least one source a positive weight")
 
 
 def _non_finite(node: Any, prefix: str = ""):

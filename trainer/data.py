@@ -283,23 +283,41 @@ class SequencePacker:
 
     Every token is a prediction target exactly once.  `state` names the document holding the next window's
     first token, the offset into it, and the next global sequence index.
+
+    Shaping (a mixture's per-source settings): `min_doc_tokens` drops shorter documents; `upsample` = (min_tokens,
+    factor) repeats documents of at least min_tokens tokens `factor` times per epoch, each copy placed 2-16
+    documents after the one before (by the seed, so never back to back), copies left at an epoch's end opening the
+    next.  The resume point of a shaped stream is then (the source's state before its next document, that
+    document's ordinal in the epoch, the copies already placed before it, the copies still pending — each by the
+    source state that re-reads it), so a resume re-reads pending copies and continues bit-exactly.
     """
 
-    def __init__(self, docs: DocumentStream, tokenizer, seq_len: int):
+    def __init__(self, docs: DocumentStream, tokenizer, seq_len: int, *, min_doc_tokens: int = 0,
+                 upsample: tuple[int, int] = (0, 1), seed: int = 0):
         self.docs = docs
         self.tokenizer = tokenizer
         self.eos = tokenizer.token_to_id(EOS)
         self.seq_len = seq_len
-        self._queue: deque[tuple[int, dict, np.ndarray]] = deque()  # (epoch, state, tokens) not yet consumed
+        self.min_doc_tokens, self.upsample, self.seed = min_doc_tokens, upsample, seed
+        self.shaped = min_doc_tokens > 0 or upsample[1] > 1
+        self._queue: deque[tuple[int, Any, np.ndarray]] = deque()  # (epoch, resume point, tokens) not consumed
         self._offset = 0  # into the first queued document
         self._next_index = 0
         self._start = {"epoch": 0, "doc_state": None, "offset": 0, "next_index": 0}
         self._source: Iterator | None = None
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") == "tokens":
-            raise DataError("the data state was saved by the token-shard loader; resume with the same data.path")
-        self._start = dict(state)
+        if state.get("kind") in ("tokens", "mixture"):
+            raise DataError(f"the data state was saved by the {state['kind']} loader; resume with the same data "
+                            "settings (data.path or data.sources)")
+        state = dict(state)
+        doc_state = state.get("doc_state")
+        shaped_state = isinstance(doc_state, dict) and "ordinal" in doc_state
+        if doc_state is not None and shaped_state and not self.shaped:  # shaping turned off: plain from here
+            state["doc_state"] = doc_state["doc_state"]  # (copies still pending are not placed)
+        elif doc_state is not None and not shaped_state and self.shaped:  # turned on (a new stage): from here
+            state["doc_state"] = {"doc_state": doc_state, "ordinal": 0, "emitted": 0, "pending": []}
+        self._start = state
         self._queue.clear()
         self._source = None
 
@@ -310,16 +328,65 @@ class SequencePacker:
         epoch, doc_state, _ = self._queue[0]
         return {"epoch": epoch, "doc_state": doc_state, "offset": self._offset, "next_index": self._next_index}
 
+    def epoch(self) -> int:
+        """The epoch of the document holding the next token."""
+        return self.state_dict()["epoch"]
+
+    def _encode(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(enc.ids + [self.eos], dtype=np.int32)
+                for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def _originals(self, epoch: int, state):
+        """(epoch, source state before it, tokens) of every document of the source, tokenized in groups."""
+        source = self.docs.iterate(epoch, state)
+        while True:
+            group = [next(source) for _ in range(TOKENIZE_GROUP)]
+            yield from ((e, st, tokens) for (e, st, _), tokens in
+                        zip(group, self._encode([text for _, _, text in group]), strict=True))
+
+    def _documents(self, epoch: int, resume):
+        """(epoch, resume point, tokens) of the packed document stream from a resume point."""
+        if not self.shaped:
+            yield from self._originals(epoch, resume)
+            return
+        resume = resume or {"doc_state": None, "ordinal": 0, "emitted": 0, "pending": []}
+        # a pending copy: [due ordinal, epoch and source state that re-read it, its tokens]
+        pending = [[due, ep, st, self._reread(ep, st)] for due, ep, st in resume["pending"]]
+        ordinal, skip, current = resume["ordinal"], resume["emitted"], epoch
+        min_long, factor = self.upsample
+        for e, st, tokens in self._originals(epoch, resume["doc_state"]):
+            if e != current:  # a new epoch: copies left over open it, spaced as they were; ordinals restart
+                for copy in pending:
+                    copy[0] = max(0, copy[0] - ordinal)
+                current, ordinal = e, 0
+            due = [copy for copy in pending if copy[0] <= ordinal]
+            snapshot = [[d, ep, cst] for d, ep, cst, _ in pending]
+            for k, copy in enumerate(due[skip:], start=skip):
+                yield e, {"doc_state": st, "ordinal": ordinal, "emitted": k, "pending": snapshot}, copy[3]
+            skip = 0
+            pending = [copy for copy in pending if copy[0] > ordinal]
+            if len(tokens) - 1 >= self.min_doc_tokens:
+                yield e, {"doc_state": st, "ordinal": ordinal, "emitted": len(due), "pending": snapshot}, tokens
+                if factor > 1 and len(tokens) - 1 >= min_long:
+                    rng = random.Random(f"{self.seed}/{e}/{ordinal}")
+                    at = ordinal
+                    for _ in range(factor - 1):
+                        at += rng.randint(2, 16)
+                        pending.append([at, e, st, tokens])
+                    pending.sort(key=lambda copy: copy[0])  # (stable: copies due together keep their order)
+            ordinal += 1
+
+    def _reread(self, epoch: int, state) -> np.ndarray:
+        _, _, text = next(self.docs.iterate(epoch, state))
+        return self._encode([text])[0]
+
     def _fill(self, tokens_needed: int) -> None:
         if self._source is None:
             s = self._start
-            self._source = self.docs.iterate(s["epoch"], s["doc_state"])
+            self._source = self._documents(s["epoch"], s["doc_state"])
             self._offset, self._next_index = s["offset"], s["next_index"]
         while sum(len(t) for _, _, t in self._queue) - self._offset < tokens_needed:
-            group = [next(self._source) for _ in range(TOKENIZE_GROUP)]
-            encodings = self.tokenizer.encode_batch([text for _, _, text in group], add_special_tokens=False)
-            for (epoch, state, _), enc in zip(group, encodings, strict=True):
-                self._queue.append((epoch, state, np.asarray(enc.ids + [self.eos], dtype=np.int32)))
+            self._queue.append(next(self._source))
 
     def next_sequence(self, keep: bool = True) -> np.ndarray | None:
         """The next global sequence (seq_len + 1 tokens), or None when `keep` is False (skipped cheaply)."""
@@ -354,9 +421,13 @@ class DataLoader:
                  rank: int = 0, world: int = 1, seed: int = 0):
         if global_batch % world or (global_batch // world) % micro_batch:
             raise ValueError(f"global batch {global_batch} does not split into {world} ranks x {micro_batch}")
+        from trainer.mixture import MixturePacker
         from trainer.shards import ShardSequences, TokenShards, is_shard_dir
 
-        if cfg.format == "tokens" or is_shard_dir(cfg.path):  # pre-tokenized: random access, reshardable
+        if cfg.sources:  # a weighted mixture (trainer/mixture.py); its notes come from rank 0
+            self.packer = MixturePacker(cfg, tokenizer, seq_len, seed,
+                                        say=(lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None))
+        elif cfg.format == "tokens" or is_shard_dir(cfg.path):  # pre-tokenized: random access, reshardable
             if cfg.val_fraction:
                 raise DataError("data.val_fraction holds out documents of a streaming source; token shards are "
                                 "already tokenized: pre-tokenize the held-out documents into shards of their own "
@@ -371,24 +442,14 @@ class DataLoader:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         self._stop = threading.Event()
 
-    def _binary_file(self, sniff: int = SNIFF_BYTES) -> str | None:
-        """The first text file whose first `sniff` bytes (-1: all of it) are not text: at start-up, and to name the
-        file when a document turns out not to be text."""
-        for file in self.source if self.builder == "text" else ():
-            try:
-                with open(file, "rb") as f:
-                    head = f.read(sniff)
-            except OSError:
-                continue  # unreadable files are reported by the read itself
-            if not looks_like_text(head.decode("utf-8", errors="replace")):
-                return file
-        return None
-
     def check_readable(self) -> None:
         """Fail now, with the data's own error, if the stream cannot yield text (token shards were checked when
         opened)."""
         if isinstance(self.packer, SequencePacker):
             self.packer.docs.check_readable()
+        for packer in getattr(self.packer, "packers", {}).values():  # each source of a mixture
+            if isinstance(packer, SequencePacker):
+                packer.docs.check_readable()
 
     def _next_step(self) -> tuple[torch.Tensor, dict]:
         local = self.global_batch // self.world
@@ -452,7 +513,7 @@ class DataLoader:
                              "change)")
         if isinstance(self.packer, SequencePacker):
             self.packer.load_state_dict(state["packer"])
-        else:
+        else:  # token shards, or a mixture (whose token-shard sources re-cut an epoch at a new length)
             self.packer.load_state_dict(state["packer"], saved_seq_len=state["seq_len"])
         self._state = self.packer.state_dict()
 

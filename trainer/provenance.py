@@ -29,6 +29,11 @@ def data_provenance(cfg: DataConfig, tokenizer) -> dict[str, Any]:
 
     if cfg.format == "mqar":
         return {"kind": "mqar"}
+    if cfg.sources:  # a mixture: each source's own record, by name (weights are settings, not the source)
+        from trainer.mixture import source_data
+
+        return {"kind": "mixture", "sources": {src.name: data_provenance(source_data(cfg, src), tokenizer)
+                                               for src in cfg.sources}}
     record: dict[str, Any] = {"tokenizer": tokenizer_fingerprint(tokenizer)}
     if cfg.val_fraction:  # which documents train is part of the source
         record["val_fraction"] = cfg.val_fraction
@@ -55,6 +60,13 @@ def source_change(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
     """What differs between the source a checkpoint was taken on and this run's, in words; None if nothing."""
     if saved.get("kind") != now.get("kind"):
         return f"the data source changed kind ({saved.get('kind')} -> {now.get('kind')})"
+    if now.get("kind") == "mixture":
+        before, after = saved["sources"], now["sources"]
+        changes = [f"source '{n}' was removed" for n in before if n not in after]
+        changes += [f"source '{n}' was added" for n in after if n not in before]
+        changes += [f"source '{n}': {change}" for n in before if n in after
+                    if (change := source_change(before[n], after[n]))]
+        return "; ".join(changes) or None
     if saved.get("tokenizer") != now.get("tokenizer"):
         return "the tokenizer changed (data.tokenizer holds another vocabulary)"
     if saved.get("val_fraction", 0) != now.get("val_fraction", 0):

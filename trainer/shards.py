@@ -196,6 +196,10 @@ class ShardSequences:
     def state_dict(self) -> dict:
         return {"kind": "tokens", "next_index": self.next_index, "carry": dict(self.carry) if self.carry else None}
 
+    def epoch(self) -> int:
+        """The epoch of the next sequence (the rest of an epoch read at another length counts as the one before)."""
+        return self.next_index // self.n - (1 if self.carry is not None else 0)
+
     def load_state_dict(self, state: dict, saved_seq_len: int | None = None) -> None:
         if state.get("kind") != "tokens":
             raise DataError("the data state was saved by the streaming loader, not by token shards; resume with "

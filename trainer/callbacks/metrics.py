@@ -41,6 +41,20 @@ class MetricsCallback(Callback):
         self.loss_sum = torch.zeros((), device=trainer.device)
         self.loss_steps = self.window_steps = 0
         self.window_time = 0.0
+        self.source_counts: dict[str, int] | None = None  # a mixture's sequences per source at the last log
+
+    def _mixture(self, trainer: Trainer) -> dict[str, float]:
+        """data/tokens/<source> (cumulative) and data/share/<source> (over the last log interval) of a mixture."""
+        state = getattr(trainer.loader, "state_dict", dict)().get("packer", {})
+        if state.get("kind") != "mixture":
+            return {}
+        counts, seq_len = state["counts"], trainer.cfg.train.seq_len
+        before = self.source_counts or dict.fromkeys(counts, 0)
+        drawn = {n: c - before.get(n, 0) for n, c in counts.items()}
+        total = max(sum(drawn.values()), 1)
+        self.source_counts = dict(counts)
+        return {**{f"data/tokens/{n}": c * seq_len for n, c in counts.items()},
+                **{f"data/share/{n}": d / total for n, d in drawn.items()}}
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         if result.stepped:
@@ -65,6 +79,7 @@ class MetricsCallback(Callback):
             scalars["train/mem_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
         else:  # the process's peak resident memory (Linux reports KiB), so CPU runs show memory settings too
             scalars["train/mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        scalars.update(self._mixture(trainer))
         trainer.log(scalars)
         trainer.summary.setdefault("first_loss", mean_loss)
         trainer.summary["last_loss"] = mean_loss

@@ -1,0 +1,184 @@
+"""Data mixtures (trainer/mixture.py): weighted sources, long-document upsampling, exact resume, per-source
+accounting, and clear refusals."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_module
+from tests.test_checkpoint import losses
+from trainer.config import DataConfig, SourceConfig, UpsampleConfig, load_config
+from trainer.data import DataLoader
+from trainer.mixture import MixturePacker
+from trainer.tokenizer import load_tokenizer
+
+TOK = load_tokenizer()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+
+
+def write_source(folder, n_docs: int, words: tuple[int, int], tag: str, seed: int):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n_docs):
+        n = int(rng.integers(*words))
+        (folder / f"{tag}{i:03d}.txt").write_text(f"{tag} document {i}: " + " ".join(rng.choice(WORDS, size=n)))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixture")
+    return {"web": write_source(root / "web", 60, (20, 200), "web", 0),
+            "code": write_source(root / "code", 30, (20, 120), "code", 1),
+            "books": write_source(root / "books", 4, (80, 200), "book", 2)}  # small: its epochs turn over
+
+
+def mixture(corpus, weights=(0.7, 0.2, 0.1), **per_source) -> DataConfig:
+    return DataConfig(prefetch=0, sources=[SourceConfig(name=n, path=corpus[n], weight=w, **per_source.get(n, {}))
+                                           for n, w in zip(("web", "code", "books"), weights, strict=True)])
+
+
+def test_realised_shares_follow_the_weights(corpus):
+    packer = MixturePacker(mixture(corpus), TOK, seq_len=8, seed=0, say=lambda msg: None)
+    for _ in range(10_000):
+        packer.next_sequence(keep=False)
+    counts = packer.step_sources()
+    for name, weight in zip(("web", "code", "books"), (0.7, 0.2, 0.1), strict=True):
+        assert abs(counts[name] / 10_000 - weight) <= 0.01, counts
+    assert packer.epochs["books"] >= 1  # the small source went round its epoch on its own
+
+
+def test_two_ranks_see_the_one_rank_batches(corpus):
+    cfg = mixture(corpus)
+    one = DataLoader(cfg, TOK, seq_len=16, global_batch=4, micro_batch=4, seed=2)
+    two = [DataLoader(cfg, TOK, seq_len=16, global_batch=4, micro_batch=2, rank=r, world=2, seed=2) for r in (0, 1)]
+    for _ in range(40):
+        full = next(one).reshape(4, 17)
+        torch.testing.assert_close(torch.cat([next(loader).reshape(2, 17) for loader in two]), full)
+    assert two[0].state_dict() == two[1].state_dict() == one.state_dict()
+
+
+def run_chain(cfg, stops, steps, notes=None):
+    batches, state, step = [], None, 0
+    for stop in [*stops, steps]:
+        loader = DataLoader(cfg, TOK, seq_len=32, global_batch=2, micro_batch=2, seed=5)
+        if state is not None:
+            loader.load_state_dict(json.loads(json.dumps(state)))
+        while step < stop:
+            batches.append(next(loader))
+            step += 1
+        state = loader.state_dict()
+        loader.close()
+    return batches, state
+
+
+def test_resume_mid_mixture_is_exact_across_the_small_sources_epochs(corpus):
+    cfg = mixture(corpus, weights=(0.3, 0.3, 0.4))
+    straight, end = run_chain(cfg, [], 120)
+    assert end["packer"]["epochs"]["books"] >= 1  # the chain crosses an epoch boundary of the smallest source
+    for stops in ([17, 18, 61], [40, 41, 42, 90]):
+        chained, _ = run_chain(cfg, stops, 120)
+        assert all(torch.equal(a, b) for a, b in zip(chained, straight, strict=True)), stops
+
+
+def test_long_documents_appear_factor_times_per_epoch_never_back_to_back(corpus):
+    cfg = mixture(corpus, weights=(1.0, 0.0, 0.0), web={"upsample_long": UpsampleConfig(min_tokens=300, factor=3)})
+    packer = MixturePacker(cfg, TOK, seq_len=16, seed=0, say=lambda msg: None).packers["web"]
+    docs = packer._documents(0, None)
+    stream = [next(docs) for _ in range(160)]
+    keys = [tokens.tobytes() for _, _, tokens in stream]
+    long_docs = {k for k in keys if len(np.frombuffer(k, np.int32)) - 1 >= 300}
+    short_docs = set(keys) - long_docs
+    assert long_docs and short_docs
+    epochs = [e for e, _, _ in stream]
+    assert epochs.count(0) > 60 and epochs[-1] >= 1  # the whole first epoch, and into the second
+    first_epoch = Counter(k for e, k in zip(epochs, keys, strict=True) if e == 0)
+    # where each document is first read: its ordinal among the epoch's originals
+    first_at = {}
+    for (e, resume, _), k in zip(stream, keys, strict=True):
+        first_at.setdefault(k, (e, resume["ordinal"]))
+    early = {k for k in long_docs if first_at[k][0] == 0 and first_at[k][1] < 60 - 2 * 16}  # copies fit the epoch
+    assert early and all(first_epoch[k] == 3 for k in early), {first_at[k]: first_epoch[k] for k in early}
+    assert all(first_epoch[k] == 1 for k in short_docs if first_at[k][0] == 0)
+    assert all(a != b for a, b in zip(keys, keys[1:], strict=False)), "a document twice in a row"
+    # the shaped stream resumes exactly from any of its points, pending copies re-read from their source state
+    for cut in (5, 11, 23):
+        _, resume, _ = stream[cut]
+        again = packer._documents(stream[cut][0], json.loads(json.dumps(resume)))
+        assert [next(again)[2].tobytes() for _ in range(10)] == keys[cut:cut + 10]
+
+
+def test_min_doc_tokens_drops_short_documents(corpus):
+    cfg = mixture(corpus, weights=(1.0, 0.0, 0.0), web={"min_doc_tokens": 150})
+    packer = MixturePacker(cfg, TOK, seq_len=16, seed=0, say=lambda msg: None).packers["web"]
+    docs = packer._documents(0, None)
+    assert all(len(next(docs)[2]) - 1 >= 150 for _ in range(15))
+
+
+def test_new_weights_on_resume_take_effect_with_a_note(corpus):
+    notes = []
+    first = MixturePacker(mixture(corpus), TOK, seq_len=8, seed=0, say=notes.append)
+    for _ in range(500):
+        first.next_sequence(keep=False)
+    state = json.loads(json.dumps(first.state_dict()))
+    second = MixturePacker(mixture(corpus, weights=(0.1, 0.1, 0.8)), TOK, seq_len=8, seed=0, say=notes.append)
+    second.load_state_dict(state)
+    assert any("new source weights from sequence 500 on: web 0.7 -> 0.1" in n for n in notes)
+    before = second.step_sources()
+    for _ in range(1000):
+        second.next_sequence(keep=False)
+    after = second.step_sources()
+    assert abs((after["books"] - before["books"]) / 1000 - 0.8) <= 0.01
+
+
+def test_max_epochs_stops_a_source_and_redistributes(corpus):
+    notes = []
+    cfg = mixture(corpus, weights=(0.5, 0.0, 0.5), books={"max_epochs": 1})
+    packer = MixturePacker(cfg, TOK, seq_len=64, seed=0, say=notes.append)
+    for _ in range(400):
+        packer.next_sequence(keep=False)
+    assert "books" in packer.exhausted and any("finished its max_epochs=1" in n for n in notes)
+    books = packer.step_sources()["books"]
+    for _ in range(50):
+        packer.next_sequence(keep=False)
+    assert packer.step_sources()["books"] == books  # no longer drawn
+
+
+SOURCES = "data.sources=[{{name: web, path: {web}, weight: 0.6}}, {{name: books, path: {books}, weight: 0.4}}]"
+TRAIN = ["model.d_model=64", "model.n_layers=2", "train.batch_size=4", "train.seq_len=64", "logging.interval=1",
+         "logging.progress=false", "train.deterministic=true", "logging.sink_interval=0", "checkpoint.interval=3"]
+
+
+def test_training_on_a_mixture_resumes_bit_exactly_and_logs_each_source(corpus, tmp_path):
+    sources = SOURCES.format(**corpus)
+    ref = tmp_path / "ref"
+    res = run_module(["-m", "trainer.train", f"run.dir={ref}", sources, "train.steps=9", *TRAIN])
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "data/tokens/web" in r][-1]
+    assert last["data/tokens/web"] + last["data/tokens/books"] == 9 * 4 * 64
+    chain = tmp_path / "chain"
+    for stop in (4, 5, 9):
+        res = run_module(["-m", "trainer.train", f"run.dir={chain}", sources, f"train.steps={stop}", *TRAIN])
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert losses(chain) == losses(ref)
+    # a source removed from the mixture is refused by name
+    removed = run_module(["-m", "trainer.train", f"run.dir={chain}", "train.steps=12", *TRAIN,
+                          f"data.sources=[{{name: web, path: {corpus['web']}, weight: 1.0}}]"])
+    assert removed.returncode == 2 and "source 'books' was removed" in removed.stderr, removed.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sources, message", [
+    ("[{name: a, path: x, weight: -1}]", "weight=-1.0 must be >= 0"),
+    ("[{name: a, path: x, weight: 0}]", "every weight is 0"),
+    ("[{name: a, path: x}, {name: a, path: y}]", "the name 'a' is used twice"),
+    ("[{name: a, path: x, wieght: 1}]", "unknown key 'wieght' in a data.sources entry"),
+], ids=["negative", "all-zero", "duplicate", "unknown-key"])
+def test_bad_mixtures_are_one_line_errors(sources, message, tmp_path):
+    with pytest.raises(Exception, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, [f"data.sources={sources}"])
+    res = run_module(["-m", "trainer.train", f"run.dir={tmp_path / 'run'}", f"data.sources={sources}"])
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr

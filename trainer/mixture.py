@@ -1,0 +1,154 @@
+"""Data mixtures: several weighted sources (`data.sources`) behind the one-source loader's interface.
+
+Global sequence g comes from the source whose share is furthest behind its weight after g sequences (a smooth
+weighted round robin: every source's count stays within one sequence of weight x g), so the choice depends only
+on the sequence index and the weights — never on the number of ranks — and a 2-rank run sees exactly the 1-rank
+batches.  Each source packs its own documents into sequences (a sequence never mixes sources: per-source
+accounting is exact), with its own shuffle, epochs, and document shaping (`min_doc_tokens`, `upsample_long`:
+trainer/data.py's SequencePacker).  The state is every source's position plus the counts, so a resume continues
+bit-exactly on any number of ranks.  New weights on resume take effect from the resumed sequence on (the round
+robin restarts its bookkeeping there), with a note; a source that reaches `max_epochs` stops being drawn and its
+weight goes to the others, with a note; a source starting another epoch says so once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from trainer.config import DataConfig, SourceConfig
+from trainer.errors import DataError
+
+
+def source_data(cfg: DataConfig, source: SourceConfig) -> DataConfig:
+    """The one-source DataConfig a mixture's source reads with (its own path and reading settings)."""
+    return dataclasses.replace(cfg, path=source.path, format=source.format, text_field=source.text_field,
+                               hf_split=source.hf_split, sources=[])
+
+
+def source_seed(seed: int, name: str) -> int:
+    """Each source shuffles by its own seed (the same names and seed give the same order)."""
+    return (seed * 1_000_003 + int(hashlib.sha1(name.encode()).hexdigest()[:8], 16)) % 2**31
+
+
+def build_source(cfg: DataConfig, source: SourceConfig, tokenizer, seq_len: int, seed: int):
+    from trainer.data import DocumentStream, SequencePacker
+    from trainer.shards import ShardSequences, TokenShards, is_shard_dir
+
+    data, own_seed = source_data(cfg, source), source_seed(seed, source.name)
+    up = source.upsample_long
+    if data.format == "tokens" or is_shard_dir(data.path):
+        if source.min_doc_tokens or up.factor > 1:
+            raise DataError(f"data.sources '{source.name}': min_doc_tokens and upsample_long shape the documents of "
+                            "a streaming source; token shards hold windows, not documents — shape the documents "
+                            "before `hylo tokenize --out`, or read the source files")
+        return ShardSequences(TokenShards(data.path, tokenizer, verify=data.verify), seq_len, own_seed)
+    return SequencePacker(DocumentStream(data, own_seed), tokenizer, seq_len, min_doc_tokens=source.min_doc_tokens,
+                          upsample=(up.min_tokens, up.factor), seed=own_seed)
+
+
+class MixturePacker:
+    """The next global sequence of a mixture, with the SequencePacker interface (next_sequence, state_dict,
+    load_state_dict).  `say` prints the notes (rank 0)."""
+
+    kind = "mixture"
+
+    def __init__(self, cfg: DataConfig, tokenizer, seq_len: int, seed: int, say: Callable[[str], None] = print):
+        self.cfg, self.seq_len, self.say = cfg, seq_len, say
+        self.names = [s.name for s in cfg.sources]
+        self.settings = {s.name: s for s in cfg.sources}
+        # zero-weight sources stay listed (provenance) and are never opened
+        self.packers = {s.name: build_source(cfg, s, tokenizer, seq_len, seed) for s in cfg.sources if s.weight > 0}
+        self.weights = {s.name: s.weight for s in cfg.sources}
+        self.next_index = 0
+        self.counts = dict.fromkeys(self.names, 0)  # sequences drawn from each source so far
+        self.base_index, self.base_counts = 0, dict(self.counts)  # where the round robin's bookkeeping starts
+        self.exhausted: list[str] = []  # sources past their max_epochs
+        self.epochs = dict.fromkeys(self.names, 0)  # the epoch each source was last seen in (for the notes)
+
+    # ------------------------------------------------------------------------------------------------ drawing
+    def _active(self) -> dict[str, float]:
+        active = {n: w for n, w in self.weights.items() if w > 0 and n not in self.exhausted}
+        if not active:
+            raise DataError("every source of data.sources reached its max_epochs; raise max_epochs or add data")
+        total = sum(active.values())
+        return {n: w / total for n, w in active.items()}
+
+    def _choose(self) -> str:
+        shares, steps = self._active(), self.next_index - self.base_index + 1
+
+        def behind(n: str) -> tuple[float, int]:  # how far the source's count lags its share (ties: listed first)
+            return shares[n] * steps - (self.counts[n] - self.base_counts[n]), -self.names.index(n)
+        return max(shares, key=behind)
+
+    def _rebase(self) -> None:
+        self.base_index, self.base_counts = self.next_index, dict(self.counts)
+
+    def next_sequence(self, keep: bool = True) -> np.ndarray | None:
+        name = self._choose()
+        packer = self.packers[name]
+        out = packer.next_sequence(keep)
+        self.counts[name] += 1
+        self.next_index += 1
+        epoch = packer.epoch()
+        if epoch != self.epochs[name]:
+            self.epochs[name] = epoch
+            limit = self.settings[name].max_epochs
+            if limit and epoch >= limit:
+                self.exhausted.append(name)
+                self._rebase()
+                self.say(f"[hylo] data: source '{name}' finished its max_epochs={limit}; its weight goes to the "
+                         f"others ({', '.join(n for n in self._active())})")
+            else:
+                self.say(f"[hylo] data: source '{name}' starts epoch {epoch + 1} (reshuffled)")
+        return out
+
+    def step_sources(self) -> dict[str, int]:
+        """Sequences drawn from each source so far (the cumulative per-source accounting)."""
+        return dict(self.counts)
+
+    # -------------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "next_index": self.next_index, "counts": dict(self.counts),
+                "base_index": self.base_index, "base_counts": dict(self.base_counts), "weights": dict(self.weights),
+                "exhausted": list(self.exhausted), "epochs": dict(self.epochs),
+                "sources": {n: p.state_dict() for n, p in self.packers.items()},
+                "shaping": {n: self._shaping(n) for n in self.names}}
+
+    def _shaping(self, name: str) -> list:
+        s = self.settings[name]
+        return [s.min_doc_tokens, s.upsample_long.min_tokens, s.upsample_long.factor, s.max_epochs]
+
+    def load_state_dict(self, state: dict[str, Any], saved_seq_len: int | None = None) -> None:
+        if state.get("kind") != self.kind:
+            raise DataError("the data state was saved by a one-source loader (data.path); this run reads "
+                            "data.sources — resume with the same data settings")
+        if missing := [n for n in state["counts"] if n not in self.names]:
+            raise DataError(f"data.sources: the checkpoint's source(s) {missing} are gone from this run; keep them "
+                            "(a weight of 0 stops drawing from a source) or set data.allow_source_change=true")
+        self.next_index = state["next_index"]
+        self.counts = {n: state["counts"].get(n, 0) for n in self.names}
+        self.base_index = state["base_index"]
+        self.base_counts = {n: state["base_counts"].get(n, 0) for n in self.names}
+        self.exhausted = [n for n in state["exhausted"] if n in self.names]
+        self.epochs = {n: state["epochs"].get(n, 0) for n in self.names}
+        for name, packer in self.packers.items():
+            saved = state["sources"].get(name)
+            if saved is not None:  # (a source whose weight was 0 then starts at its beginning)
+                if saved_seq_len is not None and saved.get("kind") == "tokens":
+                    packer.load_state_dict(saved, saved_seq_len=saved_seq_len)
+                else:
+                    packer.load_state_dict(saved)
+        changed = [f"{n} {state['weights'].get(n, 0):g} -> {self.weights[n]:g}" for n in self.names
+                   if state["weights"].get(n, 0) != self.weights[n]]
+        reshaped = [n for n in self.names if state.get("shaping", {}).get(n, self._shaping(n)) != self._shaping(n)]
+        if changed:
+            self._rebase()
+            self.say(f"[hylo] data: new source weights from sequence {self.next_index} on: {', '.join(changed)}")
+        if reshaped:
+            self.say(f"[hylo] data: new document shaping (min_doc_tokens, upsample_long, max_epochs) for "
+                     f"{', '.join(reshaped)} from here on")
