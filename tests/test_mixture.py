@@ -182,3 +182,34 @@ def test_bad_mixtures_are_one_line_errors(sources, message, tmp_path):
         load_config(None, [f"data.sources={sources}"])
     res = run_module(["-m", "trainer.train", f"run.dir={tmp_path / 'run'}", f"data.sources={sources}"])
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_two_stage_long_context_example_runs_and_resumes(corpus, tmp_path):
+    """configs/longctx_stage{1,2}.yaml with this test's sources: stage 2 resumes stage 1 at 4x the length with
+    upsampled long documents, saying what changed."""
+    from tests.conftest import ROOT
+
+    for stage in (1, 2):
+        text = (ROOT / "configs" / f"longctx_stage{stage}.yaml").read_text()
+        for name in ("web", "code", "books"):
+            text = text.replace(f"data/{name}", corpus[name])
+        (tmp_path / f"stage{stage}.yaml").write_text(text.replace("min_tokens: 512", "min_tokens: 100"))
+    small = ["model.d_model=64", "logging.progress=false", "logging.sink_interval=0", f"run.dir={tmp_path / 'run'}"]
+    one = run_module(["-m", "trainer.train", "--config", str(tmp_path / "stage1.yaml"), "train.steps=3",
+                      "train.seq_len=32", *small])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_module(["-m", "trainer.train", "--config", str(tmp_path / "stage2.yaml"), "train.steps=5",
+                      "train.seq_len=128", *small])
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "resuming from" in two.stdout and "train.seq_len 32 -> 128" in two.stdout
+    assert "new document shaping (min_doc_tokens, upsample_long, max_epochs) for web, code, books" in two.stdout
+
+
+def test_a_mixture_trains_with_document_masking_under_context_parallelism(corpus, tmp_path, free_port):
+    from tests.test_checkpoint import torchrun
+
+    res = torchrun(2, free_port, [f"run.dir={tmp_path}", SOURCES.format(**corpus), "train.steps=3", *TRAIN,
+                                  "parallel.cp=2", "data.document_masking=true"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["data/tokens/web"] + rows[-1]["data/tokens/books"] == 3 * 4 * 64

@@ -69,6 +69,7 @@ class MixturePacker:
         self.base_index, self.base_counts = 0, dict(self.counts)  # where the round robin's bookkeeping starts
         self.exhausted: list[str] = []  # sources past their max_epochs
         self.epochs = dict.fromkeys(self.names, 0)  # the epoch each source was last seen in (for the notes)
+        self._rebase()
 
     # ------------------------------------------------------------------------------------------------ drawing
     def _active(self) -> dict[str, float]:
@@ -79,14 +80,21 @@ class MixturePacker:
         return {n: w / total for n, w in active.items()}
 
     def _choose(self) -> str:
-        shares, steps = self._active(), self.next_index - self.base_index + 1
-
-        def behind(n: str) -> tuple[float, int]:  # how far the source's count lags its share (ties: listed first)
-            return shares[n] * steps - (self.counts[n] - self.base_counts[n]), -self.names.index(n)
-        return max(shares, key=behind)
+        """The active source whose count lags its share of the sequences since the last rebase the most (the
+        first listed among equals)."""
+        steps = self.next_index - self.base_index + 1
+        best, lag = "", -float("inf")
+        for name, share in self._shares:
+            behind = share * steps - (self.counts[name] - self.base_counts[name])
+            if behind > lag:
+                best, lag = name, behind
+        return best
 
     def _rebase(self) -> None:
+        """Start the round robin's bookkeeping here (new weights, or a source stopped): the shares of the active
+        sources, in listed order."""
         self.base_index, self.base_counts = self.next_index, dict(self.counts)
+        self._shares = list(self._active().items())
 
     def next_sequence(self, keep: bool = True) -> np.ndarray | None:
         name = self._choose()
@@ -136,6 +144,7 @@ class MixturePacker:
         self.base_counts = {n: state["base_counts"].get(n, 0) for n in self.names}
         self.exhausted = [n for n in state["exhausted"] if n in self.names]
         self.epochs = {n: state["epochs"].get(n, 0) for n in self.names}
+        self._shares = list(self._active().items())
         for name, packer in self.packers.items():
             saved = state["sources"].get(name)
             if saved is not None:  # (a source whose weight was 0 then starts at its beginning)

@@ -1,0 +1,78 @@
+"""Data-mixture loader throughput: three weighted sources against one, streaming and on token shards.
+
+  python bench/bench_mixture.py [--steps 60] [--no-record]
+
+Streaming: the bundled corpus as one source (data.path) and as a three-source mixture (0.7/0.2/0.1, each source
+its own shuffle of the same files), seq_len 1024, global batch 16, one rank.  Token shards: the same shards as one
+source and as three, seen from rank 0 of 8 simulated ranks (each rank reads its own rows; the others are
+skipped).  Reported as global tokens/s of the loader alone (no model), each after a warm-up step; target (issue
+30): the mixture within 10% of one source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.record import machine, publish  # noqa: E402
+
+
+def tokens_per_second(cfg, tokenizer, steps: int, seq_len: int, batch: int, rank: int = 0, world: int = 1) -> float:
+    from trainer.data import DataLoader
+
+    loader = DataLoader(cfg, tokenizer, seq_len=seq_len, global_batch=batch, micro_batch=batch // world, rank=rank,
+                        world=world, seed=0)
+    for _ in range(5):  # warm-up: opens every source, fills the first documents
+        next(loader)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(loader)
+    elapsed = time.perf_counter() - start
+    loader.close()
+    return steps * batch * seq_len / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    from trainer.config import DataConfig, SourceConfig
+    from trainer.data import bundled_corpus_files
+    from trainer.shards import write_shards
+    from trainer.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    weights = (0.7, 0.2, 0.1)
+    rows = []
+    one = DataConfig(path="bundled:train", prefetch=0)
+    three = DataConfig(prefetch=0, sources=[SourceConfig(name=f"s{i}", path="bundled:train", weight=w)
+                                            for i, w in enumerate(weights)])
+    a = tokens_per_second(one, tok, args.steps, 1024, 16)
+    b = tokens_per_second(three, tok, args.steps, 1024, 16)
+    rows.append(f"| streaming (bundled corpus), 1 rank | {a:,.0f} | {b:,.0f} | {b / a:.2f}x |")
+    with tempfile.TemporaryDirectory() as root:
+        texts = [open(f, encoding="utf-8", errors="replace").read() for f in bundled_corpus_files()[:400]]
+        for i in range(3):
+            write_shards(texts, tok, Path(root) / f"shards{i}", shard_tokens=500_000)
+        one = DataConfig(path=str(Path(root) / "shards0"), prefetch=0)
+        three = DataConfig(prefetch=0, sources=[SourceConfig(name=f"s{i}", path=str(Path(root) / f"shards{i}"),
+                                                             weight=w) for i, w in enumerate(weights)])
+        a = tokens_per_second(one, tok, args.steps * 4, 1024, 32, rank=0, world=8)
+        b = tokens_per_second(three, tok, args.steps * 4, 1024, 32, rank=0, world=8)
+        rows.append(f"| token shards, rank 0 of 8 | {a:,.0f} | {b:,.0f} | {b / a:.2f}x |")
+    table = "\n".join([
+        f"### bench_mixture: loader throughput, one source vs a 0.7/0.2/0.1 mixture of three — {machine()}", "",
+        "| data | one source (global tokens/s) | three sources | mixture / one |", "|---|---:|---:|---:|",
+        *rows, "", "Target (issue 30): the mixture within 10% of one source.", ""])
+    publish(table, record=not args.no_record)
+
+
+if __name__ == "__main__":
+    main()
