@@ -57,14 +57,14 @@ class FaultInjector(Callback):
 
 
 def _slow_start(seconds: float) -> None:
-    import trainer.train
+    import launch.distributed  # trainer.train imports init_distributed from here when a run starts
 
-    join = trainer.train.init_distributed
+    join = launch.distributed.init_distributed
 
     def slow_join(*args, **kwargs):
         time.sleep(seconds)
         return join(*args, **kwargs)
-    trainer.train.init_distributed = slow_join
+    launch.distributed.init_distributed = slow_join
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ def _leaves(node, prefix=""):
                 yield prefix + key, value
             else:
                 yield from _leaves(value, f"{prefix}{key}.")
+    elif isinstance(node, list) and node and all(isinstance(item, dict) for item in node):  # data.sources
+        for i, item in enumerate(node):
+            yield from _leaves(item, f"{prefix}{i}.")
     else:
         yield prefix[:-1], node
 
