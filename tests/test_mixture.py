@@ -11,7 +11,7 @@ import torch
 from tests.conftest import run_module
 from tests.test_checkpoint import losses
 from trainer.config import DataConfig, SourceConfig, UpsampleConfig, load_config
-from trainer.data import DataLoader
+from trainer.data import DataLoader, source_packer
 from trainer.mixture import MixturePacker
 from trainer.tokenizer import load_tokenizer
 
@@ -41,8 +41,12 @@ def mixture(corpus, weights=(0.7, 0.2, 0.1), **per_source) -> DataConfig:
                                            for n, w in zip(("web", "code", "books"), weights, strict=True)])
 
 
+def packer_of(cfg: DataConfig, seq_len: int, say) -> MixturePacker:
+    return MixturePacker(cfg, lambda source: source_packer(cfg, source, TOK, seq_len, 0), say=say)
+
+
 def test_realised_shares_follow_the_weights(corpus):
-    packer = MixturePacker(mixture(corpus), TOK, seq_len=8, seed=0, say=lambda msg: None)
+    packer = packer_of(mixture(corpus), 8, say=lambda msg: None)
     for _ in range(10_000):
         packer.next_sequence(keep=False)
     counts = packer.step_sources()
@@ -86,7 +90,7 @@ def test_resume_mid_mixture_is_exact_across_the_small_sources_epochs(corpus):
 
 def test_long_documents_appear_factor_times_per_epoch_never_back_to_back(corpus):
     cfg = mixture(corpus, weights=(1.0, 0.0, 0.0), web={"upsample_long": UpsampleConfig(min_tokens=300, factor=3)})
-    packer = MixturePacker(cfg, TOK, seq_len=16, seed=0, say=lambda msg: None).packers["web"]
+    packer = packer_of(cfg, 16, say=lambda msg: None).packers["web"]
     docs = packer._documents(0, None)
     stream = [next(docs) for _ in range(160)]
     keys = [tokens.tobytes() for _, _, tokens in stream]
@@ -113,18 +117,18 @@ def test_long_documents_appear_factor_times_per_epoch_never_back_to_back(corpus)
 
 def test_min_doc_tokens_drops_short_documents(corpus):
     cfg = mixture(corpus, weights=(1.0, 0.0, 0.0), web={"min_doc_tokens": 150})
-    packer = MixturePacker(cfg, TOK, seq_len=16, seed=0, say=lambda msg: None).packers["web"]
+    packer = packer_of(cfg, 16, say=lambda msg: None).packers["web"]
     docs = packer._documents(0, None)
     assert all(len(next(docs)[2]) - 1 >= 150 for _ in range(15))
 
 
 def test_new_weights_on_resume_take_effect_with_a_note(corpus):
     notes = []
-    first = MixturePacker(mixture(corpus), TOK, seq_len=8, seed=0, say=notes.append)
+    first = packer_of(mixture(corpus), 8, say=notes.append)
     for _ in range(500):
         first.next_sequence(keep=False)
     state = json.loads(json.dumps(first.state_dict()))
-    second = MixturePacker(mixture(corpus, weights=(0.1, 0.1, 0.8)), TOK, seq_len=8, seed=0, say=notes.append)
+    second = packer_of(mixture(corpus, weights=(0.1, 0.1, 0.8)), 8, say=notes.append)
     second.load_state_dict(state)
     assert any("new source weights from sequence 500 on: web 0.7 -> 0.1" in n for n in notes)
     before = second.step_sources()
@@ -137,7 +141,7 @@ def test_new_weights_on_resume_take_effect_with_a_note(corpus):
 def test_max_epochs_stops_a_source_and_redistributes(corpus):
     notes = []
     cfg = mixture(corpus, weights=(0.5, 0.0, 0.5), books={"max_epochs": 1})
-    packer = MixturePacker(cfg, TOK, seq_len=64, seed=0, say=notes.append)
+    packer = packer_of(cfg, 64, say=notes.append)
     for _ in range(400):
         packer.next_sequence(keep=False)
     assert "books" in packer.exhausted and any("finished its max_epochs=1" in n for n in notes)

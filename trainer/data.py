@@ -410,6 +410,24 @@ class SequencePacker:
         return out
 
 
+def source_packer(cfg: DataConfig, source, tokenizer, seq_len: int, seed: int):
+    """The packer of one source of a mixture: its own path and reading settings, its own shuffle, its document
+    shaping (streaming sources only)."""
+    from trainer.mixture import source_data, source_seed
+    from trainer.shards import ShardSequences, TokenShards, is_shard_dir
+
+    data, own_seed = source_data(cfg, source), source_seed(seed, source.name)
+    up = source.upsample_long
+    if data.format == "tokens" or is_shard_dir(data.path):
+        if source.min_doc_tokens or up.factor > 1:
+            raise DataError(f"data.sources '{source.name}': min_doc_tokens and upsample_long shape the documents of "
+                            "a streaming source; token shards hold windows, not documents — shape the documents "
+                            "before `hylo tokenize --out`, or read the source files")
+        return ShardSequences(TokenShards(data.path, tokenizer, verify=data.verify), seq_len, own_seed)
+    return SequencePacker(DocumentStream(data, own_seed), tokenizer, seq_len, min_doc_tokens=source.min_doc_tokens,
+                          upsample=(up.min_tokens, up.factor), seed=own_seed)
+
+
 class DataLoader:
     """Per step: this rank's share of the global batch as a (micro_steps, micro_batch, seq_len + 1) tensor.
 
@@ -425,7 +443,7 @@ class DataLoader:
         from trainer.shards import ShardSequences, TokenShards, is_shard_dir
 
         if cfg.sources:  # a weighted mixture (trainer/mixture.py); its notes come from rank 0
-            self.packer = MixturePacker(cfg, tokenizer, seq_len, seed,
+            self.packer = MixturePacker(cfg, lambda source: source_packer(cfg, source, tokenizer, seq_len, seed),
                                         say=(lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None))
         elif cfg.format == "tokens" or is_shard_dir(cfg.path):  # pre-tokenized: random access, reshardable
             if cfg.val_fraction:

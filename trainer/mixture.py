@@ -35,34 +35,19 @@ def source_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + int(hashlib.sha1(name.encode()).hexdigest()[:8], 16)) % 2**31
 
 
-def build_source(cfg: DataConfig, source: SourceConfig, tokenizer, seq_len: int, seed: int):
-    from trainer.data import DocumentStream, SequencePacker
-    from trainer.shards import ShardSequences, TokenShards, is_shard_dir
-
-    data, own_seed = source_data(cfg, source), source_seed(seed, source.name)
-    up = source.upsample_long
-    if data.format == "tokens" or is_shard_dir(data.path):
-        if source.min_doc_tokens or up.factor > 1:
-            raise DataError(f"data.sources '{source.name}': min_doc_tokens and upsample_long shape the documents of "
-                            "a streaming source; token shards hold windows, not documents — shape the documents "
-                            "before `hylo tokenize --out`, or read the source files")
-        return ShardSequences(TokenShards(data.path, tokenizer, verify=data.verify), seq_len, own_seed)
-    return SequencePacker(DocumentStream(data, own_seed), tokenizer, seq_len, min_doc_tokens=source.min_doc_tokens,
-                          upsample=(up.min_tokens, up.factor), seed=own_seed)
-
-
 class MixturePacker:
     """The next global sequence of a mixture, with the SequencePacker interface (next_sequence, state_dict,
-    load_state_dict).  `say` prints the notes (rank 0)."""
+    load_state_dict).  `build(source)` opens one source's own packer (trainer/data.py's `source_packer`); `say`
+    prints the notes (rank 0)."""
 
     kind = "mixture"
 
-    def __init__(self, cfg: DataConfig, tokenizer, seq_len: int, seed: int, say: Callable[[str], None] = print):
-        self.cfg, self.seq_len, self.say = cfg, seq_len, say
+    def __init__(self, cfg: DataConfig, build: Callable[[SourceConfig], Any], say: Callable[[str], None] = print):
+        self.cfg, self.say = cfg, say
         self.names = [s.name for s in cfg.sources]
         self.settings = {s.name: s for s in cfg.sources}
         # zero-weight sources stay listed (provenance) and are never opened
-        self.packers = {s.name: build_source(cfg, s, tokenizer, seq_len, seed) for s in cfg.sources if s.weight > 0}
+        self.packers = {s.name: build(s) for s in cfg.sources if s.weight > 0}
         self.weights = {s.name: s.weight for s in cfg.sources}
         self.next_index = 0
         self.counts = dict.fromkeys(self.names, 0)  # sequences drawn from each source so far
