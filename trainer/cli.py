@@ -50,10 +50,15 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hylo eval", description=EVAL_HELP)
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint as every command takes it (trainer/checkpointing's find_checkpoint)."""
     parser.add_argument("--checkpoint", required=True, help="a run dir (its newest checkpoint), its checkpoints/ "
                                                             "folder or a step_<N> folder")
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hylo eval", description=EVAL_HELP)
+    add_checkpoint_argument(parser)
     parser.add_argument("--task", choices=["ppl", "mqar", "passkey"], default="ppl")
     parser.add_argument("--data", default="auto", help="ppl: held-out data (default: the run's own held-out "
                                                         "documents if it trained with data.val_fraction, else the "
@@ -75,8 +80,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hylo export", description=EXPORT_HELP)
-    parser.add_argument("--checkpoint", required=True, help="a run dir (its newest checkpoint), its checkpoints/ "
-                                                            "folder or a step_<N> folder")
+    add_checkpoint_argument(parser)
     parser.add_argument("--out", required=True, help="output .safetensors path (a .json config is written beside)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     return parser
@@ -84,8 +88,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hylo generate", description=GENERATE_HELP)
-    parser.add_argument("--checkpoint", required=True, help="a run dir (its newest checkpoint), its checkpoints/ "
-                                                            "folder or a step_<N> folder")
+    add_checkpoint_argument(parser)
     parser.add_argument("--prompt", default="", help="the text to continue")
     parser.add_argument("--prompts", default="", help="a file of prompts, one per line (prompts of the same token "
                                                       "length decode as one batch)")
