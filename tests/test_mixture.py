@@ -217,3 +217,14 @@ def test_a_mixture_trains_with_document_masking_under_context_parallelism(corpus
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["data/tokens/web"] + rows[-1]["data/tokens/books"] == 3 * 4 * 64
+
+
+def test_evaluation_on_a_mixture_reports_each_sources_loss(corpus, tmp_path):
+    res = run_module(["-m", "trainer.train", f"run.dir={tmp_path}", SOURCES.format(**corpus), "train.steps=2", *TRAIN,
+                      "data.val_fraction=0.3", "eval.interval=2", "eval.batches=2", "eval.batch_size=4"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/loss" in r][-1]
+    assert {"eval/loss/web", "eval/loss/books"} <= set(evals)
+    ev = run_module(["-m", "trainer.cli", "eval", "--checkpoint", str(tmp_path), "--batches", "2", "--batch-size", "4"])
+    assert ev.returncode == 0 and "source web: loss" in ev.stdout and "source books: loss" in ev.stdout, ev.stderr

@@ -522,8 +522,9 @@ def held_out_data(cfg: Config, path: str = "auto") -> tuple[DataConfig, str | No
         return DataConfig(**{**data, "split": "val"}), None
     path = "bundled:val" if path == "auto" else path
     note = None
-    if path == "bundled:val" and cfg.data.path not in ("", "bundled:train"):
-        note = (f"[hylo] note: the model trained on {cfg.data.path}; perplexity is measured on the bundled corpus's "
+    if path == "bundled:val" and (cfg.data.path not in ("", "bundled:train") or cfg.data.sources):
+        note = (f"[hylo] note: the model trained on {cfg.data.path or 'data.sources'}; perplexity is measured on the "
+                "bundled corpus's "
                 "validation split (set data.val_fraction when training to hold out documents of your own, or "
                 "give held-out data)")
-    return DataConfig(**{**data, "path": path, "val_fraction": 0.0, "split": "train"}), note
+    return DataConfig(**{**data, "path": path, "val_fraction": 0.0, "split": "train", "sources": []}), note

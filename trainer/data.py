@@ -419,6 +419,9 @@ def source_packer(cfg: DataConfig, source, tokenizer, seq_len: int, seed: int):
     data, own_seed = source_data(cfg, source), source_seed(seed, source.name)
     up = source.upsample_long
     if data.format == "tokens" or is_shard_dir(data.path):
+        if cfg.val_fraction:
+            raise DataError(f"data.sources '{source.name}': data.val_fraction holds out documents of streaming "
+                            "sources; this one is token shards (pre-tokenize its held-out documents apart)")
         if source.min_doc_tokens or up.factor > 1:
             raise DataError(f"data.sources '{source.name}': min_doc_tokens and upsample_long shape the documents of "
                             "a streaming source; token shards hold windows, not documents — shape the documents "
@@ -456,6 +459,7 @@ class DataLoader:
         self.seq_len, self.global_batch, self.micro_batch = seq_len, global_batch, micro_batch
         self.rank, self.world, self.prefetch = rank, world, cfg.prefetch
         self._state = self.packer.state_dict()
+        self.last_sources: list[str] | None = None  # a mixture: the source of each row of the last batch
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         self._stop = threading.Event()
@@ -469,16 +473,17 @@ class DataLoader:
             if isinstance(packer, SequencePacker):
                 packer.docs.check_readable()
 
-    def _next_step(self) -> tuple[torch.Tensor, dict]:
+    def _next_step(self) -> tuple[torch.Tensor, dict, list[str] | None]:
         local = self.global_batch // self.world
-        rows = []
+        rows, sources = [], []
         for i in range(self.global_batch):
             mine = self.rank * local <= i < (self.rank + 1) * local
             seq = self.packer.next_sequence(keep=mine)
             if mine:
                 rows.append(seq)
+                sources.append(getattr(self.packer, "last_source", None))
         batch = torch.from_numpy(np.stack(rows)).view(local // self.micro_batch, self.micro_batch, self.seq_len + 1)
-        return batch, self.packer.state_dict()
+        return batch, self.packer.state_dict(), (sources if sources[0] is not None else None)
 
     def _produce(self) -> None:
         try:
@@ -498,7 +503,7 @@ class DataLoader:
 
     def __next__(self) -> torch.Tensor:
         if self.prefetch == 0:
-            batch, self._state = self._next_step()
+            batch, self._state, self.last_sources = self._next_step()
             return batch
         if self._thread is None:
             self._thread = threading.Thread(target=self._produce, name="hylo-data", daemon=True)
@@ -506,7 +511,7 @@ class DataLoader:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
-        batch, self._state = item
+        batch, self._state, self.last_sources = item
         return batch
 
     def state_dict(self) -> dict[str, Any]:

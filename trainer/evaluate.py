@@ -25,14 +25,18 @@ from trainer.tokenizer import load_tokenizer
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, batches: Iterable[torch.Tensor], bucket: int,
                positions: torch.Tensor | None = None, autocast=None, loss_chunk: int = 0,
-               documents: DocumentMasking | None = None) -> dict:
+               documents: DocumentMasking | None = None, sources: list[list[str]] | None = None,
+               source_names: list[str] | None = None) -> dict:
     """batches of (B, T+1) token windows -> {"loss", "ppl", "tokens", "buckets": [{lo, hi, loss, ppl, tokens}]}.
 
     `positions`: the global positions of the tokens this rank holds (context parallelism); sums are all-reduced
     over every rank when a process group is up, so each rank returns the same numbers.  `documents`: the run's
-    document masking, applied as in training (buckets stay by position in the window)."""
+    document masking, applied as in training (buckets stay by position in the window).  `sources`: for a
+    mixture, the source of each row of each batch; the result then also holds each of `source_names`' loss."""
     sums = counts = None
-    for batch in batches:
+    names = source_names or []
+    by_source = None  # (sources, 2): summed NLL and tokens of each source's rows
+    for b, batch in enumerate(batches):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         pos = torch.arange(inputs.shape[1], device=inputs.device) if positions is None else positions
         with autocast or torch.autocast(inputs.device.type, enabled=False):
@@ -51,6 +55,13 @@ def perplexity(model: torch.nn.Module, batches: Iterable[torch.Tensor], bucket: 
             size = max(n_buckets, -(-int(batch.shape[1] - 1) // bucket))
             sums = torch.zeros(size, dtype=torch.float64, device=inputs.device)
             counts = torch.zeros(size, dtype=torch.float64, device=inputs.device)
+        if sources is not None:
+            if by_source is None:
+                by_source = torch.zeros(len(names), 2, dtype=torch.float64, device=inputs.device)
+            rows = torch.tensor([names.index(name) for name in sources[b]], device=nll.device)
+            by_source[:, 0].index_add_(0, rows, nll.double().sum(1))
+            by_source[:, 1].index_add_(0, rows, torch.full(rows.shape, float(nll.shape[1]), dtype=torch.float64,
+                                                           device=nll.device))
         which = (pos // bucket).expand_as(nll)
         sums.index_add_(0, which.flatten(), nll.flatten().double())
         counts.index_add_(0, which.flatten(), torch.ones_like(nll.flatten(), dtype=torch.float64))
@@ -59,26 +70,39 @@ def perplexity(model: torch.nn.Module, batches: Iterable[torch.Tensor], bucket: 
     if dist.is_initialized():
         dist.all_reduce(sums)
         dist.all_reduce(counts)
+        if by_source is not None:
+            dist.all_reduce(by_source)
     total_loss = (sums.sum() / counts.sum()).item()
     buckets = [{"lo": i * bucket, "hi": (i + 1) * bucket, "loss": (s / c).item(), "ppl": math.exp((s / c).item()),
                 "tokens": int(c.item())} for i, (s, c) in enumerate(zip(sums, counts, strict=True)) if c > 0]
-    return {"loss": total_loss, "ppl": math.exp(total_loss), "tokens": int(counts.sum().item()), "buckets": buckets}
+    result = {"loss": total_loss, "ppl": math.exp(total_loss), "tokens": int(counts.sum().item()), "buckets": buckets}
+    if by_source is not None:
+        result["sources"] = {name: {"loss": (s / c).item(), "tokens": int(c.item())}
+                             for name, (s, c) in zip(names, by_source, strict=True) if c > 0}
+    return result
 
 
 def eval_scalars(result: dict) -> dict[str, float]:
     scalars = {"eval/loss": result["loss"], "eval/ppl": result["ppl"]}
+    for name, source in result.get("sources", {}).items():
+        scalars[f"eval/loss/{name}"] = source["loss"]
     for b in result["buckets"]:
         scalars[f"eval/ppl_by_position/{b['lo']:06d}-{b['hi']:06d}"] = b["ppl"]
     return scalars
 
 
 def eval_batches(data: DataConfig, tokenizer, seq_len: int, batch_size: int, n_batches: int, rank: int = 0,
-                 world: int = 1) -> list[torch.Tensor]:
-    """The first n_batches global batches of the held-out data (the same every time), this rank's share."""
+                 world: int = 1) -> tuple[list[torch.Tensor], list[list[str]] | None]:
+    """The first n_batches global batches of the held-out data (the same every time), this rank's share; and for
+    a mixture the source of each row (else None)."""
     loader = DataLoader(data, tokenizer, seq_len=seq_len, global_batch=batch_size * world,
                         micro_batch=batch_size, rank=rank, world=world, seed=0)
     try:
-        return [next(loader).flatten(0, 1).long() for _ in range(n_batches)]
+        batches, sources = [], []
+        for _ in range(n_batches):
+            batches.append(next(loader).flatten(0, 1).long())
+            sources.append(loader.last_sources)
+        return batches, (sources if data.sources else None)
     finally:
         loader.close()
 
@@ -90,7 +114,7 @@ def passkey_lengths(cfg) -> list[int]:
 
 
 def run_eval_tasks(model, cfg, tokenizer, device, ppl_batches, positions, logger, step: int,
-                   autocast=contextlib.nullcontext) -> dict[str, float]:
+                   autocast=contextlib.nullcontext, ppl_sources: list[list[str]] | None = None) -> dict[str, float]:
     """Periodic evaluation of `eval.tasks` during training -> scalars under eval/ (the passkey heat-map goes to
     TensorBoard as an image).  mqar and passkey need whole sequences (refused under context parallelism)."""
     from trainer.recall import heatmap_image, mqar_accuracy, mqar_spec, passkey_grid
@@ -99,7 +123,8 @@ def run_eval_tasks(model, cfg, tokenizer, device, ppl_batches, positions, logger
     if "ppl" in cfg.eval.tasks and ppl_batches is not None:
         bucket = cfg.eval.bucket or default_bucket(cfg.eval.seq_len or cfg.train.seq_len)
         scalars.update(eval_scalars(perplexity(model, ppl_batches, bucket, positions, autocast(),
-                                                cfg.train.loss_chunk, document_masking(cfg, tokenizer))))
+                                                cfg.train.loss_chunk, document_masking(cfg, tokenizer),
+                                                ppl_sources, [src.name for src in cfg.data.sources])))
     if "mqar" in cfg.eval.tasks:
         with autocast():
             scalars["eval/mqar_accuracy"] = mqar_accuracy(model, mqar_spec(cfg), cfg.eval.mqar_samples, device=device)
@@ -142,13 +167,16 @@ def _eval_ppl(model, cfg, args) -> int:
         print(f"[hylo] perplexity on the run's held-out documents (data.val_fraction={cfg.data.val_fraction} of "
               f"{cfg.data.path or 'the bundled corpus'})", flush=True)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    batches = eval_batches(data, tokenizer, seq_len, args.batch_size, args.batches)
+    batches, sources = eval_batches(data, tokenizer, seq_len, args.batch_size, args.batches)
     result = perplexity(model, batches, args.bucket or default_bucket(seq_len), loss_chunk=cfg.train.loss_chunk,
-                        documents=document_masking(cfg, tokenizer))  # as the run trained
+                        documents=document_masking(cfg, tokenizer),  # as the run trained
+                        sources=sources, source_names=[src.name for src in data.sources])
     print(f"[hylo] {args.checkpoint}: loss {result['loss']:.4f}, ppl {result['ppl']:.2f} over {result['tokens']:,} "
           f"tokens at length {seq_len} (trained at {cfg.train.seq_len})")
     for b in result["buckets"]:
         print(f"  positions {b['lo']:>6}-{b['hi']:<6} ppl {b['ppl']:9.2f}  ({b['tokens']:,} tokens)")
+    for name, source in result.get("sources", {}).items():
+        print(f"  source {name}: loss {source['loss']:.4f} ({source['tokens']:,} tokens)")
     print(json.dumps(result))
     return 0
 

@@ -85,6 +85,7 @@ class MixturePacker:
         name = self._choose()
         packer = self.packers[name]
         out = packer.next_sequence(keep)
+        self.last_source = name
         self.counts[name] += 1
         self.next_index += 1
         epoch = packer.epoch()

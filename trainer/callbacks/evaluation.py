@@ -18,13 +18,14 @@ class EvalCallback(Callback):
     def __init__(self, interval: int):
         self.interval = interval
         self.ppl_batches = None
+        self.ppl_sources = None  # a mixture's eval data: the source of each row
 
     def on_train_start(self, trainer: Trainer) -> None:
         ev, cfg = trainer.cfg.eval, trainer.cfg
         if "ppl" in ev.tasks:
             source, _ = held_out_data(cfg, ev.data_path)
-            batches = eval_batches(source, trainer.tokenizer, ev.seq_len or cfg.train.seq_len, ev.batch_size,
-                                   ev.batches, trainer.dims.dp_rank, trainer.dims.dp)
+            batches, self.ppl_sources = eval_batches(source, trainer.tokenizer, ev.seq_len or cfg.train.seq_len,
+                                                     ev.batch_size, ev.batches, trainer.dims.dp_rank, trainer.dims.dp)
             self.ppl_batches = [b.to(trainer.device) for b in batches]
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
@@ -33,7 +34,8 @@ class EvalCallback(Callback):
         trainer.check_finite()
         trainer.model.eval()
         scalars = run_eval_tasks(trainer.model, trainer.cfg, trainer.tokenizer, trainer.device, self.ppl_batches,
-                                 trainer.positions, trainer.logger, trainer.step, autocast=trainer.engine.autocast)
+                                 trainer.positions, trainer.logger, trainer.step, autocast=trainer.engine.autocast,
+                                 ppl_sources=self.ppl_sources)
         trainer.model.train()
         trainer.log(scalars)
         trainer.say(f"[hylo] step {trainer.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()
