@@ -100,13 +100,23 @@ def _fa_lse(lse: torch.Tensor, q: torch.Tensor, spec: Spec) -> torch.Tensor:
     return torch.cat([lse[d, :, : e - s] for d, (s, e) in enumerate(spec.bounds)], dim=-1)[None]
 
 
+def uses_flash_attention_2(q: torch.Tensor) -> bool:
+    """Whether these tensors take FlashAttention-2's ops (CUDA) or the CPU flash op."""
+    return q.is_cuda
+
+
+def fa2_ops():
+    """(forward, backward) of FlashAttention-2 as torch ships them."""
+    return torch.ops.aten._flash_attention_forward, torch.ops.aten._flash_attention_backward
+
+
 def kernel_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec):
     """(out (B, Tq, H, d), lse (B, H, Tq) in fp32 or fp64, what the backward needs besides)."""
-    if q.is_cuda:
+    if uses_flash_attention_2(q):
         fa = _fa_layout(q, k, spec)
         squeeze = (lambda x: x[0]) if fa["cum"] is not None else (lambda x: x)
         causal, window = _fa_window(spec, q.shape[1], k.shape[1])
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+        out, lse, rng, unused, _ = fa2_ops()[0](
             squeeze(q), squeeze(k), squeeze(v), fa["cum"], fa["cum"], fa["max_q"], fa["max_k"], 0.0, causal, False,
             scale=spec.scale, **window)
         return out.view(q.shape[:-1] + v.shape[-1:]), _fa_lse(lse, q, spec), (lse, rng, unused)
@@ -119,9 +129,11 @@ def kernel_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec
 
 def kernel_backward(d_out, q, k, v, out, lse, spec: Spec, saved) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) of the kernel's softmax normalised by `lse` (B, H, Tq), with D = rowsum(d_out * out)."""
-    if q.is_cuda:
+    if uses_flash_attention_2(q):
         fa = _fa_layout(q, k, spec)
         squeeze = (lambda x: x[0]) if fa["cum"] is not None else (lambda x: x)
+        if saved is None:  # a ring pair: no forward state kept (dropout is 0, so the RNG state is never read)
+            saved = (lse.float(), torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64))
         raw_lse, rng, unused = saved
         lse = lse.to(raw_lse.dtype)
         if spec.bounds is not None and raw_lse.dim() == 3:  # back to FA's padded layout
@@ -132,7 +144,7 @@ def kernel_backward(d_out, q, k, v, out, lse, spec: Spec, saved) -> tuple[torch.
         elif spec.bounds is not None:
             lse = lse[0]
         causal, window = _fa_window(spec, q.shape[1], k.shape[1])
-        grads = torch.ops.aten._flash_attention_backward(
+        grads = fa2_ops()[1](
             squeeze(d_out).contiguous(), squeeze(q), squeeze(k), squeeze(v), squeeze(out), lse.contiguous(),
             fa["cum"], fa["cum"], fa["max_q"], fa["max_k"], 0.0, causal, rng, unused, scale=spec.scale, **window)
         return tuple(g.view(x.shape) for g, x in zip(grads, (q, k, v), strict=True))
@@ -363,12 +375,31 @@ def _probe(device: torch.device) -> str | None:
         return [out.detach(), lse.detach()] + [x.grad for x in inputs]
 
     try:
-        got = run(flash, torch.bfloat16, torch.float32)
+        got = run(flash, torch.bfloat16, torch.float32) + ring_pair_probe(q, k, v, torch.bfloat16)
     except Exception as err:  # noqa: BLE001 - an op or an argument this torch does not have
         return f"this torch's FlashAttention ops failed a probe call ({type(err).__name__}: {str(err)[:200]})"
-    want = run(oracle, torch.float64, torch.float64)
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dsink"), got, want, strict=True):
-        err = (a.double() - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
+    want = run(oracle, torch.float64, torch.float64) + ring_pair_probe(q, k, v, torch.float64, reference=True)
+    names = ("out", "lse", "dq", "dk", "dv", "dsink", "ring out", "ring lse", "ring dq", "ring dk", "ring dv")
+    for name, a, b in zip(names, got, want, strict=True):
+        err = (a.double() - b.double()).abs().max().item() / max(b.abs().max().item(), 1e-6)
         if not err < 3e-2:
             return f"this torch's FlashAttention ops disagree with the oracle on a probe call ({name}: {err:.1e})"
     return None
+
+
+def ring_pair_probe(q, k, v, dtype, reference: bool = False) -> list[torch.Tensor]:
+    """A ring step's pair (queries 40-71 against keys 24-63: part diagonal) on the grouped layout: forward and
+    backward through the flash pair kernels, or (reference) the blockwise ones."""
+    from kernels.attention.chunk import Layout, block_backward, block_forward, grad_delta
+
+    b, _, h, d = q.shape
+    h_kv = k.shape[2]
+    qg = q[:, 40:72].to(dtype).transpose(1, 2).reshape(b, h_kv, h // h_kv, 32, d)
+    kg, vg = (x[:, 24:64].to(dtype).transpose(1, 2)[:, :, None] for x in (k, v))
+    layout = Layout(32, 40, causal=True, q_start=40, k_start=24)
+    forward, backward = (block_forward, block_backward) if reference else (pair_forward, pair_backward)
+    out, lse = forward(qg, kg, vg, d**-0.5, layout)
+    d_out = torch.ones_like(out)
+    delta = grad_delta(d_out.float(), out.float(), None)
+    grads = backward(qg, kg, vg, d_out, delta.to(lse.dtype), lse, d**-0.5, layout)
+    return [out, lse, *grads]
