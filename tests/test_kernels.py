@@ -435,3 +435,18 @@ def test_the_benchmarks_flex_form_of_rat_is_rat():
     gate = torch.rand(1, 32, 2, 8) * 0.9 + 0.05
     want = rat_attention(*(x.double() for x in (q, k, v, gate)), 4, rope_theta=3.0, backend="naive")
     torch.testing.assert_close(rat_flex(q, k, v, gate, 4, rope_theta=3.0).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_flash_compiles_without_graph_breaks():
+    """`torch.compile(fullgraph=True)` traces the flash backend with sinks, a window, pinned tokens and the lse
+    (the trainer compiles blocks so; on a GPU `auto` picks this backend) and equals eager, gradients included."""
+    def fn(q, k, v, sink):
+        out, lse = attention(q, k, v, sink=sink, window=5, n_pinned=2, return_lse=True, backend="flash")
+        return (out * out).sum() + lse.sum()
+
+    inputs = [rand(1, 24, 4, 8, dtype=torch.float32), rand(1, 24, 2, 8, dtype=torch.float32),
+              rand(1, 24, 2, 8, dtype=torch.float32), rand(4, dtype=torch.float32)]
+    eager = torch.autograd.grad(fn(*inputs), inputs)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for a, b in zip(torch.autograd.grad(compiled(*inputs), inputs), eager, strict=True):
+        torch.testing.assert_close(a, b)

@@ -193,20 +193,20 @@ def pinned_forward(q, k, v, spec: Spec, acc: torch.dtype):
 
 
 def pinned_backward(q, k, v, d_out, out, lse, delta, spec: Spec):
-    """Gradients of the pinned part given the merged (out, lse) and delta = rowsum(d_out * out) - d_lse: the
-    surrogate sum(d_out . P V) - sum(delta * rowsum P), with P = exp(scores - lse), has exactly these gradients."""
+    """Gradients of the pinned part given the merged lse and delta = rowsum(d_out * out) - d_lse: with
+    P = exp(scores - lse), dV = P^T dO, dS = P (dO V^T - delta), dQ = dS K, dK = dS^T Q (written out, so
+    torch.compile traces it)."""
     grads = [torch.zeros_like(x, dtype=lse.dtype) for x in (q, k, v)]
     g = q.shape[2] // k.shape[2]
     for qs, first, ks in _pinned_segments(spec, q.shape[1], k.shape[1]):
-        with torch.enable_grad():
-            qp, kp, vp = (x.detach().to(lse.dtype).requires_grad_() for x in (q[:, qs], k[:, ks], v[:, ks]))
-            probs = torch.exp(_pinned_scores(qp, kp, spec, first) - lse[:, :, qs, None])
-            part = torch.einsum("bhij,bjhd->bihd", probs, vp.repeat_interleave(g, dim=2))
-            surrogate = (d_out[:, qs].to(lse.dtype) * part).sum() - (delta[:, :, qs] * probs.sum(-1)).sum()
-            dq, dk, dv = torch.autograd.grad(surrogate, (qp, kp, vp))
-        grads[0][:, qs] += dq
-        grads[1][:, ks] += dk
-        grads[2][:, ks] += dv
+        qp, kp, vp, dop = (x.to(lse.dtype) for x in (q[:, qs], k[:, ks], v[:, ks], d_out[:, qs]))
+        k_rep, v_rep = kp.repeat_interleave(g, dim=2), vp.repeat_interleave(g, dim=2)
+        probs = torch.exp(_pinned_scores(qp, kp, spec, first) - lse[:, :, qs, None])
+        ds = probs * (torch.einsum("bihd,bjhd->bhij", dop, v_rep) - delta[:, :, qs, None])
+        per_kv = lambda x: x.unflatten(2, (k.shape[2], g)).sum(3)  # noqa: E731  query heads -> their k/v head
+        grads[0][:, qs] += torch.einsum("bhij,bjhd->bihd", ds, k_rep) * spec.scale
+        grads[1][:, ks] += per_kv(torch.einsum("bhij,bihd->bjhd", ds, qp)) * spec.scale
+        grads[2][:, ks] += per_kv(torch.einsum("bhij,bihd->bjhd", probs, dop))
     return grads
 
 
