@@ -197,3 +197,12 @@ def test_plan_counts_sharding_and_context_parallel_buffers():
     with_cp = lines(plan_memory(cfg, 4, 80))
     assert with_cp["activations"] == pytest.approx(one["activations"] / 4)
     assert with_cp["context-parallel buffers"] > 0
+
+
+def test_plan_tries_one_sequence_per_micro_batch_first():
+    """hybrid_1b at 128K with its 4-sequence micro-batches fits once the micro-batch is one sequence (the global
+    batch kept by accumulation) — the planner suggests that before anything that costs compute."""
+    cfg = load_config("configs/hybrid_1b.yaml", ["train.seq_len=131072", "model.vocab_size=32768"])
+    assert not plan_memory(cfg, 1, 80).fits
+    changes, fitted = suggest(cfg, 1, 80)
+    assert changes[0] == "train.micro_batch_size=1" and fitted.fits

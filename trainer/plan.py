@@ -251,8 +251,11 @@ def _with(cfg: Config, **changes) -> Config:
 
 def suggest(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda") -> tuple[list[str], Plan] | None:
     """Settings added cheapest first (in compute and communication) until the run fits: (the overrides, the
-    plan with them), or None."""
+    plan with them), or None.  One sequence per micro-batch comes first (the global batch stays)."""
     steps: list[dict] = []
+    micro, _ = check_batch_layout(cfg, max(1, gpus // cfg.parallel.cp))
+    if micro > 1:  # gradient accumulation keeps the global batch and costs no extra compute: the cheapest step
+        steps.append({"train__micro_batch_size": 1})
     if cfg.train.loss_chunk == 0:
         steps.append({"train__loss_chunk": 4096})
     if cfg.train.activation_checkpointing == "none":
