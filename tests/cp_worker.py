@@ -196,7 +196,9 @@ def main():
         ring = RingAttention(contexts["ring"].group, contexts["ring"].segments, key="full/ring", backend="triton")
         q, k, v, s = broadcast_randn(2, T, 4, 16), broadcast_randn(2, T, 2, 16), broadcast_randn(2, T, 2, 16), \
             broadcast_randn(4)
-        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):  # bf16: operands stay bf16
+        # bf16: operands stay bf16; 2e-2 as the flash bf16 cases: the sink's gradient sums bf16-rounded terms
+        # that cancel (typically 4-6e-3, 1.03e-2 seen at seed 3273637579)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
             run_case(f"full/ring-triton-{str(dtype)[6:]}/kv2/sink1", contexts["ring"],
                      lambda q, k, v, s: attention(q, k, v, sink=s, return_lse=True, backend="naive"),
                      lambda q, k, v, s, dt=dtype: ring(q.to(dt), k.to(dt), v.to(dt), sink=s.float(),

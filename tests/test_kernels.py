@@ -86,7 +86,9 @@ def test_attention_chunk_matches_oracle(case, with_sink, backend):
     inputs = [rand(2, t, h, 16), rand(2, t, h_kv, 16), rand(2, t, h_kv, 16)] + ([rand(h)] if with_sink else [])
     assert_matches(attn(backend, **kw), attn("naive", **kw), inputs, tol=1e-9)
     f32 = [x.detach().float().requires_grad_() for x in inputs]
-    assert_matches(attn(backend, **kw), attn("naive", **kw), f32, tol=1e-5)
+    # 3e-5, not 1e-5: the sink's gradient is a sum over every query whose terms cancel, so its fp32 rounding
+    # can reach 1.3e-5 relative (seen at HYLO_TEST_SEED=4048544112, non-causal); everything else stays < 1e-5
+    assert_matches(attn(backend, **kw), attn("naive", **kw), f32, tol=3e-5 if with_sink else 1e-5)
 
 
 @pytest.mark.parametrize("case", ["gqa", "pinned", "non-causal"])
