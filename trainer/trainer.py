@@ -173,7 +173,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self.step_started = 0.0
         self.summary: dict[str, Any] = {}
-        self.say = print
+        self.say = print if self.is_main else (lambda *args, **kwargs: None)  # what every rank knows: said once
         self._first_bad_step = torch.zeros((), dtype=torch.long, device=self.device)  # 0: every step finite
         if self.resume_from is not None:
             saved = read_trainer_state(self.resume_from)  # checked before the weights are read
