@@ -329,8 +329,12 @@ class SequencePacker:
         return {"epoch": epoch, "doc_state": doc_state, "offset": self._offset, "next_index": self._next_index}
 
     def epoch(self) -> int:
-        """The epoch of the document holding the next token."""
-        return self.state_dict()["epoch"]
+        """The epoch of the document holding the next token (asked after every sequence of a mixture: no state
+        dict built)."""
+        if self._source is None:
+            return self._start["epoch"]
+        self._fill(1)
+        return self._queue[0][0]
 
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(enc.ids + [self.eos], dtype=np.int32)

@@ -228,7 +228,8 @@ class FlashAttention(torch.autograd.Function):
         if pinned:
             out, lse = _merge(out, lse, *pinned_forward(q, k, v, spec, acc))
         if sink is not None:
-            out, lse = _merge(out, lse, torch.zeros_like(out), sink.to(acc)[None, :, None].expand_as(lse))
+            with_sink = torch.logaddexp(lse, sink.to(acc)[None, :, None])  # the sink takes mass, gives no value
+            out, lse = out * torch.exp(lse - with_sink).transpose(1, 2)[..., None], with_sink
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, sink, out, lse)
         ctx.spec, ctx.saved, ctx.pinned = spec, saved, pinned
