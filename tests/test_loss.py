@@ -67,7 +67,9 @@ def test_token_nll_matches_full():
     hidden, weight, targets = inputs(ignore=False)
     ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none")
     for chunk in (0, 5, 37):
-        torch.testing.assert_close(token_nll(hidden, weight, targets, chunk).double(), ref, rtol=1e-6, atol=0)
+        # token_nll returns fp32: an nll is lse - logit, so its rounding is a few fp32 ulp of the lse (~log V),
+        # not of the nll itself (1.3e-7 absolute on an nll of 0.09 seen at HYLO_TEST_SEED=683750884)
+        torch.testing.assert_close(token_nll(hidden, weight, targets, chunk).double(), ref, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])

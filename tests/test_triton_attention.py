@@ -95,6 +95,10 @@ def assert_close_to_oracle(xs, **kw):
             assert torch.equal(torch.isfinite(a), finite), "lse: -inf in different rows"
             a, b = a[finite], b[finite]
         tol = tol_out if name in ("out", "lse") else tol_grad
+        if name == "dsink" and xs[0].dtype == torch.float32:
+            # the sink's gradient sums terms over every query that cancel: fp32 rounding reaches 2.0e-5
+            # relative (HYLO_TEST_SEED=2700820028, pinned, atomic dq); everything else stays < 1e-5
+            tol = 3e-5
         err = rel_err(a, b)
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol} ({kw})"
 
