@@ -19,7 +19,7 @@ from torch import nn
 
 from kernels import attention, attention_prefill, attention_step
 from kernels.varlen import DocumentView
-from models.mixer import Mixer, Reduce, Saved
+from models.mixer import Mixer, Reduce, Saved, with_backend
 from models.registry import register_mixer
 from models.rope import RotaryEmbedding, apply_rope
 from parallel.context import cp_degree_ulysses
@@ -43,7 +43,8 @@ class SoftmaxAttention(Mixer):
         self.gate = nn.Linear(cfg.d_model, self.n_heads, bias=True) if cfg.attn.gate else None
         self.n_pinned = cfg.attn.pinned if self.window is not None else 0
         self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta)
-        self.op = attention  # context parallelism swaps in ring / Ulysses / halo versions
+        self.backend = cfg.attn.backend
+        self.op = with_backend(attention, self.backend)  # context parallelism swaps in ring / Ulysses / halo ops
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
         b, t, _ = x.shape
@@ -67,7 +68,7 @@ class SoftmaxAttention(Mixer):
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The parallel forward of a prompt plus the cache `step` would hold after it."""
         q, k, v = self._qkv(x, positions)
-        o = attention(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned)
+        o = attention(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned, backend=self.backend)
         return self._output(x, o), attention_prefill(k, v, window=self.window, n_pinned=self.n_pinned)
 
     def step(self, x: torch.Tensor, pos: int, cache: dict | None) -> tuple[torch.Tensor, dict]:
@@ -95,6 +96,9 @@ class SoftmaxAttention(Mixer):
         """A reason this run's config does not suit the layer, or None."""
         if config.model.attn.pinned < 0:
             return f"model.attn.pinned={config.model.attn.pinned} must be >= 0"
+        if config.parallel.cp > 1 and config.model.attn.backend in ("sdpa", "naive"):
+            return (f"model.attn.backend={config.model.attn.backend} cannot run context-parallel attention (each "
+                    "piece must return its log-sum-exp): use auto, flash, triton or chunk")
         return None
 
     @classmethod
@@ -140,7 +144,7 @@ class FullAttention(SoftmaxAttention):
         return None
 
     def context_parallel_op(self, ctx):
-        return full_attention_op(ctx)
+        return full_attention_op(ctx, self.backend)
 
 
 @register_mixer("swa")
@@ -162,7 +166,7 @@ class SlidingWindowAttention(SoftmaxAttention):
         return None
 
     def context_parallel_op(self, ctx):
-        return HaloWindowAttention(ctx)
+        return with_backend(HaloWindowAttention(ctx), self.backend)
 
     @classmethod
     def context_per_token(cls, model_cfg, seq_len: int) -> float:

@@ -15,7 +15,7 @@ from torch import nn
 
 from kernels import based_linear_attention, based_step, short_conv, short_conv_prefill, short_conv_step
 from kernels.varlen import DocumentView
-from models.mixer import Mixer, Reduce, Saved, state_norm_scalars
+from models.mixer import Mixer, Reduce, Saved, state_norm_scalars, with_backend
 from models.registry import register_mixer
 from parallel.halo import HaloConv
 from parallel.linear_state import BasedCP
@@ -33,7 +33,8 @@ class BasedLinearAttention(Mixer):
         self.qkv = nn.Linear(cfg.d_model, self.n_heads * (2 * self.feature_dim + self.head_dim), bias=False)
         self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.out.is_residual_projection = True
-        self.op = based_linear_attention  # context parallelism swaps in a state-passing version
+        self.backend = cfg.based.backend
+        self.op = with_backend(based_linear_attention, self.backend)  # CP swaps in a state-passing version
 
     def _qkv(self, x: torch.Tensor):
         b, t, _ = x.shape
@@ -55,7 +56,7 @@ class BasedLinearAttention(Mixer):
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """The parallel forward of a prompt plus the state `step` would hold after it."""
-        o, state = based_linear_attention(*self._qkv(x), output_final_state=True)
+        o, state = based_linear_attention(*self._qkv(x), output_final_state=True, backend=self.backend)
         return self.out(o.flatten(2)), state
 
     def step(self, x: torch.Tensor, pos: int, cache) -> tuple[torch.Tensor, tuple]:
@@ -64,7 +65,7 @@ class BasedLinearAttention(Mixer):
         return self.out(o[:, None].flatten(2)), cache
 
     def context_parallel_op(self, ctx):
-        return BasedCP(ctx)
+        return with_backend(BasedCP(ctx), self.backend)
 
     @classmethod
     def saved_per_token(cls, model_cfg, act: int, compute: int) -> list[Saved]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -43,6 +44,12 @@ class Saved:
     what: str
     bytes: float
     op_output: bool = False
+
+
+def with_backend(op: Callable[..., Any], backend: str) -> Callable[..., Any]:
+    """`op` bound to the kernels a layer's config names (model.<type>.backend); "auto" leaves the choice to
+    kernels/dispatch.py per call."""
+    return op if backend == "auto" else partial(op, backend=backend)
 
 
 class Mixer(nn.Module):

@@ -17,7 +17,7 @@ from torch import nn
 
 from kernels import rat_attention, rat_prefill, rat_step
 from kernels.dispatch import upcast
-from models.mixer import Mixer, Saved
+from models.mixer import Mixer, Saved, with_backend
 from models.registry import register_mixer
 from parallel.rat import RatCP
 
@@ -37,7 +37,8 @@ class RAT(Mixer):
         self.out = nn.Linear(inner, cfg.d_model, bias=False)
         self.out.is_residual_projection = True
         self.rope_theta = float(cfg.rope_theta)
-        self.op = rat_attention  # context parallelism swaps in a version that all-gathers chunk summaries
+        self.backend = cfg.rat.backend
+        self.op = with_backend(rat_attention, self.backend)  # CP swaps in a version that all-gathers summaries
         self.init_special()
 
     @torch.no_grad()
@@ -66,7 +67,7 @@ class RAT(Mixer):
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The parallel forward of a prompt plus the cache `step` would hold after it (kept in fp32)."""
         z, q, k, v, gate = self._project(x)
-        o = rat_attention(q, k, v, gate, self.chunk, rope_theta=self.rope_theta)
+        o = rat_attention(q, k, v, gate, self.chunk, rope_theta=self.rope_theta, backend=self.backend)
         k, v = k.to(gate.dtype), v.to(gate.dtype)
         return self.out(z * o.flatten(2).to(z.dtype)), rat_prefill(k, v, gate, self.chunk, self.rope_theta)
 
@@ -99,10 +100,13 @@ class RAT(Mixer):
         groups = m.rat.qk_groups or m.n_heads
         if m.n_heads % groups:
             return f"model.n_heads={m.n_heads} must be a multiple of model.rat.qk_groups={groups}"
+        if config.parallel.cp > 1 and m.rat.backend == "naive":
+            return ("model.rat.backend=naive takes whole sequences only (the oracle); under context parallelism "
+                    "use auto, flash, triton or chunk")
         return None
 
     def context_parallel_op(self, ctx):
-        return RatCP(ctx)
+        return with_backend(RatCP(ctx), self.backend)
 
     @classmethod
     def attention_flops_per_token(cls, model_cfg, seq_len: int) -> float:

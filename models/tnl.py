@@ -18,7 +18,7 @@ from kernels import lightning_attention, lightning_step, tnl_slopes
 from kernels.dispatch import upcast
 from kernels.varlen import DocumentView
 from models.layers import RMSNorm
-from models.mixer import Mixer, Reduce, Saved, state_norm_scalars
+from models.mixer import Mixer, Reduce, Saved, state_norm_scalars, with_backend
 from models.registry import register_mixer
 from parallel.linear_state import LightningCP
 
@@ -38,7 +38,8 @@ class TNL(Mixer):
         self.out.is_residual_projection = True
         self.register_buffer("slopes", tnl_slopes(cfg.n_heads, layer_idx, cfg.n_layers), persistent=False)
         self.lrpe = nn.Parameter(torch.empty(cfg.n_heads, self.head_dim)) if cfg.tnl.lrpe else None
-        self.op = lightning_attention  # context parallelism swaps in a state-passing version
+        self.backend = cfg.tnl.backend
+        self.op = with_backend(lightning_attention, self.backend)  # CP swaps in a state-passing version
         self.init_special()
 
     @torch.no_grad()
@@ -82,7 +83,7 @@ class TNL(Mixer):
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The parallel forward of a prompt plus the state `step` would hold after it."""
         q, k, v, u = self._project(x, positions)
-        o, state = lightning_attention(q, k, v, self.slopes, output_final_state=True)
+        o, state = lightning_attention(q, k, v, self.slopes, output_final_state=True, backend=self.backend)
         return self._output(o, u), state
 
     def step(self, x: torch.Tensor, pos: int, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +92,7 @@ class TNL(Mixer):
         return self._output(o[:, None], u), cache
 
     def context_parallel_op(self, ctx):
-        return LightningCP(ctx)
+        return with_backend(LightningCP(ctx), self.backend)
 
     @classmethod
     def saved_per_token(cls, model_cfg, act: int, compute: int) -> list[Saved]:

@@ -141,6 +141,10 @@ def documents_in_one_mode(prefix: str, ctx: CPContext, cu: torch.Tensor, segment
         case(f"rat-L{chunk}", lambda q, k, v, g, c=chunk: rat_attention(
             q, k, v, g, c, rope_theta=3.0, cu_seqlens=cu, backend="naive"),
             lambda q, k, v, g, c=chunk: rat(q, k, v, g, c, rope_theta=3.0, cu_seqlens=cu), [q, k, v, g])
+    # the summaries' softmax on torch's flash kernel (prefix of other ranks' summaries as extra keys)
+    case("rat-L3-flash", lambda q, k, v, g: rat_attention(q, k, v, g, 3, rope_theta=3.0, cu_seqlens=cu,
+                                                          backend="naive"),
+         lambda q, k, v, g: rat(q, k, v, g, 3, rope_theta=3.0, cu_seqlens=cu, backend="flash"), [q, k, v, g])
 
 
 def main():
@@ -244,6 +248,10 @@ def main():
             run_case(f"rat/{mode}/L{chunk}", ctx,
                      lambda q, k, v, g, c=chunk: rat_attention(q, k, v, g, c, rope_theta=3.0, backend="naive"),
                      lambda q, k, v, g, c=chunk, op=op: op(q, k, v, g, c, rope_theta=3.0), [q, k, v, g])
+            run_case(f"rat/{mode}/L{chunk}-flash", ctx,
+                     lambda q, k, v, g, c=chunk: rat_attention(q, k, v, g, c, rope_theta=3.0, backend="naive"),
+                     lambda q, k, v, g, c=chunk, op=op: op(q, k, v, g, c, rope_theta=3.0, backend="flash"),
+                     [q, k, v, g])
     dist.barrier()
     dist.destroy_process_group()
 

@@ -118,6 +118,12 @@ def test_batch_layout():
         (["model.pattern=[tnl]", "model.tnl.hidden=130"], "model.tnl.hidden=130 must be divisible by model.n_heads=4"),
         (["model.pattern=[based]", "model.based.feature_dim=0"], "model.based.feature_dim=0 must be >= 1"),
         (["model.rat.chunk=8"], "unknown config key 'model.rat.chunk'.*Did you mean 'model.rat.chunk_size'"),
+        (["model.rat.backend=sdpa"], "model.rat.backend='sdpa' is not one of"),
+        (["model.tnl.backend=flash"], "model.tnl.backend='flash' is not one of"),
+        (["model.pattern=[full]", "parallel.cp=2", "model.attn.backend=sdpa"],
+         "model.attn.backend=sdpa cannot run context-parallel attention"),
+        (["model.pattern=[rat]", "parallel.cp=2", "model.rat.backend=naive"],
+         "model.rat.backend=naive takes whole sequences only"),
     ],
 )
 def test_layer_settings_are_checked(overrides, fragment):

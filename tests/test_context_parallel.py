@@ -25,6 +25,7 @@ def test_every_layer_type_matches_one_rank_on_4_ranks(free_port, fresh_seed):
         "full/ring/kv2/sink1", "full/ulysses/kv2/sink1", "full/hybrid/kv2/sink1",
         "full/ring-triton-float32/kv2/sink1", "full/ring-triton-bfloat16/kv2/sink1",
         *(f"full/{m}-flash{x}" for m in ("ring", "ulysses", "hybrid") for x in ("", "/lse", "-bf16"))}
+    assert {"rat/ring/L3-flash", "rat/ring/L4-flash"} <= set(cases)  # RAT on flash under CP
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -33,7 +34,8 @@ def test_packed_documents_under_every_mode_match_one_rank(n, free_port, fresh_se
     # tiny documents, a document straddling ranks and one over every rank, then random boundaries; RAT chunks of 3
     # straddle the ranks
     cases = run_worker(n, fresh_seed, "documents", free_port)
-    ops = {"full-auto", "full-flash", "swa-W3", "swa-W19", "baseconv-K7", "tnl", "based", "rat-L3", "rat-L4"}
+    ops = {"full-auto", "full-flash", "swa-W3", "swa-W19", "baseconv-K7", "tnl", "based", "rat-L3", "rat-L4",
+           "rat-L3-flash"}
     modes = {"ring", "ulysses"} | ({"hybrid"} if n == 4 else set())
     assert set(cases) == {f"docs-{b}/{m}/{op}" for b in ("fixed", "random") for m in modes for op in ops}
 

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -231,3 +233,36 @@ def test_every_block_compiles_in_one_graph_on_the_chunk_path(kind):
     (grad,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, grad_eager, rtol=1e-5, atol=1e-6)
+
+
+
+@pytest.mark.parametrize("setting", [("attn", "flash"), ("attn", "chunk"), ("rat", "flash"), ("rat", "chunk"),
+                                     ("based", "chunk"), ("tnl", "chunk")], ids="-".join)
+def test_a_layers_backend_setting_reaches_its_op(setting, monkeypatch):
+    """model.<type>.backend: the layer's op runs exactly the named kernels, in the forward and in prefill, and
+    the model computes what it computes on auto (float64, where every backend is exact)."""
+    kind, backend = setting
+    op_name = {"attn": "attention", "rat": "rat_attention", "based": "based_linear_attention",
+               "tnl": "lightning_attention"}[kind]
+    cfg = small_cfg(pattern=["full", "swa", "rat", "based", "tnl"], n_layers=5)
+    reference = HybridLM(cfg).double()
+    getattr(cfg, kind).backend = backend
+    model = HybridLM(cfg).double()
+    model.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, 97, (2, 13))  # 13: not a multiple of RAT's chunk of 4
+
+    import kernels.dispatch
+    seen, choose = [], kernels.dispatch.choose_backend
+
+    def spy(op, chosen, *args, **kw):
+        seen.append((op, chosen))
+        return choose(op, chosen, *args, **kw)
+
+    for module in ("kernels.attention", "kernels.rat", "kernels.based", "kernels.lightning"):
+        monkeypatch.setattr(sys.modules[module], "choose_backend", spy)  # (the package re-exports functions)
+    for run in (model, model.prefill):
+        seen.clear()
+        run(tokens)
+        ran = [b for op, b in seen if op == op_name]
+        assert ran and set(ran) == {backend}, seen
+    torch.testing.assert_close(model(tokens), reference(tokens), rtol=1e-9, atol=1e-9)

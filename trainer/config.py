@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,14 @@ class AttentionLayerConfig:  # `full` and `swa` layers
     sink: bool = True  # learned per-head sink logit (initialised to 0) in every softmax denominator
     gate: bool = False  # head-wise sigmoid output gate (o * sigmoid(x W_g))
     pinned: int = 0  # window layers: the first N tokens stay visible to every query (StreamingLLM keeps 4)
+    backend: str = "auto"  # the kernels these layers run (kernels/dispatch.py): auto | flash | triton | chunk | ...
 
 
 @dataclass
 class RatLayerConfig:  # `rat` layers
     chunk_size: int = 16  # L: recurrence inside chunks of L tokens, attention across chunk summaries
     qk_groups: int = 2  # query/key projections shared by groups of heads (tiled); 0 = one per head
+    backend: str = "auto"  # auto | flash (the summaries' softmax on torch's flash kernel) | triton | chunk | naive
 
 
 @dataclass
@@ -48,12 +51,14 @@ class BasedLayerConfig:  # `based` (Taylor linear attention) and `baseconv` laye
     feature_dim: int = 16  # q/k dimension per head before the 2nd-order Taylor feature map (1 + d + d^2 features)
     conv_kernel: int = 3  # BaseConv: depthwise causal convolution width
     conv_expand: int = 2  # BaseConv: inner width = conv_expand * d_model
+    backend: str = "auto"  # the Taylor linear attention's kernels: auto | triton | chunk | naive
 
 
 @dataclass
 class TnlLayerConfig:  # `tnl` layers
     hidden: int = 0  # q/k/v/u width; 0 = d_model
     lrpe: bool = False  # learnable relative position encoding (doubles the q/k dims)
+    backend: str = "auto"  # lightning attention's kernels: auto | triton | chunk | naive
 
 
 @dataclass
@@ -274,6 +279,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.split": ("train", "val"),
     "train.attention_dq": ("deterministic", "atomic"),
     "train.activation_checkpointing": ("none", "selective", "full"),
+    # which kernels each layer type runs (kernels/dispatch.py); auto picks per call
+    "model.attn.backend": ("auto", "flash", "triton", "chunk", "sdpa", "naive"),
+    "model.rat.backend": ("auto", "flash", "triton", "chunk", "naive"),
+    "model.based.backend": ("auto", "triton", "chunk", "naive"),
+    "model.tnl.backend": ("auto", "triton", "chunk", "naive"),
 }
 
 
@@ -363,8 +373,7 @@ def validate(c: Config) -> None:
     c.train.activation_checkpointing = legacy.get(c.train.activation_checkpointing.lower(),
                                                   c.train.activation_checkpointing)
     for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(c, section), name)
+        value = functools.reduce(getattr, key.split("."), c)
         if value not in allowed:
             raise ConfigError(f"{key}='{value}' is not one of {list(allowed)}")
 

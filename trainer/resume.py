@@ -34,7 +34,8 @@ SHAPE_KEYS = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_he
 COMPUTE_KEYS = ("model.window", "model.rope_theta", "model.norm_eps", "model.embed_scale",
                 "model.document_positions", "model.attn.pinned", "model.rat.chunk_size")
 # Model keys that change neither: how the weights start or how much memory a step takes.
-NEUTRAL_MODEL_KEYS = ("model.init_std", "model.init_from", "model.mlp_tile")
+NEUTRAL_MODEL_KEYS = ("model.init_std", "model.init_from", "model.mlp_tile", "model.attn.backend",
+                      "model.rat.backend", "model.based.backend", "model.tnl.backend")
 # Keys a resume takes from the new config (the rest of the new config applies anyway; these are the ones a
 # checkpoint also carries, so they are the ones a user could believe were ignored).
 OPTIMISER_KEYS = ("train.lr", "train.grad_clip", "optim.weight_decay", "optim.betas", "optim.eps",
