@@ -35,6 +35,12 @@ def overrides_for(seq_len: int, compiled: bool, args) -> list[str]:
             f"train.activation_checkpointing={'full' if seq_len >= 32768 else 'none'}"]
 
 
+def split_entry(entry: str) -> tuple[str, list[str]]:
+    """A --configs entry: a preset name, optionally with overrides after colons (hybrid_1b:model.rat.backend=flash)."""
+    name, *extra = entry.split(":")
+    return name, extra
+
+
 def planned_gib(config: str, seq_len: int, compiled: bool, args) -> float | None:
     """hylo plan's allocator bytes for the run (its total less the CUDA context + fragmentation line)."""
     try:
@@ -42,7 +48,8 @@ def planned_gib(config: str, seq_len: int, compiled: bool, args) -> float | None
         from trainer.plan import GiB, plan_memory
         from trainer.tokenizer import load_tokenizer
 
-        cfg = load_config(str(ROOT / "configs" / f"{config}.yaml"), overrides_for(seq_len, compiled, args))
+        name, extra = split_entry(config)
+        cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"), overrides_for(seq_len, compiled, args) + extra)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = 64 * -(-load_tokenizer(cfg.data.tokenizer).get_vocab_size() // 64)
         plan = plan_memory(cfg, 1, 1e6)
@@ -54,9 +61,10 @@ def planned_gib(config: str, seq_len: int, compiled: bool, args) -> float | None
 
 def run(config: str, seq_len: int, compiled: bool, args) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
-        overrides = [f"run.dir={run_dir}", *overrides_for(seq_len, compiled, args)]
+        name, extra = split_entry(config)
+        overrides = [f"run.dir={run_dir}", *overrides_for(seq_len, compiled, args), *extra]
         try:
-            res = subprocess.run([sys.executable, "-m", "trainer.train", "--config", f"configs/{config}.yaml",
+            res = subprocess.run([sys.executable, "-m", "trainer.train", "--config", f"configs/{name}.yaml",
                                   *overrides], cwd=ROOT, capture_output=True, text=True, timeout=args.time_limit,
                                  env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
         except subprocess.TimeoutExpired:
@@ -71,7 +79,8 @@ def run(config: str, seq_len: int, compiled: bool, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="dense_1b,hybrid_1b,rat_swa_1b,based_1b,tnl_1b")  # dense first
+    # dense first; an entry may add overrides after colons: hybrid_1b:model.rat.backend=flash
+    parser.add_argument("--configs", default="dense_1b,hybrid_1b,rat_swa_1b,based_1b,tnl_1b")
     parser.add_argument("--lengths", default="8192,32768,131072")
     parser.add_argument("--compile", default="off,on")
     parser.add_argument("--steps", type=int, default=4)

@@ -14,6 +14,8 @@
 #   engines  (issue 7) torch DDP/FSDP2 vs DeepSpeed ZeRO-1/2/3 step time for hybrid_1b at 4K
 #   trainer  (issue 2) trainer overhead and data headroom, tiny and ~125M
 #   generation (issue 8) eval and cached-generation tokens/s per layer type, 1B-shaped models, 4K and 32K prompts
+#   backends (issue 26) hybrid_1b at 32K as auto picks its kernels vs RAT's softmax on torch's flash kernel
+#            (model.rat.backend=flash) vs every attention layer on the Triton kernels (model.attn.backend=triton)
 # Tables are appended to bench/RESULTS.md (copied to $OUT when set).
 # The GPU image lacks omegaconf/datasets/deepspeed: carry wheels in .whl/ (pip download ... -d .whl on this side);
 # fla-core and einops too, for the kernels section's flash-linear-attention rows
@@ -57,10 +59,13 @@ for section in "$@"; do
       python3 bench/bench_trainer.py --config configs/tiny.yaml --steps 60 --warmup 10 || status=1
       python3 bench/bench_trainer.py --config configs/gpu_125m.yaml --steps 20 --warmup 5 || status=1
       python3 bench/bench_trainer.py --config configs/gpu_125m.yaml --steps 20 --warmup 5 train.compile=true || status=1 ;;
+    backends)
+      timeout 200 python3 bench/bench_e2e.py --configs dense_1b,hybrid_1b,hybrid_1b:model.rat.backend=flash,hybrid_1b:model.attn.backend=triton \
+        --lengths 32768 --compile off --steps 2 --warmup 1 --time-limit 60 || status=1 ;;
     generation)
       timeout 420 python3 bench/bench_eval.py --device cuda --d-model 2048 --n-layers 24 --heads 16 \
         --prompts 4096 32768 || status=1 ;;
-    *) echo "gpu_check.sh: unknown section '$section' (smoke, kernels, masked, e2e, tests, engines, trainer, generation)" >&2
+    *) echo "gpu_check.sh: unknown section '$section' (smoke, kernels, masked, e2e, tests, engines, trainer, backends, generation)" >&2
        status=2 ;;
   esac
   save
