@@ -228,3 +228,110 @@ def test_evaluation_on_a_mixture_reports_each_sources_loss(corpus, tmp_path):
     assert {"eval/loss/web", "eval/loss/books"} <= set(evals)
     ev = run_module(["-m", "trainer.cli", "eval", "--checkpoint", str(tmp_path), "--batches", "2", "--batch-size", "4"])
     assert ev.returncode == 0 and "source web: loss" in ev.stdout and "source books: loss" in ev.stdout, ev.stderr
+
+
+# ------------------------------------------------------------------------------- token-shard sources that shape
+@pytest.fixture(scope="module")
+def shard_corpus(corpus, tmp_path_factory):
+    """The web source tokenized into shards of 1,500 tokens (documents straddle shard files), plus its documents'
+    token lists (EOS included) in file order."""
+    from pathlib import Path
+
+    from trainer.shards import write_shards
+    from trainer.tokenizer import EOS
+
+    texts = [p.read_text() for p in sorted(Path(corpus["web"]).iterdir())]
+    out = tmp_path_factory.mktemp("web_shards")
+    write_shards(texts, TOK, out, shard_tokens=1_500)
+    eos = TOK.token_to_id(EOS)
+    docs = [enc.ids + [eos] for enc in TOK.encode_batch(texts, add_special_tokens=False)]
+    return {**corpus, "web": str(out)}, docs
+
+
+def test_token_shards_read_as_documents_are_the_tokenized_documents(shard_corpus, tmp_path):
+    from trainer.shards import ShardDocuments, TokenShards
+    from trainer.tokenizer import EOS
+
+    _, docs = shard_corpus
+    shards = TokenShards(shard_corpus[0]["web"], TOK)
+    stream = ShardDocuments(shards, TOK.token_to_id(EOS), seed=3).iterate()
+    epoch0 = [next(stream) for _ in range(len(docs))]
+    assert sorted(tuple(t.tolist()) for _, _, t in epoch0) == sorted(map(tuple, docs))  # every document, once
+    assert {e for e, _, _ in epoch0} == {0} and next(stream)[0] == 1
+    # a resume from any document's state continues with the same documents
+    again = ShardDocuments(shards, TOK.token_to_id(EOS), seed=3).iterate(0, json.loads(json.dumps(epoch0[17][1])))
+    assert [next(again)[2].tolist() for _ in range(5)] == [t.tolist() for _, _, t in epoch0[17:22]]
+
+
+def test_a_token_shard_source_shapes_its_documents_and_resumes_exactly(shard_corpus):
+    corpus, docs = shard_corpus
+    shaped = {"min_doc_tokens": 60, "upsample_long": UpsampleConfig(min_tokens=150, factor=3)}
+    cfg = mixture(corpus, weights=(0.6, 0.2, 0.2), web=shaped)
+    web = packer_of(cfg, 16, say=lambda msg: None).packers["web"]
+    stream = web._documents(0, None)
+    seen = Counter(tuple(next(stream)[2].tolist()) for _ in range(len(docs)))
+    lengths = {tuple(d): len(d) - 1 for d in docs}
+    assert all(lengths[d] >= 60 for d in seen)  # min_doc_tokens on shard documents
+    assert any(n == 3 for d, n in seen.items() if lengths[d] >= 150)  # long ones upsampled
+    assert all(n == 1 for d, n in seen.items() if lengths[d] < 150)
+    straight, _ = run_chain(cfg, [], 60)
+    for stops in ([7, 8, 33], [20, 41]):
+        chained, _ = run_chain(cfg, stops, 60)
+        assert all(torch.equal(a, b) for a, b in zip(chained, straight, strict=True)), stops
+
+
+def test_a_token_shard_source_switching_to_documents_on_resume_starts_its_next_epoch(shard_corpus):
+    corpus, _ = shard_corpus
+    notes = []
+    first = packer_of(mixture(corpus), 16, say=notes.append)
+    for _ in range(50):
+        first.next_sequence(keep=False)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["sources"]["web"]["kind"] == "tokens"  # unshaped shards: windows
+    shaped = mixture(corpus, web={"min_doc_tokens": 60})
+    second = packer_of(shaped, 16, say=notes.append)
+    second.load_state_dict(state)
+    assert any("token-shard source 'web' now reads documents" in n and "starts epoch 2" in n for n in notes), notes
+    assert second.packers["web"].epoch() == 1 and second.next_index == 50
+    for _ in range(20):
+        second.next_sequence(keep=False)
+    back = packer_of(mixture(corpus), 16, say=notes.append)  # and back to windows
+    back.load_state_dict(json.loads(json.dumps(second.state_dict())))
+    assert any("reads windows again" in n for n in notes) and back.packers["web"].epoch() == 2
+
+
+def test_skipping_other_ranks_rows_in_one_call_equals_one_by_one(shard_corpus):
+    """Token-shard mixtures skip the other ranks' rows through the round robin's period in one index step per
+    source: the same sources, positions, epochs and max_epochs stops as skipping sequence by sequence."""
+    corpus, _ = shard_corpus
+    from trainer.data import source_packer as build_source
+    from trainer.mixture import MixturePacker as Mixture
+    from trainer.shards import write_shards
+
+    small = shard_corpus[0]["web"] + "_small"  # a tiny source: its epochs turn over inside skipped runs
+    from pathlib import Path
+    write_shards([p.read_text() for p in sorted(Path(corpus["books"]).iterdir())], TOK, Path(small))
+    cfg = DataConfig(prefetch=0, sources=[SourceConfig(name="web", path=corpus["web"], weight=0.7),
+                                          SourceConfig(name="small", path=small, weight=0.2, max_epochs=3),
+                                          SourceConfig(name="odd", path=corpus["web"], weight=0.1)])
+
+    def build():
+        return Mixture(cfg, lambda s: build_source(cfg, s, TOK, 16, 0), say=lambda msg: None)
+
+    fast, slow = build(), build()
+    assert fast._period is not None and len(fast._period) == 10
+    bulk = Counter()
+    for name, packer in fast.packers.items():
+        packer.skip = lambda m, name=name, inner=packer.skip: (bulk.update([name]), inner(m))
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(0, 40))
+        fast.skip(n)
+        for _ in range(n):
+            slow.next_sequence(keep=False)
+        assert fast.state_dict() == slow.state_dict()
+        np.testing.assert_array_equal(fast.next_sequence(), slow.next_sequence())
+    assert "small" in fast.exhausted  # the stop happened inside the run, identically
+    assert bulk["web"] > 100 and bulk["small"] > 10, bulk  # most runs were skipped in one step per source
+    odd = MixturePacker(mixture(corpus, weights=(0.5123, 0.4877, 0.0)), lambda s: None, say=lambda msg: None)
+    assert odd._period is None  # no short period: sequence by sequence

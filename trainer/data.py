@@ -343,6 +343,9 @@ class SequencePacker:
     def _originals(self, epoch: int, state):
         """(epoch, source state before it, tokens) of every document of the source, tokenized in groups."""
         source = self.docs.iterate(epoch, state)
+        if getattr(self.docs, "pretokenized", False):  # token shards cut into documents: tokens already
+            yield from source
+            return
         while True:
             group = [next(source) for _ in range(TOKENIZE_GROUP)]
             yield from ((e, st, tokens) for (e, st, _), tokens in
@@ -382,7 +385,7 @@ class SequencePacker:
 
     def _reread(self, epoch: int, state) -> np.ndarray:
         _, _, text = next(self.docs.iterate(epoch, state))
-        return self._encode([text])[0]
+        return text if getattr(self.docs, "pretokenized", False) else self._encode([text])[0]
 
     def _fill(self, tokens_needed: int) -> None:
         if self._source is None:
@@ -416,9 +419,9 @@ class SequencePacker:
 
 def source_packer(cfg: DataConfig, source, tokenizer, seq_len: int, seed: int):
     """The packer of one source of a mixture: its own path and reading settings, its own shuffle, its document
-    shaping (streaming sources only)."""
+    shaping (token shards that shape are read as documents: trainer/shards.py's ShardDocuments)."""
     from trainer.mixture import source_data, source_seed
-    from trainer.shards import ShardSequences, TokenShards, is_shard_dir
+    from trainer.shards import ShardDocuments, ShardSequences, TokenShards, is_shard_dir
 
     data, own_seed = source_data(cfg, source), source_seed(seed, source.name)
     up = source.upsample_long
@@ -426,11 +429,12 @@ def source_packer(cfg: DataConfig, source, tokenizer, seq_len: int, seed: int):
         if cfg.val_fraction:
             raise DataError(f"data.sources '{source.name}': data.val_fraction holds out documents of streaming "
                             "sources; this one is token shards (pre-tokenize its held-out documents apart)")
-        if source.min_doc_tokens or up.factor > 1:
-            raise DataError(f"data.sources '{source.name}': min_doc_tokens and upsample_long shape the documents of "
-                            "a streaming source; token shards hold windows, not documents — shape the documents "
-                            "before `hylo tokenize --out`, or read the source files")
-        return ShardSequences(TokenShards(data.path, tokenizer, verify=data.verify), seq_len, own_seed)
+        shards = TokenShards(data.path, tokenizer, verify=data.verify)
+        if source.min_doc_tokens or up.factor > 1:  # shaping needs documents: the shards cut at their EOS tokens
+            docs = ShardDocuments(shards, tokenizer.token_to_id(EOS), own_seed)
+            return SequencePacker(docs, tokenizer, seq_len, min_doc_tokens=source.min_doc_tokens,
+                                  upsample=(up.min_tokens, up.factor), seed=own_seed)
+        return ShardSequences(shards, seq_len, own_seed)
     return SequencePacker(DocumentStream(data, own_seed), tokenizer, seq_len, min_doc_tokens=source.min_doc_tokens,
                           upsample=(up.min_tokens, up.factor), seed=own_seed)
 
@@ -477,15 +481,23 @@ class DataLoader:
             if isinstance(packer, SequencePacker):
                 packer.docs.check_readable()
 
+    def _skip(self, n: int) -> None:
+        """Pass over n global sequences (the other ranks' rows): in one call where the packer can (token shards,
+        a mixture of them), else one by one."""
+        if hasattr(self.packer, "skip"):
+            self.packer.skip(n)
+        else:
+            for _ in range(n):
+                self.packer.next_sequence(keep=False)
+
     def _next_step(self) -> tuple[torch.Tensor, dict, list[str] | None]:
         local = self.global_batch // self.world
         rows, sources = [], []
-        for i in range(self.global_batch):
-            mine = self.rank * local <= i < (self.rank + 1) * local
-            seq = self.packer.next_sequence(keep=mine)
-            if mine:
-                rows.append(seq)
-                sources.append(getattr(self.packer, "last_source", None))
+        self._skip(self.rank * local)
+        for _ in range(local):
+            rows.append(self.packer.next_sequence())
+            sources.append(getattr(self.packer, "last_source", None))
+        self._skip(self.global_batch - (self.rank + 1) * local)
         batch = torch.from_numpy(np.stack(rows)).view(local // self.micro_batch, self.micro_batch, self.seq_len + 1)
         return batch, self.packer.state_dict(), (sources if sources[0] is not None else None)
 

@@ -66,7 +66,9 @@ class MixturePacker:
 
     def _choose(self) -> str:
         """The active source whose count lags its share of the sequences since the last rebase the most (the
-        first listed among equals)."""
+        first listed among equals); where that rule has a short period, read from the period (`_cycle`)."""
+        if self._period is not None:
+            return self._period[(self.next_index - self.base_index) % len(self._period)]
         steps = self.next_index - self.base_index + 1
         best, lag = "", -float("inf")
         for name, share in self._shares:
@@ -80,6 +82,20 @@ class MixturePacker:
         sources, in listed order."""
         self.base_index, self.base_counts = self.next_index, dict(self.counts)
         self._shares = list(self._active().items())
+        self._period = self._cycle()
+
+    def _cycle(self) -> list[str] | None:
+        """The round robin's choices over one period, where it has a short one: shares that are multiples of 1/P
+        (0.7/0.2/0.1: P = 10) bring every source back to exactly its share after P sequences, and the choices
+        repeat from there.  Lets `skip` pass over many sequences at once; None when no period up to 4,096."""
+        counts, choices = dict.fromkeys(self.names, 0), []
+        for steps in range(1, 4097):
+            best = max(self._shares, key=lambda item: item[1] * steps - counts[item[0]])[0]  # (first among equals)
+            counts[best] += 1
+            choices.append(best)
+            if all(abs(share * steps - counts[name]) < 1e-9 for name, share in self._shares):
+                return choices
+        return None
 
     def next_sequence(self, keep: bool = True) -> np.ndarray | None:
         name = self._choose()
@@ -101,6 +117,28 @@ class MixturePacker:
                 self.say(f"[hylo] data: source '{name}' starts epoch {epoch + 1} (reshuffled)")
         return out
 
+    def skip(self, n: int) -> None:
+        """Pass over the next n global sequences (other ranks' rows).  Where the round robin has a period and every
+        source drawn in them is token-shard windows that stays inside its epoch, the choices come from the period
+        and each source skips its share in one index step; otherwise one sequence at a time (the same result)."""
+        period, start = self._period, self.next_index - self.base_index
+        if n and period is not None:
+            drawn = {name: 0 for name in self.packers}
+            full, rest = divmod(n, len(period))
+            for i, name in enumerate(period):
+                drawn[name] += full + ((i - start) % len(period) < rest)
+            packers = {name: self.packers[name] for name, m in drawn.items() if m}
+            if all(hasattr(p, "left_in_epoch") and (p.left_in_epoch() or 0) > drawn[name]
+                   for name, p in packers.items()):
+                for name, packer in packers.items():
+                    packer.skip(drawn[name])
+                    self.counts[name] += drawn[name]
+                self.next_index += n
+                self.last_source = period[(start + n - 1) % len(period)]
+                return
+        for _ in range(n):
+            self.next_sequence(keep=False)
+
     def step_sources(self) -> dict[str, int]:
         """Sequences drawn from each source so far (the cumulative per-source accounting)."""
         return dict(self.counts)
@@ -112,6 +150,20 @@ class MixturePacker:
                 "exhausted": list(self.exhausted), "epochs": dict(self.epochs),
                 "sources": {n: p.state_dict() for n, p in self.packers.items()},
                 "shaping": {n: self._shaping(n) for n in self.names}}
+
+    def _switch_reading(self, name: str, packer) -> None:
+        """A token-shard source that starts or stops shaping its documents on resume switches between reading
+        shuffled windows and reading documents: two orders with no common position, so it starts its next epoch."""
+        epoch = self.epochs[name] + 1
+        if _reads_windows(packer):
+            packer.load_state_dict({"kind": "tokens", "next_index": epoch * packer.n, "carry": None})
+            how = "reads windows again (no document shaping)"
+        else:
+            packer.load_state_dict({"epoch": epoch, "doc_state": None, "offset": 0, "next_index": 0})
+            how = "now reads documents (min_doc_tokens / upsample_long)"
+        self.epochs[name] = epoch
+        self.say(f"[hylo] data: token-shard source '{name}' {how}: it starts epoch {epoch + 1} here (the rest of "
+                 f"epoch {epoch} is not read)")
 
     def _shaping(self, name: str) -> list:
         s = self.settings[name]
@@ -131,13 +183,17 @@ class MixturePacker:
         self.exhausted = [n for n in state["exhausted"] if n in self.names]
         self.epochs = {n: state["epochs"].get(n, 0) for n in self.names}
         self._shares = list(self._active().items())
+        self._period = self._cycle()
         for name, packer in self.packers.items():
             saved = state["sources"].get(name)
-            if saved is not None:  # (a source whose weight was 0 then starts at its beginning)
-                if saved_seq_len is not None and saved.get("kind") == "tokens":
-                    packer.load_state_dict(saved, saved_seq_len=saved_seq_len)
-                else:
-                    packer.load_state_dict(saved)
+            if saved is None:  # (a source whose weight was 0 then starts at its beginning)
+                continue
+            if (saved.get("kind") == "tokens") != _reads_windows(packer):
+                self._switch_reading(name, packer)
+            elif saved_seq_len is not None and saved.get("kind") == "tokens":
+                packer.load_state_dict(saved, saved_seq_len=saved_seq_len)
+            else:
+                packer.load_state_dict(saved)
         changed = [f"{n} {state['weights'].get(n, 0):g} -> {self.weights[n]:g}" for n in self.names
                    if state["weights"].get(n, 0) != self.weights[n]]
         reshaped = [n for n in self.names if state.get("shaping", {}).get(n, self._shaping(n)) != self._shaping(n)]
@@ -147,3 +203,9 @@ class MixturePacker:
         if reshaped:
             self.say(f"[hylo] data: new document shaping (min_doc_tokens, upsample_long, max_epochs) for "
                      f"{', '.join(reshaped)} from here on")
+
+
+def _reads_windows(packer) -> bool:
+    """Whether a source's packer reads token-shard windows (trainer/shards.py's ShardSequences) rather than
+    documents."""
+    return packer.state_dict().get("kind") == "tokens"

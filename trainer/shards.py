@@ -193,6 +193,18 @@ class ShardSequences:
         self.next_index += 1
         return out
 
+    def skip(self, n: int) -> None:
+        """Pass over the next n sequences (other ranks' rows) without reading them: an index step."""
+        if self.carry is not None:
+            for _ in range(n):
+                self.next_sequence(keep=False)
+        else:
+            self.next_index += n
+
+    def left_in_epoch(self) -> int | None:
+        """Sequences before the epoch changes (None while reading the rest of an epoch at another length)."""
+        return None if self.carry is not None else self.n - self.next_index % self.n
+
     def state_dict(self) -> dict:
         return {"kind": "tokens", "next_index": self.next_index, "carry": dict(self.carry) if self.carry else None}
 
@@ -217,3 +229,46 @@ class ShardSequences:
         if self._carried_count() <= 0:
             self.carry = None
         self.next_index = (epoch + 1) * self.n  # then the next epoch, at the new length
+
+
+class ShardDocuments:
+    """The documents of token shards, for a mixture source that shapes its documents (min_doc_tokens,
+    upsample_long): the stream is cut at its EOS tokens (one scan when opened: 8 bytes per document kept), and each
+    epoch reads the documents in a seeded order.  The DocumentStream interface (trainer/data.py) with tokens for
+    text: `iterate(epoch, state)` yields (epoch, state before the document, its tokens with their EOS) endlessly,
+    the state being the document's place in its epoch's order, so a resume continues exactly."""
+
+    pretokenized = True
+    SCAN = 1 << 24  # tokens compared with EOS at a time (bounded temporary memory on big shards)
+
+    def __init__(self, shards: TokenShards, eos: int, seed: int):
+        self.shards, self.seed = shards, seed
+        ends = [np.flatnonzero(shards.slice(a, min(a + self.SCAN, shards.total)) == eos) + a
+                for a in range(0, shards.total, self.SCAN)]
+        ends = np.concatenate([np.zeros(0, np.int64), *ends]).astype(np.int64) + 1  # one past each EOS
+        if shards.total and (not len(ends) or ends[-1] != shards.total):  # a tail with no EOS after it
+            ends = np.append(ends, shards.total)
+        if not len(ends):
+            raise DataError(f"token shards '{shards.path}' hold no tokens")
+        self.bounds = np.concatenate([[0], ends])  # document i: tokens [bounds[i], bounds[i + 1])
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch, 1]).permutation(len(self)))
+        return self._order[1]
+
+    def check_readable(self) -> None:
+        """Opening the shards checked them (index, sizes, CRC32); the EOS scan read them whole."""
+
+    def iterate(self, epoch: int = 0, state: dict | None = None):
+        doc = 0 if state is None else int(state["doc"])
+        while True:
+            order = self._perm(epoch)
+            for j in range(doc, len(order)):
+                i = int(order[j])
+                yield epoch, {"doc": j}, self.shards.slice(int(self.bounds[i]), int(self.bounds[i + 1]))
+            epoch, doc = epoch + 1, 0
