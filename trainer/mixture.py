@@ -54,6 +54,7 @@ class MixturePacker:
         self.base_index, self.base_counts = 0, dict(self.counts)  # where the round robin's bookkeeping starts
         self.exhausted: list[str] = []  # sources past their max_epochs
         self.epochs = dict.fromkeys(self.names, 0)  # the epoch each source was last seen in (for the notes)
+        self._shapings = {n: self._shaping(n) for n in self.names}  # (saved with every state: built once)
         self._rebase()
 
     # ------------------------------------------------------------------------------------------------ drawing
@@ -82,7 +83,13 @@ class MixturePacker:
         sources, in listed order."""
         self.base_index, self.base_counts = self.next_index, dict(self.counts)
         self._shares = list(self._active().items())
+        self._set_period()
+
+    def _set_period(self) -> None:
         self._period = self._cycle()
+        self._drawn: dict[tuple[int, int], list[tuple[str, int]] | None] = {}
+        self._period_prefix = {name: np.cumsum([0] + [c == name for c in self._period]).tolist()
+                               for name, _ in self._shares} if self._period else {}
 
     def _cycle(self) -> list[str] | None:
         """The round robin's choices over one period, where it has a short one: shares that are multiples of 1/P
@@ -121,23 +128,36 @@ class MixturePacker:
         """Pass over the next n global sequences (other ranks' rows).  Where the round robin has a period and every
         source drawn in them is token-shard windows that stays inside its epoch, the choices come from the period
         and each source skips its share in one index step; otherwise one sequence at a time (the same result)."""
-        period, start = self._period, self.next_index - self.base_index
+        period = self._period
         if n and period is not None:
-            drawn = {name: 0 for name in self.packers}
-            full, rest = divmod(n, len(period))
-            for i, name in enumerate(period):
-                drawn[name] += full + ((i - start) % len(period) < rest)
-            packers = {name: self.packers[name] for name, m in drawn.items() if m}
-            if all(hasattr(p, "left_in_epoch") and (p.left_in_epoch() or 0) > drawn[name]
-                   for name, p in packers.items()):
-                for name, packer in packers.items():
-                    packer.skip(drawn[name])
-                    self.counts[name] += drawn[name]
+            a = (self.next_index - self.base_index) % len(period)
+            drawn = self._drawn[(a, n)] if (a, n) in self._drawn else self._draws(a, n)
+            packers, counts = self.packers, self.counts
+            if drawn is not None and all((packers[name].left_in_epoch() or 0) > m for name, m in drawn):
+                for name, m in drawn:
+                    packers[name].skip(m)
+                    counts[name] += m
                 self.next_index += n
-                self.last_source = period[(start + n - 1) % len(period)]
+                self.last_source = period[(a + n - 1) % len(period)]
                 return
         for _ in range(n):
             self.next_sequence(keep=False)
+
+    def _draws(self, a: int, n: int) -> list[tuple[str, int]] | None:
+        """(source, sequences) drawn in n sequences from position a of the period (every rank asks the same few
+        (a, n): cached); None when a source drawn cannot skip in one step (its packer reads documents)."""
+        p = len(self._period)
+        full, rest = divmod(n, p)
+        drawn = []
+        for name, before in self._period_prefix.items():  # before[i]: its picks among the period's first i
+            extra = before[a + rest] - before[a] if a + rest <= p else before[p] - before[a] + before[a + rest - p]
+            if full * before[p] + extra:
+                drawn.append((name, full * before[p] + extra))
+        if not all(hasattr(self.packers[name], "left_in_epoch") for name, _ in drawn):
+            drawn = None
+        if len(self._drawn) < 4096:
+            self._drawn[(a, n)] = drawn
+        return drawn
 
     def step_sources(self) -> dict[str, int]:
         """Sequences drawn from each source so far (the cumulative per-source accounting)."""
@@ -149,7 +169,7 @@ class MixturePacker:
                 "base_index": self.base_index, "base_counts": dict(self.base_counts), "weights": dict(self.weights),
                 "exhausted": list(self.exhausted), "epochs": dict(self.epochs),
                 "sources": {n: p.state_dict() for n, p in self.packers.items()},
-                "shaping": {n: self._shaping(n) for n in self.names}}
+                "shaping": self._shapings}
 
     def _switch_reading(self, name: str, packer) -> None:
         """A token-shard source that starts or stops shaping its documents on resume switches between reading
@@ -183,7 +203,7 @@ class MixturePacker:
         self.exhausted = [n for n in state["exhausted"] if n in self.names]
         self.epochs = {n: state["epochs"].get(n, 0) for n in self.names}
         self._shares = list(self._active().items())
-        self._period = self._cycle()
+        self._set_period()
         for name, packer in self.packers.items():
             saved = state["sources"].get(name)
             if saved is None:  # (a source whose weight was 0 then starts at its beginning)
