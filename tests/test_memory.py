@@ -206,3 +206,33 @@ def test_plan_tries_one_sequence_per_micro_batch_first():
     assert not plan_memory(cfg, 1, 80).fits
     changes, fitted = suggest(cfg, 1, 80)
     assert changes[0] == "train.micro_batch_size=1" and fitted.fits
+
+
+def test_gradients_at_the_peak_follow_the_timeline():
+    """One GPU, one micro-batch: gradients are made block by block in backward while activations are freed, so
+    the peak holds the larger of (activations + the first gradients) and (all gradients); accumulation and DDP
+    (a bucket copy of every gradient) keep them all."""
+    cfg = load_config("configs/hybrid_1b.yaml", ["model.vocab_size=32768", "train.batch_size=1",
+                                                  "train.micro_batch_size=1", "train.seq_len=32768"])
+    grads = lambda plan: dict((n, b) for n, b, _ in plan.lines)["gradients (fp32)"]  # noqa: E731
+    weights = lambda plan: dict((n, b) for n, b, _ in plan.lines)["weights (fp32)"]  # noqa: E731
+    single = plan_memory(cfg, 1, 141)
+    assert grads(single) < 0.1 * weights(single)  # long context: activations dominate, few gradients at the peak
+    short = load_config("configs/hybrid_1b.yaml", ["model.vocab_size=32768", "train.batch_size=1",
+                                                   "train.micro_batch_size=1", "train.seq_len=128"])
+    dynamic = lambda plan: sum(b for n, b, _ in plan.lines if n not in ("weights (fp32)", "gradients (fp32)",  # noqa: E731
+                                                                        "AdamW moments (2 x fp32)", "runtime"))
+    tiny = plan_memory(short, 1, 141)  # short context: the optimizer step's full gradients are the peak
+    assert grads(tiny) + dynamic(tiny) == pytest.approx(4 * _params(short))
+    accumulating = load_config("configs/hybrid_1b.yaml", ["model.vocab_size=32768", "train.batch_size=2",
+                                                          "train.micro_batch_size=1", "train.seq_len=32768"])
+    assert grads(plan_memory(accumulating, 1, 141)) == pytest.approx(weights(single))
+    ddp = load_config("configs/hybrid_1b.yaml", ["model.vocab_size=32768", "train.batch_size=2",
+                                                 "train.micro_batch_size=1", "train.seq_len=32768"])
+    assert grads(plan_memory(ddp, 2, 141)) == pytest.approx(weights(single))
+
+
+def _params(cfg) -> int:
+    from trainer.plan import _parameter_counts
+
+    return _parameter_counts(cfg)[0]

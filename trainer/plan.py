@@ -161,7 +161,7 @@ def plan_memory(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda"
     if gpus % p.cp:
         raise ConfigError(f"--gpus {gpus} is not a multiple of parallel.cp={p.cp}")
     dp = gpus // p.cp
-    micro, _ = check_batch_layout(cfg, dp)
+    micro, micro_steps = check_batch_layout(cfg, dp)
     bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device == "cuda")
     act, compute = (2 if bf16 else 4), 4
     tokens = micro * t.seq_len / p.cp  # this rank's tokens in one forward
@@ -233,6 +233,18 @@ def plan_memory(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda"
         lines.append(("context-parallel buffers", buffers, f"cp={p.cp} ({p.cp_mode}: ring {ring} x Ulysses {u}), "
                                                            "one layer at a time"))
 
+    # Gradients on one rank without DDP, one micro-batch per step: set to None after every optimizer step, they are
+    # made block by block in backward while the blocks' activations are freed, so the peak is the larger of
+    # (activations + the first blocks' gradients) early in backward and (all gradients) at the optimizer step.
+    # DDP keeps a bucket copy of every gradient, and accumulation keeps them across micro-batches: all counted.
+    if t.engine == "torch" and dp == 1 and micro_steps == 1 and device == "cuda":
+        early = 4 * (m.vocab_size * m.d_model + block_params)  # the head's (tied embedding) and the last block's
+        dynamic = sum(b for name, b, _ in lines if name not in ("weights (fp32)", "gradients (fp32)",
+                                                                 "AdamW moments (2 x fp32)"))
+        full = 4 * n_params
+        at_peak = max(early, full - dynamic)
+        lines[1] = ("gradients (fp32)", at_peak, f"{at_peak / GiB:.2f} of {full / GiB:.2f} GiB alive at the peak "
+                                                 "(made block by block in backward as activations are freed)")
     gpu = gpu_mem_gib * GiB
     lines.append(("runtime", RUNTIME_FIXED + FRAGMENTATION * sum(b for _, b, _ in lines),
                   "CUDA context + 5% allocator fragmentation" if device == "cuda" else
