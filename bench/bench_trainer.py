@@ -68,6 +68,7 @@ def phase_bare(cfg, steps: int, warmup: int) -> dict:
 
     from launch.distributed import init_distributed
     from models import HybridLM
+    from trainer.config import compile_choice
     from trainer.data import DataLoader
     from trainer.tokenizer import load_tokenizer
 
@@ -81,7 +82,7 @@ def phase_bare(cfg, steps: int, warmup: int) -> dict:
                         micro_batch=micro, seed=cfg.train.seed)
     batches = [next(loader).to(device).long() for _ in range(4)]
     model = HybridLM(cfg.model).to(device)
-    if cfg.train.compile:
+    if compile_choice(cfg, device.type)[0]:
         for block in model.blocks:
             block.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=device.type == "cuda" or None)

@@ -52,9 +52,9 @@ def run_layer_monitor(model, group: str, forward, **settings) -> dict[str, float
     from trainer.callbacks.monitors import LayerMonitor
 
     logged: dict[str, float] = {}
-    cfg = SimpleNamespace(train=SimpleNamespace(compile=False, seq_len=0))
-    trainer = SimpleNamespace(model=model, cfg=cfg, is_main=True, positions=None, cp_reduce=lambda t: t, step=1,
-                              log=lambda scalars, step=None: logged.update(scalars))
+    cfg = SimpleNamespace(train=SimpleNamespace(seq_len=0))
+    trainer = SimpleNamespace(model=model, cfg=cfg, is_main=True, compiled=False, positions=None,
+                              cp_reduce=lambda t: t, step=1, log=lambda scalars, step=None: logged.update(scalars))
     monitor = LayerMonitor(group, 1, group, **settings)
     monitor.on_train_start(trainer)
     monitor.on_step_start(trainer)

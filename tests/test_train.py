@@ -135,3 +135,53 @@ def test_the_loop_reads_nothing_from_the_device_between_logging_steps(tmp_path, 
     quiet = [s for s in range(2, 12) if s != 6]
     assert all(reads.get(s, 0) == 0 for s in quiet), reads
     assert reads[6] > 0 and reads[12] > 0, reads
+
+
+@pytest.mark.parametrize("overrides, device, compiled, note", [
+    ([], "cpu", False, None),  # the default never compiles a CPU run (the README's main job stays eager)
+    (["logging.sink_interval=0", "logging.layer_interval=0"], "cpu", False, None),
+    ([], "cuda", False, "logging.sink_interval=50"),  # monitors read layers through forward hooks
+    (["logging.sink_interval=0", "logging.layer_interval=0"], "cuda", True, None),
+    (["model.pattern=[rat]", "logging.sink_interval=50", "logging.layer_interval=0"], "cuda", True, None),
+    (["logging.sink_interval=0", "logging.layer_interval=0", "train.activation_checkpointing=selective"], "cuda",
+     False, "selective"),
+    (["train.compile=on"], "cpu", True, None),
+    (["train.compile=true"], "cpu", True, None),  # the boolean it used to be
+    (["train.compile=false", "logging.sink_interval=0", "logging.layer_interval=0"], "cuda", False, None),
+], ids=["cpu-default", "cpu-no-monitors", "cuda-monitors", "cuda", "cuda-rat-only", "cuda-selective", "on",
+        "legacy-true", "off"])
+def test_compile_auto_compiles_only_cuda_runs_it_can(overrides, device, compiled, note):
+    from trainer.config import compile_choice
+
+    chosen, why = compile_choice(load_config("configs/tiny.yaml", overrides), device)
+    assert chosen == compiled
+    assert (why is None) if note is None else (note in why)
+
+
+def test_compile_auto_falls_back_to_eager_when_torch_compile_fails(tmp_path, monkeypatch, capsys):
+    """`auto` chose to compile and torch.compile fails in the first step: one line says so and the run trains on
+    eager blocks, with the losses of an eager run."""
+    import torch._dynamo.exc
+
+    import trainer.trainer as trainer_module
+
+    common = ["train.steps=3", "logging.interval=1", "logging.progress=false", "checkpoint.interval=0",
+              "logging.sink_interval=0", "logging.layer_interval=0", "eval.interval=0"]
+    eager = tmp_path / "eager"
+    train(load_config("configs/tiny.yaml", [f"run.dir={eager}", "train.compile=off", *common]))
+
+    def broken_compile(self):  # what a model torch.compile cannot handle does at its first call
+        def fail(*args, **kwargs):
+            raise torch._dynamo.exc.Unsupported("a graph break this model cannot avoid")
+        self._compiled_call_impl = fail
+
+    monkeypatch.setattr(trainer_module, "compile_choice", lambda cfg, device: (True, None))
+    monkeypatch.setattr(torch.nn.Module, "compile", broken_compile)
+    fell_back = tmp_path / "fell_back"
+    train(load_config("configs/tiny.yaml", [f"run.dir={fell_back}", "train.compile=auto", *common]))
+    out = capsys.readouterr().out
+    assert "torch.compile failed on this model (Unsupported: a graph break this model cannot avoid)" in out
+    assert [r["train/loss"] for r in read_metrics(fell_back)] == [r["train/loss"] for r in read_metrics(eager)]
+    # asked for by name, a failure is the user's to see
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        train(load_config("configs/tiny.yaml", [f"run.dir={tmp_path / 'on'}", "train.compile=on", *common]))

@@ -147,7 +147,10 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
-    compile: bool = False  # torch.compile each block
+    # torch.compile each block: on | off | auto (on for CUDA runs, unless selective checkpointing or a forward-hook
+    # monitor due (logging.sink_interval / layer_interval with such layers) needs eager blocks; if compiling fails
+    # at the first step, the run says why and trains eagerly).  true/false mean on/off.
+    compile: str = "auto"
     # tokens per chunk of the output head + cross-entropy (models/loss.py): the full logits never exist.  4096
     # keeps one chunk's fp32 logits at 512 MiB with a 32K vocabulary, at the cost of a second head matmul in
     # backward (~2% of a 1B model's step); a micro-batch of at most this many tokens takes the plain path.
@@ -279,6 +282,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.split": ("train", "val"),
     "train.attention_dq": ("deterministic", "atomic"),
     "train.activation_checkpointing": ("none", "selective", "full"),
+    "train.compile": ("auto", "on", "off"),
     # which kernels each layer type runs (kernels/dispatch.py); auto picks per call
     "model.attn.backend": ("auto", "flash", "triton", "chunk", "sdpa", "naive"),
     "model.rat.backend": ("auto", "flash", "triton", "chunk", "naive"),
@@ -370,6 +374,7 @@ def validate(c: Config) -> None:
     if bad := next(_non_finite(c), None):
         raise ConfigError(f"{bad[0]}={bad[1]} is not a finite number; give a real value")
     legacy = {"true": "full", "false": "none"}  # the setting was a boolean before it had policies
+    c.train.compile = {"true": "on", "false": "off"}.get(str(c.train.compile).lower(), str(c.train.compile).lower())
     c.train.activation_checkpointing = legacy.get(c.train.activation_checkpointing.lower(),
                                                   c.train.activation_checkpointing)
     for key, allowed in CHOICES.items():
@@ -432,9 +437,10 @@ def validate(c: Config) -> None:
     if c.data.format == "mqar" and "ppl" in c.eval.tasks and c.eval.interval:
         raise ConfigError("data.format=mqar trains on synthetic recall sequences; held-out text perplexity means "
                           "nothing there: set eval.tasks=[mqar]")
-    if t.compile and t.activation_checkpointing == "selective":
+    if t.compile == "on" and t.activation_checkpointing == "selective":
         raise ConfigError("train.activation_checkpointing=selective does not compile (torch.compile skips the "
-                          "selectively checkpointed blocks); use train.compile=false, or checkpointing none/full")
+                          "selectively checkpointed blocks); use train.compile=off (or auto), or checkpointing "
+                          "none/full")
     if c.data.document_masking and c.data.format == "mqar":
         raise ConfigError("data.document_masking splits text at EOS tokens; MQAR sequences are one document each "
                           "(and their ids are not text): drop data.document_masking")
@@ -502,6 +508,26 @@ def _non_finite(node: Any, prefix: str = ""):
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, float) and not math.isfinite(item):
                 yield f"{prefix}{f.name}", value
+
+
+def compile_choice(c: Config, device_type: str) -> tuple[bool, str | None]:
+    """(whether the blocks are compiled, a note saying why `auto` kept them eager where that is not obvious)."""
+    t, log = c.train, c.logging
+    if t.compile != "auto":
+        return t.compile == "on", None
+    if device_type != "cuda":
+        return False, None  # CPU runs stay eager: compiling costs more than the small steps it would speed up
+    if t.activation_checkpointing == "selective":
+        return False, "train.compile=auto: blocks stay eager (selective checkpointing does not compile)"
+    groups = {MIXERS[k].monitor_group for k in c.model.pattern}
+    hooks = [f"logging.{key}={value}" for group, key, value in (("sinks", "sink_interval", log.sink_interval),
+                                                                ("states", "layer_interval", log.layer_interval))
+             if group in groups and value]
+    if hooks:
+        return False, (f"train.compile=auto: blocks stay eager, because the layer monitors ({', '.join(hooks)}) "
+                       "read each layer through forward hooks a compiled block does not run; set those to 0 to "
+                       "compile, or train.compile=on to compile without the monitors")
+    return True, None
 
 
 def check_batch_layout(c: Config, dp: int) -> tuple[int, int]:

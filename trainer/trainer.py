@@ -27,7 +27,7 @@ from parallel.dims import ParallelDims
 from trainer.callbacks import Callback, Callbacks, default_callbacks
 from trainer.checkpointing import latest_checkpoint, read_trainer_state, recover_leftovers, verified_checkpoint
 from trainer.checkpointing.step_folder import barrier
-from trainer.config import Config, check_batch_layout, to_yaml
+from trainer.config import Config, check_batch_layout, compile_choice, to_yaml
 from trainer.data import DataLoader
 from trainer.documents import document_masking
 from trainer.engines import StepResult, build_engine, engine_problem
@@ -152,7 +152,10 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(cfg.train.seq_len)
         self.n_params = model.num_params()
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-        if cfg.train.compile:
+        self.compiled, why_eager = compile_choice(cfg, self.device.type)
+        if why_eager and self.is_main:
+            print(f"[hylo] {why_eager}", flush=True)
+        if self.compiled:
             if self.device.type == "cuda":  # attention's flash backend is probed eagerly, not while tracing
                 from kernels.attention import say_flash_problem
                 from kernels.attention.flash import probe_flash
@@ -161,6 +164,10 @@ class Trainer:
                     say_flash_problem(problem)
             for block in model.blocks:
                 block.compile()
+        # `auto` may fall back to eager blocks if compiling fails at the first step (torch engine: nothing of a
+        # failed first step reaches the weights; DeepSpeed's partitioned gradients are not retried)
+        self.compile_fallback = self.compiled and cfg.train.compile == "auto" and cfg.train.engine == "torch"
+        self.blocks = list(model.blocks)
         self.engine = build_engine(model, cfg, info.world, micro, accum, self.device)  # DP, optimizer, step
         self.model = self.engine.model
         self.scheduler = build_scheduler(self.engine.optimizer, cfg)
@@ -214,10 +221,7 @@ class Trainer:
                 self.step += 1
                 self.callbacks.on_step_start(self)
                 batch = next(self.loader).to(self.device, non_blocking=True).long()
-                result = self.engine.train_step(batch, self.positions,
-                                                skip_nonfinite=self.cfg.train.nan_policy == "skip",
-                                                on_gradients=self.callbacks.gradient_hook(self),
-                                                documents=self.documents)
+                result = self._train_step(batch)
                 self.scheduler.step()
                 self._account(result)
                 self.callbacks.on_step_end(self, result)
@@ -234,6 +238,30 @@ class Trainer:
         self.close(done=True)
         return {"first_loss": self.summary.get("first_loss"), "last_loss": self.summary.get("last_loss"),
                 "run_dir": str(self.run_dir), "start_step": self.start_step}
+
+    def _train_step(self, batch: torch.Tensor) -> StepResult:
+        def step() -> StepResult:
+            return self.engine.train_step(batch, self.positions, skip_nonfinite=self.cfg.train.nan_policy == "skip",
+                                          on_gradients=self.callbacks.gradient_hook(self), documents=self.documents)
+
+        if not self.compile_fallback:
+            return step()
+        self.compile_fallback = False  # only the first step compiles
+        try:
+            return step()
+        except Exception as err:  # noqa: BLE001 - only torch.compile's own failures are caught, the rest re-raised
+            if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            if self.is_main:
+                print(f"[hylo] train.compile=auto: torch.compile failed on this model ({type(err).__name__}: "
+                      f"{first}); training with eager blocks. Set train.compile=off to skip the attempt",
+                      flush=True)
+            for block in self.blocks:
+                block._compiled_call_impl = None  # (what nn.Module.compile set)
+            self.compiled = False
+            self.engine.optimizer.zero_grad(set_to_none=True)
+            return step()
 
     def dry_run(self, remove_run_dir: bool) -> dict[str, Any]:
         """Everything built, the first batch read and its shape said; nothing trained or saved (a run dir this

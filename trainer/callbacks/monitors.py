@@ -50,10 +50,10 @@ class LayerMonitor(Callback):
         mixers = [m for m in trainer.model.modules() if isinstance(m, Mixer) and m.monitor_group == self.group]
         if not self.interval or not mixers:
             return
-        if trainer.cfg.train.compile:
+        if trainer.compiled:
             if trainer.is_main:
-                refuse_once(self.what, "train.compile=true compiles the blocks, and a compiled block does not run "
-                                       "forward hooks added later; set train.compile=false to monitor")
+                refuse_once(self.what, "train.compile=on compiles the blocks, and a compiled block does not run "
+                                       "forward hooks added later; set train.compile=off (or auto) to monitor")
             return
         self.mixers = mixers
         self.reduce = trainer.cp_reduce
