@@ -84,7 +84,7 @@ def phase_bare(cfg, steps: int, warmup: int) -> dict:
     model = HybridLM(cfg.model).to(device)
     if compile_choice(cfg, device.type)[0]:
         for block in model.blocks:
-            block.compile()
+            block.compile(fullgraph=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=device.type == "cuda" or None)
     use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
 

@@ -519,6 +519,10 @@ def compile_choice(c: Config, device_type: str) -> tuple[bool, str | None]:
         return False, None  # CPU runs stay eager: compiling costs more than the small steps it would speed up
     if t.activation_checkpointing == "selective":
         return False, "train.compile=auto: blocks stay eager (selective checkpointing does not compile)"
+    if c.data.document_masking:  # the ops read the boundaries on the host: a graph per piece, recompiled per batch
+        return False, ("train.compile=auto: blocks stay eager with data.document_masking (the ops read each "
+                       "batch's document boundaries, which breaks and re-specialises the graphs); "
+                       "train.compile=on compiles anyway")
     groups = {MIXERS[k].monitor_group for k in c.model.pattern}
     hooks = [f"logging.{key}={value}" for group, key, value in (("sinks", "sink_interval", log.sink_interval),
                                                                 ("states", "layer_interval", log.layer_interval))

@@ -162,8 +162,10 @@ class Trainer:
 
                 if problem := probe_flash(self.device):
                     say_flash_problem(problem)
+            # One graph per block: a graph break is a bug, so it fails (auto: falls back) loudly — except with
+            # packed documents, whose boundaries the ops read on the host (per-document launches, checks)
             for block in model.blocks:
-                block.compile()
+                block.compile(fullgraph=not cfg.data.document_masking)
         # `auto` may fall back to eager blocks if compiling fails at the first step (torch engine: nothing of a
         # failed first step reaches the weights; DeepSpeed's partitioned gradients are not retried)
         self.compile_fallback = self.compiled and cfg.train.compile == "auto" and cfg.train.engine == "torch"
