@@ -168,7 +168,8 @@ def test_activation_model_matches_what_autograd_keeps(kind, monkeypatch):
 
 
 def test_plan_flags_a_config_that_cannot_fit_and_suggests_one_that_does(capsys):
-    overrides = ["train.seq_len=131072", "train.batch_size=1", "train.micro_batch_size=1"]
+    overrides = ["train.seq_len=131072", "train.batch_size=1", "train.micro_batch_size=1",
+                 "train.activation_checkpointing=none"]
     cfg = load_config("configs/hybrid_1b.yaml", overrides)
     cfg.model.vocab_size = 32768
     plain = plan_memory(cfg, 1, 80)
@@ -236,3 +237,22 @@ def _params(cfg) -> int:
     from trainer.plan import _parameter_counts
 
     return _parameter_counts(cfg)[0]
+
+
+
+@pytest.mark.parametrize("seq_len, memory, policy", [(4096, 80, "none"), (32768, 80, "selective"),
+                                                     (131072, 80, "full"), (131072, 141, "selective")])
+def test_checkpointing_auto_takes_the_cheapest_policy_that_fits(seq_len, memory, policy):
+    """train.activation_checkpointing=auto (the default): none where it fits, else selective, else full — by the
+    plan of the device the run starts on; `hylo plan` shows the policy it took."""
+    from trainer.plan import choose_checkpointing
+
+    cfg = load_config("configs/hybrid_1b.yaml", ["model.vocab_size=32768", "train.batch_size=1",
+                                                 "train.micro_batch_size=1", f"train.seq_len={seq_len}"])
+    assert cfg.train.activation_checkpointing == "auto"
+    chosen, why = choose_checkpointing(cfg, 1, memory)
+    assert chosen == policy and f"auto: {policy}" in why
+    plan = plan_memory(cfg, 1, memory)
+    assert f"{policy} checkpointing" in dict((n, h) for n, _, h in plan.lines)["activations"]
+    cfg.train.compile = "on"  # selective does not compile: auto goes straight to full
+    assert choose_checkpointing(cfg, 1, memory)[0] == ("full" if policy == "selective" else policy)

@@ -157,8 +157,9 @@ class TrainConfig:
     # 0 = always the full logits.
     loss_chunk: int = 4096
     # none | selective (recompute norms, projections and MLPs; keep each mixer op's outputs) | full (keep only
-    # each block's input); true/false mean full/none.  What each layer keeps: README "Memory".
-    activation_checkpointing: str = "none"
+    # each block's input) | auto (the first of none, selective, full whose `hylo plan` fits the device's memory,
+    # decided when the run starts); true/false mean full/none.  What each layer keeps: docs/memory.md.
+    activation_checkpointing: str = "auto"
     # move what is saved for backward (the checkpointed block inputs, at least) to pinned host memory during
     # forward and fetch it back ahead of use in backward (GPU runs only)
     activation_offload: bool = False
@@ -281,7 +282,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.engine": ("torch", "deepspeed"),
     "data.split": ("train", "val"),
     "train.attention_dq": ("deterministic", "atomic"),
-    "train.activation_checkpointing": ("none", "selective", "full"),
+    "train.activation_checkpointing": ("auto", "none", "selective", "full"),
     "train.compile": ("auto", "on", "off"),
     # which kernels each layer type runs (kernels/dispatch.py); auto picks per call
     "model.attn.backend": ("auto", "flash", "triton", "chunk", "sdpa", "naive"),

@@ -154,9 +154,26 @@ class RetainedBytes(TorchDispatchMode):
                    if (s := ref()) is not None and s.data_ptr() not in skip)
 
 
+def choose_checkpointing(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda") -> tuple[str, str]:
+    """train.activation_checkpointing=auto: the cheapest policy whose plan fits (none, then selective — which keeps
+    every mixer op's output and recomputes the rest — then full), and a line saying why.  Selective is skipped
+    under train.compile=on (it does not compile); full is the answer when none fits (the plan then says so)."""
+    policies = ["none", "full"] if cfg.train.compile == "on" else ["none", "selective", "full"]
+    for policy in policies:
+        plan = plan_memory(_with(cfg, train__activation_checkpointing=policy), gpus, gpu_mem_gib, device)
+        if plan.fits or policy == "full":
+            where = f"{gpu_mem_gib:.0f} GiB per {'GPU' if device == 'cuda' else 'rank of host memory'}"
+            verdict = "fits" if plan.fits else "is the most it can do, and does not fit"
+            return policy, (f"train.activation_checkpointing=auto: {policy} ({plan.total / GiB:.1f} GiB planned "
+                            f"per rank {verdict} in {where})")
+    raise AssertionError("unreachable")
+
+
 def plan_memory(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda") -> Plan:
     """Per-rank bytes of a run of `cfg` on `gpus` GPUs of `gpu_mem_gib` GiB each, or (device "cpu") on `gpus` CPU
     ranks sharing `gpu_mem_gib` GiB of host memory each (fp32 unless train.dtype=bf16, no CUDA context)."""
+    if cfg.train.activation_checkpointing == "auto":
+        cfg = _with(cfg, train__activation_checkpointing=choose_checkpointing(cfg, gpus, gpu_mem_gib, device)[0])
     m, t, p = cfg.model, cfg.train, cfg.parallel
     if gpus % p.cp:
         raise ConfigError(f"--gpus {gpus} is not a multiple of parallel.cp={p.cp}")
@@ -270,6 +287,8 @@ def suggest(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda") ->
         steps.append({"train__micro_batch_size": 1})
     if cfg.train.loss_chunk == 0:
         steps.append({"train__loss_chunk": 4096})
+    if cfg.train.activation_checkpointing == "auto":  # its choice did not fit: say what does, by name
+        cfg = _with(cfg, train__activation_checkpointing="none")
     if cfg.train.activation_checkpointing == "none":
         steps.append({"train__activation_checkpointing": "selective"})
     if not cfg.model.mlp_tile:

@@ -93,6 +93,9 @@ class Trainer:
         elif cfg.model.vocab_size < self.tokenizer.get_vocab_size() and cfg.data.format != "mqar":  # ids, not text
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's "
                               f"{self.tokenizer.get_vocab_size()}")
+        self.config_yaml = to_yaml(cfg)  # as given: `auto` settings are decided again by a resume, wherever it runs
+        if cfg.train.activation_checkpointing == "auto":
+            cfg.train.activation_checkpointing = self._choose_checkpointing(info.world)
         if self.device.type == "cpu" and cfg.train.check_memory:  # before anything large is allocated
             from trainer.plan import check_host_memory
 
@@ -113,6 +116,22 @@ class Trainer:
             if new_run_dir and self.is_main:  # a refused start leaves no empty run dir behind
                 remove_if_empty(self.run_dir)
             raise
+
+    def _choose_checkpointing(self, world: int) -> str:
+        """train.activation_checkpointing=auto: the cheapest policy hylo plan fits in this device's memory (the
+        GPU's, or this rank's share of the host's); said when it is not `none`."""
+        from trainer.plan import GiB, choose_checkpointing, host_memory_gib
+
+        if self.device.type == "cuda":
+            memory = torch.cuda.get_device_properties(self.device).total_memory / GiB
+        else:
+            memory = host_memory_gib() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if memory <= 0:
+                return "none"  # nothing to compare with
+        policy, why = choose_checkpointing(self.cfg, world, memory, self.device.type)
+        if policy != "none" and self.is_main:
+            print(f"[hylo] {why}", flush=True)
+        return policy
 
     def _lock_run_dir(self) -> None:
         """Rank 0 takes the run dir's lock; every rank learns the outcome (and raises together if refused)."""
@@ -201,7 +220,7 @@ class Trainer:
                       f"fit; the function they compute differs): {', '.join(model_changes)}", flush=True)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
 
     def _build_loader(self, micro: int):
