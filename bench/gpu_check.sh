@@ -16,10 +16,15 @@
 #   generation (issue 8) eval and cached-generation tokens/s per layer type, 1B-shaped models, 4K and 32K prompts
 #   backends (issue 26) hybrid_1b at 32K as auto picks its kernels vs RAT's softmax on torch's flash kernel
 #            (model.rat.backend=flash) vs every attention layer on the Triton kernels (model.attn.backend=triton)
+#   profile  (issue 27) bench/bench_profile.py: where hybrid_1b's step goes at 32K, per layer type and op class
+#   loss     (issue 27) bench/bench_loss.py: head + cross-entropy, hylo's chunked loss vs full logits, torch's
+#            linear_cross_entropy (torch >= 2.13), Liger and cut-cross-entropy (carry liger-kernel and
+#            cut-cross-entropy as wheels), bf16, 16K tokens, d 2048, vocab 32K and 128K
+#   compile  (issue 27) dense_1b and hybrid_1b at 32K, eager vs compiled blocks (monitors off, as auto compiles)
 # Tables are appended to bench/RESULTS.md (copied to $OUT when set).
 # The GPU image lacks omegaconf/datasets/deepspeed: carry wheels in .whl/ (pip download ... -d .whl on this side);
-# fla-core and einops too, for the kernels section's flash-linear-attention rows
-# (pip download --no-deps fla-core einops -d .whl).
+# fla-core and einops too, for the kernels section's flash-linear-attention rows, and liger-kernel and
+# cut-cross-entropy for the loss section (pip download --no-deps fla-core einops liger-kernel cut-cross-entropy -d .whl).
 set -uo pipefail
 # Autotune among each kernel's lean configs only (kernels/triton_support.py): time goes to measuring, not compiling.
 export HYLO_AUTOTUNE=${HYLO_AUTOTUNE:-lean}
@@ -62,10 +67,19 @@ for section in "$@"; do
     backends)
       timeout 200 python3 bench/bench_e2e.py --configs dense_1b,hybrid_1b,hybrid_1b:model.rat.backend=flash,hybrid_1b:model.attn.backend=triton \
         --lengths 32768 --compile off --steps 2 --warmup 1 --time-limit 60 || status=1 ;;
+    profile)
+      timeout 240 python3 bench/bench_profile.py --config configs/hybrid_1b.yaml train.seq_len=32768 \
+        train.batch_size=1 train.micro_batch_size=1 train.dtype=bf16 train.activation_checkpointing=full || status=1 ;;
+    loss)
+      timeout 180 python3 bench/bench_loss.py --dtype bf16 --tokens 16384 --d-model 2048 --vocab 32768,131072 \
+        --repeats 5 || status=1 ;;
+    compile)
+      timeout 420 python3 bench/bench_e2e.py --configs dense_1b,hybrid_1b --lengths 32768 --compile off,on \
+        --steps 2 --warmup 2 --time-limit 150 || status=1 ;;
     generation)
       timeout 420 python3 bench/bench_eval.py --device cuda --d-model 2048 --n-layers 24 --heads 16 \
         --prompts 4096 32768 || status=1 ;;
-    *) echo "gpu_check.sh: unknown section '$section' (smoke, kernels, masked, e2e, tests, engines, trainer, backends, generation)" >&2
+    *) echo "gpu_check.sh: unknown section '$section' (smoke, kernels, masked, e2e, tests, engines, trainer, backends, profile, loss, compile, generation)" >&2
        status=2 ;;
   esac
   save

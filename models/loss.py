@@ -6,6 +6,11 @@ custom autograd function: forward keeps only the per-token log-sum-exp, backward
 and turns them straight into that chunk's input gradient and its share of the head weight's gradient.  At most
 one chunk's logits and their gradient exist at a time, at the price of computing the head's matmul twice.
 Softmax statistics and the loss are float32 whatever the dtype of the hidden states.
+
+Where torch ships its own chunked linear cross-entropy (`F.linear_cross_entropy` with `LinearCrossEntropyOptions`,
+torch >= 2.13) and it was measured faster, `auto` calls it: on the CPU it is 1.9x faster than this file's
+function at 0.12x its peak memory, exact to fp32 rounding (bench/bench_loss.py).  On CUDA this file's function
+stays until the GPU rows of bench_loss say otherwise.
 """
 
 from __future__ import annotations
@@ -58,18 +63,35 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None
 
 
+def torch_chunked_fits(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `auto` hands the loss to torch's chunked linear cross-entropy: torch has it, the tensors are CPU
+    tensors of one float32/float64 dtype, and no autocast is on (whose casts this file's function makes itself)."""
+    return (hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+            and hidden.device.type == "cpu" and hidden.dtype == weight.dtype
+            and hidden.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu"))
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk: int) -> torch.Tensor:
+                          chunk: int, backend: str = "auto") -> torch.Tensor:
     """Mean next-token cross-entropy of `hidden @ weight.T` against `targets`, `chunk` tokens at a time.
 
     hidden (..., d), weight (V, d), targets (...) with IGNORE_INDEX for positions not scored.  The same value and
     gradients as `F.cross_entropy(F.linear(hidden, weight).float(), targets)`; the result is float32 (float64 for
-    float64 inputs)."""
+    float64 inputs).  backend: "hylo" (this file's autograd function), "torch" (torch's chunked
+    `F.linear_cross_entropy`, `chunk` rows at a time), or "auto" (torch's where `torch_chunked_fits`)."""
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
+    if backend not in ("auto", "hylo", "torch"):
+        raise ValueError(f"backend='{backend}' is not one of ['auto', 'hylo', 'torch'] for chunked_cross_entropy")
     flat_targets = targets.reshape(-1)
-    total = _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets, chunk)
-    return total / (flat_targets != IGNORE_INDEX).sum().clamp_min(1)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    count = (flat_targets != IGNORE_INDEX).sum().clamp_min(1)
+    if backend == "torch" or (backend == "auto" and torch_chunked_fits(flat_hidden, weight)):
+        options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk)
+        total = F.linear_cross_entropy(flat_hidden, weight, flat_targets, reduction="sum", ignore_index=IGNORE_INDEX,
+                                       options=options)
+        return total / count
+    return _ChunkedCrossEntropy.apply(flat_hidden, weight, flat_targets, chunk) / count
 
 
 def full_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
