@@ -147,10 +147,13 @@ def test_the_loop_reads_nothing_from_the_device_between_logging_steps(tmp_path, 
      False, "selective"),
     (["logging.sink_interval=0", "logging.layer_interval=0", "data.document_masking=true"], "cuda", False,
      "document_masking"),
+    (["logging.sink_interval=0", "logging.layer_interval=0", "train.engine=deepspeed"], "cuda", False, "DeepSpeed"),
+    (["logging.sink_interval=0", "logging.layer_interval=0", "parallel.cp=2"], "cuda", False, "context parallel"),
     (["train.compile=on"], "cpu", True, None),
     (["train.compile=true"], "cpu", True, None),  # the boolean it used to be
     (["train.compile=false", "logging.sink_interval=0", "logging.layer_interval=0"], "cuda", False, None),
-], ids=["cpu-default", "cpu-no-monitors", "cuda-monitors", "cuda", "cuda-rat-only", "cuda-selective", "cuda-docs", "on",
+], ids=["cpu-default", "cpu-no-monitors", "cuda-monitors", "cuda", "cuda-rat-only", "cuda-selective", "cuda-docs",
+        "cuda-deepspeed", "cuda-cp", "on",
         "legacy-true", "off"])
 def test_compile_auto_compiles_only_cuda_runs_it_can(overrides, device, compiled, note):
     from trainer.config import compile_choice

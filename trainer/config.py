@@ -520,6 +520,10 @@ def compile_choice(c: Config, device_type: str) -> tuple[bool, str | None]:
         return False, None  # CPU runs stay eager: compiling costs more than the small steps it would speed up
     if t.activation_checkpointing == "selective":
         return False, "train.compile=auto: blocks stay eager (selective checkpointing does not compile)"
+    if t.engine == "deepspeed" or c.parallel.cp > 1:  # not yet measured compiled: ZeRO's hooks, CP's collectives
+        what = "DeepSpeed (its ZeRO parameter hooks)" if t.engine == "deepspeed" else "context parallelism (its " \
+            "collectives inside the blocks)"
+        return False, f"train.compile=auto: blocks stay eager under {what}; train.compile=on compiles anyway"
     if c.data.document_masking:  # the ops read the boundaries on the host: a graph per piece, recompiled per batch
         return False, ("train.compile=auto: blocks stay eager with data.document_masking (the ops read each "
                        "batch's document boundaries, which breaks and re-specialises the graphs); "
