@@ -21,6 +21,7 @@
 #            linear_cross_entropy (torch >= 2.13), Liger and cut-cross-entropy (carry liger-kernel and
 #            cut-cross-entropy as wheels), bf16, 16K tokens, d 2048, vocab 32K and 128K
 #   compile  (issue 27) dense_1b and hybrid_1b at 32K, eager vs compiled blocks (monitors off, as auto compiles)
+#   policies (issue 27) hybrid_1b at 32K and 128K with full vs selective checkpointing (what auto picks on an H200)
 # Tables are appended to bench/RESULTS.md (copied to $OUT when set).
 # The GPU image lacks omegaconf/datasets/deepspeed: carry wheels in .whl/ (pip download ... -d .whl on this side);
 # fla-core and einops too, for the kernels section's flash-linear-attention rows, and liger-kernel and
@@ -76,10 +77,13 @@ for section in "$@"; do
     compile)
       timeout 420 python3 bench/bench_e2e.py --configs dense_1b,hybrid_1b --lengths 32768 --compile off,on \
         --steps 2 --warmup 2 --time-limit 150 || status=1 ;;
+    policies)
+      timeout 480 python3 bench/bench_e2e.py --configs dense_1b,hybrid_1b,hybrid_1b:train.activation_checkpointing=selective \
+        --lengths 32768,131072 --compile off --steps 2 --warmup 1 --time-limit 130 || status=1 ;;
     generation)
       timeout 420 python3 bench/bench_eval.py --device cuda --d-model 2048 --n-layers 24 --heads 16 \
         --prompts 4096 32768 || status=1 ;;
-    *) echo "gpu_check.sh: unknown section '$section' (smoke, kernels, masked, e2e, tests, engines, trainer, backends, profile, loss, compile, generation)" >&2
+    *) echo "gpu_check.sh: unknown section '$section' (smoke, kernels, masked, e2e, tests, engines, trainer, backends, profile, loss, compile, policies, generation)" >&2
        status=2 ;;
   esac
   save

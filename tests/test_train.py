@@ -214,3 +214,30 @@ def test_compiled_blocks_train_as_eager_ones_for_every_layer_type(masking, tmp_p
     for key in ("train/loss", "train/grad_norm"):
         a, b = [r[key] for r in read_metrics(compiled, key)], [r[key] for r in read_metrics(eager, key)]
         assert len(a) == 2 and a == pytest.approx(b, rel=1e-5), (key, a, b)
+
+
+def test_checkpointing_auto_picks_by_the_host_memory_and_config_keeps_auto(tmp_path, monkeypatch, capsys):
+    """On the CPU, `auto` plans against this rank's share of host memory: none when it fits (said nothing),
+    otherwise the cheapest policy that fits, said in one line; config.yaml keeps `auto` for the next resume."""
+    import trainer.plan as plan
+
+    common = ["train.steps=1", "logging.progress=false", "checkpoint.interval=0", "eval.interval=0",
+              "train.seq_len=256", "train.batch_size=2"]
+    run = tmp_path / "roomy"
+    train(load_config("configs/hybrid_tiny.yaml", [f"run.dir={run}", *common]))
+    assert "activation_checkpointing=auto" not in capsys.readouterr().out
+    assert "activation_checkpointing: auto" in (run / "config.yaml").read_text()
+    cfg = load_config("configs/hybrid_tiny.yaml", [f"run.dir={tmp_path / 'x'}", *common])
+    cfg.model.vocab_size = 4096
+    totals = {p: plan.plan_memory(plan._with(cfg, train__activation_checkpointing=p), 1, 1000, "cpu").total
+              for p in ("none", "selective", "full")}
+    memory = 1.001 * totals["full"] / plan.GiB  # room for full checkpointing, not for none
+    expected = next(p for p in ("none", "selective", "full") if totals[p] <= memory * plan.GiB)
+    assert expected != "none"
+    monkeypatch.setattr(plan, "host_memory_gib", lambda: memory)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    run = tmp_path / "tight"
+    train(load_config("configs/hybrid_tiny.yaml", [f"run.dir={run}", *common]))
+    out = capsys.readouterr().out
+    assert f"train.activation_checkpointing=auto: {expected}" in out, out.splitlines()[1][:200]
+    assert "activation_checkpointing: auto" in (run / "config.yaml").read_text()

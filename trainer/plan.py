@@ -162,7 +162,7 @@ def choose_checkpointing(cfg: Config, gpus: int, gpu_mem_gib: float, device: str
     for policy in policies:
         plan = plan_memory(_with(cfg, train__activation_checkpointing=policy), gpus, gpu_mem_gib, device)
         if plan.fits or policy == "full":
-            where = f"{gpu_mem_gib:.0f} GiB per {'GPU' if device == 'cuda' else 'rank of host memory'}"
+            where = f"{gpu_mem_gib:.1f} GiB per {'GPU' if device == 'cuda' else 'rank of host memory'}"
             verdict = "fits" if plan.fits else "is the most it can do, and does not fit"
             return policy, (f"train.activation_checkpointing=auto: {policy} ({plan.total / GiB:.1f} GiB planned "
                             f"per rank {verdict} in {where})")
