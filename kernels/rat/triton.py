@@ -56,16 +56,22 @@ LOG2E = math.log2(math.e)
 MAX_CHUNK = 128
 
 # The first config is what the CPU interpreter runs (for chunks up to 16 tokens): small blocks, so that tiny test
-# shapes still span several query and key blocks.  On a GPU the autotuner benchmarks the others.
+# shapes still span several query and key blocks.  On a GPU the autotuner benchmarks the others.  Eight warps for
+# 64-row tiles: a tile holds the query, the own scan's k, v and gate and two fp32 accumulators as pairs of halves,
+# and at four warps every 64- and 128-row tile spilled 0.5-3.7 KB on sm_90 (bench/kernel_report.py, d = 128, bf16);
+# at eight the forward and the summary gradients compile spill-free on sm_90 and the dq kernel spills 292 B where it
+# spilled 2.8 KB.  32x32 w8 is spill-free for all three on sm_90 and sm_80.  A 128-row tile stays for 128-token
+# chunks (a tile holds whole chunks), spilling as before.
 _ATTN_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
 ]
-# HYLO_AUTOTUNE=lean: 64x32 w4 s2 and 128x32 w8 s2 fit everywhere and spill least on sm_90 in bf16.
-_LEAN = (1, 3)
+# HYLO_AUTOTUNE=lean: 64x32 w8, 32x32 w8 (spill-free) and 128x32 w8 (the only tile for 128-token chunks).
+_LEAN = (1, 3, 5)
 _TUNE_KEY = ["HALF", "L_PAD", "ROPE"]
 
 
@@ -73,8 +79,8 @@ def _prune(configs, named_args, **kwargs):
     """A query block holds whole chunks (BLOCK_M >= L_PAD).  Configs that cannot launch (shared memory) or would
     spill heavily are skipped rather than compiled; the sizes are bench/kernel_report.py's at d = 128:
     bf16 128 x 64 backward tiles need 256-321 KB (over any GPU's limit), 128 x 32 summary gradients 177 KB (over an
-    A100's 163 KB); fp32 tiles above 64 x 32 need 144-321 KB and spill 60-95 KB, and fp32 summary gradients at
-    64 x 32 need 176 KB."""
+    A100's 163 KB); fp32 tiles above 32 x 32 spill (64 x 32 summary gradients: 17 KB at eight warps) or need
+    144-321 KB."""
     l_pad = kwargs.get("L_PAD", named_args.get("L_PAD", 1))
     half = kwargs.get("HALF", named_args.get("HALF", 0))
     smem = device_shared_memory_kb()
@@ -83,7 +89,7 @@ def _prune(configs, named_args, **kwargs):
     kept = [c for c in configs if c.kwargs["BLOCK_M"] >= l_pad]
     if half >= 64:
         if named_args["Q"].dtype == torch.float32:
-            kept = [c for c in kept if area(c) <= (16 * 16 if small_smem else 64 * 32)] or kept[:1]
+            kept = [c for c in kept if area(c) <= (16 * 16 if small_smem else 32 * 32)] or kept[:1]
         else:
             kept = [c for c in kept if area(c) < (128 * 32 if small_smem else 128 * 64)] or kept[:1]
     return kept
@@ -540,7 +546,7 @@ def _rat_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     traceable(_scan_bwd_kernel)[(b * h, triton.cdiv(n_chunks, rows // shape["L_PAD"]))](
         q, k, v, gate, do, lse, delta, dsk, dsv, dk, dv, dg, *strides, *do.stride(), *dsk.stride()[:3],
         *dk.stride(), t, h, shape["HALF"], chunk_size, n_keys, qk_scale, scale,
-        HALF_PAD=shape["HALF_PAD"], L_PAD=shape["L_PAD"], ROWS=rows, num_warps=4)
+        HALF_PAD=shape["HALF_PAD"], L_PAD=shape["L_PAD"], ROWS=rows, num_warps=8)
     return dq, dk, dv, dg, d_prefix_k, d_prefix_v
 
 
