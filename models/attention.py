@@ -84,8 +84,9 @@ class SoftmaxAttention(Mixer):
                 n_queries: int = 64, threshold: float = 0.3) -> dict[str, torch.Tensor]:
         q, k, v = self._qkv(x, positions)
         cu_seqlens = None if documents is None else documents.cu_seqlens
-        _, lse = self.op(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned, return_lse=True,
-                         cu_seqlens=cu_seqlens)
+        op = attention if self.backend == "sdpa" else self.op  # (SDPA gives no lse; the statistics need it)
+        _, lse = op(q, k, v, window=self.window, sink=self.sink, n_pinned=self.n_pinned, return_lse=True,
+                    cu_seqlens=cu_seqlens)
         stats = sink_statistics(q, k, lse, self.sink, window=self.window, n_pinned=self.n_pinned,
                                 n_queries=n_queries, threshold=threshold, positions=positions, reduce=reduce,
                                 documents=documents)
@@ -96,6 +97,10 @@ class SoftmaxAttention(Mixer):
         """A reason this run's config does not suit the layer, or None."""
         if config.model.attn.pinned < 0:
             return f"model.attn.pinned={config.model.attn.pinned} must be >= 0"
+        attn = config.model.attn
+        if attn.backend == "sdpa" and (attn.sink or (attn.pinned and cls.layer_type == "swa")):
+            return ("model.attn.backend=sdpa runs plain attention only (no sink logits, no pinned tokens): set "
+                    "model.attn.sink=false and model.attn.pinned=0, or use auto/flash, which take them")
         if config.parallel.cp > 1 and config.model.attn.backend in ("sdpa", "naive"):
             return (f"model.attn.backend={config.model.attn.backend} cannot run context-parallel attention (each "
                     "piece must return its log-sum-exp): use auto, flash, triton or chunk")

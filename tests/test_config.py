@@ -119,8 +119,9 @@ def test_batch_layout():
         (["model.pattern=[based]", "model.based.feature_dim=0"], "model.based.feature_dim=0 must be >= 1"),
         (["model.rat.chunk=8"], "unknown config key 'model.rat.chunk'.*Did you mean 'model.rat.chunk_size'"),
         (["model.rat.backend=sdpa"], "model.rat.backend='sdpa' is not one of"),
+        (["model.attn.backend=sdpa"], "model.attn.backend=sdpa runs plain attention only"),  # sinks are on
         (["model.tnl.backend=flash"], "model.tnl.backend='flash' is not one of"),
-        (["model.pattern=[full]", "parallel.cp=2", "model.attn.backend=sdpa"],
+        (["model.pattern=[full]", "parallel.cp=2", "model.attn.backend=sdpa", "model.attn.sink=false"],
          "model.attn.backend=sdpa cannot run context-parallel attention"),
         (["model.pattern=[rat]", "parallel.cp=2", "model.rat.backend=naive"],
          "model.rat.backend=naive takes whole sequences only"),

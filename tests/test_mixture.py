@@ -298,6 +298,10 @@ def test_a_token_shard_source_switching_to_documents_on_resume_starts_its_next_e
     back = packer_of(mixture(corpus), 16, say=notes.append)  # and back to windows
     back.load_state_dict(json.loads(json.dumps(second.state_dict())))
     assert any("reads windows again" in n for n in notes) and back.packers["web"].epoch() == 2
+    # a switch that reaches the source's max_epochs stops drawing from it, as running into it would
+    capped = packer_of(mixture(corpus, web={"min_doc_tokens": 60, "max_epochs": 1}), 16, say=notes.append)
+    capped.load_state_dict(json.loads(json.dumps(state)))
+    assert "web" in capped.exhausted and any("'web' finished its max_epochs=1" in n for n in notes)
 
 
 def test_skipping_other_ranks_rows_in_one_call_equals_one_by_one(shard_corpus):

@@ -180,7 +180,7 @@ def test_compile_auto_falls_back_to_eager_when_torch_compile_fails(tmp_path, mon
             raise torch._dynamo.exc.Unsupported("a graph break this model cannot avoid")
         self._compiled_call_impl = fail
 
-    monkeypatch.setattr(trainer_module, "compile_choice", lambda cfg, device: (True, None))
+    monkeypatch.setattr(trainer_module, "compile_choice", lambda cfg, device, checkpointing=None: (True, None))
     monkeypatch.setattr(torch.nn.Module, "compile", broken_compile)
     fell_back = tmp_path / "fell_back"
     train(load_config("configs/tiny.yaml", [f"run.dir={fell_back}", "train.compile=auto", *common]))
@@ -237,7 +237,23 @@ def test_checkpointing_auto_picks_by_the_host_memory_and_config_keeps_auto(tmp_p
     monkeypatch.setattr(plan, "host_memory_gib", lambda: memory)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     run = tmp_path / "tight"
-    train(load_config("configs/hybrid_tiny.yaml", [f"run.dir={run}", *common]))
+    train(load_config("configs/hybrid_tiny.yaml", [f"run.dir={run}", *common, "checkpoint.interval=1"]))
     out = capsys.readouterr().out
     assert f"train.activation_checkpointing=auto: {expected}" in out, out.splitlines()[1][:200]
     assert "activation_checkpointing: auto" in (run / "config.yaml").read_text()
+    # the checkpoint's own record (what a resume starts from) keeps auto too: a resume decides again
+    state = json.loads(next((run / "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    assert '"activation_checkpointing": "auto"' in json.dumps(state)
+
+
+def test_a_plain_sdpa_attention_run_trains_and_monitors(tmp_path):
+    """model.attn.backend=sdpa (no sinks): trains, and the sink monitor (which needs the lse SDPA does not give)
+    still reports."""
+    run = tmp_path / "sdpa"
+    train(load_config("configs/tiny.yaml", [f"run.dir={run}", "model.attn.backend=sdpa", "model.attn.sink=false",
+                                            "logging.sink_interval=1", "train.steps=2", "logging.interval=1",
+                                            "logging.progress=false", "checkpoint.interval=0", "eval.interval=0"]))
+    rows = read_metrics(run, "train/loss")
+    assert len(rows) == 2 and any(key.startswith("sinks/") for row in
+                                  (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+                                  for key in row)

@@ -511,14 +511,16 @@ def _non_finite(node: Any, prefix: str = ""):
                 yield f"{prefix}{f.name}", value
 
 
-def compile_choice(c: Config, device_type: str) -> tuple[bool, str | None]:
-    """(whether the blocks are compiled, a note saying why `auto` kept them eager where that is not obvious)."""
+def compile_choice(c: Config, device_type: str, checkpointing: str | None = None) -> tuple[bool, str | None]:
+    """(whether the blocks are compiled, a note saying why `auto` kept them eager where that is not obvious);
+    `checkpointing`: the policy the run applies (what train.activation_checkpointing=auto chose)."""
     t, log = c.train, c.logging
+    checkpointing = checkpointing or t.activation_checkpointing
     if t.compile != "auto":
         return t.compile == "on", None
     if device_type != "cuda":
         return False, None  # CPU runs stay eager: compiling costs more than the small steps it would speed up
-    if t.activation_checkpointing == "selective":
+    if checkpointing == "selective":
         return False, "train.compile=auto: blocks stay eager (selective checkpointing does not compile)"
     if t.engine == "deepspeed" or c.parallel.cp > 1:  # not yet measured compiled: ZeRO's hooks, CP's collectives
         what = "DeepSpeed (its ZeRO parameter hooks)" if t.engine == "deepspeed" else "context parallelism (its " \

@@ -113,16 +113,22 @@ class MixturePacker:
         self.next_index += 1
         epoch = packer.epoch()
         if epoch != self.epochs[name]:
-            self.epochs[name] = epoch
-            limit = self.settings[name].max_epochs
-            if limit and epoch >= limit:
+            self._new_epoch(name, epoch, f"[hylo] data: source '{name}' starts epoch {epoch + 1} (reshuffled)")
+        return out
+
+    def _new_epoch(self, name: str, epoch: int, note: str) -> None:
+        """Source `name` reads epoch `epoch` from its next sequence: said with `note`, or, past its max_epochs,
+        the source stops being drawn and its weight goes to the others."""
+        self.epochs[name] = epoch
+        limit = self.settings[name].max_epochs
+        if limit and epoch >= limit:
+            if name not in self.exhausted:
                 self.exhausted.append(name)
                 self._rebase()
                 self.say(f"[hylo] data: source '{name}' finished its max_epochs={limit}; its weight goes to the "
                          f"others ({', '.join(n for n in self._active())})")
-            else:
-                self.say(f"[hylo] data: source '{name}' starts epoch {epoch + 1} (reshuffled)")
-        return out
+        else:
+            self.say(note)
 
     def skip(self, n: int) -> None:
         """Pass over the next n global sequences (other ranks' rows).  Where the round robin has a period and every
@@ -181,9 +187,8 @@ class MixturePacker:
         else:
             packer.load_state_dict({"epoch": epoch, "doc_state": None, "offset": 0, "next_index": 0})
             how = "now reads documents (min_doc_tokens / upsample_long)"
-        self.epochs[name] = epoch
-        self.say(f"[hylo] data: token-shard source '{name}' {how}: it starts epoch {epoch + 1} here (the rest of "
-                 f"epoch {epoch} is not read)")
+        self._new_epoch(name, epoch, f"[hylo] data: token-shard source '{name}' {how}: it starts epoch {epoch + 1} "
+                                     f"here (the rest of epoch {epoch} is not read)")
 
     def _shaping(self, name: str) -> list:
         s = self.settings[name]

@@ -93,9 +93,11 @@ class Trainer:
         elif cfg.model.vocab_size < self.tokenizer.get_vocab_size() and cfg.data.format != "mqar":  # ids, not text
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's "
                               f"{self.tokenizer.get_vocab_size()}")
-        self.config_yaml = to_yaml(cfg)  # as given: `auto` settings are decided again by a resume, wherever it runs
-        if cfg.train.activation_checkpointing == "auto":
-            cfg.train.activation_checkpointing = self._choose_checkpointing(info.world)
+        # The policy this run applies; the config (saved with every checkpoint) keeps `auto`, so a resume decides
+        # again for its own device and length.
+        self.checkpointing = cfg.train.activation_checkpointing
+        if self.checkpointing == "auto":
+            self.checkpointing = self._choose_checkpointing(info.world)
         if self.device.type == "cpu" and cfg.train.check_memory:  # before anything large is allocated
             from trainer.plan import check_host_memory
 
@@ -170,8 +172,8 @@ class Trainer:
             self.positions = cp.positions(self.device)
         self.flops_per_token = model.flops_per_token(cfg.train.seq_len)
         self.n_params = model.num_params()
-        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-        self.compiled, why_eager = compile_choice(cfg, self.device.type)
+        apply_activation_checkpointing(model, self.checkpointing)
+        self.compiled, why_eager = compile_choice(cfg, self.device.type, self.checkpointing)
         if why_eager and self.is_main:
             print(f"[hylo] {why_eager}", flush=True)
         if self.compiled:
@@ -220,7 +222,7 @@ class Trainer:
                       f"fit; the function they compute differs): {', '.join(model_changes)}", flush=True)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
 
     def _build_loader(self, micro: int):
@@ -274,10 +276,12 @@ class Trainer:
             if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
                 raise
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            why = f"torch.compile failed on this model ({type(err).__name__}: {first})"
+            if self.dims.dp > 1:  # DDP/FSDP2 may be half-way through a gradient reduction: no safe retry
+                raise ConfigError(f"train.compile=auto: {why}; run again with train.compile=off") from err
             if self.is_main:
-                print(f"[hylo] train.compile=auto: torch.compile failed on this model ({type(err).__name__}: "
-                      f"{first}); training with eager blocks. Set train.compile=off to skip the attempt",
-                      flush=True)
+                print(f"[hylo] train.compile=auto: {why}; training with eager blocks. Set train.compile=off to "
+                      "skip the attempt", flush=True)
             for block in self.blocks:
                 block._compiled_call_impl = None  # (what nn.Module.compile set)
             self.compiled = False
