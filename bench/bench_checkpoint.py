@@ -32,9 +32,9 @@ SIZES = {"tiny (configs/tiny.yaml)": [], "~50M (d 640 x 8)": ["model.d_model=640
 def build(overrides: list[str]):
     import torch
 
-    from models import HybridLM
-    from trainer.config import load_config
-    from trainer.optim import build_optimizer
+    from hylo.models.lm import HybridLM
+    from hylo.trainer.config import load_config
+    from hylo.trainer.engines.optim import build_optimizer
 
     config = None
     if overrides[:1] == ["--config"]:
@@ -49,9 +49,9 @@ def build(overrides: list[str]):
 
 
 def measure(overrides: list[str], reps: int = 3) -> dict:
-    from trainer.checkpointing import verify_checkpoint
-    from trainer.checkpointing.dcp import DCPCheckpointer as Checkpointer
-    from trainer.checkpointing.dcp import load_dcp
+    from hylo.trainer.checkpointing import verify_checkpoint
+    from hylo.trainer.checkpointing.dcp import DCPCheckpointer as Checkpointer
+    from hylo.trainer.checkpointing.dcp import load_dcp
 
     model, optimizer, cfg = build(overrides)
     n = sum(p.numel() for p in model.parameters())
@@ -101,8 +101,8 @@ def async_stall_two_ranks() -> dict:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         sock.close()
-        script = ("import sys, json, trainer.train as t\n"
-                  "from trainer.checkpointing.step_folder import StepFolderWriter\n"
+        script = ("import sys, json, hylo.trainer.train as t\n"
+                  "from hylo.trainer.checkpointing.step_folder import StepFolderWriter\n"
                   "stalls = []\n"
                   "save = StepFolderWriter.save\n"
                   "def timed(self, *a, **k):\n"

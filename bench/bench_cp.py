@@ -64,8 +64,8 @@ def minimum_bytes(kind: str, mode: str, n: int, t: int, n_seg: int) -> float:
         ring = (r - 1) / r * t * 2 * (kv_heads // u) * D * F32 * 3
         return ulysses + ring
     if kind in ("swa", "baseconv"):  # the halo tokens that live on another rank, forward and backward
-        from parallel.context import cp_segments
-        from parallel.halo import halo_plan
+        from hylo.parallel.halo import halo_plan
+        from hylo.parallel.layout import cp_segments
 
         h, width = (W - 1, 2 * HKV * D) if kind == "swa" else (K - 1, C)
         pieces, _ = halo_plan(cp_segments(t, n, mode), lambda a, h=h: max(0, a - h))
@@ -85,7 +85,14 @@ def run_op(kind: str, mode: str, t: int, ctx):
     """One forward+backward; returns (saved bytes for backward, output)."""
     import torch
 
-    from kernels import attention, based_linear_attention, lightning_attention, rat_attention, short_conv, tnl_slopes
+    from hylo.kernels.ops import (
+        attention,
+        based_linear_attention,
+        lightning_attention,
+        rat_attention,
+        short_conv,
+        tnl_slopes,
+    )
 
     gen = torch.Generator().manual_seed(0)
     t_loc = t if ctx is None else t // ctx.size
@@ -99,33 +106,33 @@ def run_op(kind: str, mode: str, t: int, ctx):
         if ctx is None:
             fn = attention
         elif kind == "full":
-            from parallel.context_parallel import full_attention_op
+            from hylo.parallel.strategies import full_attention_op
 
             fn = full_attention_op(ctx)
         else:
-            from parallel.halo import HaloWindowAttention
+            from hylo.parallel.halo import HaloWindowAttention
 
             fn = HaloWindowAttention(ctx)
     elif kind == "baseconv":
         args, kw = [r(B, t_loc, C), r(C, K), r(C)], {}
-        from parallel.halo import HaloConv
+        from hylo.parallel.halo import HaloConv
 
         fn = short_conv if ctx is None else HaloConv(ctx)
     elif kind == "tnl":
         args, kw = [r(B, t_loc, H, D), r(B, t_loc, H, D), r(B, t_loc, H, D), tnl_slopes(H, 0, 2)], {}
-        from parallel.linear_state import LightningCP
+        from hylo.parallel.state_passing import LightningCP
 
         fn = lightning_attention if ctx is None else LightningCP(ctx)
     elif kind == "based":
         args, kw = [r(B, t_loc, H, 16), r(B, t_loc, H, 16), r(B, t_loc, H, D)], {}
-        from parallel.linear_state import BasedCP
+        from hylo.parallel.state_passing import BasedCP
 
         fn = based_linear_attention if ctx is None else BasedCP(ctx)
     else:
         args = [r(B, t_loc, H, D), r(B, t_loc, H, D), r(B, t_loc, H, D),
                 torch.rand(B, t_loc, H, D, generator=gen).requires_grad_(), L]
         kw = {}
-        from parallel.rat import RatCP
+        from hylo.parallel.summary_exchange import RatCP
 
         fn = rat_attention if ctx is None else RatCP(ctx)
 
@@ -145,9 +152,9 @@ def worker(t: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from parallel.context import COMM
-    from parallel.context_parallel import make_context
-    from parallel.dims import ParallelDims
+    from hylo.parallel.dims import ParallelDims
+    from hylo.parallel.layout import COMM
+    from hylo.parallel.strategies import make_context
 
     dist.init_process_group("gloo")
     n = dist.get_world_size()
@@ -177,7 +184,7 @@ def balance(seq: int, record: bool) -> None:
     import torch
 
     from bench.bench_ops import document_boundaries
-    from parallel.context import SequenceLayout, cp_segments
+    from hylo.parallel.layout import SequenceLayout, cp_segments
 
     def pairs(layout: SequenceLayout, rank: int) -> int:
         # queries [s, s + n) of a document starting at d see s - d + 1 ... s - d + n keys

@@ -3,7 +3,7 @@
   python bench/bench_e2e.py [--configs dense_1b,hybrid_1b,rat_swa_1b,based_1b,tnl_1b] [--lengths 8192,32768,131072]
                             [--compile off,on] [--steps 6 --warmup 3] [--time-limit 120]
 
-One `trainer.train` process per (config, length, compile), one sequence per step (batch_size = micro = 1), bf16,
+One `hylo.trainer.train` process per (config, length, compile), one sequence per step (batch_size = micro = 1), bf16,
 activation checkpointing from 32K on, checkpoints and evals off.  tokens/s and MFU are the trainer's own numbers
 over the steps after --warmup; peak memory is torch.cuda.max_memory_allocated, beside what `hylo plan` predicts
 for the same run (its total without the CUDA context and fragmentation line, which the allocator does not count).
@@ -44,9 +44,9 @@ def split_entry(entry: str) -> tuple[str, list[str]]:
 def planned_gib(config: str, seq_len: int, compiled: bool, args) -> float | None:
     """hylo plan's allocator bytes for the run (its total less the CUDA context + fragmentation line)."""
     try:
-        from trainer.config import load_config
-        from trainer.plan import GiB, plan_memory
-        from trainer.tokenizer import load_tokenizer
+        from hylo.trainer.config import load_config
+        from hylo.trainer.data.tokenizer import load_tokenizer
+        from hylo.trainer.memory_plan import GiB, plan_memory
 
         name, extra = split_entry(config)
         cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"), overrides_for(seq_len, compiled, args) + extra)
@@ -64,7 +64,7 @@ def run(config: str, seq_len: int, compiled: bool, args) -> dict:
         name, extra = split_entry(config)
         overrides = [f"run.dir={run_dir}", *overrides_for(seq_len, compiled, args), *extra]
         try:
-            res = subprocess.run([sys.executable, "-m", "trainer.train", "--config", f"configs/{name}.yaml",
+            res = subprocess.run([sys.executable, "-m", "hylo.trainer.train", "--config", f"configs/{name}.yaml",
                                   *overrides], cwd=ROOT, capture_output=True, text=True, timeout=args.time_limit,
                                  env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
         except subprocess.TimeoutExpired:

@@ -3,7 +3,7 @@
   python bench/bench_engines.py --config configs/hybrid_1b.yaml --nproc 1 --steps 10 --warmup 3 [key=value ...]
   DS_ACCELERATOR=cpu python bench/bench_engines.py --nproc 2          (CPU: the tiny config, relative numbers only)
 
-Each variant is one `torchrun -m trainer.train` process group with checkpoints off; tokens/s is measured over the
+Each variant is one `torchrun -m hylo.trainer.train` process group with checkpoints off; tokens/s is measured over the
 steps after `--warmup`.  Prints a table (ratio to the FSDP2 row, or DDP where FSDP2 is not run) and appends it to
 bench/RESULTS.md.
 """
@@ -37,7 +37,7 @@ def run_variant(config: str | None, nproc: int, steps: int, warmup: int, extra: 
         args = [f"run.dir={run_dir}", f"train.steps={warmup + steps}", "checkpoint.interval=0",
                 f"logging.interval={warmup}", "logging.progress=false", "logging.sink_interval=0", *extra]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "trainer.train", *(["--config", config] if config else []), *args]
+               "-m", "hylo.trainer.train", *(["--config", config] if config else []), *args]
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if res.returncode:
             return {"error": res.stderr.strip().splitlines()[-1][:120] if res.stderr.strip() else "failed"}

@@ -39,9 +39,9 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from models import HybridLM
-    from trainer.config import ModelConfig
-    from trainer.evaluate import perplexity
+    from hylo.models.lm import HybridLM
+    from hylo.trainer.config import ModelConfig
+    from hylo.trainer.evaluation.evaluate import perplexity
 
     torch.manual_seed(0)
     device = torch.device(args.device)

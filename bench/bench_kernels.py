@@ -36,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.record import StreamedTable, machine  # noqa: E402
 from bench.references import fla_available, fla_based, fla_lightning, rat_flex  # noqa: E402
-from kernels import (  # noqa: E402
+from hylo.kernels.ops import (  # noqa: E402
     attention,
     based_linear_attention,
     lightning_attention,

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.record import machine, publish  # noqa: E402
-from models.loss import chunked_cross_entropy  # noqa: E402
+from hylo.models.loss import chunked_cross_entropy  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 ONE: dict = {}  # the settings a memory-measuring child process is started with

@@ -3,7 +3,7 @@ loss, each checkpointing policy and the tiled MLP.
 
   python bench/bench_memory.py [--config configs/hybrid_tiny.yaml] [--seq-len 16384] [--vocab 32768] [--no-record]
 
-Each setting runs `trainer.train` in its own process (batch of one sequence, 2 steps) and reads back what the run
+Each setting runs `hylo.trainer.train` in its own process (batch of one sequence, 2 steps) and reads back what the run
 logged: `train/mem_gb` (peak resident memory on a CPU, peak allocated on a GPU), tokens/s of step 2 (step 1 pays
 for warm-up) and the first step's loss, which must be the same for every setting.  Targets (issue 17): the chunked
 loss cuts the peak by at least half at equal loss and costs at most 5% tokens/s.  On a GPU a column gives
@@ -38,7 +38,7 @@ SETTINGS = [  # (label, overrides)
 
 def run(config: str, seq_len: int, vocab: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        args = [sys.executable, "-m", "trainer.train", "--config", config, f"run.dir={tmp}", "train.steps=2",
+        args = [sys.executable, "-m", "hylo.trainer.train", "--config", config, f"run.dir={tmp}", "train.steps=2",
                 "train.batch_size=1", f"train.seq_len={seq_len}", f"model.vocab_size={vocab}",
                 "logging.interval=1", "logging.progress=false", "checkpoint.interval=0", "eval.interval=0",
                 "schedule.warmup_steps=0", *overrides]
@@ -52,8 +52,8 @@ def run(config: str, seq_len: int, vocab: int, overrides: list[str]) -> dict:
 
 
 def planned_gib(config: str, seq_len: int, vocab: int, overrides: list[str]) -> float:
-    from trainer.config import load_config
-    from trainer.plan import GiB, plan_memory
+    from hylo.trainer.config import load_config
+    from hylo.trainer.memory_plan import GiB, plan_memory
 
     cfg = load_config(config, ["train.batch_size=1", f"train.seq_len={seq_len}", f"model.vocab_size={vocab}",
                                *overrides])

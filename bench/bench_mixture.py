@@ -24,7 +24,7 @@ from bench.record import machine, publish  # noqa: E402
 
 
 def tokens_per_second(cfg, tokenizer, steps: int, seq_len: int, batch: int, rank: int = 0, world: int = 1) -> float:
-    from trainer.data import DataLoader
+    from hylo.trainer.data.loader import DataLoader
 
     loader = DataLoader(cfg, tokenizer, seq_len=seq_len, global_batch=batch, micro_batch=batch // world, rank=rank,
                         world=world, seed=0)
@@ -44,8 +44,8 @@ def eos_scan_seconds(tok, n_tokens: int) -> float:
 
     import numpy as np
 
-    from trainer.shards import FORMAT, INDEX, ShardDocuments, TokenShards, tokenizer_fingerprint
-    from trainer.tokenizer import EOS
+    from hylo.trainer.data.shards import FORMAT, INDEX, ShardDocuments, TokenShards, tokenizer_fingerprint
+    from hylo.trainer.data.tokenizer import EOS
 
     eos = tok.token_to_id(EOS)
     with tempfile.TemporaryDirectory() as root:
@@ -69,10 +69,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
-    from trainer.config import DataConfig, SourceConfig, UpsampleConfig
-    from trainer.data import bundled_corpus_files
-    from trainer.shards import write_shards
-    from trainer.tokenizer import load_tokenizer
+    from hylo.trainer.config import DataConfig, SourceConfig, UpsampleConfig
+    from hylo.trainer.data.shards import write_shards
+    from hylo.trainer.data.sources import bundled_corpus_files
+    from hylo.trainer.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     weights = (0.7, 0.2, 0.1)

@@ -49,7 +49,7 @@ def make_call(op: str, t: int, doc_mean: int = 0):
     import torch
     import torch.nn.functional as F
 
-    from kernels import attention, based_linear_attention, lightning_attention, rat_attention, tnl_slopes
+    from hylo.kernels.ops import attention, based_linear_attention, lightning_attention, rat_attention, tnl_slopes
 
     h, d = 4, 64
     gen = torch.Generator().manual_seed(0)

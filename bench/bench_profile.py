@@ -142,9 +142,9 @@ def main() -> None:
 
     import torch
 
-    from launch.distributed import init_distributed
-    from trainer.config import load_config
-    from trainer.trainer import Trainer
+    from hylo.trainer.config import load_config
+    from hylo.trainer.runtime.distributed import init_distributed
+    from hylo.trainer.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(args.config, [*args.overrides, f"run.dir={run_dir}", "checkpoint.interval=0",

@@ -3,7 +3,7 @@ convolution, then the mixer under test) trained on the same MQAR stream, accurac
 
   python bench/bench_recall.py [--pairs 8] [--seq-len 64] [--steps 400] [--mixers full,rat,based,tnl,swa]
 
-Each mixer trains in its own `trainer.train` process (configs/mqar_tiny.yaml with the overrides); prints a table
+Each mixer trains in its own `hylo.trainer.train` process (configs/mqar_tiny.yaml with the overrides); prints a table
 (accuracy, training tokens/s) and appends it to bench/RESULTS.md.
 """
 
@@ -29,7 +29,7 @@ def run(mixer: str, args) -> dict:
                      f"train.seq_len={args.seq_len}", f"train.steps={args.steps}", f"eval.interval={args.steps}",
                      "checkpoint.interval=0", f"model.window={args.window}", "eval.mqar_samples=512",
                      f"model.rat.chunk_size={args.chunk}"]
-        res = subprocess.run([sys.executable, "-m", "trainer.train", "--config", "configs/mqar_tiny.yaml",
+        res = subprocess.run([sys.executable, "-m", "hylo.trainer.train", "--config", "configs/mqar_tiny.yaml",
                               *overrides], cwd=ROOT, capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         if res.returncode:

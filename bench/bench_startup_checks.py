@@ -33,10 +33,10 @@ def best_of(fn, reps: int = 3) -> float:
 
 
 def corpus_row(name: str, path: str) -> str:
-    from trainer.config import DataConfig
-    from trainer.data import DocumentStream
-    from trainer.provenance import data_provenance
-    from trainer.tokenizer import load_tokenizer
+    from hylo.trainer.config import DataConfig
+    from hylo.trainer.data.provenance import data_provenance
+    from hylo.trainer.data.sources import DocumentStream
+    from hylo.trainer.data.tokenizer import load_tokenizer
 
     cfg, tok = DataConfig(path=path), load_tokenizer()
     stream = DocumentStream(cfg, seed=0)
@@ -49,11 +49,11 @@ def corpus_row(name: str, path: str) -> str:
 def metadata_row() -> str:
     import torch
 
-    from models import HybridLM
-    from trainer.checkpointing.dcp import DCPCheckpointer
-    from trainer.checkpointing.integrity import read_dcp_metadata, verify_manifest
-    from trainer.checkpointing.step_folder import MARKER
-    from trainer.config import load_config
+    from hylo.models.lm import HybridLM
+    from hylo.trainer.checkpointing.dcp import DCPCheckpointer
+    from hylo.trainer.checkpointing.integrity import read_dcp_metadata, verify_manifest
+    from hylo.trainer.checkpointing.step_folder import MARKER
+    from hylo.trainer.config import load_config
 
     cfg = load_config(None, ["model.vocab_size=4096"])
     model = HybridLM(cfg.model)

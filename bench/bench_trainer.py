@@ -3,7 +3,7 @@
   python bench/bench_trainer.py [--config configs/tiny.yaml] [--steps 60] [key=value ...]
 
 Three phases, each in its own process (so peak memory is its own):
-  trainer   the full `trainer.train` loop (logging, progress bar, prefetching loader; checkpoints off)
+  trainer   the full `hylo.trainer.train` loop (logging, progress bar, prefetching loader; checkpoints off)
   bare      the same model and batch size: forward, backward, AdamW step, nothing else (batches pre-made)
   data      the data loader alone, producing the same batches as fast as it can
 MFU on CPU is against a measured fp32 matmul, not a datasheet peak.
@@ -44,8 +44,8 @@ def sync(device) -> None:
 
 
 def phase_trainer(cfg, steps: int, warmup: int) -> dict:
-    from launch.distributed import init_distributed
-    from trainer.train import train
+    from hylo.trainer.runtime.distributed import init_distributed
+    from hylo.trainer.train import train
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg.run.dir, cfg.train.steps, cfg.checkpoint.interval = run_dir, warmup + steps, 0
@@ -66,11 +66,11 @@ def phase_bare(cfg, steps: int, warmup: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from launch.distributed import init_distributed
-    from models import HybridLM
-    from trainer.config import compile_choice
-    from trainer.data import DataLoader
-    from trainer.tokenizer import load_tokenizer
+    from hylo.models.lm import HybridLM
+    from hylo.trainer.config import compile_choice
+    from hylo.trainer.data.loader import DataLoader
+    from hylo.trainer.data.tokenizer import load_tokenizer
+    from hylo.trainer.runtime.distributed import init_distributed
 
     device = init_distributed(cfg.train.device).device
     torch.manual_seed(cfg.train.seed)
@@ -110,8 +110,8 @@ def phase_bare(cfg, steps: int, warmup: int) -> dict:
 
 
 def phase_data(cfg, steps: int, warmup: int) -> dict:
-    from trainer.data import DataLoader
-    from trainer.tokenizer import load_tokenizer
+    from hylo.trainer.data.loader import DataLoader
+    from hylo.trainer.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.data.tokenizer)
     cfg.data.prefetch = 0  # measure the producer itself, not a queue
@@ -141,7 +141,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.phase:
-        from trainer.config import load_config
+        from hylo.trainer.config import load_config
 
         cfg = load_config(args.config, args.overrides + ["logging.progress=false"])
         print("RESULT " + json.dumps(PHASES[args.phase](cfg, args.steps, args.warmup)), flush=True)

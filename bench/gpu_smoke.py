@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.record import StreamedTable, machine  # noqa: E402
-from kernels import attention, based_linear_attention, lightning_attention, rat_attention, tnl_slopes  # noqa: E402
+from hylo.kernels.ops import attention, based_linear_attention, lightning_attention, rat_attention, tnl_slopes  # noqa: E402
 
 TOLERANCE = 3e-2
 

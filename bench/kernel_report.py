@@ -60,7 +60,7 @@ def _workloads(ops: list[str], dtypes: list[str]):
     """(name, callable) pairs: each runs one op forward and backward through the Triton backend."""
     import torch
 
-    from kernels import attention, based_linear_attention, lightning_attention, rat_attention, tnl_slopes
+    from hylo.kernels.ops import attention, based_linear_attention, lightning_attention, rat_attention, tnl_slopes
 
     def rand(*shape, dtype):
         return torch.randn(*shape, dtype=dtype).requires_grad_()
@@ -77,7 +77,7 @@ def _workloads(ops: list[str], dtypes: list[str]):
                 yield f"attention/{name}/{'window' if window else 'full'}", run
 
             def run_atomic(dt=dt, b=b, t=t, h=h, d=d):  # train.attention_dq=atomic: dQ from the dK/dV kernel
-                from kernels import set_backward_dq
+                from hylo.kernels.ops import set_backward_dq
 
                 q, k, v = rand(b, t, h, d, dtype=dt), rand(b, t, h, d, dtype=dt), rand(b, t, h, d, dtype=dt)
                 set_backward_dq("atomic")
@@ -130,7 +130,7 @@ def _workloads(ops: list[str], dtypes: list[str]):
 def capture(ops: list[str], dtypes: list[str], archs: list[int]) -> list[dict]:
     """Run the workloads under the interpreter; return one record per distinct kernel launch."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "capture runs under TRITON_INTERPRET=1"
-    import kernels.triton_support as support
+    import hylo.kernels.triton_support as support
 
     tuned: dict[str, tuple[list, object]] = {}  # kernel name -> (configs, prune function)
     original_autotune = support.autotune

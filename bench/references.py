@@ -28,7 +28,7 @@ def rat_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tens
     """q, k, v, gate (B, T, H, d), T a multiple of chunk_size -> (B, T, H, d)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from kernels.rope import apply_rope, rope_table
+    from hylo.kernels.rope import apply_rope, rope_table
 
     b, t, h, d = q.shape
     n = t // chunk_size

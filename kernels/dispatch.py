@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.triton_support import require_triton, triton
+from hylo.kernels.triton_support import require_triton, triton
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

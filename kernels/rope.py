@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import upcast
+from hylo.kernels.dispatch import upcast
 
 
 def inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_support import interpreting
+from hylo.kernels.triton_support import interpreting
 
 _INTERPRETED = tl.constexpr(interpreting())
 

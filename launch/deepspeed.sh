@@ -10,8 +10,8 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-$(python3 -c "import torch; print(max(torch.cuda.
 python3 -c "import deepspeed" 2>/dev/null || { echo "launch/deepspeed.sh: DeepSpeed is not installed: pip install 'hylo[deepspeed]'" >&2; exit 2; }
 if [ -n "${HOSTFILE:-}" ]; then
   NNODES=${NNODES:-$(grep -cvE '^\s*(#|$)' "$HOSTFILE")}
-  exec python3 -m trainer.cli launch --engine deepspeed --hostfile "$HOSTFILE" --nodes "$NNODES" \
+  exec python3 -m hylo.trainer.cli launch --engine deepspeed --hostfile "$HOSTFILE" --nodes "$NNODES" \
     --gpus-per-node "$GPUS_PER_NODE" --master-port "${MASTER_PORT:-29500}" -- "$@"
 fi
-exec python3 -m trainer.cli launch --engine deepspeed --gpus-per-node "$GPUS_PER_NODE" \
+exec python3 -m hylo.trainer.cli launch --engine deepspeed --gpus-per-node "$GPUS_PER_NODE" \
   --master-port "${MASTER_PORT:-29500}" -- "$@"

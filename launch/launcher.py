@@ -15,8 +15,8 @@ import shlex
 import subprocess
 import sys
 
-from trainer.checkpointing.deepspeed import require_deepspeed
-from trainer.errors import ConfigError
+from hylo.trainer.checkpointing.deepspeed import require_deepspeed
+from hylo.trainer.errors import ConfigError
 
 
 class HostfileError(ConfigError):
@@ -62,7 +62,7 @@ def build_command(nodes: int, gpus_per_node: int, train_args: list[str], *, mast
             return _deepspeed_command(nodes, gpus_per_node, train_args, master_addr, master_port, hostfile)
     elif hostfile:
         raise ConfigError("--hostfile is for --engine deepspeed (DeepSpeed's launcher); torchrun needs --master-addr")
-    train = ["-m", "trainer.train", *train_args]
+    train = ["-m", "hylo.trainer.train", *train_args]
     if slurm:  # one torchrun per node; the shell on each node resolves the head node and the job id
         head = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
         inner = " ".join(["torchrun", f"--nnodes={nodes}", f"--nproc_per_node={gpus_per_node}", "--rdzv_backend=c10d",
@@ -79,8 +79,8 @@ def build_command(nodes: int, gpus_per_node: int, train_args: list[str], *, mast
 
 def _deepspeed_command(nodes: int, gpus_per_node: int, train_args: list[str], master_addr: str, master_port: int,
                        hostfile: str) -> list[str]:
-    # --no_local_rank: hylo reads LOCAL_RANK from the environment; --module: run trainer.train with python -m
-    tail = ["--no_local_rank", "--module", "trainer.train", *train_args]
+    # --no_local_rank: hylo reads LOCAL_RANK from the environment; --module: run hylo.trainer.train with python -m
+    tail = ["--no_local_rank", "--module", "hylo.trainer.train", *train_args]
     if nodes == 1 and not hostfile:
         return ["deepspeed", f"--num_gpus={gpus_per_node}", f"--master_port={master_port}", *tail]
     if not hostfile:
@@ -101,16 +101,9 @@ def _deepspeed_command(nodes: int, gpus_per_node: int, train_args: list[str], ma
             f"--master_addr={head}", f"--master_port={master_port}", *tail]
 
 
-def launch_main(argv: list[str]) -> int:
-    if "--" in argv:
-        split = argv.index("--")
-        argv, train_args = argv[:split], argv[split + 1:]
-    else:
-        train_args = []
-    from trainer.cli import launch_parser
-
-    args = launch_parser().parse_args(argv)
-    cmd = build_command(args.nodes, args.gpus_per_node, train_args, master_addr=args.master_addr,
+def run(args) -> int:
+    """`hylo launch` (arguments: trainer/arguments.py; `args.train_args`: what followed `--`)."""
+    cmd = build_command(args.nodes, args.gpus_per_node, args.train_args, master_addr=args.master_addr,
                         master_port=args.master_port, run_id=args.run_id, slurm=args.slurm, engine=args.engine,
                         hostfile=args.hostfile)
     line = " ".join(cmd[:-1]) + " " + shlex.quote(cmd[-1]) if args.slurm else shlex.join(cmd)

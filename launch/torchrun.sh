@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 NNODES=${NNODES:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 if [ "$NNODES" -eq 1 ]; then
-  exec torchrun --standalone --nproc_per_node="$GPUS_PER_NODE" -m trainer.train "$@"
+  exec torchrun --standalone --nproc_per_node="$GPUS_PER_NODE" -m hylo.trainer.train "$@"
 fi
 : "${MASTER_ADDR:?set MASTER_ADDR to the first node's address for a multi-node run}"
 exec torchrun --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" --rdzv_backend=c10d \
-  --rdzv_endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id="${RUN_ID:-hylo}" -m trainer.train "$@"
+  --rdzv_endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id="${RUN_ID:-hylo}" -m hylo.trainer.train "$@"

@@ -17,14 +17,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import attention, attention_prefill, attention_step
-from kernels.varlen import DocumentView
-from models.mixer import Mixer, Reduce, Saved, with_backend
-from models.registry import register_mixer
-from models.rope import RotaryEmbedding, apply_rope
-from parallel.context import cp_degree_ulysses
-from parallel.context_parallel import full_attention_op
-from parallel.halo import HaloWindowAttention
+from hylo.kernels.ops import attention, attention_prefill, attention_step
+from hylo.kernels.varlen import DocumentView
+from hylo.models.mixer import Mixer, Reduce, Saved, with_backend
+from hylo.models.registry import register_mixer
+from hylo.models.rope import RotaryEmbedding, apply_rope
+from hylo.parallel.halo import HaloWindowAttention
+from hylo.parallel.layout import cp_degree_ulysses
+from hylo.parallel.strategies import full_attention_op
 
 
 class SoftmaxAttention(Mixer):

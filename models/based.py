@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import based_linear_attention, based_step, short_conv, short_conv_prefill, short_conv_step
-from kernels.varlen import DocumentView
-from models.mixer import Mixer, Reduce, Saved, state_norm_scalars, with_backend
-from models.registry import register_mixer
-from parallel.halo import HaloConv
-from parallel.linear_state import BasedCP
+from hylo.kernels.ops import based_linear_attention, based_step, short_conv, short_conv_prefill, short_conv_step
+from hylo.kernels.varlen import DocumentView
+from hylo.models.mixer import Mixer, Reduce, Saved, state_norm_scalars, with_backend
+from hylo.models.registry import register_mixer
+from hylo.parallel.halo import HaloConv
+from hylo.parallel.state_passing import BasedCP
 
 
 @register_mixer("based")

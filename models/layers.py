@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dispatch import upcast
+from hylo.kernels.dispatch import upcast
 
 
 class RMSNorm(nn.Module):

@@ -1,7 +1,9 @@
 """HybridLM: token embedding -> pre-norm blocks (mixer + MLP) -> norm -> tied or untied head.
 
 Block i's mixer is `model.pattern[i % len(pattern)]`, looked up in the layer-type registry (a pattern as long as
-`n_layers` spells out every layer).  Every mixer also decodes token by token (`step`), which `generate` uses.
+`n_layers` spells out every layer); importing this module registers every layer type.  Every mixer also decodes
+token by token (`step`), which `generate` uses.  Nothing in models/ knows about parallelism: parallel/strategies.py
+wraps a built model from outside, finding each layer type's context-parallel strategy by its name.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import MLPS, RMSNorm, ffn_width, tiled_mlp
-from models.loss import chunked_cross_entropy, full_cross_entropy, token_nll
-from models.registry import MIXERS
+from hylo.models import attention, based, rat, tnl  # noqa: F401  (each registers its layer types in MIXERS)
+from hylo.models.layers import MLPS, RMSNorm, ffn_width, tiled_mlp
+from hylo.models.loss import chunked_cross_entropy, full_cross_entropy, token_nll
+from hylo.models.registry import MIXERS
+
+__all__ = ["MIXERS", "HybridLM", "layer_types"]  # the model's public names: `from hylo.models.lm import HybridLM`
 
 
 def layer_types(cfg) -> list[str]:
@@ -142,7 +147,8 @@ class HybridLM(nn.Module):
                  on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Decoding: the prompt in one parallel pass (`prefill`), then token by token through each layer's
         recurrent cache.  prompt (batch, T0) -> (batch, T0 + max_new_tokens).  `pick` turns the last logits
-        (batch, vocab) into the next tokens (batch, 1) — greedy when None (trainer/generate.py has the samplers);
+        (batch, vocab) into the next tokens (batch, 1) — greedy when None (the samplers:
+        trainer/evaluation/generate.py);
         `on_token` sees each new (batch, 1) as it is chosen (streaming)."""
         tokens = prompt
         logits, caches = self.prefill(prompt)

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kernels.varlen import DocumentView
+from hylo.kernels.varlen import DocumentView
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -88,7 +88,7 @@ class Mixer(nn.Module):
 
     @classmethod
     def cp_problem(cls, config, segments: list[list[tuple[int, int]]]) -> str | None:
-        """segments: each CP rank's (global start, length) pieces of a sequence (parallel/context.py)."""
+        """segments: each CP rank's (global start, length) pieces of a sequence (parallel/layout.py)."""
         return None
 
     def context_parallel_op(self, ctx) -> Callable[..., Any]:

@@ -15,11 +15,11 @@ import math
 import torch
 from torch import nn
 
-from kernels import rat_attention, rat_prefill, rat_step
-from kernels.dispatch import upcast
-from models.mixer import Mixer, Saved, with_backend
-from models.registry import register_mixer
-from parallel.rat import RatCP
+from hylo.kernels.dispatch import upcast
+from hylo.kernels.ops import rat_attention, rat_prefill, rat_step
+from hylo.models.mixer import Mixer, Saved, with_backend
+from hylo.models.registry import register_mixer
+from hylo.parallel.summary_exchange import RatCP
 
 
 @register_mixer("rat")

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from models.mixer import Mixer
+from hylo.models.mixer import Mixer
 
 MIXERS: dict[str, type[Mixer]] = {}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from hylo.kernels.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 __all__ = ["RotaryEmbedding", "apply_rope"]
 

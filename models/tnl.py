@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import lightning_attention, lightning_step, tnl_slopes
-from kernels.dispatch import upcast
-from kernels.varlen import DocumentView
-from models.layers import RMSNorm
-from models.mixer import Mixer, Reduce, Saved, state_norm_scalars, with_backend
-from models.registry import register_mixer
-from parallel.linear_state import LightningCP
+from hylo.kernels.dispatch import upcast
+from hylo.kernels.ops import lightning_attention, lightning_step, tnl_slopes
+from hylo.kernels.varlen import DocumentView
+from hylo.models.layers import RMSNorm
+from hylo.models.mixer import Mixer, Reduce, Saved, state_norm_scalars, with_backend
+from hylo.models.registry import register_mixer
+from hylo.parallel.state_passing import LightningCP
 
 
 @register_mixer("tnl")

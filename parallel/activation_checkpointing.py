@@ -19,7 +19,7 @@ call, in one of two ways by how the op runs:
              it (caching its every intermediate would keep more than no checkpointing).
 
 README "Long-context memory" lists what each layer type keeps under each policy (the planner's model,
-trainer/plan.py, which is of the fused kind).
+trainer/memory_plan.py, which is of the fused kind).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from kernels import dispatch
+from hylo.kernels import dispatch
 
 POLICIES = ("none", "selective", "full")
 

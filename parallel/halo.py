@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import attention, short_conv
-from parallel.context import CPContext, Segment, SequenceLayout, exchange, sequence_layout, split_segments
+from hylo.kernels.ops import attention, short_conv
+from hylo.parallel.layout import CPContext, Segment, SequenceLayout, exchange, sequence_layout, split_segments
 
 
 @dataclass(frozen=True)

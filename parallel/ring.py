@@ -7,7 +7,7 @@ the last step.  Zigzag (rank r holds chunks r and 2N-1-r) gives every rank the s
 Backward sends K/V around again, with their dK/dV accumulators one hop behind, so each block's gradient returns
 to its owner after N hops.
 
-Packed documents (`cu_seqlens` of the whole sequence, parallel/context.py's SequenceLayout): every segment is cut
+Packed documents (`cu_seqlens` of the whole sequence, parallel/layout.py's SequenceLayout): every segment is cut
 at document boundaries, and a (query piece, key piece) pair is computed only when both pieces belong to the same
 document, with the plain causal mask — pairs that share no document are skipped, so no cross-document work is
 done and nothing needs a mask beyond causality.
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.attention import flash_usable
-from kernels.attention.chunk import (
+from hylo.kernels.attention import flash_usable
+from hylo.kernels.attention.chunk import (
     Layout,
     add_sink,
     block_backward,
@@ -29,9 +29,9 @@ from kernels.attention.chunk import (
     sink_grad,
     to_groups,
 )
-from kernels.attention.flash import flash_problem
-from kernels.dispatch import check_backend, choose_backend
-from parallel.context import COMM, Segment, sequence_layout
+from hylo.kernels.attention.flash import flash_problem
+from hylo.kernels.dispatch import check_backend, choose_backend
+from hylo.parallel.layout import COMM, Segment, sequence_layout
 
 
 # One (query segment, key segment) pair, forward and backward, on the grouped layout q (B, Hkv, G, Tq, d),
@@ -41,13 +41,13 @@ def _bthd(x: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_spec(q, k, scale, layout: Layout):
-    from kernels.attention.triton import make_spec
+    from hylo.kernels.attention.triton import make_spec
 
     return make_spec(q, k, causal=layout.causal, scale=scale, q_start=layout.q_start, k_start=layout.k_start)
 
 
 def _triton_forward(q, k, v, scale: float, layout: Layout):
-    from kernels.attention.triton import flash_forward
+    from hylo.kernels.attention.triton import flash_forward
 
     qb, kb, vb = _bthd(q), _bthd(k), _bthd(v)
     out, lse = flash_forward(qb, kb, vb, _triton_spec(qb, kb, scale, layout))
@@ -56,7 +56,7 @@ def _triton_forward(q, k, v, scale: float, layout: Layout):
 
 
 def _triton_backward(q, k, v, d_out, delta, lse, scale: float, layout: Layout):
-    from kernels.attention.triton import flash_backward
+    from hylo.kernels.attention.triton import flash_backward
 
     qb, kb, vb = _bthd(q), _bthd(k), _bthd(v)
     dq, dk, dv = flash_backward(qb, kb, vb, _bthd(d_out), delta.flatten(1, 2), lse.flatten(1, 2),
@@ -67,13 +67,13 @@ def _triton_backward(q, k, v, d_out, delta, lse, scale: float, layout: Layout):
 
 
 def _flash_forward(q, k, v, scale: float, layout: Layout):
-    from kernels.attention.flash import pair_forward
+    from hylo.kernels.attention.flash import pair_forward
 
     return pair_forward(q, k, v, scale, layout)
 
 
 def _flash_backward(q, k, v, d_out, delta, lse, scale: float, layout: Layout, out=None):
-    from kernels.attention.flash import pair_backward
+    from hylo.kernels.attention.flash import pair_backward
 
     return pair_backward(q, k, v, d_out, delta, lse, scale, layout, out=out)
 
@@ -220,6 +220,6 @@ def _grouped(q, k, v, sink):
 
 
 def _triton_supports(q, k, v) -> bool:
-    from kernels.attention.triton import supported
+    from hylo.kernels.attention.triton import supported
 
     return supported(q, k, v)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallel.context import Segment, all_to_all, sequence_layout
+from hylo.parallel.layout import Segment, all_to_all, sequence_layout
 
 
 def _seq_to_heads(x: torch.Tensor, group, key: str) -> torch.Tensor:

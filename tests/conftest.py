@@ -49,7 +49,7 @@ def run_layer_monitor(model, group: str, forward, **settings) -> dict[str, float
     scalars it logs."""
     from types import SimpleNamespace
 
-    from trainer.callbacks.monitors import LayerMonitor
+    from hylo.trainer.callbacks.monitors import LayerMonitor
 
     logged: dict[str, float] = {}
     cfg = SimpleNamespace(train=SimpleNamespace(seq_len=0))

@@ -19,15 +19,22 @@ import sys
 import torch
 import torch.distributed as dist
 
-from kernels import attention, based_linear_attention, lightning_attention, rat_attention, short_conv, tnl_slopes
-from kernels.triton_support import triton_usable
-from parallel.context import CPContext, sequence_layout
-from parallel.context_parallel import full_attention_op, make_context
-from parallel.dims import ParallelDims
-from parallel.halo import HaloConv, HaloWindowAttention
-from parallel.linear_state import BasedCP, LightningCP
-from parallel.rat import RatCP
-from parallel.ring import RingAttention
+from hylo.kernels.ops import (
+    attention,
+    based_linear_attention,
+    lightning_attention,
+    rat_attention,
+    short_conv,
+    tnl_slopes,
+)
+from hylo.kernels.triton_support import triton_usable
+from hylo.parallel.dims import ParallelDims
+from hylo.parallel.halo import HaloConv, HaloWindowAttention
+from hylo.parallel.layout import CPContext, sequence_layout
+from hylo.parallel.ring import RingAttention
+from hylo.parallel.state_passing import BasedCP, LightningCP
+from hylo.parallel.strategies import full_attention_op, make_context
+from hylo.parallel.summary_exchange import RatCP
 
 F64 = torch.float64
 

@@ -1,5 +1,5 @@
 """Fault injection for the resilience tests, kept out of the production path: `python -m tests.fault_run <train
-args>` runs `trainer.train` with one extra callback.  HYLO_FAULT="<kind>:<step>[:<rank>]" makes that rank
+args>` runs `hylo.trainer.train` with one extra callback.  HYLO_FAULT="<kind>:<step>[:<rank>]" makes that rank
 (default 0)
 
   kill          SIGKILL itself at the start of that step,
@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.callbacks import Callback
-from trainer.train import main
+from hylo.trainer.callbacks import Callback
+from hylo.trainer.train import main
 
 
 def _kill() -> None:
@@ -57,14 +57,14 @@ class FaultInjector(Callback):
 
 
 def _slow_start(seconds: float) -> None:
-    import launch.distributed  # trainer.train imports init_distributed from here when a run starts
+    import hylo.trainer.runtime.distributed  # hylo.trainer.train imports init_distributed from here when a run starts
 
-    join = launch.distributed.init_distributed
+    join = hylo.trainer.runtime.distributed.init_distributed
 
     def slow_join(*args, **kwargs):
         time.sleep(seconds)
         return join(*args, **kwargs)
-    launch.distributed.init_distributed = slow_join
+    hylo.trainer.runtime.distributed.init_distributed = slow_join
 
 
 if __name__ == "__main__":

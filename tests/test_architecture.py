@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import MIXERS, Mixer
+from hylo.models.lm import MIXERS
+from hylo.models.mixer import Mixer
+from hylo.trainer.config import load_config
+from hylo.trainer.engines import ENGINES, Engine, capability_problem
 from tests.conftest import ROOT
-from trainer.config import load_config
-from trainer.engines import ENGINES, Engine, capability_problem
 
 PACKAGES = ("trainer", "models", "kernels", "parallel", "launch")
 
@@ -98,7 +99,7 @@ def test_every_layer_type_fulfils_the_mixer_contract(name):
 
 
 def test_registering_a_non_mixer_is_refused():
-    from models.registry import register_mixer
+    from hylo.models.registry import register_mixer
 
     with pytest.raises(TypeError, match="must subclass models.mixer.Mixer"):
         register_mixer("not_a_mixer")(torch.nn.Module)

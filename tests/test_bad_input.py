@@ -2,12 +2,12 @@
 
 import pytest
 
+from hylo.trainer.arguments import parse
 from tests.conftest import run_module
-from trainer.train import parse_args
 
 
 def train(*args):
-    return run_module(["-m", "trainer.train", "train.steps=1", "logging.progress=false", *args], timeout=300)
+    return run_module(["-m", "hylo.trainer.train", "train.steps=1", "logging.progress=false", *args], timeout=300)
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
@@ -70,15 +70,15 @@ def test_refused_starts_leave_no_run_dir(tmp_path, args, message):
 
 
 def test_resume_does_not_swallow_an_override():
-    assert parse_args(["--resume", "train.lr=1e-3"])[1] == ["train.lr=1e-3", "checkpoint.resume=auto"]
-    assert parse_args(["--resume=runs/x/step_5", "train.steps=9"])[1] == ["train.steps=9",
-                                                                          "checkpoint.resume=runs/x/step_5"]
+    assert parse("train", ["--resume", "train.lr=1e-3"]).overrides == ["train.lr=1e-3", "checkpoint.resume=auto"]
+    assert parse("train", ["--resume=runs/x/step_5", "train.steps=9"]).overrides == [
+        "train.steps=9", "checkpoint.resume=runs/x/step_5"]
 
 
 def test_tokenizer_smaller_than_asked_says_so(tmp_path):
     text = tmp_path / "tiny.txt"
     text.write_text("hello world hello\n")
-    res = run_module(["-m", "trainer.cli", "tokenize", "--input", str(text), "--vocab-size", "32000",
+    res = run_module(["-m", "hylo.trainer.cli", "tokenize", "--input", str(text), "--vocab-size", "32000",
                       "--output", str(tmp_path / "tok.json")])
     assert res.returncode == 0 and "asked for --vocab-size 32000" in res.stdout
 
@@ -86,9 +86,9 @@ def test_tokenizer_smaller_than_asked_says_so(tmp_path):
 def test_eval_says_when_it_measures_on_the_bundled_split(capsys):
     from argparse import Namespace
 
-    from models import HybridLM
-    from trainer.config import load_config
-    from trainer.evaluate import _eval_ppl
+    from hylo.models.lm import HybridLM
+    from hylo.trainer.config import load_config
+    from hylo.trainer.evaluation.evaluate import _eval_ppl
 
     cfg = load_config(None, ["model.d_model=32", "model.n_layers=1", "model.vocab_size=4096", "data.path=my/corpus"])
     args = Namespace(seq_len=32, batch_size=1, batches=1, bucket=0, data="bundled:val", checkpoint="ckpt")
@@ -97,9 +97,9 @@ def test_eval_says_when_it_measures_on_the_bundled_split(capsys):
 
 
 def test_a_binary_tail_past_the_sniffed_start_is_named_when_read(tmp_path):
-    from trainer.config import DataConfig
-    from trainer.data import DocumentStream
-    from trainer.errors import DataError
+    from hylo.trainer.config import DataConfig
+    from hylo.trainer.data.sources import DocumentStream
+    from hylo.trainer.errors import DataError
 
     (tmp_path / "good.txt").write_text("plain text\n" * 100)
     bad = tmp_path / "tail.txt"

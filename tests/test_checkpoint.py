@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from hylo.trainer.config import DataConfig
+from hylo.trainer.data.loader import DataLoader
+from hylo.trainer.data.shards import TokenShards, write_shards
+from hylo.trainer.data.sources import bundled_corpus_files
+from hylo.trainer.data.tokenizer import load_tokenizer
+from hylo.trainer.errors import DataError
 from tests.conftest import ROOT, run_module, subprocess_env
-from trainer.config import DataConfig
-from trainer.data import DataLoader, bundled_corpus_files
-from trainer.errors import DataError
-from trainer.shards import TokenShards, write_shards
-from trainer.tokenizer import load_tokenizer
 
 SMALL = ["model.d_model=64", "model.n_layers=2", "train.batch_size=8", "train.seq_len=64", "logging.interval=1",
          "logging.progress=false", "train.deterministic=true", "logging.sink_interval=0"]
@@ -41,7 +42,7 @@ def losses(run_dir):
 def torchrun(n, port, args, extra_env=None, restarts=0):
     """Train on n ranks; with HYLO_FAULT in extra_env through the fault-injecting entry (tests/fault_run.py)."""
     env = {**subprocess_env(), **(extra_env or {})}
-    module = "tests.fault_run" if "HYLO_FAULT" in (extra_env or {}) else "trainer.train"
+    module = "tests.fault_run" if "HYLO_FAULT" in (extra_env or {}) else "hylo.trainer.train"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--rdzv_backend=c10d",
            f"--rdzv_endpoint=127.0.0.1:{port}", f"--max-restarts={restarts}", "-m", module, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -136,12 +137,12 @@ def test_token_shards_detect_damage(shards, tmp_path):
     last.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
     with pytest.raises(DataError, match="fails its CRC32 check"):
         TokenShards(bad)
-    res = run_module(["-m", "trainer.train", f"data.path={bad}", f"run.dir={tmp_path / 'run'}", *SMALL])
+    res = run_module(["-m", "hylo.trainer.train", f"data.path={bad}", f"run.dir={tmp_path / 'run'}", *SMALL])
     assert res.returncode == 2 and "CRC32" in res.stderr
 
 
 def test_keep_last_prunes_and_corrupt_checkpoints_fail_clearly(shards, tmp_path):
-    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "train.steps=20",
+    args = ["-m", "hylo.trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "train.steps=20",
             "checkpoint.interval=5", "checkpoint.keep_last=2", *SMALL]
     res = run_module(args)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -157,7 +158,7 @@ def test_keep_last_prunes_and_corrupt_checkpoints_fail_clearly(shards, tmp_path)
 
 
 def test_preemption_saves_and_exits_zero(shards, tmp_path):
-    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "train.steps=100000",
+    args = ["-m", "hylo.trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "train.steps=100000",
             "checkpoint.interval=0", *SMALL]
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -189,19 +190,19 @@ def test_non_finite_steps(shards, tmp_path):
 
 def test_export_and_init_from(shards, tmp_path):
     run = tmp_path / "run"
-    res = run_module(["-m", "trainer.train", f"run.dir={run}", f"data.path={shards}", "train.steps=3",
+    res = run_module(["-m", "hylo.trainer.train", f"run.dir={run}", f"data.path={shards}", "train.steps=3",
                       "checkpoint.interval=3", "schedule.warmup_steps=0", *SMALL])
     assert res.returncode == 0, res.stderr[-2000:]
     out = tmp_path / "model.safetensors"
-    exp = run_module(["-m", "trainer.cli", "export", "--checkpoint", str(run / "checkpoints" / "step_3"),
+    exp = run_module(["-m", "hylo.trainer.cli", "export", "--checkpoint", str(run / "checkpoints" / "step_3"),
                       "--out", str(out), "--dtype", "fp32"])
     assert exp.returncode == 0, exp.stderr[-2000:]
     assert out.stat().st_mode & 0o044 == 0o044  # readable by group and others (safetensors writes 0600)
     from safetensors.torch import load_file
 
-    from models import HybridLM
-    from trainer.checkpointing import load_weights
-    from trainer.export import run_config_for
+    from hylo.models.lm import HybridLM
+    from hylo.trainer.checkpointing import load_weights
+    from hylo.trainer.checkpointing.export import run_config_for
 
     cfg = run_config_for(run / "checkpoints" / "step_3")
     model = HybridLM(cfg.model)
@@ -209,15 +210,17 @@ def test_export_and_init_from(shards, tmp_path):
     exported = load_file(str(out))
     for name, t in model.state_dict().items():
         torch.testing.assert_close(exported[name], t, rtol=0, atol=0)
-    init = run_module(["-m", "trainer.train", f"run.dir={tmp_path / 'init'}", f"data.path={shards}", "train.steps=1",
+    init = run_module(["-m", "hylo.trainer.train", f"run.dir={tmp_path / 'init'}", f"data.path={shards}",
+                       "train.steps=1",
                        f"model.init_from={out}", *SMALL])
     assert init.returncode == 0, init.stderr[-2000:]
     # starting from trained weights: the first loss is far below a fresh model's ~ln(4096) = 8.3
     assert losses(tmp_path / "init")[1] < losses(run)[1] - 0.3
-    wrong = run_module(["-m", "trainer.train", f"run.dir={tmp_path / 'wrong'}", f"model.init_from={out}", *SMALL,
+    wrong = run_module(["-m", "hylo.trainer.train", f"run.dir={tmp_path / 'wrong'}", f"model.init_from={out}", *SMALL,
                         "model.d_model=96"])
     assert wrong.returncode == 2 and "does not fit this model" in wrong.stderr
-    missing = run_module(["-m", "trainer.cli", "export", "--checkpoint", str(tmp_path / "nope"), "--out", str(out)])
+    missing = run_module(["-m", "hylo.trainer.cli", "export", "--checkpoint", str(tmp_path / "nope"),
+                          "--out", str(out)])
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
@@ -231,7 +234,7 @@ def test_resume_on_another_layout_continues(straight, shards, tmp_path, free_por
     assert first.returncode == 0, first.stderr[-3000:]
     extra = ["parallel.cp=2", "parallel.dp_shard=true"] if resume == 4 else []
     if resume == 1:
-        second = run_module(["-m", "trainer.train", *args, "train.steps=20"])
+        second = run_module(["-m", "hylo.trainer.train", *args, "train.steps=20"])
     else:
         second = torchrun(resume, free_port, [*args, "train.steps=20", *extra])
     assert second.returncode == 0, second.stderr[-3000:]
@@ -245,11 +248,11 @@ def test_full_disk_fails_clearly_and_keeps_earlier(tmp_path, monkeypatch):
 
     import torch.distributed.checkpoint as dcp
 
-    from models import HybridLM
-    from trainer.checkpointing import DCPCheckpointer as Checkpointer
-    from trainer.checkpointing import latest_checkpoint
-    from trainer.config import ModelConfig
-    from trainer.errors import CheckpointWriteError
+    from hylo.models.lm import HybridLM
+    from hylo.trainer.checkpointing import DCPCheckpointer as Checkpointer
+    from hylo.trainer.checkpointing import latest_checkpoint
+    from hylo.trainer.config import ModelConfig
+    from hylo.trainer.errors import CheckpointWriteError
 
     model = HybridLM(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2))
     optimizer = torch.optim.AdamW(model.parameters())

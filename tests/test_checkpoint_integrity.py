@@ -16,10 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import HybridLM
-from tests.conftest import ROOT, run_module, subprocess_env
-from tests.test_checkpoint import SMALL, losses, shards, torchrun  # noqa: F401 - shards is a fixture
-from trainer.checkpointing import (
+from hylo.models.lm import HybridLM
+from hylo.trainer.checkpointing import (
     DCPCheckpointer,
     complete_checkpoints,
     load_weights,
@@ -27,10 +25,12 @@ from trainer.checkpointing import (
     verified_checkpoint,
     verify_checkpoint,
 )
-from trainer.checkpointing.integrity import MANIFEST, write_manifest
-from trainer.checkpointing.step_folder import MARKER
-from trainer.config import ModelConfig
-from trainer.errors import CheckpointError, CheckpointWriteError
+from hylo.trainer.checkpointing.integrity import MANIFEST, write_manifest
+from hylo.trainer.checkpointing.step_folder import MARKER
+from hylo.trainer.config import ModelConfig
+from hylo.trainer.errors import CheckpointError, CheckpointWriteError
+from tests.conftest import ROOT, run_module, subprocess_env
+from tests.test_checkpoint import SMALL, losses, shards, torchrun  # noqa: F401 - shards is a fixture
 
 
 def tiny():
@@ -166,7 +166,7 @@ def _crash_on_call(monkeypatch, n: int) -> None:
     rename, rmtree = Path.rename, shutil.rmtree
 
     def tick():
-        if sys._getframe(2).f_globals.get("__name__") != "trainer.checkpointing.step_folder":
+        if sys._getframe(2).f_globals.get("__name__") != "hylo.trainer.checkpointing.step_folder":
             return
         calls["n"] += 1
         if calls["n"] == n:
@@ -238,7 +238,7 @@ def test_full_disk_inside_dcp_is_clear(tmp_path, monkeypatch):
 def ten_steps(shards, tmp_path_factory):  # noqa: F811
     """A run saved at steps 5 and 10, copied by each test that damages it."""
     run_dir = tmp_path_factory.mktemp("ten_steps")
-    args = ["-m", "trainer.train", f"run.dir={run_dir}", f"data.path={shards}", "checkpoint.interval=5", *SMALL]
+    args = ["-m", "hylo.trainer.train", f"run.dir={run_dir}", f"data.path={shards}", "checkpoint.interval=5", *SMALL]
     first = run_module([*args, "train.steps=10"])
     assert first.returncode == 0, first.stderr[-3000:]
     return run_dir
@@ -272,7 +272,7 @@ def test_resume_auto_falls_back_and_a_named_corrupt_checkpoint_is_refused(ten_st
     """One line each, before DCP touches anything: a named damaged checkpoint is refused (exit 2), auto-resume
     falls back to the previous one and says why."""
     shutil.copytree(ten_steps, tmp_path, dirs_exist_ok=True)
-    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=5", *SMALL]
+    args = ["-m", "hylo.trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=5", *SMALL]
     step_10 = tmp_path / "checkpoints" / "step_10"
     named_by = _damage_step(step_10, damage)
     named = run_module([*args, "train.steps=12", f"checkpoint.resume={step_10}"])
@@ -288,7 +288,7 @@ def test_resume_auto_falls_back_and_a_named_corrupt_checkpoint_is_refused(ten_st
 
 def test_a_checkpoint_saved_without_checksums_loads_without_a_manifest(ten_steps, shards, tmp_path):  # noqa: F811
     """Missing manifests are refused only where the save wrote one: checkpoint.checksums=false runs resume."""
-    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=5",
+    args = ["-m", "hylo.trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=5",
             "checkpoint.checksums=false", *SMALL]
     assert run_module([*args, "train.steps=5"]).returncode == 0
     assert not (tmp_path / "checkpoints" / "step_5" / MANIFEST).exists()
@@ -328,7 +328,7 @@ def test_async_saves_mid_run_on_four_ranks(shards, tmp_path, free_port):  # noqa
 
 
 def test_leftovers_are_reported_at_start(shards, tmp_path):  # noqa: F811
-    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=5", *SMALL]
+    args = ["-m", "hylo.trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=5", *SMALL]
     assert run_module([*args, "train.steps=5"]).returncode == 0
     ckpts = tmp_path / "checkpoints"
     shutil.copytree(ckpts / "step_5", ckpts / "step_9.tmp")
@@ -345,9 +345,9 @@ def test_leftovers_are_reported_at_start(shards, tmp_path):  # noqa: F811
 def _start(args: list[str], log: Path, torchrun_ranks: int = 0, port: int = 0) -> subprocess.Popen:
     if torchrun_ranks:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun_ranks}",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "-m", "trainer.train", *args]
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "-m", "hylo.trainer.train", *args]
     else:
-        cmd = [sys.executable, "-m", "trainer.train", *args]
+        cmd = [sys.executable, "-m", "hylo.trainer.train", *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
                             text=True)
 
@@ -379,13 +379,13 @@ def test_second_job_on_a_run_dir_is_refused_and_a_dead_holder_is_taken_over(shar
     first = _start([*args, "train.steps=100000"], tmp_path / "first.log")
     try:
         _wait_for_steps(run, 2)
-        second = run_module(["-m", "trainer.train", *args, "train.steps=2", "checkpoint.resume=auto"])
+        second = run_module(["-m", "hylo.trainer.train", *args, "train.steps=2", "checkpoint.resume=auto"])
         assert second.returncode == 2, second.stderr[-2000:]
         assert "is in use by another job" in second.stderr and f"pid {first.pid}" in second.stderr
     finally:
         first.kill()  # kill -9: the lock file stays, the kernel drops the lock
         first.wait(timeout=60)
-    third = run_module(["-m", "trainer.train", *args, "train.steps=2"])
+    third = run_module(["-m", "hylo.trainer.train", *args, "train.steps=2"])
     assert third.returncode == 0, third.stderr[-2000:]
     assert "took over the run dir lock" in third.stdout and f"pid {first.pid}" in third.stdout
     assert not (run / "hylo.lock").exists()  # released at the end

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from trainer.config import CONFIG_DIR, Config, ConfigError, check_batch_layout, load_config, to_yaml
+from hylo.trainer.config import CONFIG_DIR, Config, ConfigError, check_batch_layout, load_config, to_yaml
 
 
 def test_tiny_yaml_is_the_embedded_default():

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from parallel.context import cp_segments
+from hylo.parallel.layout import cp_segments
+from hylo.trainer.config import load_config
+from hylo.trainer.trainer import run_problem
 from tests.conftest import run_module
-from trainer.config import load_config
-from trainer.trainer import run_problem
 
 
 def run_worker(n, seed, which, port):
@@ -64,7 +64,8 @@ def first_step(run_dir):
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one")
-    res = run_module(["-m", "trainer.train", "--config", "configs/hybrid_tiny.yaml", f"run.dir={run_dir}", *COMMON])
+    res = run_module(["-m", "hylo.trainer.train", "--config", "configs/hybrid_tiny.yaml", f"run.dir={run_dir}",
+                      *COMMON])
     assert res.returncode == 0, res.stderr[-3000:]
     return first_step(run_dir)
 
@@ -78,7 +79,7 @@ def one_rank(tmp_path_factory):
                          ids=["cp4-ring-full-ac", "dp2-cp2-ulysses-chunked-loss-selective-ac-tiled-mlp"])
 def test_hybrid_model_under_cp_matches_one_rank(one_rank, tmp_path, free_port, extra):
     res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=4", "--rdzv_backend=c10d",
-                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "trainer.train", "--config",
+                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "hylo.trainer.train", "--config",
                       "configs/hybrid_tiny.yaml", f"run.dir={tmp_path}", *COMMON, *extra])
     assert res.returncode == 0, res.stderr[-5000:]
     many = first_step(tmp_path)
@@ -98,7 +99,7 @@ def test_hybrid_model_under_cp_matches_one_rank(one_rank, tmp_path, free_port, e
 @pytest.fixture(scope="module")
 def one_rank_masked(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one-masked")
-    res = run_module(["-m", "trainer.train", "--config", "configs/hybrid_tiny.yaml", f"run.dir={run_dir}", *COMMON,
+    res = run_module(["-m", "hylo.trainer.train", "--config", "configs/hybrid_tiny.yaml", f"run.dir={run_dir}", *COMMON,
                       "data.document_masking=true", "model.document_positions=true"])
     assert res.returncode == 0, res.stderr[-3000:]
     return first_step(run_dir)
@@ -112,7 +113,7 @@ def test_document_masking_under_cp_matches_one_rank(one_rank_masked, tmp_path, f
     # the hybrid preset (every layer type) with packed documents and per-document positions: the first step's
     # loss, gradient norm and every monitor equal one rank's
     res = run_module(["-m", "torch.distributed.run", f"--nproc_per_node={n}", "--rdzv_backend=c10d",
-                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "trainer.train", "--config",
+                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "hylo.trainer.train", "--config",
                       "configs/hybrid_tiny.yaml", f"run.dir={tmp_path}", *COMMON, "data.document_masking=true",
                       "model.document_positions=true", *extra])
     assert res.returncode == 0, res.stderr[-5000:]
@@ -157,7 +158,7 @@ def test_rat_chunks_may_straddle_ranks():
 
 def test_bad_cp_setting_stops_the_launch(tmp_path, free_port):
     res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "trainer.train", f"run.dir={tmp_path}",
+                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "hylo.trainer.train", f"run.dir={tmp_path}",
                       "parallel.cp=2", "train.seq_len=126", *COMMON])
     assert res.returncode != 0 and "train.seq_len=126 is not divisible by 2 x parallel.cp = 4" in res.stderr
     assert res.stderr.count("[hylo] error:") == 1  # rank 0 alone says it; rank 1 exits quietly with the same code

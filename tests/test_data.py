@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import DataConfig
-from trainer.data import DataLoader, DocumentStream, SequencePacker, bundled_corpus_files, resolve_source
-from trainer.errors import DataError
-from trainer.tokenizer import EOS, load_tokenizer, train_bpe
+from hylo.trainer.config import DataConfig
+from hylo.trainer.data.loader import DataLoader
+from hylo.trainer.data.packing import SequencePacker
+from hylo.trainer.data.sources import DocumentStream, bundled_corpus_files, resolve_source
+from hylo.trainer.data.tokenizer import EOS, load_tokenizer, train_bpe
+from hylo.trainer.errors import DataError
 
 TOK = load_tokenizer()
 

@@ -5,13 +5,13 @@ import shutil
 
 import pytest
 
+from hylo.trainer.config import DataConfig
+from hylo.trainer.data.provenance import check_source, data_provenance, source_change
+from hylo.trainer.data.sources import DocumentStream, bundled_corpus_files
+from hylo.trainer.data.tokenizer import load_tokenizer
+from hylo.trainer.errors import DataError
 from tests.conftest import run_module
 from tests.test_checkpoint import SMALL
-from trainer.config import DataConfig
-from trainer.data import DocumentStream, bundled_corpus_files
-from trainer.errors import DataError
-from trainer.provenance import check_source, data_provenance, source_change
-from trainer.tokenizer import load_tokenizer
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_data_removed_while_training_is_one_line_and_exit_1(tmp_path):
 
 def test_resume_on_changed_data_is_refused_unless_allowed(corpus, tmp_path):
     run = tmp_path / "run"
-    args = ["-m", "trainer.train", f"run.dir={run}", f"data.path={corpus}", "checkpoint.interval=2", *SMALL]
+    args = ["-m", "hylo.trainer.train", f"run.dir={run}", f"data.path={corpus}", "checkpoint.interval=2", *SMALL]
     first = run_module([*args, "train.steps=2"])
     assert first.returncode == 0, first.stderr[-2000:]
     same = run_module([*args, "train.steps=3"])  # unchanged data: not a word about it
@@ -79,7 +79,7 @@ def test_resume_on_changed_data_is_refused_unless_allowed(corpus, tmp_path):
 
 
 def test_token_shard_truncated_while_reading_is_an_error_not_sigbus(tmp_path):
-    from trainer.shards import TokenShards, write_shards
+    from hylo.trainer.data.shards import TokenShards, write_shards
 
     tok = load_tokenizer("")
     texts = (open(f, encoding="utf-8", errors="replace").read() for f in bundled_corpus_files()[:20])

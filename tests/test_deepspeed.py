@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
+from hylo.trainer.checkpointing.deepspeed import require_deepspeed
+from hylo.trainer.config import load_config
+from hylo.trainer.engines import engine_problem
+from hylo.trainer.engines.deepspeed_engine import deepspeed_config
+from hylo.trainer.errors import ConfigError
 from tests.conftest import ROOT, run_module
 from tests.test_checkpoint import torchrun
-from trainer.checkpointing.deepspeed import require_deepspeed
-from trainer.config import load_config
-from trainer.engines import engine_problem
-from trainer.engines.deepspeed_engine import deepspeed_config
-from trainer.errors import ConfigError
 
 pytest.importorskip("deepspeed")
 
@@ -71,7 +71,7 @@ def test_zero_stage_trains_matches_torch_and_resumes_exactly(stage, extra, torch
     assert all(loss == straight[s] for s, loss in resumed), (resumed, straight)  # bit-exact, data position included
 
     if stage == 3:  # a DeepSpeed checkpoint, even ZeRO-3's shards, is usable outside the engine ...
-        ev = run_module(["-m", "trainer.cli", "eval", "--checkpoint", str(tmp_path / "checkpoints" / "step_6"),
+        ev = run_module(["-m", "hylo.trainer.cli", "eval", "--checkpoint", str(tmp_path / "checkpoints" / "step_6"),
                          "--task", "ppl", "--batches", "1"])
         assert ev.returncode == 0, ev.stderr[-3000:]
         # ... but the torch engine refuses to resume it, saying why (named: a plain resume takes the run's engine)
@@ -86,7 +86,8 @@ def test_context_parallel_under_deepspeed_matches_one_rank(cp_mode, tmp_path, fr
     """cp=2 (ring or Ulysses for `full`, state passing for tnl/based, summaries for rat) inside ZeRO-2 == one
     plain rank."""
     model = ["model.pattern=[full,rat,based,tnl]", "model.n_layers=4"]
-    one = run_module(["-m", "trainer.train", f"run.dir={tmp_path / 'one'}", "train.steps=2", "checkpoint.interval=0",
+    one = run_module(["-m", "hylo.trainer.train", f"run.dir={tmp_path / 'one'}", "train.steps=2",
+                      "checkpoint.interval=0",
                       *SMALL, *model])
     assert one.returncode == 0, one.stderr[-3000:]
     cp = torchrun(2, free_port, [f"run.dir={tmp_path / 'cp'}", "train.engine=deepspeed", "deepspeed.zero_stage=2",
@@ -138,9 +139,10 @@ def test_missing_deepspeed_is_explained(monkeypatch):
 
 @pytest.mark.slow  # the engine itself trains in test_zero_stage_..., the launcher in test_launch
 def test_deepspeed_launcher_smoke_run(tmp_path):
-    res = run_module(["-m", "trainer.cli", "launch", "--engine", "deepspeed", "--gpus-per-node", "2",
+    res = run_module(["-m", "hylo.trainer.cli", "launch", "--engine", "deepspeed", "--gpus-per-node", "2",
                       "--master-port", "29431", "--", f"run.dir={tmp_path}", "train.steps=2", "checkpoint.interval=0",
                       *SMALL], cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.startswith("deepspeed --num_gpus=2 --master_port=29431 --no_local_rank --module trainer.train")
+    assert res.stdout.startswith("deepspeed --num_gpus=2 --master_port=29431 --no_local_rank "
+                                 "--module hylo.trainer.train")
     assert [r["step"] for r in rows(tmp_path)] == [1, 2]

@@ -17,7 +17,7 @@ def first_step(run_dir):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
-    res = run_module(["-m", "trainer.train", f"run.dir={run_dir}", *COMMON])
+    res = run_module(["-m", "hylo.trainer.train", f"run.dir={run_dir}", *COMMON])
     assert res.returncode == 0, res.stderr[-3000:]
     return first_step(run_dir)
 
@@ -29,7 +29,7 @@ def single(tmp_path_factory):
                          ids=["ddp", "fsdp2-accum-selective-ac-tiled-mlp"])
 def test_two_ranks_match_one(single, tmp_path, free_port, extra):
     res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "trainer.train", f"run.dir={tmp_path}",
+                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "hylo.trainer.train", f"run.dir={tmp_path}",
                       *COMMON, *extra])
     assert res.returncode == 0, res.stderr[-3000:]
     two = first_step(tmp_path)
@@ -40,7 +40,7 @@ def test_two_ranks_match_one(single, tmp_path, free_port, extra):
 
 def test_batch_not_divisible_by_ranks(tmp_path, free_port):
     res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=3", "--rdzv_backend=c10d",
-                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "trainer.train", f"run.dir={tmp_path}",
+                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "hylo.trainer.train", f"run.dir={tmp_path}",
                       *COMMON])
     assert res.returncode != 0 and "not divisible by the 3 data-parallel ranks" in res.stderr
 
@@ -55,7 +55,7 @@ def test_multi_node_rendezvous_matches_one_rank(single, tmp_path, free_port):
     agents = [
         subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                           f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port}",
-                          "--rdzv_id=hylo-test", "-m", "trainer.train", f"run.dir={tmp_path}", *COMMON],
+                          "--rdzv_id=hylo-test", "-m", "hylo.trainer.train", f"run.dir={tmp_path}", *COMMON],
                          cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank in (0, 1)
     ]

@@ -37,10 +37,10 @@ def code_lines(page: Path):
 def hylo_commands(page: Path):
     for number, line in code_lines(page):
         text = line.strip().removeprefix("$ ")
-        if text.startswith(("hylo ", "python -m trainer.train")):
+        if text.startswith(("hylo ", "python -m hylo.trainer.train")):
             text = text.split("  #")[0].split(" # ")[0]  # a trailing comment
             text = re.sub(r"\[[^\[\]]*(\[[^\[\]]*\])?[^\[\]]*\]", " ", text)  # [optional] parts, nested once
-            yield number, text.replace("python -m trainer.train", "hylo train")
+            yield number, text.replace("python -m hylo.trainer.train", "hylo train")
 
 
 def test_the_readme_is_a_front_door():
@@ -64,25 +64,16 @@ def test_every_relative_link_resolves(page):
 
 
 def check_command(text: str) -> None:
-    from trainer.cli import PARSERS
-    from trainer.config import load_config
+    from hylo.trainer.arguments import parse
+    from hylo.trainer.config import load_config
 
     words = shlex.split(text)[1:]
     command, args = words[0], words[1:]
-    train_args = []
-    if command == "launch" and "--" in args:
-        args, train_args = args[: args.index("--")], args[args.index("--") + 1:]
-    parser = PARSERS[command]()
-    parsed = parser.parse_intermixed_args(args) if command == "plan" else parser.parse_args(args)
-    if command == "train":
-        from trainer.train import parse_args
-
-        config, overrides, _ = parse_args(args)
-        load_config(config, overrides)
-    elif command == "plan":
+    parsed = parse(command, args)
+    if command in ("train", "plan"):
         load_config(parsed.config, parsed.overrides)
-    if train_args:
-        check_command("hylo train " + shlex.join(train_args))
+    if command == "launch" and parsed.train_args:
+        check_command("hylo train " + shlex.join(parsed.train_args))
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)

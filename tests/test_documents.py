@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from kernels import attention, based_linear_attention, lightning_attention, rat_attention, short_conv
-from kernels.varlen import document_bounds, positions_within_documents
-from models import HybridLM
-from trainer.config import ConfigError, load_config
-from trainer.documents import pack_documents
-from trainer.train import train
+from hylo.kernels.ops import attention, based_linear_attention, lightning_attention, rat_attention, short_conv
+from hylo.kernels.varlen import document_bounds, positions_within_documents
+from hylo.models.lm import HybridLM
+from hylo.trainer.config import ConfigError, load_config
+from hylo.trainer.data.documents import pack_documents
+from hylo.trainer.train import train
 
 F64 = torch.float64
 
@@ -259,8 +259,8 @@ def test_sink_statistics_of_packed_documents_are_each_documents_own():
     # The sink monitor on a packed sequence sees each document as a sequence of its own: the secondary sinks of
     # the longest document equal its statistics alone, and the sink / first-token masses are the documents'
     # query-weighted means.
-    from kernels.varlen import document_view
-    from models.attention import sink_statistics
+    from hylo.kernels.varlen import document_view
+    from hylo.models.attention import sink_statistics
 
     g = torch.Generator().manual_seed(3)
     lengths = [5, 1, 13, 9]
@@ -346,7 +346,7 @@ def test_triton_attention_runs_packed_documents_in_one_launch(case, monkeypatch)
     and every gradient (sink included) equal each document alone, fp32 against the fp64 oracle; lengths of 1, one
     under / exactly / over a query block (32 under the interpreter) and several blocks; one call for all."""
     pytest.importorskip("triton")
-    from kernels.attention import triton as attention_triton
+    from hylo.kernels.attention import triton as attention_triton
 
     calls, forward = [], attention_triton._flash_forward_op
     monkeypatch.setattr(attention_triton, "_flash_forward_op", lambda *a: calls.append(a[-1]) or forward(*a))

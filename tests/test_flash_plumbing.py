@@ -8,9 +8,9 @@ import importlib
 import pytest
 import torch
 
-from kernels import attention
+from hylo.kernels.ops import attention
 
-flash = importlib.import_module("kernels.attention.flash")  # (kernels.attention is also the op's name)
+flash = importlib.import_module("hylo.kernels.attention.flash")  # (kernels.attention is also the op's name)
 
 
 def _segments(q, k, cum_q, cum_k):

@@ -49,7 +49,7 @@ def test_lean_autotuning_keeps_the_lean_configs(monkeypatch):
     import triton
     import triton.language as tl
 
-    import kernels.triton_support as support
+    import hylo.kernels.triton_support as support
 
     @triton.jit
     def kernel(X, N, BLOCK: tl.constexpr):

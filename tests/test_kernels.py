@@ -9,7 +9,7 @@ relative error ||fast - ref|| / ||ref|| <= 1e-5 against the float64 oracle.
 import pytest
 import torch
 
-from kernels import (
+from hylo.kernels.ops import (
     attention,
     attention_step,
     based_linear_attention,
@@ -105,7 +105,7 @@ def test_attention_flash_probe_and_refusals(monkeypatch):
     what flash cannot take is a ValueError."""
     import importlib
 
-    flash = importlib.import_module("kernels.attention.flash")  # (kernels.attention is also the op's name)
+    flash = importlib.import_module("hylo.kernels.attention.flash")  # (kernels.attention is also the op's name)
     assert flash._probe(torch.device("cpu")) is None
     monkeypatch.setattr(flash, "_PROBED", {})
 
@@ -281,7 +281,7 @@ def test_rat_chunk_matches_oracle(t, chunk, rope, backend):
 
 def test_rat_flash_continues_a_prefix_like_the_chunk_path():
     """A prefix of chunk summaries (how context parallelism continues a sequence): flash = chunk, every gradient."""
-    from kernels.rat import scan_summaries
+    from hylo.kernels.rat import scan_summaries
 
     q, k, v, g = rand(1, 24, 2, 8), rand(1, 24, 2, 8), rand(1, 24, 2, 8), rand(1, 24, 2, 8, low=0.01)
     pk, pv = (x.detach().requires_grad_() for x in scan_summaries(rand(1, 12, 2, 8), rand(1, 12, 2, 8),
@@ -310,7 +310,7 @@ def test_rat_rope_is_applied_after_the_scan():
     """The paper's order (the authors' code rotates `intra_k` after `ascan`): the scanned keys turn by their chunk.
     Rotating the raw keys before the scan is a different op, because the gate is per channel and RoPE mixes
     channel pairs; with a gate equal on both channels of every rotated pair the two orders must agree."""
-    from kernels.rope import apply_rope, rope_table
+    from hylo.kernels.rope import apply_rope, rope_table
 
     t, chunk, d, theta = 40, 8, 8, 3.0
     q, k, v = (torch.randn(1, t, 2, d, dtype=F64) for _ in range(3))
@@ -379,7 +379,7 @@ def test_lightning_state_passing_matches_oracle_and_chains():
     b, end = lightning_attention(q[:, 61:], k[:, 61:], v[:, 61:], slopes, initial_state=mid, output_final_state=True)
     torch.testing.assert_close(torch.cat([a, b], 1), whole, rtol=0, atol=1e-10)
     torch.testing.assert_close(end, final, rtol=0, atol=1e-10)
-    from kernels.lightning.chunk import chunk_lightning_attention
+    from hylo.kernels.lightning.chunk import chunk_lightning_attention
 
     seg, seg_final = chunk_lightning_attention(q, k, v, slopes, block=8, segment=40)
     torch.testing.assert_close(seg, whole, rtol=0, atol=1e-10)
@@ -404,7 +404,7 @@ def test_based_state_passing_matches_oracle_and_chains():
     torch.testing.assert_close(torch.cat([a, b], 1), whole, rtol=0, atol=1e-10)
     torch.testing.assert_close(z2, z_end, rtol=0, atol=1e-10)  # padding never leaks into the normaliser
     torch.testing.assert_close(z_end[..., 0], torch.full_like(z_end[..., 0], t))
-    from kernels.based.chunk import chunk_based_linear_attention
+    from hylo.kernels.based.chunk import chunk_based_linear_attention
 
     seg, _ = chunk_based_linear_attention(q, k, v, block=16, segment=48)
     torch.testing.assert_close(seg, whole, rtol=0, atol=1e-10)
@@ -413,7 +413,7 @@ def test_based_state_passing_matches_oracle_and_chains():
 def test_a_named_backend_runs_that_backend_or_refuses():
     """kernels/dispatch.py: `chunk` means the chunk path (never SDPA), `sdpa` is explicit and plain-only, and a
     backend an op does not offer is refused by name."""
-    from kernels.attention import chunk_attention
+    from hylo.kernels.attention import chunk_attention
 
     q, k, v = (torch.randn(1, 24, 2, 8, dtype=F64) for _ in range(3))
     out, _ = chunk_attention(q, k, v, causal=True, window=None, sink=None, scale=None, n_pinned=0)

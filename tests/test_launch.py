@@ -4,40 +4,40 @@ import json
 
 import pytest
 
-from launch.launcher import HostfileError, build_command, parse_hostfile
+from hylo.launch.launcher import HostfileError, build_command, parse_hostfile
 from tests.conftest import run_module
 
 
 def test_command_lines():
     args = ["--config", "configs/hybrid_1b.yaml", "parallel.cp=2"]
-    assert build_command(1, 8, args) == ["torchrun", "--standalone", "--nproc_per_node=8", "-m", "trainer.train",
+    assert build_command(1, 8, args) == ["torchrun", "--standalone", "--nproc_per_node=8", "-m", "hylo.trainer.train",
                                          *args]
     assert build_command(4, 8, args, master_addr="node001", master_port=29600, run_id="job7") == [
         "torchrun", "--nnodes=4", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=node001:29600",
-        "--rdzv_id=job7", "-m", "trainer.train", *args]
+        "--rdzv_id=job7", "-m", "hylo.trainer.train", *args]
     srun = build_command(2, 8, ["run.dir=runs/my run"], slurm=True)
     assert srun[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1", "bash", "-c"]
     assert srun[5] == ("torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d "
                        "--rdzv_endpoint=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1):29500 "
-                       "--rdzv_id=$SLURM_JOB_ID -m trainer.train 'run.dir=runs/my run'")
+                       "--rdzv_id=$SLURM_JOB_ID -m hylo.trainer.train 'run.dir=runs/my run'")
 
 
 def test_bad_launches_fail_clearly():
-    multi = run_module(["-m", "trainer.cli", "launch", "--nodes", "2", "--dry-run"])
+    multi = run_module(["-m", "hylo.trainer.cli", "launch", "--nodes", "2", "--dry-run"])
     assert multi.returncode == 2 and "needs --master-addr" in multi.stderr
-    ds = run_module(["-m", "trainer.cli", "launch", "--engine", "deepspeed", "--nodes", "2", "--dry-run"])
+    ds = run_module(["-m", "hylo.trainer.cli", "launch", "--engine", "deepspeed", "--nodes", "2", "--dry-run"])
     assert ds.returncode == 2 and "needs --hostfile" in ds.stderr
 
 
 def test_deepspeed_command_lines(tmp_path):
     assert build_command(1, 8, ["--config", "c.yaml"], engine="deepspeed") == [
-        "deepspeed", "--num_gpus=8", "--master_port=29500", "--no_local_rank", "--module", "trainer.train",
+        "deepspeed", "--num_gpus=8", "--master_port=29500", "--no_local_rank", "--module", "hylo.trainer.train",
         "--config", "c.yaml", "train.engine=deepspeed"]
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two nodes\nnode001 slots=8\n\nnode002 slots=8  # spare\n")
     assert build_command(2, 8, ["train.engine=deepspeed"], engine="deepspeed", hostfile=str(hostfile)) == [
         "deepspeed", f"--hostfile={hostfile}", "--num_nodes=2", "--num_gpus=8", "--master_addr=node001",
-        "--master_port=29500", "--no_local_rank", "--module", "trainer.train", "train.engine=deepspeed"]
+        "--master_port=29500", "--no_local_rank", "--module", "hylo.trainer.train", "train.engine=deepspeed"]
     srun = build_command(2, 4, [], slurm=True, engine="deepspeed")  # torchrun starts ranks; the engine is DeepSpeed
     assert srun[5].startswith("torchrun --nnodes=2 --nproc_per_node=4") and srun[5].endswith("train.engine=deepspeed")
 
@@ -65,11 +65,11 @@ def test_hostfile_must_fit_the_job(tmp_path):
 
 
 def test_cpu_smoke_run_through_hylo_launch(tmp_path):
-    res = run_module(["-m", "trainer.cli", "launch", "--gpus-per-node", "2", "--", f"run.dir={tmp_path}",
+    res = run_module(["-m", "hylo.trainer.cli", "launch", "--gpus-per-node", "2", "--", f"run.dir={tmp_path}",
                       "train.steps=2", "logging.interval=1", "logging.progress=false", "checkpoint.interval=0",
                       "model.d_model=64", "model.n_layers=2", "train.batch_size=4"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.startswith("torchrun --standalone --nproc_per_node=2 -m trainer.train")
+    assert res.stdout.startswith("torchrun --standalone --nproc_per_node=2 -m hylo.trainer.train")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
 
@@ -79,8 +79,8 @@ def test_a_lost_peer_is_one_line(monkeypatch):
     and any error of a one-process run, stay themselves."""
     import torch.distributed as dist
 
-    from launch.distributed import peer_lost
-    from trainer.errors import PeerLost
+    from hylo.trainer.errors import PeerLost
+    from hylo.trainer.runtime.distributed import peer_lost
 
     gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:41234: "
                         "Connection reset by peer")
@@ -97,7 +97,7 @@ def test_a_lost_peer_is_one_line(monkeypatch):
 def test_cpu_threads_leave_the_cores_other_work_uses(monkeypatch):
     import os
 
-    from launch.distributed import cpu_threads
+    from hylo.trainer.runtime.distributed import cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

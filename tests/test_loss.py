@@ -4,9 +4,9 @@ weight, tied embeddings), ignored targets, no full-size logits kept for backward
 import pytest
 import torch
 
-from models import HybridLM
-from models.loss import IGNORE_INDEX, chunked_cross_entropy, full_cross_entropy, token_nll, torch_chunked_fits
-from trainer.config import ModelConfig
+from hylo.models.lm import HybridLM
+from hylo.models.loss import IGNORE_INDEX, chunked_cross_entropy, full_cross_entropy, token_nll, torch_chunked_fits
+from hylo.trainer.config import ModelConfig
 
 F64 = torch.float64
 
@@ -103,7 +103,7 @@ def test_training_and_eval_through_the_chunked_loss(tmp_path):
 
     def losses(chunk):
         run = tmp_path / f"c{chunk}"
-        res = run_module(["-m", "trainer.train", f"run.dir={run}", "train.steps=3", "train.batch_size=4",
+        res = run_module(["-m", "hylo.trainer.train", f"run.dir={run}", "train.steps=3", "train.batch_size=4",
                           "train.seq_len=64", "model.d_model=64", "model.n_layers=2", "logging.interval=1",
                           "logging.progress=false", "checkpoint.interval=0", "eval.interval=3", "eval.batches=1",
                           "eval.batch_size=2", f"train.loss_chunk={chunk}"])
@@ -121,7 +121,7 @@ def test_training_and_eval_through_the_chunked_loss(tmp_path):
 def test_auto_takes_torchs_chunked_loss_only_where_it_fits(monkeypatch):
     """`auto`: torch's chunked linear cross-entropy for CPU float32/float64 without autocast (measured 1.9x faster
     at 0.12x the memory there), hylo's function otherwise (CUDA until measured, bf16, autocast)."""
-    import models.loss as loss
+    import hylo.models.loss as loss
 
     hidden, weight, targets = inputs(dtype=torch.float32)
     calls = []

@@ -6,14 +6,14 @@ import weakref
 import pytest
 import torch
 
-import kernels.dispatch
-from models import HybridLM
-from models.lm import Block
-from parallel.activation_checkpointing import apply_activation_checkpointing
-from parallel.activation_offload import ActivationOffload, _State, is_weight
-from trainer.config import ConfigError, load_config
-from trainer.plan import RetainedBytes, block_saved, main, per_token, plan_memory, suggest
-from trainer.trainer import run_problem
+import hylo.kernels.dispatch
+from hylo.models.lm import Block, HybridLM
+from hylo.parallel.activation_checkpointing import apply_activation_checkpointing
+from hylo.parallel.activation_offload import ActivationOffload, _State, is_weight
+from hylo.trainer.cli import main as hylo
+from hylo.trainer.config import ConfigError, load_config
+from hylo.trainer.memory_plan import RetainedBytes, block_saved, per_token, plan_memory, suggest
+from hylo.trainer.trainer import run_problem
 
 KINDS = ["full", "swa", "rat", "based", "baseconv", "tnl"]
 
@@ -158,7 +158,7 @@ def test_activation_model_matches_what_autograd_keeps(kind, monkeypatch):
     """Every layer type, two lengths, each policy and the tiled MLP: within 15% of the bytes really kept (the fused
     kernels, on the CPU through the Triton interpreter, fp32)."""
     pytest.importorskip("triton")
-    monkeypatch.setattr(kernels.dispatch, "triton_fits", lambda *tensors: True)
+    monkeypatch.setattr(hylo.kernels.dispatch, "triton_fits", lambda *tensors: True)
     cases = [(32, "none", 0), (64, "none", 0), (32, "selective", 0), (64, "selective", 0), (64, "full", 0),
              (64, "none", 16)]
     for seq_len, policy, tile in cases:
@@ -180,10 +180,11 @@ def test_plan_flags_a_config_that_cannot_fit_and_suggests_one_that_does(capsys):
     again.model.vocab_size = 32768
     assert plan_memory(again, 1, 80).fits
 
-    assert main(["--config", "configs/hybrid_1b.yaml", *overrides, "model.vocab_size=32768", "--gpu-mem", "80"]) == 1
+    assert hylo(["plan", "--config", "configs/hybrid_1b.yaml", *overrides, "model.vocab_size=32768", "--gpu-mem",
+                 "80"]) == 1
     out = capsys.readouterr().out
     assert "does NOT fit" in out and "it fits with" in out
-    assert main(["--config", "configs/hybrid_1b.yaml", *overrides, "model.vocab_size=32768", *changes]) == 0
+    assert hylo(["plan", "--config", "configs/hybrid_1b.yaml", *overrides, "model.vocab_size=32768", *changes]) == 0
     assert ": fits" in capsys.readouterr().out
 
 
@@ -234,7 +235,7 @@ def test_gradients_at_the_peak_follow_the_timeline():
 
 
 def _params(cfg) -> int:
-    from trainer.plan import _parameter_counts
+    from hylo.trainer.memory_plan import _parameter_counts
 
     return _parameter_counts(cfg)[0]
 
@@ -245,7 +246,7 @@ def _params(cfg) -> int:
 def test_checkpointing_auto_takes_the_cheapest_policy_that_fits(seq_len, memory, policy):
     """train.activation_checkpointing=auto (the default): none where it fits, else selective, else full — by the
     plan of the device the run starts on; `hylo plan` shows the policy it took."""
-    from trainer.plan import choose_checkpointing
+    from hylo.trainer.memory_plan import choose_checkpointing
 
     cfg = load_config("configs/hybrid_1b.yaml", ["model.vocab_size=32768", "train.batch_size=1",
                                                  "train.micro_batch_size=1", f"train.seq_len={seq_len}"])

@@ -1,4 +1,4 @@
-"""Data mixtures (trainer/mixture.py): weighted sources, long-document upsampling, exact resume, per-source
+"""Data mixtures (trainer/data/mixture.py): weighted sources, long-document upsampling, exact resume, per-source
 accounting, and clear refusals."""
 
 import json
@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from hylo.trainer.config import DataConfig, SourceConfig, UpsampleConfig, load_config
+from hylo.trainer.data.loader import DataLoader
+from hylo.trainer.data.mixture import MixturePacker
+from hylo.trainer.data.packing import source_packer
+from hylo.trainer.data.tokenizer import load_tokenizer
 from tests.conftest import run_module
 from tests.test_checkpoint import losses
-from trainer.config import DataConfig, SourceConfig, UpsampleConfig, load_config
-from trainer.data import DataLoader, source_packer
-from trainer.mixture import MixturePacker
-from trainer.tokenizer import load_tokenizer
 
 TOK = load_tokenizer()
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
@@ -159,18 +160,18 @@ TRAIN = ["model.d_model=64", "model.n_layers=2", "train.batch_size=4", "train.se
 def test_training_on_a_mixture_resumes_bit_exactly_and_logs_each_source(corpus, tmp_path):
     sources = SOURCES.format(**corpus)
     ref = tmp_path / "ref"
-    res = run_module(["-m", "trainer.train", f"run.dir={ref}", sources, "train.steps=9", *TRAIN])
+    res = run_module(["-m", "hylo.trainer.train", f"run.dir={ref}", sources, "train.steps=9", *TRAIN])
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "data/tokens/web" in r][-1]
     assert last["data/tokens/web"] + last["data/tokens/books"] == 9 * 4 * 64
     chain = tmp_path / "chain"
     for stop in (4, 5, 9):
-        res = run_module(["-m", "trainer.train", f"run.dir={chain}", sources, f"train.steps={stop}", *TRAIN])
+        res = run_module(["-m", "hylo.trainer.train", f"run.dir={chain}", sources, f"train.steps={stop}", *TRAIN])
         assert res.returncode == 0, res.stderr[-2000:]
     assert losses(chain) == losses(ref)
     # a source removed from the mixture is refused by name
-    removed = run_module(["-m", "trainer.train", f"run.dir={chain}", "train.steps=12", *TRAIN,
+    removed = run_module(["-m", "hylo.trainer.train", f"run.dir={chain}", "train.steps=12", *TRAIN,
                           f"data.sources=[{{name: web, path: {corpus['web']}, weight: 1.0}}]"])
     assert removed.returncode == 2 and "source 'books' was removed" in removed.stderr, removed.stderr[-2000:]
 
@@ -184,7 +185,7 @@ def test_training_on_a_mixture_resumes_bit_exactly_and_logs_each_source(corpus, 
 def test_bad_mixtures_are_one_line_errors(sources, message, tmp_path):
     with pytest.raises(Exception, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config(None, [f"data.sources={sources}"])
-    res = run_module(["-m", "trainer.train", f"run.dir={tmp_path / 'run'}", f"data.sources={sources}"])
+    res = run_module(["-m", "hylo.trainer.train", f"run.dir={tmp_path / 'run'}", f"data.sources={sources}"])
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
 
 
@@ -199,10 +200,10 @@ def test_the_two_stage_long_context_example_runs_and_resumes(corpus, tmp_path):
             text = text.replace(f"data/{name}", corpus[name])
         (tmp_path / f"stage{stage}.yaml").write_text(text.replace("min_tokens: 512", "min_tokens: 100"))
     small = ["model.d_model=64", "logging.progress=false", "logging.sink_interval=0", f"run.dir={tmp_path / 'run'}"]
-    one = run_module(["-m", "trainer.train", "--config", str(tmp_path / "stage1.yaml"), "train.steps=3",
+    one = run_module(["-m", "hylo.trainer.train", "--config", str(tmp_path / "stage1.yaml"), "train.steps=3",
                       "train.seq_len=32", *small])
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run_module(["-m", "trainer.train", "--config", str(tmp_path / "stage2.yaml"), "train.steps=5",
+    two = run_module(["-m", "hylo.trainer.train", "--config", str(tmp_path / "stage2.yaml"), "train.steps=5",
                       "train.seq_len=128", *small])
     assert two.returncode == 0, two.stderr[-2000:]
     assert "resuming from" in two.stdout and "train.seq_len 32 -> 128" in two.stdout
@@ -220,13 +221,15 @@ def test_a_mixture_trains_with_document_masking_under_context_parallelism(corpus
 
 
 def test_evaluation_on_a_mixture_reports_each_sources_loss(corpus, tmp_path):
-    res = run_module(["-m", "trainer.train", f"run.dir={tmp_path}", SOURCES.format(**corpus), "train.steps=2", *TRAIN,
+    res = run_module(["-m", "hylo.trainer.train", f"run.dir={tmp_path}", SOURCES.format(**corpus), "train.steps=2",
+                      *TRAIN,
                       "data.val_fraction=0.3", "eval.interval=2", "eval.batches=2", "eval.batch_size=4"])
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/loss" in r][-1]
     assert {"eval/loss/web", "eval/loss/books"} <= set(evals)
-    ev = run_module(["-m", "trainer.cli", "eval", "--checkpoint", str(tmp_path), "--batches", "2", "--batch-size", "4"])
+    ev = run_module(["-m", "hylo.trainer.cli", "eval", "--checkpoint", str(tmp_path), "--batches", "2",
+                     "--batch-size", "4"])
     assert ev.returncode == 0 and "source web: loss" in ev.stdout and "source books: loss" in ev.stdout, ev.stderr
 
 
@@ -237,8 +240,8 @@ def shard_corpus(corpus, tmp_path_factory):
     token lists (EOS included) in file order."""
     from pathlib import Path
 
-    from trainer.shards import write_shards
-    from trainer.tokenizer import EOS
+    from hylo.trainer.data.shards import write_shards
+    from hylo.trainer.data.tokenizer import EOS
 
     texts = [p.read_text() for p in sorted(Path(corpus["web"]).iterdir())]
     out = tmp_path_factory.mktemp("web_shards")
@@ -249,8 +252,8 @@ def shard_corpus(corpus, tmp_path_factory):
 
 
 def test_token_shards_read_as_documents_are_the_tokenized_documents(shard_corpus, tmp_path):
-    from trainer.shards import ShardDocuments, TokenShards
-    from trainer.tokenizer import EOS
+    from hylo.trainer.data.shards import ShardDocuments, TokenShards
+    from hylo.trainer.data.tokenizer import EOS
 
     _, docs = shard_corpus
     shards = TokenShards(shard_corpus[0]["web"], TOK)
@@ -308,9 +311,9 @@ def test_skipping_other_ranks_rows_in_one_call_equals_one_by_one(shard_corpus):
     """Token-shard mixtures skip the other ranks' rows through the round robin's period in one index step per
     source: the same sources, positions, epochs and max_epochs stops as skipping sequence by sequence."""
     corpus, _ = shard_corpus
-    from trainer.data import source_packer as build_source
-    from trainer.mixture import MixturePacker as Mixture
-    from trainer.shards import write_shards
+    from hylo.trainer.data.mixture import MixturePacker as Mixture
+    from hylo.trainer.data.packing import source_packer as build_source
+    from hylo.trainer.data.shards import write_shards
 
     small = shard_corpus[0]["web"] + "_small"  # a tiny source: its epochs turn over inside skipped runs
     from pathlib import Path

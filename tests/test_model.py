@@ -3,13 +3,12 @@ import sys
 import pytest
 import torch
 
-from kernels import attention
-from models import HybridLM
-from models.attention import sink_statistics
-from models.lm import layer_types
-from models.rope import apply_rope
+from hylo.kernels.ops import attention
+from hylo.models.attention import sink_statistics
+from hylo.models.lm import HybridLM, layer_types
+from hylo.models.rope import apply_rope
+from hylo.trainer.config import ModelConfig
 from tests.conftest import run_layer_monitor
-from trainer.config import ModelConfig
 
 F64 = torch.float64
 ALL_TYPES = ["full", "swa", "rat", "based", "baseconv", "tnl"]
@@ -150,7 +149,7 @@ def test_sink_monitor_finds_learned_and_secondary_sinks():
 def test_sink_monitor_hooks_into_the_model_once():
     """The monitor callback's forward hooks report every attention layer once per due step, also when activation
     checkpointing re-runs the forward in backward, and are gone afterwards."""
-    from parallel.activation_checkpointing import apply_activation_checkpointing
+    from hylo.parallel.activation_checkpointing import apply_activation_checkpointing
 
     model = HybridLM(small_cfg(pattern=["swa", "rat", "full"], n_layers=3))
     apply_activation_checkpointing(model)
@@ -170,7 +169,7 @@ def test_sink_monitor_hooks_into_the_model_once():
 
 
 def test_activation_checkpointing_changes_nothing_but_memory():
-    from parallel.activation_checkpointing import apply_activation_checkpointing
+    from hylo.parallel.activation_checkpointing import apply_activation_checkpointing
 
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=6, n_heads=2,
                       pattern=["full", "swa", "rat", "based", "baseconv", "tnl"], window=4)
@@ -216,7 +215,7 @@ def test_every_block_compiles_in_one_graph_on_the_chunk_path(kind):
     """torch.compile(fullgraph=True) of a block of every layer type: no graph break anywhere in the chunk paths
     (no tensor read back to the host), and the compiled block equals the eager one, forward and backward.
     (aot_eager: dynamo's graph capture and AOT autograd without inductor's code generation, to stay fast.)"""
-    from models.lm import Block
+    from hylo.models.lm import Block
 
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=6, n_heads=2, window=8)
     cfg.rat.chunk_size = 4
@@ -251,14 +250,15 @@ def test_a_layers_backend_setting_reaches_its_op(setting, monkeypatch):
     model.load_state_dict(reference.state_dict())
     tokens = torch.randint(0, 97, (2, 13))  # 13: not a multiple of RAT's chunk of 4
 
-    import kernels.dispatch
-    seen, choose = [], kernels.dispatch.choose_backend
+    import hylo.kernels.dispatch
+
+    seen, choose = [], hylo.kernels.dispatch.choose_backend
 
     def spy(op, chosen, *args, **kw):
         seen.append((op, chosen))
         return choose(op, chosen, *args, **kw)
 
-    for module in ("kernels.attention", "kernels.rat", "kernels.based", "kernels.lightning"):
+    for module in ("hylo.kernels.attention", "hylo.kernels.rat", "hylo.kernels.based", "hylo.kernels.lightning"):
         monkeypatch.setattr(sys.modules[module], "choose_backend", spy)  # (the package re-exports functions)
     for run in (model, model.prefill):
         seen.clear()

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from models import HybridLM
-from trainer.checkpointing import load_weights
-from trainer.config import load_config
-from trainer.train import train
+from hylo.models.lm import HybridLM
+from hylo.trainer.checkpointing import load_weights
+from hylo.trainer.config import load_config
+from hylo.trainer.train import train
 
 LARGE = {  # preset: (min, max) parameters with a 32K vocabulary
     "rat_swa_1b": (1.1e9, 1.5e9),

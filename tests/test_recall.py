@@ -8,23 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import based_linear_attention, lightning_attention
-from models import HybridLM
+from hylo.kernels.ops import based_linear_attention, lightning_attention
+from hylo.models.lm import HybridLM
+from hylo.trainer.callbacks.metrics import LossSpikes
+from hylo.trainer.callbacks.monitors import layer_grad_norms
+from hylo.trainer.config import ConfigError, ModelConfig, load_config
+from hylo.trainer.data.mqar import IGNORE, MQARLoader, MQARSpec, mqar_batch
+from hylo.trainer.data.tokenizer import load_tokenizer
+from hylo.trainer.evaluation.recall import heatmap_image, mqar_accuracy, passkey_correct, passkey_sample
 from tests.conftest import run_layer_monitor, run_module
-from trainer.callbacks.metrics import LossSpikes
-from trainer.callbacks.monitors import layer_grad_norms
-from trainer.config import ConfigError, ModelConfig, load_config
-from trainer.recall import (
-    IGNORE,
-    MQARLoader,
-    MQARSpec,
-    heatmap_image,
-    mqar_accuracy,
-    mqar_batch,
-    passkey_correct,
-    passkey_sample,
-)
-from trainer.tokenizer import load_tokenizer
 
 
 class LookupOracle(torch.nn.Module):
@@ -109,12 +101,12 @@ def test_mqar_config_checks():
 def test_tiny_attention_model_learns_mqar(tmp_path):
     """The easy setting of configs/mqar_tiny.yaml: a 2-layer model (short convolution + softmax attention)
     trained through `hylo train` reaches >= 0.9 accuracy, logged during training and re-measured by `hylo eval`."""
-    res = run_module(["-m", "trainer.train", "--config", "configs/mqar_tiny.yaml", f"run.dir={tmp_path}"])
+    res = run_module(["-m", "hylo.trainer.train", "--config", "configs/mqar_tiny.yaml", f"run.dir={tmp_path}"])
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     accuracies = [r["eval/mqar_accuracy"] for r in rows if "eval/mqar_accuracy" in r]
     assert accuracies[-1] >= 0.9, accuracies
-    ev = run_module(["-m", "trainer.cli", "eval", "--checkpoint", str(tmp_path / "checkpoints" / "step_300"),
+    ev = run_module(["-m", "hylo.trainer.cli", "eval", "--checkpoint", str(tmp_path / "checkpoints" / "step_300"),
                      "--task", "mqar", "--samples", "512"])
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads(ev.stdout.strip().splitlines()[-1])["accuracy"] >= 0.9
@@ -193,7 +185,7 @@ def test_loss_spikes_are_flagged():
 
 def test_profiler_monitoring_and_report(tmp_path):
     run = tmp_path / "run"
-    res = run_module(["-m", "trainer.train", f"run.dir={run}", "model.pattern=[tnl,full]", "model.d_model=64",
+    res = run_module(["-m", "hylo.trainer.train", f"run.dir={run}", "model.pattern=[tnl,full]", "model.d_model=64",
                       "train.steps=8", "train.batch_size=4", "train.seq_len=64", "checkpoint.interval=8",
                       "logging.progress=false", "logging.interval=2", "logging.layer_interval=4",
                       "logging.sink_interval=4", "profile.enabled=true", "profile.start_step=2", "profile.steps=2",
@@ -204,16 +196,16 @@ def test_profiler_monitoring_and_report(tmp_path):
     tags = set().union(*(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()))
     assert {"grads/layer0", "grads/layer1", "states/layer0/norm", "eval/passkey_accuracy",
             "eval/passkey/len000096/depth1.00", "sinks/layer1/first_token_mass/head0"} <= tags
-    report = run_module(["-m", "trainer.cli", "report", str(run)])
+    report = run_module(["-m", "hylo.trainer.cli", "report", str(run)])
     assert report.returncode == 0, report.stderr
     png, page = run / "report.png", run / "report.html"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "train/loss" in page.read_text()
-    missing = run_module(["-m", "trainer.cli", "report", str(tmp_path / "nowhere")])
+    missing = run_module(["-m", "hylo.trainer.cli", "report", str(tmp_path / "nowhere")])
     assert missing.returncode == 2 and "metrics.jsonl does not exist" in missing.stderr
     for task in ("mqar", "passkey"):
-        bad = run_module(["-m", "trainer.cli", "eval", "--checkpoint", str(tmp_path / "nowhere"), "--task", task])
+        bad = run_module(["-m", "hylo.trainer.cli", "eval", "--checkpoint", str(tmp_path / "nowhere"), "--task", task])
         assert bad.returncode == 2 and "does not exist" in bad.stderr
-    passkey = run_module(["-m", "trainer.cli", "eval", "--checkpoint", str(run / "checkpoints" / "step_8"),
+    passkey = run_module(["-m", "hylo.trainer.cli", "eval", "--checkpoint", str(run / "checkpoints" / "step_8"),
                           "--task", "passkey", "--lengths", "64", "--depths", "0,0.5", "--trials", "1",
                           "--heatmap", str(tmp_path / "heat.png")])
     assert passkey.returncode == 0, passkey.stderr[-2000:]

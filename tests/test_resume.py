@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 
+from hylo.trainer.config import load_config
+from hylo.trainer.engines.optim import lr_factor
 from tests.conftest import run_module
 from tests.test_checkpoint import SMALL, shards  # noqa: F401 - shards is a fixture
-from trainer.config import load_config
-from trainer.optim import lr_factor
 
 
 def metrics(run_dir):
@@ -16,7 +16,7 @@ def metrics(run_dir):
 
 
 def test_changed_settings_on_resume(shards, tmp_path):  # noqa: F811
-    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=3",
+    args = ["-m", "hylo.trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=3",
             "schedule.warmup_steps=2", *SMALL]
     first = run_module([*args, "train.steps=3"])
     assert first.returncode == 0, first.stderr[-2000:]
@@ -38,8 +38,8 @@ def test_every_model_setting_has_a_resume_rule():
     """Each model key is refused (shape), noted (changes the function) or neutral on resume: a new key must pick."""
     import dataclasses
 
-    from trainer.config import ModelConfig
-    from trainer.resume import COMPUTE_KEYS, NEUTRAL_MODEL_KEYS, SHAPE_KEYS
+    from hylo.trainer.checkpointing.resume import COMPUTE_KEYS, NEUTRAL_MODEL_KEYS, SHAPE_KEYS
+    from hylo.trainer.config import ModelConfig
 
     def keys(node, prefix):
         for f in dataclasses.fields(node):
@@ -53,9 +53,9 @@ def test_every_model_setting_has_a_resume_rule():
 def test_a_new_seq_len_continues_the_stream_at_the_same_token():
     """Long-context training in stages: a checkpoint taken at T=64 resumed at T=32 (and at T=128) reads on from the
     very token where the T=64 run would have, nothing skipped or repeated."""
-    from trainer.config import DataConfig
-    from trainer.data import DataLoader
-    from trainer.tokenizer import load_tokenizer
+    from hylo.trainer.config import DataConfig
+    from hylo.trainer.data.loader import DataLoader
+    from hylo.trainer.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer("")
 
@@ -83,9 +83,9 @@ def test_a_new_seq_len_continues_the_stream_at_the_same_token():
 def test_a_new_seq_len_on_token_shards_reads_the_rest_of_the_epoch_then_goes_on(tmp_path):
     """Token shards at T=64 interrupted mid-epoch, resumed at T=32 (and at T=128): the rest of the epoch's windows
     in their order, end to end, cut to the new length, then epoch 1 at the new length."""
-    from trainer.data import bundled_corpus_files
-    from trainer.shards import ShardSequences, TokenShards, write_shards
-    from trainer.tokenizer import load_tokenizer
+    from hylo.trainer.data.shards import ShardSequences, TokenShards, write_shards
+    from hylo.trainer.data.sources import bundled_corpus_files
+    from hylo.trainer.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer("")
     texts = (open(f, encoding="utf-8", errors="replace").read() for f in bundled_corpus_files()[:6])
@@ -110,7 +110,7 @@ def test_a_new_seq_len_on_token_shards_reads_the_rest_of_the_epoch_then_goes_on(
 
 
 def test_a_new_seq_len_on_token_shards_resumes_end_to_end(shards, tmp_path):  # noqa: F811
-    args = ["-m", "trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=2", *SMALL]
+    args = ["-m", "hylo.trainer.train", f"run.dir={tmp_path}", f"data.path={shards}", "checkpoint.interval=2", *SMALL]
     assert run_module([*args, "train.steps=2"]).returncode == 0
     res = run_module([*args, "train.steps=4", "train.seq_len=32"])
     assert res.returncode == 0, res.stderr[-2000:]

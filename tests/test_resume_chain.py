@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+from hylo.trainer.config import DataConfig
+from hylo.trainer.data.loader import DataLoader
+from hylo.trainer.data.shards import write_shards
+from hylo.trainer.data.tokenizer import load_tokenizer
 from tests.conftest import ROOT, run_module, subprocess_env
 from tests.test_checkpoint import losses, torchrun
-from trainer.config import DataConfig
-from trainer.data import DataLoader
-from trainer.shards import write_shards
-from trainer.tokenizer import load_tokenizer
 
 TOK = load_tokenizer()
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
@@ -178,7 +178,7 @@ def long_corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(long_corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
-    res = run_module(["-m", "trainer.train", f"run.dir={run_dir}", f"data.path={long_corpus}",
+    res = run_module(["-m", "hylo.trainer.train", f"run.dir={run_dir}", f"data.path={long_corpus}",
                       f"train.steps={TRAIN_STEPS}", *TRAIN])
     assert res.returncode == 0, res.stderr[-3000:]
     return run_dir
@@ -210,7 +210,7 @@ def test_training_resumed_three_times_inside_a_document_equals_the_straight_run(
     run_dir = tmp_path / "chain"
     for stop in [*chain_points(reference), TRAIN_STEPS]:  # every run resumes from the one before's last save
         args = [f"run.dir={run_dir}", f"data.path={long_corpus}", f"train.steps={stop}", *TRAIN]
-        res = torchrun(2, free_port, args) if world == 2 else run_module(["-m", "trainer.train", *args])
+        res = torchrun(2, free_port, args) if world == 2 else run_module(["-m", "hylo.trainer.train", *args])
         assert res.returncode == 0, res.stderr[-3000:]
     assert losses(run_dir) == want  # exact, every step
 
@@ -222,7 +222,7 @@ def test_chaos_random_kills_then_resumes_reproduce_every_loss(long_corpus, tmp_p
     run's."""
     rng = random.Random(fresh_seed)
     steps = 400
-    args = [sys.executable, "-m", "trainer.train", f"data.path={long_corpus}", f"train.steps={steps}", *TRAIN,
+    args = [sys.executable, "-m", "hylo.trainer.train", f"data.path={long_corpus}", f"train.steps={steps}", *TRAIN,
             "checkpoint.interval=3", "checkpoint.keep_last=2"]
     started = time.monotonic()
     reference = subprocess.run([*args, f"run.dir={tmp_path / 'reference'}"], cwd=ROOT, env=subprocess_env(),
@@ -250,7 +250,7 @@ def test_chaos_random_kills_then_resumes_reproduce_every_loss(long_corpus, tmp_p
 
 
 def test_a_half_written_metrics_line_is_cut_before_a_resumed_run_appends(tmp_path):
-    from trainer.metrics import MetricsLogger
+    from hylo.trainer.run_log import MetricsLogger
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 8.0}\n{"step": 2, "train/lo')  # killed here
     logger = MetricsLogger(tmp_path, enabled=True)

@@ -3,10 +3,10 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from hylo.trainer.config import load_config
+from hylo.trainer.errors import ConfigError
+from hylo.trainer.train import train
 from tests.conftest import run_module
-from trainer.config import load_config
-from trainer.errors import ConfigError
-from trainer.train import train
 
 TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu"]
 
@@ -73,11 +73,11 @@ def test_resume_from_wrong_model_shape_fails_clearly(tiny_run, tmp_path):
 
 
 def test_cli_errors_exit_nonzero_with_message(tmp_path):
-    bad_key = run_module(["-m", "trainer.train", "train.stepz=3", f"run.dir={tmp_path}"])
+    bad_key = run_module(["-m", "hylo.trainer.train", "train.stepz=3", f"run.dir={tmp_path}"])
     assert bad_key.returncode == 2 and "unknown config key 'train.stepz'" in bad_key.stderr
-    bad_type = run_module(["-m", "trainer.cli", "train", "model.d_model=big", f"run.dir={tmp_path}"])
+    bad_type = run_module(["-m", "hylo.trainer.cli", "train", "model.d_model=big", f"run.dir={tmp_path}"])
     assert bad_type.returncode == 2 and "model.d_model" in bad_type.stderr
-    no_data = run_module(["-m", "trainer.train", "data.path=/no/such/corpus", f"run.dir={tmp_path}"])
+    no_data = run_module(["-m", "hylo.trainer.train", "data.path=/no/such/corpus", f"run.dir={tmp_path}"])
     assert no_data.returncode == 2 and "data.path '/no/such/corpus' does not exist" in no_data.stderr
     assert not (tmp_path / "checkpoints").exists()  # nothing was started
 
@@ -85,7 +85,7 @@ def test_cli_errors_exit_nonzero_with_message(tmp_path):
 def test_hylo_tokenize(tmp_path):
     (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
     out = tmp_path / "tok.json"
-    res = run_module(["-m", "trainer.cli", "tokenize", "--input", str(tmp_path / "a.txt"), "--vocab-size", "300",
+    res = run_module(["-m", "hylo.trainer.cli", "tokenize", "--input", str(tmp_path / "a.txt"), "--vocab-size", "300",
                       "--output", str(out)])
     assert res.returncode == 0, res.stderr
     assert out.is_file() and "wrote" in res.stdout
@@ -97,8 +97,8 @@ def test_the_loop_reads_nothing_from_the_device_between_logging_steps(tmp_path, 
     the spike detector, not the preemption poll.  Logging steps do (the counter counts)."""
     import torch
 
-    from trainer.callbacks import Callback
-    from trainer.engines.torch_engine import TorchEngine
+    from hylo.trainer.callbacks import Callback
+    from hylo.trainer.engines.torch_engine import TorchEngine
 
     reads: dict[int, int] = {}
     now = {"step": 0, "in_engine": False}
@@ -156,7 +156,7 @@ def test_the_loop_reads_nothing_from_the_device_between_logging_steps(tmp_path, 
         "cuda-deepspeed", "cuda-cp", "on",
         "legacy-true", "off"])
 def test_compile_auto_compiles_only_cuda_runs_it_can(overrides, device, compiled, note):
-    from trainer.config import compile_choice
+    from hylo.trainer.config import compile_choice
 
     chosen, why = compile_choice(load_config("configs/tiny.yaml", overrides), device)
     assert chosen == compiled
@@ -168,7 +168,7 @@ def test_compile_auto_falls_back_to_eager_when_torch_compile_fails(tmp_path, mon
     eager blocks, with the losses of an eager run."""
     import torch._dynamo.exc
 
-    import trainer.trainer as trainer_module
+    import hylo.trainer.trainer as trainer_module
 
     common = ["train.steps=3", "logging.interval=1", "logging.progress=false", "checkpoint.interval=0",
               "logging.sink_interval=0", "logging.layer_interval=0", "eval.interval=0"]
@@ -219,7 +219,7 @@ def test_compiled_blocks_train_as_eager_ones_for_every_layer_type(masking, tmp_p
 def test_checkpointing_auto_picks_by_the_host_memory_and_config_keeps_auto(tmp_path, monkeypatch, capsys):
     """On the CPU, `auto` plans against this rank's share of host memory: none when it fits (said nothing),
     otherwise the cheapest policy that fits, said in one line; config.yaml keeps `auto` for the next resume."""
-    import trainer.plan as plan
+    import hylo.trainer.memory_plan as plan
 
     common = ["train.steps=1", "logging.progress=false", "checkpoint.interval=0", "eval.interval=0",
               "train.seq_len=256", "train.batch_size=2"]

@@ -16,10 +16,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.attention import atomic_dq as atomic_dq_enabled  # noqa: E402
-from kernels.attention import attention, set_backward_dq  # noqa: E402
-from kernels.attention.triton import flash_backward, flash_delta, make_spec, merge, triton_attention  # noqa: E402
-from kernels.triton_support import triton_usable  # noqa: E402
+from hylo.kernels.attention import atomic_dq as atomic_dq_enabled  # noqa: E402
+from hylo.kernels.attention import attention, set_backward_dq  # noqa: E402
+from hylo.kernels.attention.triton import flash_backward, flash_delta, make_spec, merge, triton_attention  # noqa: E402
+from hylo.kernels.triton_support import triton_usable  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64

@@ -10,9 +10,9 @@ without code generation, which keeps this fast.
 import pytest
 import torch
 
-import kernels.dispatch as dispatch
-from kernels.triton_support import triton_usable
-from trainer.config import ModelConfig
+import hylo.kernels.dispatch as dispatch
+from hylo.kernels.triton_support import triton_usable
+from hylo.trainer.config import ModelConfig
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,7 +25,7 @@ OPS = {"full": "flash_attention_forward", "swa": "flash_attention_forward", "rat
 
 @pytest.mark.parametrize("kind", list(OPS))
 def test_block_on_triton_compiles_in_one_graph(kind, monkeypatch):
-    from models.lm import Block
+    from hylo.models.lm import Block
 
     # `auto` picks Triton for CPU tensors too (the interpreter runs them).  Attention has sinks: never SDPA.
     monkeypatch.setattr(dispatch, "triton_fits", lambda *tensors: True)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import based_linear_attention, lightning_attention, tnl_slopes
-from kernels.triton_support import triton_usable
+from hylo.kernels.ops import based_linear_attention, lightning_attention, tnl_slopes
+from hylo.kernels.triton_support import triton_usable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64

@@ -11,8 +11,8 @@ an element a kernel forgets to write shows up as a NaN.  Tolerances, as ||fast -
 import pytest
 import torch
 
-from kernels import rat_attention
-from kernels.triton_support import triton_usable
+from hylo.kernels.ops import rat_attention
+from hylo.kernels.triton_support import triton_usable
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,7 +172,7 @@ def test_prefix_matches_chunk_path(t, chunk, n_prefix):
 
 def test_prefix_continues_the_sequence():
     """Attention over [first chunks | rest] equals the rest with the first chunks' summaries as its prefix."""
-    from kernels.rat import scan_summaries
+    from hylo.kernels.rat import scan_summaries
 
     b, t, h, d, chunk, split = 1, 28, 2, 16, 4, 12
     q, k, v, gate = make_inputs(b, t, h, d)

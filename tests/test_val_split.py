@@ -5,12 +5,13 @@ import json
 
 import pytest
 
+from hylo.trainer.config import DataConfig, held_out_data, load_config
+from hylo.trainer.data.loader import DataLoader
+from hylo.trainer.data.provenance import data_provenance, source_change
+from hylo.trainer.data.sources import DocumentStream
+from hylo.trainer.data.tokenizer import load_tokenizer
+from hylo.trainer.errors import DataError
 from tests.conftest import run_module
-from trainer.config import DataConfig, held_out_data, load_config
-from trainer.data import DataLoader, DocumentStream
-from trainer.errors import DataError
-from trainer.provenance import data_provenance, source_change
-from trainer.tokenizer import load_tokenizer
 
 TOK = load_tokenizer()
 
@@ -59,7 +60,7 @@ def test_the_fraction_is_part_of_the_provenance_and_token_shards_refuse_it(corpu
     before = data_provenance(DataConfig(path=str(corpus), val_fraction=0.1), TOK)
     assert "val_fraction changed (0.1 -> 0.2)" in source_change(
         before, data_provenance(DataConfig(path=str(corpus), val_fraction=0.2), TOK))
-    from trainer.shards import write_shards
+    from hylo.trainer.data.shards import write_shards
 
     write_shards(["some text"] * 50, TOK, tmp_path / "shards")
     with pytest.raises(DataError, match="val_fraction holds out documents of a streaming source"):
@@ -74,11 +75,11 @@ def test_evaluation_reads_the_runs_own_held_out_documents(corpus, tmp_path):
     data, note = held_out_data(load_config(None, [f"data.path={corpus}"]))
     assert data.path == "bundled:val" and "set data.val_fraction" in note
     run = tmp_path / "run"
-    res = run_module(["-m", "trainer.train", f"run.dir={run}", f"data.path={corpus}", "data.val_fraction=0.2",
+    res = run_module(["-m", "hylo.trainer.train", f"run.dir={run}", f"data.path={corpus}", "data.val_fraction=0.2",
                       "model.d_model=64", "model.n_layers=2", "train.batch_size=2", "train.seq_len=32",
                       "train.steps=2", "eval.interval=2", "eval.batches=1", "eval.batch_size=2",
                       "logging.progress=false"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert "eval/loss" in res.stdout
-    ev = run_module(["-m", "trainer.cli", "eval", "--checkpoint", str(run), "--batches", "1", "--batch-size", "2"])
+    ev = run_module(["-m", "hylo.trainer.cli", "eval", "--checkpoint", str(run), "--batches", "1", "--batch-size", "2"])
     assert ev.returncode == 0 and "perplexity on the run's held-out documents" in ev.stdout, ev.stderr[-2000:]

@@ -1,9 +1,8 @@
 """The configuration schema: one typed dataclass tree, merged with a YAML file and `key=value` overrides.
 
-The defaults of this tree *are* the tiny CPU config (`configs/tiny.yaml` spells them out), so
-`python -m trainer.train` with no arguments trains something sensible.  Everything is checked before any
-work starts: an unknown key, a value of the wrong type or an inconsistent combination raises `ConfigError`
-naming the key and what is allowed.
+The defaults of this tree *are* the tiny CPU config (`configs/tiny.yaml` spells them out), so `hylo train` with
+no arguments trains something sensible.  Everything is checked before any work starts: an unknown key, a value
+of the wrong type or an inconsistent combination raises `ConfigError` naming the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +20,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from models import MIXERS
-from trainer.errors import ConfigError
+from hylo.models.lm import MIXERS
+from hylo.trainer.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The bundled configs (configs/ in the repository) install as the data-only package `hylo.configs`: found through
+# the install, they are there from a wheel and from an editable checkout alike, whatever the working directory.
+CONFIG_DIR = Path(next(iter(importlib.util.find_spec("hylo.configs").submodule_search_locations)))
 
 
 @dataclass
@@ -129,7 +131,7 @@ class DataConfig:
     # documents held out of training by a stable hash of their text (streaming sources); evaluation reads them
     val_fraction: float = 0.0
     split: str = "train"  # which side of val_fraction a reader takes: train | val (set by evaluation, not by hand)
-    # a mixture of weighted sources instead of data.path (trainer/mixture.py); each takes path, format, text_field
+    # a mixture of weighted sources instead of data.path (trainer/data/mixture.py); each takes path, format, text_field
     # and hf_split of its own, the other data.* settings apply to all
     sources: list[SourceConfig] = field(default_factory=list)
     # no layer lets a token see the documents packed before it (boundaries: the EOS tokens the packer writes)

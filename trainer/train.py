@@ -1,4 +1,4 @@
-"""Train a hybrid LM:  python -m trainer.train [--config configs/X.yaml] [key=value ...]
+"""Train a hybrid LM:  python -m hylo.trainer.train [--config configs/X.yaml] [key=value ...]
 
 Works as is on one process, under `torchrun --standalone --nproc_per_node=N` and under multi-node torchrun.
 The run itself is trainer/trainer.py's `Trainer`; this module is its command line.
@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.errors import run_command
-from trainer.launcher_watch import StartupWatch
+from hylo.trainer.arguments import parse
+from hylo.trainer.errors import run_command
+from hylo.trainer.runtime.launcher_watch import StartupWatch
 
 if TYPE_CHECKING:  # torch and the training stack load only when a run starts, never for --help
-    from trainer.callbacks import Callback
-    from trainer.config import Config
+    from hylo.trainer.callbacks import Callback
+    from hylo.trainer.config import Config
 
 
 def train(cfg: Config, callbacks: Sequence[Callback] = (), dry_run: bool = False) -> dict:
@@ -25,9 +26,9 @@ def train(cfg: Config, callbacks: Sequence[Callback] = (), dry_run: bool = False
     `callbacks` are added after the config's own (trainer/callbacks/).  `dry_run`: build everything (data, model,
     parallelism, engine, the checkpoint to resume), read the first batch, then stop without training or saving."""
     watch = StartupWatch()  # a torchrun agent dying before the first step ends this rank with one line
-    from launch.distributed import cpu_threads, destroy_distributed, init_distributed, peer_lost
-    from trainer.callbacks.profiler import oom_snapshot
-    from trainer.trainer import Trainer
+    from hylo.trainer.callbacks.profiler import oom_snapshot
+    from hylo.trainer.runtime.distributed import cpu_threads, destroy_distributed, init_distributed, peer_lost
+    from hylo.trainer.trainer import Trainer
 
     try:
         info = init_distributed(cfg.train.device, cfg.parallel.backend)
@@ -55,34 +56,22 @@ def train(cfg: Config, callbacks: Sequence[Callback] = (), dry_run: bool = False
         destroy_distributed()
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str], argparse.Namespace]:
-    """(--config, the overrides with --resume folded in, all the parsed arguments)."""
-    from trainer.cli import train_parser
+def run(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
+    """`hylo train` with its parsed arguments (trainer/arguments.py; `--resume` already folded into overrides)."""
+    from hylo.trainer.checkpointing.resume import run_config
+    from hylo.trainer.config import to_yaml
 
-    args = train_parser().parse_args(argv)
-    overrides = list(args.overrides)
-    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
-        overrides.insert(0, args.resume)  # `--resume train.lr=1e-3`: an override, not a checkpoint path
-        args.resume = "auto"
-    if args.resume is not None:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    return args.config, overrides, args
+    cfg = run_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    train(cfg, callbacks, dry_run=args.dry_run)
+    return 0
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
-    def run(args: list[str] | None) -> int:
-        config_path, overrides, flags = parse_args(args)
-        from trainer.config import to_yaml
-        from trainer.resume import run_config
-
-        cfg = run_config(config_path, overrides)
-        if flags.print_config:
-            print(to_yaml(cfg), end="")
-            return 0
-        train(cfg, callbacks, dry_run=flags.dry_run)
-        return 0
-
-    return run_command(run, argv)
+    """`python -m hylo.trainer.train [args]` (what torchrun starts on every rank): `hylo train [args]`."""
+    return run_command(lambda args: run(parse("train", args), callbacks), sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -18,28 +18,28 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kernels import set_backward_dq
-from launch.distributed import DistInfo
-from models import MIXERS, HybridLM
-from parallel.activation_checkpointing import apply_activation_checkpointing
-from parallel.context_parallel import apply_context_parallel, cp_config_problem, make_context
-from parallel.dims import ParallelDims
-from trainer.callbacks import Callback, Callbacks, default_callbacks
-from trainer.checkpointing import latest_checkpoint, read_trainer_state, recover_leftovers, verified_checkpoint
-from trainer.checkpointing.step_folder import barrier
-from trainer.config import Config, check_batch_layout, compile_choice, to_yaml
-from trainer.data import DataLoader
-from trainer.documents import document_masking
-from trainer.engines import StepResult, build_engine, engine_problem
-from trainer.errors import ConfigError, HyloError, TrainingDiverged
-from trainer.export import load_weights
-from trainer.metrics import MetricsLogger
-from trainer.optim import build_scheduler
-from trainer.provenance import check_source, data_provenance
-from trainer.recall import MQARLoader, mqar_spec
-from trainer.resume import apply_optimiser_settings, config_record, resume_changes
-from trainer.run_lock import RunDirLocked, RunLock
-from trainer.tokenizer import load_tokenizer
+from hylo.kernels.ops import set_backward_dq
+from hylo.models.lm import MIXERS, HybridLM
+from hylo.parallel.activation_checkpointing import apply_activation_checkpointing
+from hylo.parallel.dims import ParallelDims
+from hylo.parallel.strategies import apply_context_parallel, cp_config_problem, make_context
+from hylo.trainer.callbacks import Callback, Callbacks, default_callbacks
+from hylo.trainer.checkpointing import latest_checkpoint, read_trainer_state, recover_leftovers, verified_checkpoint
+from hylo.trainer.checkpointing.export import load_weights
+from hylo.trainer.checkpointing.resume import apply_optimiser_settings, config_record, resume_changes
+from hylo.trainer.checkpointing.step_folder import barrier
+from hylo.trainer.config import Config, check_batch_layout, compile_choice, to_yaml
+from hylo.trainer.data.documents import document_masking
+from hylo.trainer.data.loader import DataLoader
+from hylo.trainer.data.mqar import MQARLoader, mqar_spec
+from hylo.trainer.data.provenance import check_source, data_provenance
+from hylo.trainer.data.tokenizer import load_tokenizer
+from hylo.trainer.engines import StepResult, build_engine, engine_problem
+from hylo.trainer.engines.optim import build_scheduler
+from hylo.trainer.errors import ConfigError, HyloError, TrainingDiverged
+from hylo.trainer.run_log import MetricsLogger
+from hylo.trainer.runtime.distributed import DistInfo
+from hylo.trainer.runtime.run_lock import RunDirLocked, RunLock
 
 
 def run_problem(cfg: Config, world: int, device: torch.device | None = None) -> str | None:
@@ -99,7 +99,7 @@ class Trainer:
         if self.checkpointing == "auto":
             self.checkpointing = self._choose_checkpointing(info.world)
         if self.device.type == "cpu" and cfg.train.check_memory:  # before anything large is allocated
-            from trainer.plan import check_host_memory
+            from hylo.trainer.memory_plan import check_host_memory
 
             check_host_memory(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), info.world)
         self.loader = self._build_loader(micro)
@@ -122,7 +122,7 @@ class Trainer:
     def _choose_checkpointing(self, world: int) -> str:
         """train.activation_checkpointing=auto: the cheapest policy hylo plan fits in this device's memory (the
         GPU's, or this rank's share of the host's); said when it is not `none`."""
-        from trainer.plan import GiB, choose_checkpointing, host_memory_gib
+        from hylo.trainer.memory_plan import GiB, choose_checkpointing, host_memory_gib
 
         if self.device.type == "cuda":
             memory = torch.cuda.get_device_properties(self.device).total_memory / GiB
@@ -178,8 +178,8 @@ class Trainer:
             print(f"[hylo] {why_eager}", flush=True)
         if self.compiled:
             if self.device.type == "cuda":  # attention's flash backend is probed eagerly, not while tracing
-                from kernels.attention import say_flash_problem
-                from kernels.attention.flash import probe_flash
+                from hylo.kernels.attention import say_flash_problem
+                from hylo.kernels.attention.flash import probe_flash
 
                 if problem := probe_flash(self.device):
                     say_flash_problem(problem)

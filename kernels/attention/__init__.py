@@ -11,12 +11,12 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from kernels.attention.chunk import chunk_attention
-from kernels.attention.dq_mode import atomic_dq, set_backward_dq
-from kernels.attention.naive import naive_attention
-from kernels.attention.step import attention_prefill, attention_step
-from kernels.dispatch import choose_backend, triton_fits
-from kernels.varlen import document_bounds, packed, split_documents
+from hylo.kernels.attention.chunk import chunk_attention
+from hylo.kernels.attention.dq_mode import atomic_dq, set_backward_dq
+from hylo.kernels.attention.naive import naive_attention
+from hylo.kernels.attention.step import attention_prefill, attention_step
+from hylo.kernels.dispatch import choose_backend, triton_fits
+from hylo.kernels.varlen import document_bounds, packed, split_documents
 
 BACKENDS = ("naive", "chunk", "triton", "sdpa", "flash")
 
@@ -49,7 +49,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int 
 
 
 def _triton_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    from kernels.attention.triton import supported  # imports triton, which CPU-only installs may lack
+    from hylo.kernels.attention.triton import supported  # imports triton, which CPU-only installs may lack
 
     return supported(q, k, v)
 
@@ -57,7 +57,7 @@ def _triton_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def flash_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `auto` may take the flash backend (ring attention asks too); a torch whose FlashAttention ops fail
     their probe is said once."""
-    from kernels.attention.flash import flash_problem
+    from hylo.kernels.attention.flash import flash_problem
 
     problem = flash_problem(q, k, v)
     if problem and q.is_cuda and not torch.compiler.is_compiling():
@@ -77,7 +77,7 @@ def say_flash_problem(problem: str) -> None:
 
 
 def _flash(q, k, v, *, causal, window, sink, scale, n_pinned, bounds=None):
-    from kernels.attention.flash import flash_attention, flash_problem
+    from hylo.kernels.attention.flash import flash_attention, flash_problem
 
     if problem := flash_problem(q, k, v):
         raise ValueError(f"attention: backend='flash' cannot take these inputs: {problem}")
@@ -127,7 +127,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                               bounds=document_bounds(cu_seqlens, q, "attention"))
             return (out, lse) if return_lse else out
         if chosen == "triton":
-            from kernels.attention.triton import triton_attention
+            from hylo.kernels.attention.triton import triton_attention
 
             out, lse = triton_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale,
                                         n_pinned=n_pinned, cu_seqlens=cu_seqlens)
@@ -156,7 +156,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     elif backend == "naive":
         out, lse = naive_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale, n_pinned=n_pinned)
     elif backend == "triton":
-        from kernels.attention.triton import triton_attention  # imports triton, which CPU-only installs may lack
+        from hylo.kernels.attention.triton import triton_attention  # imports triton, which CPU-only installs may lack
 
         out, lse = triton_attention(q, k, v, causal=causal, window=window, sink=sink, scale=scale,
                                     n_pinned=n_pinned)

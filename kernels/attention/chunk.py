@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import compute_dtype
+from hylo.kernels.dispatch import compute_dtype
 
 BLOCK = 256
 

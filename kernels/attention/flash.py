@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.dispatch import compute_dtype
+from hylo.kernels.dispatch import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -353,7 +353,7 @@ def probe_flash(device: torch.device) -> str | None:
 
 
 def _probe(device: torch.device) -> str | None:
-    from kernels.attention.naive import naive_attention
+    from hylo.kernels.attention.naive import naive_attention
 
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, 96, h, 64, device=device, generator=gen) for h in (4, 2, 2))
@@ -391,7 +391,7 @@ def _probe(device: torch.device) -> str | None:
 def ring_pair_probe(q, k, v, dtype, reference: bool = False) -> list[torch.Tensor]:
     """A ring step's pair (queries 40-71 against keys 24-63: part diagonal) on the grouped layout: forward and
     backward through the flash pair kernels, or (reference) the blockwise ones."""
-    from kernels.attention.chunk import Layout, block_backward, block_forward, grad_delta
+    from hylo.kernels.attention.chunk import Layout, block_backward, block_forward, grad_delta
 
     b, _, h, d = q.shape
     h_kv = k.shape[2]

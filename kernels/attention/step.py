@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention.naive import naive_attention
+from hylo.kernels.attention.naive import naive_attention
 
 
 def attention_step(state: dict | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

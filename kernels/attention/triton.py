@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.dq_mode import atomic_dq
-from kernels.dispatch import TRITON_DTYPES
-from kernels.triton_support import (
+from hylo.kernels.attention.dq_mode import atomic_dq
+from hylo.kernels.dispatch import TRITON_DTYPES
+from hylo.kernels.triton_support import (
     autotune,
     contiguous_last,
     device_shared_memory_kb,

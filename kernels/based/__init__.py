@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels.based.chunk import chunk_based_linear_attention, taylor_features
-from kernels.based.naive import naive_based_linear_attention
-from kernels.based.step import based_step
-from kernels.dispatch import choose_backend
-from kernels.varlen import packed, split_documents
+from hylo.kernels.based.chunk import chunk_based_linear_attention, taylor_features
+from hylo.kernels.based.naive import naive_based_linear_attention
+from hylo.kernels.based.step import based_step
+from hylo.kernels.dispatch import choose_backend
+from hylo.kernels.varlen import packed, split_documents
 
 __all__ = ["based_linear_attention", "based_step", "taylor_features", "naive_based_linear_attention",
            "chunk_based_linear_attention"]
@@ -35,7 +35,7 @@ def based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     cu_seqlens = packed(cu_seqlens, q, "based_linear_attention")
     backend = choose_backend("based_linear_attention", backend, ("naive", "chunk", "triton"), (q, k, v))
     if backend == "triton":
-        from kernels.based.triton import triton_based_linear_attention  # imports triton: only when asked for
+        from hylo.kernels.based.triton import triton_based_linear_attention  # imports triton: only when asked for
 
         # packed documents too: the kernels restart at each document themselves
         return triton_based_linear_attention(q, k, v, eps, initial_state, output_final_state, cu_seqlens)

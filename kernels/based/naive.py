@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.based.chunk import taylor_features
+from hylo.kernels.based.chunk import taylor_features
 
 
 def naive_based_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.based.chunk import taylor_features
+from hylo.kernels.based.chunk import taylor_features
 
 
 def based_step(state: tuple[torch.Tensor, torch.Tensor] | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import TRITON_DTYPES
-from kernels.triton_dots import dot, round_to
-from kernels.triton_support import (
+from hylo.kernels.dispatch import TRITON_DTYPES
+from hylo.kernels.triton_dots import dot, round_to
+from hylo.kernels.triton_support import (
     autotune,
     contiguous_last,
     interpreting,
@@ -39,8 +39,8 @@ from kernels.triton_support import (
     strides3,
     traceable,
 )
-from kernels.triton_varlen import chunk_program, state_program
-from kernels.varlen import ChunkTable, chunk_table
+from hylo.kernels.triton_varlen import chunk_program, state_program
+from hylo.kernels.varlen import ChunkTable, chunk_table
 
 MAX_FEATURE_DIM = 16
 BD = tl.constexpr(16)  # the feature dim's tile: d <= 16, padded (a dot's inner dim is at least 16)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.conv.naive import naive_short_conv
-from kernels.conv.step import short_conv_prefill, short_conv_step
-from kernels.dispatch import choose_backend
-from kernels.varlen import packed, split_documents
+from hylo.kernels.conv.naive import naive_short_conv
+from hylo.kernels.conv.step import short_conv_prefill, short_conv_step
+from hylo.kernels.dispatch import choose_backend
+from hylo.kernels.varlen import packed, split_documents
 
 __all__ = ["short_conv", "short_conv_prefill", "short_conv_step", "naive_short_conv"]
 

@@ -6,11 +6,11 @@ import math
 
 import torch
 
-from kernels.dispatch import choose_backend
-from kernels.lightning.chunk import chunk_lightning_attention
-from kernels.lightning.naive import naive_lightning_attention
-from kernels.lightning.step import lightning_step
-from kernels.varlen import packed, split_documents
+from hylo.kernels.dispatch import choose_backend
+from hylo.kernels.lightning.chunk import chunk_lightning_attention
+from hylo.kernels.lightning.naive import naive_lightning_attention
+from hylo.kernels.lightning.step import lightning_step
+from hylo.kernels.varlen import packed, split_documents
 
 __all__ = ["lightning_attention", "lightning_step", "tnl_slopes", "naive_lightning_attention",
            "chunk_lightning_attention"]
@@ -63,7 +63,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
     backend = choose_backend("lightning_attention", backend, ("naive", "chunk", "triton"), (q, k, v),
                              triton_ok=lambda: not decay.requires_grad)
     if backend == "triton":
-        from kernels.lightning.triton import triton_lightning_attention  # imports triton: only when asked for
+        from hylo.kernels.lightning.triton import triton_lightning_attention  # imports triton: only when asked for
 
         # packed documents too: the kernels restart at each document themselves
         return triton_lightning_attention(q, k, v, decay, initial_state, output_final_state, cu_seqlens)

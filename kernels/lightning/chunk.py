@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import compute_dtype
+from hylo.kernels.dispatch import compute_dtype
 
 BLOCK = 64
 SEGMENT = 2048

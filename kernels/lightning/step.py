@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import compute_dtype
+from hylo.kernels.dispatch import compute_dtype
 
 
 def lightning_step(state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -34,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import TRITON_DTYPES
-from kernels.triton_dots import dot, round_to
-from kernels.triton_support import (
+from hylo.kernels.dispatch import TRITON_DTYPES
+from hylo.kernels.triton_dots import dot, round_to
+from hylo.kernels.triton_support import (
     autotune,
     contiguous_last,
     interpreting,
@@ -46,8 +46,8 @@ from kernels.triton_support import (
     strides3,
     traceable,
 )
-from kernels.triton_varlen import chunk_program, state_program
-from kernels.varlen import ChunkTable, chunk_table
+from hylo.kernels.triton_varlen import chunk_program, state_program
+from hylo.kernels.varlen import ChunkTable, chunk_table
 
 # Chunk length: 64 on a GPU (fla's choice: 64 x 64 score tiles on tensor cores); 16 under the interpreter, so tiny
 # test shapes span several chunks.

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import choose_backend
-from kernels.rat.chunk import chunk_rat_attention, scan_summaries
-from kernels.rat.naive import naive_rat_attention
-from kernels.rat.step import rat_prefill, rat_step
-from kernels.varlen import packed, split_documents
+from hylo.kernels.dispatch import choose_backend
+from hylo.kernels.rat.chunk import chunk_rat_attention, scan_summaries
+from hylo.kernels.rat.naive import naive_rat_attention
+from hylo.kernels.rat.step import rat_prefill, rat_step
+from hylo.kernels.varlen import packed, split_documents
 
 __all__ = ["rat_attention", "rat_prefill", "rat_step", "scan_summaries", "naive_rat_attention", "chunk_rat_attention"]
 
@@ -58,7 +58,9 @@ def rat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch
             raise ValueError("the naive RAT oracle takes whole sequences, not a prefix of chunk summaries")
         return naive_rat_attention(q, k, v, gate, chunk_size, scale, rope_theta)
     if backend == "triton":
-        from kernels.rat.triton import triton_rat_attention  # imported late: needs triton, and TRITON_INTERPRET set
+        from hylo.kernels.rat.triton import (
+            triton_rat_attention,  # imported late: needs triton, and TRITON_INTERPRET set
+        )
 
         return triton_rat_attention(q, k, v, gate, chunk_size, scale, prefix, rope_theta)
     return chunk_rat_attention(q, k, v, gate, chunk_size, scale, prefix, rope_theta,

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import attention
-from kernels.attention.chunk import chunk_attention
-from kernels.dispatch import compute_dtype
-from kernels.rope import apply_rope, rope_table
+from hylo.kernels.attention import attention
+from hylo.kernels.attention.chunk import chunk_attention
+from hylo.kernels.dispatch import compute_dtype
+from hylo.kernels.rope import apply_rope, rope_table
 
 
 def _scan_chunks(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.rope import apply_rope, rope_table
+from hylo.kernels.rope import apply_rope, rope_table
 
 
 def gated_scan(x: torch.Tensor, gate: torch.Tensor, chunk_size: int) -> torch.Tensor:

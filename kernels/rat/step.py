@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.rat.chunk import rotate_by_chunk, scan_summaries
+from hylo.kernels.rat.chunk import rotate_by_chunk, scan_summaries
 
 
 def rat_step(state: dict | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor,

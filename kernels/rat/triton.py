@@ -37,11 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import TRITON_DTYPES
-from kernels.rat.chunk import rotate_by_chunk
-from kernels.rope import rope_table
-from kernels.triton_dots import dot, round_to
-from kernels.triton_support import (
+from hylo.kernels.dispatch import TRITON_DTYPES
+from hylo.kernels.rat.chunk import rotate_by_chunk
+from hylo.kernels.rope import rope_table
+from hylo.kernels.triton_dots import dot, round_to
+from hylo.kernels.triton_support import (
     autotune,
     device_shared_memory_kb,
     interpreting,

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from trainer.callbacks.base import Callback, Callbacks
-from trainer.callbacks.checkpointing import CheckpointCallback
-from trainer.callbacks.evaluation import EvalCallback
-from trainer.callbacks.metrics import LossSpikeCallback, MetricsCallback
-from trainer.callbacks.monitors import GradNormMonitor, LayerMonitor
-from trainer.callbacks.preemption import PreemptionCallback
-from trainer.callbacks.profiler import ProfilerCallback
-from trainer.callbacks.progress import ProgressBar
+from hylo.trainer.callbacks.base import Callback, Callbacks
+from hylo.trainer.callbacks.checkpointing import CheckpointCallback
+from hylo.trainer.callbacks.evaluation import EvalCallback
+from hylo.trainer.callbacks.metrics import LossSpikeCallback, MetricsCallback
+from hylo.trainer.callbacks.monitors import GradNormMonitor, LayerMonitor
+from hylo.trainer.callbacks.preemption import PreemptionCallback
+from hylo.trainer.callbacks.profiler import ProfilerCallback
+from hylo.trainer.callbacks.progress import ProgressBar
 
 if TYPE_CHECKING:
-    from trainer.config import Config
+    from hylo.trainer.config import Config
 
 __all__ = ["Callback", "Callbacks", "default_callbacks"]
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 if TYPE_CHECKING:
-    from trainer.engines import StepResult
-    from trainer.trainer import Trainer
+    from hylo.trainer.engines import StepResult
+    from hylo.trainer.trainer import Trainer
 
 
 class Callback:

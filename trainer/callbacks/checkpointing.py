@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from trainer.callbacks.base import Callback
+from hylo.trainer.callbacks.base import Callback
 
 if TYPE_CHECKING:
-    from trainer.engines import StepResult
-    from trainer.trainer import Trainer
+    from hylo.trainer.engines import StepResult
+    from hylo.trainer.trainer import Trainer
 
 
 class CheckpointCallback(Callback):

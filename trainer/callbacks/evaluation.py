@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from trainer.callbacks.base import Callback
-from trainer.config import held_out_data
-from trainer.evaluate import eval_batches, run_eval_tasks
+from hylo.trainer.callbacks.base import Callback
+from hylo.trainer.config import held_out_data
+from hylo.trainer.evaluation.evaluate import eval_batches, run_eval_tasks
 
 if TYPE_CHECKING:
-    from trainer.engines import StepResult
-    from trainer.trainer import Trainer
+    from hylo.trainer.engines import StepResult
+    from hylo.trainer.trainer import Trainer
 
 
 class EvalCallback(Callback):

@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from trainer.callbacks.base import Callback
-from trainer.metrics import peak_flops
+from hylo.trainer.callbacks.base import Callback
 
 if TYPE_CHECKING:
-    from trainer.engines import StepResult
-    from trainer.trainer import Trainer
+    from hylo.trainer.engines import StepResult
+    from hylo.trainer.trainer import Trainer
 
 
 def mean_over_ranks(value: torch.Tensor) -> float:
@@ -28,6 +27,29 @@ def mean_over_ranks(value: torch.Tensor) -> float:
         if not value.is_cuda:
             value /= dist.get_world_size()
     return value.item()
+
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
+GPU_PEAK_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float:
+    """FLOP/s one device can do: the config's value, a table for known GPUs, or a measured fp32 matmul on CPU."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+        return 312e12
+    n, reps = 1024, 5
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 class MetricsCallback(Callback):

@@ -24,13 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.varlen import document_view
-from models.mixer import Mixer
-from trainer.callbacks.base import Callback
+from hylo.kernels.varlen import document_view
+from hylo.models.mixer import Mixer
+from hylo.trainer.callbacks.base import Callback
 
 if TYPE_CHECKING:
-    from trainer.engines import StepResult
-    from trainer.trainer import Trainer
+    from hylo.trainer.engines import StepResult
+    from hylo.trainer.trainer import Trainer
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 

@@ -1,6 +1,6 @@
 """Preemption: SIGTERM, SIGUSR1 or Ctrl-C (SIGINT) on any rank makes every rank save at the same step boundary
 and exit 0; a second Ctrl-C stops at once.  Ranks whose launcher died (the torchrun agent was `kill -9`ed, so
-they were re-parented: trainer/launcher_watch.py) stop and save the same way instead of training on as orphans.
+they were re-parented: trainer/runtime/launcher_watch.py) stop and save the same way instead of training on as orphans.
 
 Schedulers (SLURM, Kubernetes, torchrun's agent) send SIGTERM before killing a job; SLURM can send SIGUSR1 ahead of
 the time limit (`#SBATCH --signal=USR1@120`).  The handler only sets a flag.  With one process the flag is read
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from trainer.callbacks.base import Callback
-from trainer.launcher_watch import launcher_died
+from hylo.trainer.callbacks.base import Callback
+from hylo.trainer.runtime.launcher_watch import launcher_died
 
 if TYPE_CHECKING:
-    from trainer.engines import StepResult
-    from trainer.trainer import Trainer
+    from hylo.trainer.engines import StepResult
+    from hylo.trainer.trainer import Trainer
 
 
 class PreemptionWatcher:

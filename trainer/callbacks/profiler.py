@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.callbacks.base import Callback
+from hylo.trainer.callbacks.base import Callback
 
 if TYPE_CHECKING:
-    from trainer.trainer import Trainer
+    from hylo.trainer.trainer import Trainer
 
 
 class ProfilerCallback(Callback):

@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import nn
 
-from trainer.checkpointing.dcp import DCPCheckpointer, load_dcp
-from trainer.checkpointing.deepspeed import load_deepspeed_weights
-from trainer.checkpointing.step_folder import (
+from hylo.trainer.checkpointing.dcp import DCPCheckpointer, load_dcp
+from hylo.trainer.checkpointing.deepspeed import load_deepspeed_weights
+from hylo.trainer.checkpointing.step_folder import (
     MARKER,
     TRAINER_STATE,
     complete_checkpoints,
@@ -23,7 +23,7 @@ from trainer.checkpointing.step_folder import (
     verified_checkpoint,
     verify_checkpoint,
 )
-from trainer.errors import CheckpointError
+from hylo.trainer.errors import CheckpointError
 
 __all__ = ["MARKER", "TRAINER_STATE", "CheckpointError", "DCPCheckpointer", "complete_checkpoints", "find_checkpoint",
            "is_complete",

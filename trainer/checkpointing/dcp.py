@@ -23,9 +23,9 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.optim import Optimizer
 
-from trainer.checkpointing.integrity import read_dcp_metadata
-from trainer.checkpointing.step_folder import StepFolderWriter, read_trainer_state, restore_rng
-from trainer.errors import CheckpointError
+from hylo.trainer.checkpointing.integrity import read_dcp_metadata
+from hylo.trainer.checkpointing.step_folder import StepFolderWriter, read_trainer_state, restore_rng
+from hylo.trainer.errors import CheckpointError
 
 # Single-process runs save without a process group on purpose.
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized")

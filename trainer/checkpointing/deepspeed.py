@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from trainer.checkpointing.step_folder import StepFolderWriter, read_trainer_state, restore_rng
-from trainer.errors import CheckpointError, ConfigError
+from hylo.trainer.checkpointing.step_folder import StepFolderWriter, read_trainer_state, restore_rng
+from hylo.trainer.errors import CheckpointError, ConfigError
 
 
 def require_deepspeed():

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import xxhash
 from torch.distributed.checkpoint.metadata import Metadata
 
-from trainer.errors import CheckpointError
+from hylo.trainer.errors import CheckpointError
 
 MANIFEST = "MANIFEST.json"
 FORMAT = 1

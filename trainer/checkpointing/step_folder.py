@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from trainer.checkpointing.integrity import read_dcp_metadata, verify_manifest, write_manifest
-from trainer.errors import CheckpointError, CheckpointWriteError
+from hylo.trainer.checkpointing.integrity import read_dcp_metadata, verify_manifest, write_manifest
+from hylo.trainer.errors import CheckpointError, CheckpointWriteError
 
 TRAINER_STATE = "trainer_state.json"
 MARKER = "COMPLETE"

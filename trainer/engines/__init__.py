@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from trainer.engines.base import Engine, StepResult, capability_problem
-from trainer.engines.deepspeed_engine import DeepSpeedEngine
-from trainer.engines.torch_engine import TorchEngine, use_bf16
+from hylo.trainer.engines.base import Engine, StepResult, capability_problem
+from hylo.trainer.engines.deepspeed_engine import DeepSpeedEngine
+from hylo.trainer.engines.torch_engine import TorchEngine, use_bf16
 
 if TYPE_CHECKING:
-    from trainer.config import Config
+    from hylo.trainer.config import Config
 
 __all__ = ["ENGINES", "Engine", "StepResult", "build_engine", "engine_problem"]
 

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from parallel.activation_offload import ActivationOffload
-from trainer.data import inputs_and_targets
-from trainer.documents import DocumentMasking
+from hylo.parallel.activation_offload import ActivationOffload
+from hylo.trainer.data.documents import DocumentMasking
+from hylo.trainer.data.loader import inputs_and_targets
 
 if TYPE_CHECKING:
-    from trainer.checkpointing.step_folder import StepFolderWriter
-    from trainer.config import Config
+    from hylo.trainer.checkpointing.step_folder import StepFolderWriter
+    from hylo.trainer.config import Config
 
 
 @dataclass

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from trainer.checkpointing.deepspeed import DeepSpeedCheckpointer, load_deepspeed, require_deepspeed
-from trainer.documents import DocumentMasking
-from trainer.engines.base import Engine, StepResult, micro_batches, saved_for_backward
-from trainer.optim import build_optimizer
+from hylo.trainer.checkpointing.deepspeed import DeepSpeedCheckpointer, load_deepspeed, require_deepspeed
+from hylo.trainer.data.documents import DocumentMasking
+from hylo.trainer.engines.base import Engine, StepResult, micro_batches, saved_for_backward
+from hylo.trainer.engines.optim import build_optimizer
 
 if TYPE_CHECKING:
-    from trainer.config import Config
+    from hylo.trainer.config import Config
 
 # Keys hylo derives from its own config; restating them in deepspeed.config would create a second truth.
 DERIVED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",

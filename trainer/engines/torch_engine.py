@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from parallel.data_parallel import apply_data_parallel, gradient_sync
-from trainer.checkpointing.dcp import DCPCheckpointer, load_dcp
-from trainer.documents import DocumentMasking
-from trainer.engines.base import Engine, StepResult, micro_batches, saved_for_backward
-from trainer.optim import build_optimizer
+from hylo.parallel.data_parallel import apply_data_parallel, gradient_sync
+from hylo.trainer.checkpointing.dcp import DCPCheckpointer, load_dcp
+from hylo.trainer.data.documents import DocumentMasking
+from hylo.trainer.engines.base import Engine, StepResult, micro_batches, saved_for_backward
+from hylo.trainer.engines.optim import build_optimizer
 
 if TYPE_CHECKING:
-    from trainer.config import Config
+    from hylo.trainer.config import Config
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:

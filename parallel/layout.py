@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.distributed as dist
 
-from kernels.varlen import check_cu_seqlens
+from hylo.kernels.varlen import check_cu_seqlens
 
 Segment = tuple[int, int]  # (global start, length)
 

@@ -5,7 +5,7 @@ weighted round robin: every source's count stays within one sequence of weight x
 on the sequence index and the weights — never on the number of ranks — and a 2-rank run sees exactly the 1-rank
 batches.  Each source packs its own documents into sequences (a sequence never mixes sources: per-source
 accounting is exact), with its own shuffle, epochs, and document shaping (`min_doc_tokens`, `upsample_long`:
-trainer/data.py's SequencePacker).  The state is every source's position plus the counts, so a resume continues
+trainer/data/'s SequencePacker).  The state is every source's position plus the counts, so a resume continues
 bit-exactly on any number of ranks.  New weights on resume take effect from the resumed sequence on (the round
 robin restarts its bookkeeping there), with a note; a source that reaches `max_epochs` stops being drawn and its
 weight goes to the others, with a note; a source starting another epoch says so once.
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from trainer.config import DataConfig, SourceConfig
-from trainer.errors import DataError
+from hylo.trainer.config import DataConfig, SourceConfig
+from hylo.trainer.errors import DataError
 
 
 def source_data(cfg: DataConfig, source: SourceConfig) -> DataConfig:
@@ -37,7 +37,7 @@ def source_seed(seed: int, name: str) -> int:
 
 class MixturePacker:
     """The next global sequence of a mixture, with the SequencePacker interface (next_sequence, state_dict,
-    load_state_dict).  `build(source)` opens one source's own packer (trainer/data.py's `source_packer`); `say`
+    load_state_dict).  `build(source)` opens one source's own packer (trainer/data/'s `source_packer`); `say`
     prints the notes (rank 0)."""
 
     kind = "mixture"
@@ -231,6 +231,6 @@ class MixturePacker:
 
 
 def _reads_windows(packer) -> bool:
-    """Whether a source's packer reads token-shard windows (trainer/shards.py's ShardSequences) rather than
+    """Whether a source's packer reads token-shard windows (trainer/data/shards.py's ShardSequences) rather than
     documents."""
     return packer.state_dict().get("kind") == "tokens"

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from trainer.config import Config, load_config
-from trainer.errors import CheckpointError, ConfigError
-from trainer.optim import lr_factor
+from hylo.trainer.config import Config, load_config
+from hylo.trainer.engines.optim import lr_factor
+from hylo.trainer.errors import CheckpointError, ConfigError
 
 # Keys whose change alters the parameters' shapes: a checkpoint cannot be loaded into such a model.
 SHAPE_KEYS = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads",
@@ -95,7 +95,7 @@ def run_config(config_path: str | None, overrides: list[str]) -> Config:
     cfg = load_config(config_path, overrides)
     if cfg.checkpoint.resume == "none":
         return cfg
-    from trainer.checkpointing import latest_checkpoint, read_trainer_state
+    from hylo.trainer.checkpointing import latest_checkpoint, read_trainer_state
 
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     checkpoint = latest_checkpoint(ckpt_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)

@@ -8,7 +8,7 @@ document boundary.  Positions either stay those of each row (the default) or res
 
 Under context parallelism every CP rank holds the whole rows, finds the boundaries of the whole packed sequence
 from them (the same on every rank, no communication), and keeps its own tokens of each row: the CP ops take the
-global boundaries and the layout of the rows (parallel/context.py, `sequence_layout`).
+global boundaries and the layout of the rows (parallel/layout.py, `sequence_layout`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.varlen import positions_within_documents
+from hylo.kernels.varlen import positions_within_documents
 
 
 @dataclass
@@ -44,7 +44,7 @@ def document_masking(cfg, tokenizer) -> DocumentMasking | None:
     """The run's masking (data.document_masking, model.document_positions), or None when it is off."""
     if not cfg.data.document_masking:
         return None
-    from trainer.tokenizer import EOS
+    from hylo.trainer.data.tokenizer import EOS
 
     return DocumentMasking(tokenizer.token_to_id(EOS), cfg.model.document_positions)
 

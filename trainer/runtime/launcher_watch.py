@@ -1,9 +1,10 @@
 """Ranks whose torchrun agent died: noticed at any moment, start-up included.
 
 torchrun's agent is each worker's parent; `kill -9` of the agent leaves the workers running, re-parented to init
-(or a subreaper).  The parent is recorded when this module is first imported — `trainer/__init__.py` imports it,
-so that is at the very start of the process, before torch loads and long before the process group exists (a
-parent recorded later may already be init, and the loss would go unnoticed).
+(or a subreaper).  The parent is recorded when this module is first imported — the entry points (trainer/cli.py,
+trainer/train.py) import it among their first, torch-free imports, so that is at the very start of the process,
+before torch loads and long before the process group exists (a parent recorded later may already be init, and the
+loss would go unnoticed).
 
 Two phases:
 - start-up (rendezvous, process group, building the model, reading the checkpoint): nothing to save, and the

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels import rat_attention
-from kernels.rat import scan_summaries
-from parallel.context import CPContext, SequenceLayout, all_gather, sequence_layout, split_segments
-from parallel.halo import fetch_halos
+from hylo.kernels.ops import rat_attention
+from hylo.kernels.rat import scan_summaries
+from hylo.parallel.halo import fetch_halos
+from hylo.parallel.layout import CPContext, SequenceLayout, all_gather, sequence_layout, split_segments
 
 
 def _chunk_start(layout: SequenceLayout, pos: int, chunk: int) -> int:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.errors import ConfigError
-from trainer.export import load_trained_model
-from trainer.tokenizer import load_tokenizer
+from hylo.trainer.checkpointing.export import load_trained_model
+from hylo.trainer.data.tokenizer import load_tokenizer
+from hylo.trainer.errors import ConfigError
 
 
 class Sampler:
@@ -90,10 +90,8 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def generate_main(argv: list[str]) -> int:
-    from trainer.cli import generate_parser
-
-    args = generate_parser().parse_args(argv)
+def run(args) -> int:
+    """`hylo generate` (arguments: trainer/arguments.py)."""
     prompts = read_prompts(args)
     pick = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     model, cfg = load_trained_model(Path(args.checkpoint), "generate")

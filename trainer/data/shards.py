@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import DataError
+from hylo.trainer.errors import DataError
 
 INDEX = "index.json"
 FORMAT = "hylo-tokens-v1"
@@ -32,7 +32,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def write_shards(texts: Iterable[str], tokenizer, out: Path, shard_tokens: int = 100_000_000,
                  batch: int = 64) -> dict:
     """Tokenize `texts` (EOS after each) into DIR/tokens_NNNNN.bin + index.json; returns the index."""
-    from trainer.tokenizer import EOS
+    from hylo.trainer.data.tokenizer import EOS
 
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
@@ -234,7 +234,7 @@ class ShardSequences:
 class ShardDocuments:
     """The documents of token shards, for a mixture source that shapes its documents (min_doc_tokens,
     upsample_long): the stream is cut at its EOS tokens (one scan when opened: 8 bytes per document kept), and each
-    epoch reads the documents in a seeded order.  The DocumentStream interface (trainer/data.py) with tokens for
+    epoch reads the documents in a seeded order.  The DocumentStream interface (trainer/data/) with tokens for
     text: `iterate(epoch, state)` yields (epoch, state before the document, its tokens with their EOS) endlessly,
     the state being the document's place in its epoch's order, so a resume continues exactly."""
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels import based_linear_attention, lightning_attention
-from kernels.based import taylor_features
-from kernels.dispatch import upcast
-from parallel.context import CPContext, SequenceLayout, all_gather, sequence_layout, split_segments
+from hylo.kernels.based import taylor_features
+from hylo.kernels.dispatch import upcast
+from hylo.kernels.ops import based_linear_attention, lightning_attention
+from hylo.parallel.layout import CPContext, SequenceLayout, all_gather, sequence_layout, split_segments
 
 
 def _last_document(layout: SequenceLayout, start: int, n: int) -> int:

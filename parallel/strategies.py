@@ -19,10 +19,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from kernels import attention
-from parallel.context import CPContext, cp_degree_ulysses, cp_segments, layout_problem
-from parallel.ring import RingAttention
-from parallel.ulysses import UlyssesAttention
+from hylo.kernels.ops import attention
+from hylo.parallel.layout import CPContext, cp_degree_ulysses, cp_segments, layout_problem
+from hylo.parallel.ring import RingAttention
+from hylo.parallel.ulysses import UlyssesAttention
 
 
 def cp_config_problem(cfg, world: int, layer_classes: Iterable[type]) -> str | None:

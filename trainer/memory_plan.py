@@ -32,12 +32,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from models import MIXERS, HybridLM
-from models.layers import ffn_width
-from models.lm import layer_types
-from models.mixer import Saved
-from parallel.context import cp_degree_ulysses
-from trainer.config import Config, ConfigError, check_batch_layout, load_config
+from hylo.models.layers import ffn_width
+from hylo.models.lm import MIXERS, HybridLM, layer_types
+from hylo.models.mixer import Saved
+from hylo.parallel.layout import cp_degree_ulysses
+from hylo.trainer.config import Config, ConfigError, check_batch_layout, load_config
 
 GiB = 1024**3
 RUNTIME_FIXED = 1.0 * GiB  # the CUDA context, or on the CPU the process itself (torch, Python, the data stack)
@@ -320,10 +319,8 @@ def render(plan: Plan) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from trainer.cli import plan_parser
-
-    args = plan_parser().parse_intermixed_args(argv)
+def run(args) -> int:
+    """`hylo plan` (arguments: trainer/arguments.py)."""
     device = "cpu" if args.cpu else "cuda"
     if args.gpu_mem is None:  # the CPU's own host memory, shared by its ranks; a GPU's 80 GiB
         args.gpu_mem = host_memory_gib() / args.gpus if args.cpu else 80.0
@@ -331,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--gpus must be >= 1 and --gpu-mem positive")
     cfg = load_config(args.config, args.overrides)
     if cfg.model.vocab_size == 0:
-        from trainer.tokenizer import load_tokenizer
+        from hylo.trainer.data.tokenizer import load_tokenizer
 
         cfg.model.vocab_size = 64 * -(-load_tokenizer(cfg.data.tokenizer).get_vocab_size() // 64)
     plan = plan_memory(cfg, args.gpus, args.gpu_mem, device)

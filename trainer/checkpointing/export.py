@@ -10,17 +10,17 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from models import HybridLM
-from trainer.checkpointing import find_checkpoint
-from trainer.checkpointing import load_weights as load_checkpoint_weights
-from trainer.config import load_config
-from trainer.errors import CheckpointError, ConfigError
+from hylo.models.lm import HybridLM
+from hylo.trainer.checkpointing import find_checkpoint
+from hylo.trainer.checkpointing import load_weights as load_checkpoint_weights
+from hylo.trainer.config import load_config
+from hylo.trainer.errors import CheckpointError, ConfigError
 
 
 def run_config_for(checkpoint: Path, command: str = "export"):
     """The resolved config of the run that wrote `checkpoint`: the one saved in its trainer state (exactly what
     that step trained with), else the run's config.yaml (<run>/checkpoints/step_N -> <run>/config.yaml)."""
-    from trainer.checkpointing import read_trainer_state
+    from hylo.trainer.checkpointing import read_trainer_state
 
     record = read_trainer_state(checkpoint).get("config")
     if isinstance(record, dict):
@@ -80,10 +80,8 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
             t.copy_(tensors[name].to(t.dtype))
 
 
-def export_main(argv: list[str]) -> int:
-    from trainer.cli import export_parser
-
-    args = export_parser().parse_args(argv)
+def run(args) -> int:
+    """`hylo export` (arguments: trainer/arguments.py)."""
     out = export(Path(args.checkpoint), Path(args.out), args.dtype)
     print(f"[hylo] wrote {out} and {out.with_suffix('.json')}")
     return 0

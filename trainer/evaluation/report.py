@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import ConfigError
+from hylo.trainer.errors import ConfigError
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -147,10 +147,8 @@ def render(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     return png, page
 
 
-def report_main(argv: list[str]) -> int:
-    from trainer.cli import report_parser
-
-    args = report_parser().parse_args(argv)
+def run(args) -> int:
+    """`hylo report` (arguments: trainer/arguments.py)."""
     png, page = render(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"[hylo] report: {png} and {page}")
     return 0

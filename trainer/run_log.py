@@ -1,34 +1,9 @@
-"""What a run reports: TensorBoard scalars, a metrics.jsonl twin of them, and the device peak for MFU."""
+"""What a run reports: TensorBoard scalars and a metrics.jsonl twin of them (the run log)."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-
-import torch
-
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
-GPU_PEAK_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-
-
-def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float:
-    """FLOP/s one device can do: the config's value, a table for known GPUs, or a measured fp32 matmul on CPU."""
-    if override_tflops > 0:
-        return override_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return value
-        return 312e12
-    n, reps = 1024, 5
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def drop_torn_line(path: Path) -> None:

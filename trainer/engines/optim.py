@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from trainer.config import Config
+from hylo.trainer.config import Config
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:

@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizers (HF `tokenizers`): train one on a corpus, or load one from `tokenizer.json`.
 
-The bundled tokenizer (`trainer/assets/stdlib_bpe_4k.json`) was trained with `hylo tokenize` on the bundled
+The bundled tokenizer (`trainer/data/assets/stdlib_bpe_4k.json`) was trained with `hylo tokenize` on the bundled
 corpus (the Python standard library's source), so the default run needs no network and no training step.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from trainer.errors import ConfigError, DataError
+from hylo.trainer.errors import ConfigError, DataError
 
 EOS = "<|endoftext|>"
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "stdlib_bpe_4k.json"

@@ -56,8 +56,8 @@ _PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken p
 def peer_lost(err: BaseException):
     """A HyloError saying this rank lost its peers (a rank or the launcher died), for an error a collective or the
     rendezvous store raised because the other end is gone; None for any other error."""
-    from trainer.errors import PeerLost
-    from trainer.launcher_watch import launcher_died
+    from hylo.trainer.errors import PeerLost
+    from hylo.trainer.runtime.launcher_watch import launcher_died
 
     text = str(err)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(err, (RuntimeError, ConnectionError)):

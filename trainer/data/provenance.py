@@ -16,21 +16,21 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from trainer.config import DataConfig
-from trainer.errors import DataError
+from hylo.trainer.config import DataConfig
+from hylo.trainer.errors import DataError
 
 MAX_LISTED = 20_000  # beyond this many files only their digest is stored (the message then cannot name a file)
 
 
 def data_provenance(cfg: DataConfig, tokenizer) -> dict[str, Any]:
     """The source of `cfg` as JSON: what a resume compares against."""
-    from trainer.data import resolve_source
-    from trainer.shards import INDEX, is_shard_dir, tokenizer_fingerprint
+    from hylo.trainer.data.shards import INDEX, is_shard_dir, tokenizer_fingerprint
+    from hylo.trainer.data.sources import resolve_source
 
     if cfg.format == "mqar":
         return {"kind": "mqar"}
     if cfg.sources:  # a mixture: each source's own record, by name (weights are settings, not the source)
-        from trainer.mixture import source_data
+        from hylo.trainer.data.mixture import source_data
 
         return {"kind": "mixture", "sources": {src.name: data_provenance(source_data(cfg, src), tokenizer)
                                                for src in cfg.sources}}

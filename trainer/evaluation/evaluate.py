@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.config import DataConfig, held_out_data
-from trainer.data import DataLoader
-from trainer.documents import DocumentMasking, document_masking
-from trainer.errors import ConfigError, DataError
-from trainer.export import load_trained_model
-from trainer.tokenizer import load_tokenizer
+from hylo.trainer.checkpointing.export import load_trained_model
+from hylo.trainer.config import DataConfig, held_out_data
+from hylo.trainer.data.documents import DocumentMasking, document_masking
+from hylo.trainer.data.loader import DataLoader
+from hylo.trainer.data.tokenizer import load_tokenizer
+from hylo.trainer.errors import ConfigError, DataError
 
 
 @torch.no_grad()
@@ -117,7 +117,8 @@ def run_eval_tasks(model, cfg, tokenizer, device, ppl_batches, positions, logger
                    autocast=contextlib.nullcontext, ppl_sources: list[list[str]] | None = None) -> dict[str, float]:
     """Periodic evaluation of `eval.tasks` during training -> scalars under eval/ (the passkey heat-map goes to
     TensorBoard as an image).  mqar and passkey need whole sequences (refused under context parallelism)."""
-    from trainer.recall import heatmap_image, mqar_accuracy, mqar_spec, passkey_grid
+    from hylo.trainer.data.mqar import mqar_spec
+    from hylo.trainer.evaluation.recall import heatmap_image, mqar_accuracy, passkey_grid
 
     scalars: dict[str, float] = {}
     if "ppl" in cfg.eval.tasks and ppl_batches is not None:
@@ -145,10 +146,8 @@ def default_bucket(seq_len: int) -> int:
     return 1024 if seq_len >= 8192 else max(1, seq_len // 8)
 
 
-def eval_main(argv: list[str]) -> int:
-    from trainer.cli import eval_parser
-
-    args = eval_parser().parse_args(argv)
+def run(args) -> int:
+    """`hylo eval` (arguments: trainer/arguments.py)."""
     model, cfg = load_trained_model(Path(args.checkpoint), "eval")
     model.eval()
     if args.task == "ppl":
@@ -182,7 +181,8 @@ def _eval_ppl(model, cfg, args) -> int:
 
 
 def _eval_mqar(model, cfg, args) -> int:
-    from trainer.recall import mqar_accuracy, mqar_spec
+    from hylo.trainer.data.mqar import mqar_spec
+    from hylo.trainer.evaluation.recall import mqar_accuracy
 
     spec = mqar_spec(cfg)
     spec.seq_len = args.seq_len or spec.seq_len
@@ -202,7 +202,7 @@ def _eval_mqar(model, cfg, args) -> int:
 
 
 def _eval_passkey(model, cfg, tokenizer, args) -> int:
-    from trainer.recall import passkey_grid
+    from hylo.trainer.evaluation.recall import passkey_grid
 
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else passkey_lengths(cfg)
     depths = [float(x) for x in args.depths.split(",")]
@@ -214,7 +214,7 @@ def _eval_passkey(model, cfg, tokenizer, args) -> int:
     for length, row in zip(lengths, grid, strict=True):
         print(f"  {length:>6} " + " ".join(f"{v:>6.2f}" for v in row))
     if args.heatmap:
-        from trainer.report import plot_heatmap
+        from hylo.trainer.evaluation.report import plot_heatmap
 
         plot_heatmap(grid, lengths, depths, "passkey accuracy", Path(args.heatmap))
         print(f"[hylo] heat-map written to {args.heatmap}")

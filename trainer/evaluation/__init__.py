@@ -1,0 +1,2 @@
+"""Evaluation: perplexity by position (the `hylo eval` command), recall scoring (MQAR, passkey), generation and
+the run report."""
