@@ -22,9 +22,6 @@ from hylo.kernels.varlen import DocumentView
 from hylo.models.mixer import Mixer, Reduce, Saved, with_backend
 from hylo.models.registry import register_mixer
 from hylo.models.rope import RotaryEmbedding, apply_rope
-from hylo.parallel.halo import HaloWindowAttention
-from hylo.parallel.layout import cp_degree_ulysses
-from hylo.parallel.strategies import full_attention_op
 
 
 class SoftmaxAttention(Mixer):
@@ -135,21 +132,6 @@ class SoftmaxAttention(Mixer):
 class FullAttention(SoftmaxAttention):
     window = None
 
-    @classmethod
-    def cp_problem(cls, config, segments) -> str | None:
-        p, m = config.parallel, config.model
-        u = cp_degree_ulysses(p.cp, p.cp_mode, p.ulysses)
-        if u > 1:
-            kv = m.n_kv_heads or m.n_heads
-            if m.n_heads % u:
-                return f"cp_mode={p.cp_mode}: Ulysses over {u} ranks needs model.n_heads={m.n_heads} divisible by {u}"
-            if kv % u and u % kv:
-                return (f"cp_mode={p.cp_mode}: model.n_kv_heads={kv} must divide or be divisible by the {u} "
-                        "Ulysses ranks")
-        return None
-
-    def context_parallel_op(self, ctx):
-        return full_attention_op(ctx, self.backend)
 
 
 @register_mixer("swa")
@@ -163,15 +145,6 @@ class SlidingWindowAttention(SoftmaxAttention):
         if config.model.window <= 0:
             return f"model.window={config.model.window} must be positive for 'swa' layers"
         return super().check_config(config)
-
-    @classmethod
-    def cp_problem(cls, config, segments) -> str | None:
-        if config.model.attn.pinned:
-            return "model.attn.pinned is not supported with context parallelism yet; set model.attn.pinned=0"
-        return None
-
-    def context_parallel_op(self, ctx):
-        return with_backend(HaloWindowAttention(ctx), self.backend)
 
     @classmethod
     def context_per_token(cls, model_cfg, seq_len: int) -> float:

@@ -17,8 +17,6 @@ from hylo.kernels.ops import based_linear_attention, based_step, short_conv, sho
 from hylo.kernels.varlen import DocumentView
 from hylo.models.mixer import Mixer, Reduce, Saved, state_norm_scalars, with_backend
 from hylo.models.registry import register_mixer
-from hylo.parallel.halo import HaloConv
-from hylo.parallel.state_passing import BasedCP
 
 
 @register_mixer("based")
@@ -63,9 +61,6 @@ class BasedLinearAttention(Mixer):
         q, k, v = self._qkv(x)
         o, cache = based_step(cache, q[:, 0], k[:, 0], v[:, 0])
         return self.out(o[:, None].flatten(2)), cache
-
-    def context_parallel_op(self, ctx):
-        return with_backend(BasedCP(ctx), self.backend)
 
     @classmethod
     def saved_per_token(cls, model_cfg, act: int, compute: int) -> list[Saved]:
@@ -119,9 +114,6 @@ class BaseConv(Mixer):
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)
         y, cache = short_conv_step(cache, u1[:, 0], self.conv.weight[:, 0], self.conv.bias)
         return self.out(F.silu(y)[:, None] * u2), cache
-
-    def context_parallel_op(self, ctx):
-        return HaloConv(ctx)
 
     @classmethod
     def saved_per_token(cls, model_cfg, act: int, compute: int) -> list[Saved]:

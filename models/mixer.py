@@ -1,7 +1,8 @@
 """The mixer contract: what every sequence-mixing layer type provides, in one place.
 
 A layer type is one `Mixer` subclass in models/ (registered by name with `@register_mixer`), one op folder in
-kernels/, and at most one context-parallel strategy in parallel/; nothing else in the framework names layer types.
+kernels/, and its row in parallel/strategies.py's table (which context-parallel strategy runs it); nothing else in
+the framework names layer types.
 
   forward(x, positions, cu_seqlens) x: the pre-normed (batch, seq, d_model) input; positions: its tokens' global
                                    positions (under context parallelism a rank holds only some of them);
@@ -13,12 +14,12 @@ kernels/, and at most one context-parallel strategy in parallel/; nothing else i
   attention_flops_per_token(...)   forward FLOPs a token spends in the sequence mixing itself (beyond the
                                    projections 6N counts): linear layers are not counted as quadratic
   saved_per_token(cfg, act, compute)  what autograd keeps per token for backward (the planner's model)
-  cp_problem(config, segments)     a reason the layer cannot run on this context-parallel layout, or None
-  context_parallel_op(ctx)         the op that replaces `self.op` under context parallelism (a parallel/ strategy)
   monitor_group, monitor(...)      what the layer reports to a monitor callback (trainer/callbacks/monitors.py)
 
-Mixers call their op through `self.op` and never talk to other ranks themselves: context parallelism swaps the op,
-and monitors hand them a `reduce` (a sum over the CP group) for statistics that span ranks.
+Mixers call their op through `self.op` and never talk to other ranks themselves: context parallelism swaps the op
+from outside (parallel/strategies.py finds the strategy by `layer_type`; the new op keeps the signature and the
+kernels the mixer's config names, `self.backend`), and monitors hand them a `reduce` (a sum over the CP group) for
+statistics that span ranks.
 """
 
 from __future__ import annotations
@@ -85,14 +86,6 @@ class Mixer(nn.Module):
         fused kernels a GPU runs, per token: `act` bytes per activation element (2 under bf16 autocast), `compute`
         bytes per element of what stays in fp32 (gates, lse, norms)."""
         raise NotImplementedError
-
-    @classmethod
-    def cp_problem(cls, config, segments: list[list[tuple[int, int]]]) -> str | None:
-        """segments: each CP rank's (global start, length) pieces of a sequence (parallel/layout.py)."""
-        return None
-
-    def context_parallel_op(self, ctx) -> Callable[..., Any]:
-        raise NotImplementedError(f"layer type '{self.layer_type}' has no context-parallel implementation")
 
     def init_special(self) -> None:
         """Initialisation beyond the LM's generic one (gate biases, decay rates); called after it."""

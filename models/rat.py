@@ -19,7 +19,6 @@ from hylo.kernels.dispatch import upcast
 from hylo.kernels.ops import rat_attention, rat_prefill, rat_step
 from hylo.models.mixer import Mixer, Saved, with_backend
 from hylo.models.registry import register_mixer
-from hylo.parallel.summary_exchange import RatCP
 
 
 @register_mixer("rat")
@@ -104,9 +103,6 @@ class RAT(Mixer):
             return ("model.rat.backend=naive takes whole sequences only (the oracle); under context parallelism "
                     "use auto, flash, triton or chunk")
         return None
-
-    def context_parallel_op(self, ctx):
-        return with_backend(RatCP(ctx), self.backend)
 
     @classmethod
     def attention_flops_per_token(cls, model_cfg, seq_len: int) -> float:

@@ -20,7 +20,6 @@ from hylo.kernels.varlen import DocumentView
 from hylo.models.layers import RMSNorm
 from hylo.models.mixer import Mixer, Reduce, Saved, state_norm_scalars, with_backend
 from hylo.models.registry import register_mixer
-from hylo.parallel.state_passing import LightningCP
 
 
 @register_mixer("tnl")
@@ -90,9 +89,6 @@ class TNL(Mixer):
         q, k, v, u = self._project(x, torch.tensor([pos], device=x.device))
         o, cache = lightning_step(cache, q[:, 0], k[:, 0], v[:, 0], self.slopes)
         return self._output(o[:, None], u), cache
-
-    def context_parallel_op(self, ctx):
-        return with_backend(LightningCP(ctx), self.backend)
 
     @classmethod
     def saved_per_token(cls, model_cfg, act: int, compute: int) -> list[Saved]:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from hylo.kernels.ops import set_backward_dq
-from hylo.models.lm import MIXERS, HybridLM
+from hylo.models.lm import HybridLM
 from hylo.parallel.activation_checkpointing import apply_activation_checkpointing
 from hylo.parallel.dims import ParallelDims
 from hylo.parallel.strategies import apply_context_parallel, cp_config_problem, make_context
@@ -49,8 +49,7 @@ def run_problem(cfg: Config, world: int, device: torch.device | None = None) -> 
         return ("train.activation_offload=true moves saved activations from the GPU to host memory, but this run is "
                 "on the CPU, where they already are; drop train.activation_offload (to save memory on a CPU, use "
                 "train.activation_checkpointing=full or model.mlp_tile)")
-    layer_classes = [MIXERS[name] for name in sorted(set(cfg.model.pattern))]
-    return cp_config_problem(cfg, world, layer_classes) or engine_problem(cfg)
+    return cp_config_problem(cfg, world, sorted(set(cfg.model.pattern))) or engine_problem(cfg)
 
 
 def resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
