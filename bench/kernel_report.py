@@ -285,7 +285,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| kernel | workload | arch | config | regs | spills (B) | smem (KB) | fits | dots |",
              "|---|---|---|---|---:|---:|---:|---|---|"]
     for r in sorted(rows, key=lambda r: (r["kernel"], r["workload"], r["arch"], _config_text(r["config"]))):
-        kernel = r["kernel"].replace("kernels.", "").replace(".triton.", ".")
+        kernel = r["kernel"].replace("hylo.kernels.", "").replace(".triton.", ".")
         if "error" in r:
             lines.append(f"| {kernel} | {r['workload']} | sm_{r['arch']} | {_config_text(r['config'])} | "
                          f"compile error: {r['error']} | | | | |")

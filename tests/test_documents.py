@@ -173,7 +173,7 @@ def test_triton_linear_kernels_run_packed_documents_in_one_launch_chain(op, monk
     pytest.importorskip("triton")
     import importlib
 
-    module = importlib.import_module(f"kernels.{op}.triton")
+    module = importlib.import_module(f"hylo.kernels.{op}.triton")
     name = f"_{op}_forward"
     calls, forward = [], getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a: calls.append(a[-1]) or forward(*a))

@@ -10,7 +10,7 @@ import hylo.kernels.dispatch
 from hylo.models.lm import Block, HybridLM
 from hylo.parallel.activation_checkpointing import apply_activation_checkpointing
 from hylo.parallel.activation_offload import ActivationOffload, _State, is_weight
-from hylo.trainer.cli import main as hylo
+from hylo.trainer.cli import main as hylo_cli
 from hylo.trainer.config import ConfigError, load_config
 from hylo.trainer.memory_plan import RetainedBytes, block_saved, per_token, plan_memory, suggest
 from hylo.trainer.trainer import run_problem
@@ -180,11 +180,11 @@ def test_plan_flags_a_config_that_cannot_fit_and_suggests_one_that_does(capsys):
     again.model.vocab_size = 32768
     assert plan_memory(again, 1, 80).fits
 
-    assert hylo(["plan", "--config", "configs/hybrid_1b.yaml", *overrides, "model.vocab_size=32768", "--gpu-mem",
-                 "80"]) == 1
+    assert hylo_cli(["plan", "--config", "configs/hybrid_1b.yaml", *overrides, "model.vocab_size=32768", "--gpu-mem",
+                     "80"]) == 1
     out = capsys.readouterr().out
     assert "does NOT fit" in out and "it fits with" in out
-    assert hylo(["plan", "--config", "configs/hybrid_1b.yaml", *overrides, "model.vocab_size=32768", *changes]) == 0
+    assert hylo_cli(["plan", "--config", "configs/hybrid_1b.yaml", *overrides, "model.vocab_size=32768", *changes]) == 0
     assert ": fits" in capsys.readouterr().out
 
 

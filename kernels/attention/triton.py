@@ -9,7 +9,7 @@ heads, fewer queries than keys, differentiable log-sum-exp), on (B, T, H, d) ten
   layer costs O(T*W); pinned keys add one extra short loop over the first blocks.
 * Grouped-query attention indexes the k/v head as h // G instead of repeating k/v.  The dK/dV kernel loops over
   the G query heads of its k/v head, so no two programs write the same gradient (no atomics: deterministic).
-  `train.attention_dq=atomic` (kernels.attention.set_backward_dq) instead adds dQ from the dK/dV kernel with
+  `train.attention_dq=atomic` (hylo.kernels.ops.set_backward_dq) instead adds dQ from the dK/dV kernel with
   float32 atomics, as FlashAttention-2 does: one pass over the scores instead of two, not bit-reproducible.
 * Softmax statistics and accumulators are float32 whatever the input dtype; exponentials are taken in base 2
   with log2(e) folded into the scale.
@@ -709,7 +709,7 @@ def flash_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: tor
     """dq, dk, dv of one (queries, keys) pair given the *final* lse (every key, sink and merged partial) and
     delta = rowsum(dO * O) - dlse.  Gradients come in `grad_dtype` (default: the input dtype); pass float32
     when summing the gradients of several key segments.  `atomic`: dQ added atomically by the dK/dV kernel
-    instead of computed by its own kernel (default: `kernels.attention.set_backward_dq`)."""
+    instead of computed by its own kernel (default: `hylo.kernels.ops.set_backward_dq`)."""
     _check(q, k, v)
     q, k, v, d_out = contiguous_last(q), contiguous_last(k), contiguous_last(v), contiguous_last(d_out)
     lse, delta = lse.float().contiguous(), delta.float().contiguous()

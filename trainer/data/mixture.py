@@ -5,7 +5,7 @@ weighted round robin: every source's count stays within one sequence of weight x
 on the sequence index and the weights — never on the number of ranks — and a 2-rank run sees exactly the 1-rank
 batches.  Each source packs its own documents into sequences (a sequence never mixes sources: per-source
 accounting is exact), with its own shuffle, epochs, and document shaping (`min_doc_tokens`, `upsample_long`:
-trainer/data/'s SequencePacker).  The state is every source's position plus the counts, so a resume continues
+trainer/data/packing.py's SequencePacker).  The state is every source's position plus the counts, so a resume continues
 bit-exactly on any number of ranks.  New weights on resume take effect from the resumed sequence on (the round
 robin restarts its bookkeeping there), with a note; a source that reaches `max_epochs` stops being drawn and its
 weight goes to the others, with a note; a source starting another epoch says so once.
@@ -37,7 +37,7 @@ def source_seed(seed: int, name: str) -> int:
 
 class MixturePacker:
     """The next global sequence of a mixture, with the SequencePacker interface (next_sequence, state_dict,
-    load_state_dict).  `build(source)` opens one source's own packer (trainer/data/'s `source_packer`); `say`
+    load_state_dict).  `build(source)` opens one source's own packer (trainer/data/packing.py's `source_packer`); `say`
     prints the notes (rank 0)."""
 
     kind = "mixture"

@@ -234,7 +234,7 @@ class ShardSequences:
 class ShardDocuments:
     """The documents of token shards, for a mixture source that shapes its documents (min_doc_tokens,
     upsample_long): the stream is cut at its EOS tokens (one scan when opened: 8 bytes per document kept), and each
-    epoch reads the documents in a seeded order.  The DocumentStream interface (trainer/data/) with tokens for
+    epoch reads the documents in a seeded order.  The DocumentStream interface (trainer/data/sources.py) with tokens for
     text: `iterate(epoch, state)` yields (epoch, state before the document, its tokens with their EOS) endlessly,
     the state being the document's place in its epoch's order, so a resume continues exactly."""
 
