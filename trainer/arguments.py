@@ -84,7 +84,7 @@ def export_parser() -> argparse.ArgumentParser:
 def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hylo generate", description=GENERATE_HELP)
     add_checkpoint_argument(parser)
-    parser.add_argument("--prompt", default="", help="the text to continue")
+    parser.add_argument("--prompt", default=None, help="the text to continue")
     parser.add_argument("--prompts", default="", help="a file of prompts, one per line (prompts of the same token "
                                                       "length decode as one batch)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -162,17 +162,18 @@ PARSERS = {"train": train_parser, "tokenize": tokenize_parser, "export": export_
 
 
 def parse(command: str, argv: list[str]) -> argparse.Namespace:
-    """`argv` (what follows `hylo <command>`) parsed as that command takes it.  train: `--resume` is folded into
-    the overrides (`args.overrides` ends with checkpoint.resume=...); plan: options and overrides intermixed;
-    launch: what follows `--` is the training command's, as `args.train_args`."""
+    """`argv` (what follows `hylo <command>`) parsed as that command takes it.  train and plan: options and
+    overrides intermixed; train: `--resume` is folded into the overrides (`args.overrides` ends with
+    checkpoint.resume=...); launch: what follows `--` is the training command's, as `args.train_args`."""
     if command == "launch":
         own, train_args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
         args = launch_parser().parse_args(own)
         args.train_args = train_args
         return args
-    if command == "plan":
-        return plan_parser().parse_intermixed_args(argv)
-    args = PARSERS[command]().parse_args(argv)
+    if command in ("plan", "train"):  # overrides before and after the options: `hylo train a=1 --resume X b=2`
+        args = PARSERS[command]().parse_intermixed_args(argv)
+    else:
+        args = PARSERS[command]().parse_args(argv)
     if command == "train":
         if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
             args.overrides.insert(0, args.resume)  # `--resume train.lr=1e-3`: an override, not a checkpoint path

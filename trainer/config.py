@@ -215,6 +215,9 @@ class CheckpointConfig:
     keep_last: int = 0  # keep only the newest k complete checkpoints; 0 = keep all
     async_save: bool = False  # write in the background (dcp.async_save); also spelled checkpoint.async
     checksums: bool = True  # write a CRC32 manifest with each checkpoint and verify it before loading
+    # write into a run dir holding another run's checkpoints (another lineage): they move aside to
+    # <run.dir>/superseded/<lineage>/ instead of being replaced step by step; false = refuse by name
+    overwrite: bool = False
 
 
 @dataclass
@@ -360,6 +363,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
             except OmegaConfBaseException as err:
                 raise _explain(err, f"override '{item}'") from None
+            except yaml.YAMLError as err:  # the value is parsed as YAML: an unclosed [ or {, a stray quote
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise ConfigError(f"override '{item}': its value is not valid YAML ({problem}); close every [ and {{ "
+                                  "and quote the value if it holds spaces, e.g. 'data.sources=[{name: a, path: x}]'"
+                                  ) from None
     except OmegaConfBaseException as err:
         raise _explain(err, str(path)) from None
     config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]

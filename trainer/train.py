@@ -21,10 +21,12 @@ if TYPE_CHECKING:  # torch and the training stack load only when a run starts, n
     from hylo.trainer.config import Config
 
 
-def train(cfg: Config, callbacks: Sequence[Callback] = (), dry_run: bool = False) -> dict:
+def train(cfg: Config, callbacks: Sequence[Callback] = (), dry_run: bool = False,
+          config_from: Path | None = None) -> dict:
     """Run training to `train.steps`; returns a summary (first and last logged loss, where outputs are).
     `callbacks` are added after the config's own (trainer/callbacks/).  `dry_run`: build everything (data, model,
-    parallelism, engine, the checkpoint to resume), read the first batch, then stop without training or saving."""
+    parallelism, engine, the checkpoint to resume), read the first batch, then stop without training or saving.
+    `config_from`: the checkpoint `cfg` was read from (resume.run_config), checked against the one that loads."""
     watch = StartupWatch()  # a torchrun agent dying before the first step ends this rank with one line
     from hylo.trainer.callbacks.profiler import oom_snapshot
     from hylo.trainer.runtime.distributed import cpu_threads, destroy_distributed, init_distributed, peer_lost
@@ -43,7 +45,7 @@ def train(cfg: Config, callbacks: Sequence[Callback] = (), dry_run: bool = False
         snapshot = Path(cfg.run.dir) / f"oom_snapshot_rank{info.rank}.pickle"
         with oom_snapshot(cfg.profile.memory_snapshot, info.device, snapshot):
             new_run_dir = not Path(cfg.run.dir).exists()
-            trainer = Trainer(cfg, info, callbacks)
+            trainer = Trainer(cfg, info, callbacks, config_from=config_from)
             if dry_run:
                 return trainer.dry_run(remove_run_dir=new_run_dir)
             watch.training_started()
@@ -61,11 +63,11 @@ def run(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
     from hylo.trainer.checkpointing.resume import run_config
     from hylo.trainer.config import to_yaml
 
-    cfg = run_config(args.config, args.overrides)
+    cfg, config_from = run_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    train(cfg, callbacks, dry_run=args.dry_run)
+    train(cfg, callbacks, dry_run=args.dry_run, config_from=config_from)
     return 0
 
 

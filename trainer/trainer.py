@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,13 @@ from hylo.parallel.strategies import apply_context_parallel, cp_config_problem, 
 from hylo.trainer.callbacks import Callback, Callbacks, default_callbacks
 from hylo.trainer.checkpointing import latest_checkpoint, read_trainer_state, recover_leftovers, verified_checkpoint
 from hylo.trainer.checkpointing.export import load_weights
-from hylo.trainer.checkpointing.resume import apply_optimiser_settings, config_record, resume_changes
-from hylo.trainer.checkpointing.step_folder import barrier
+from hylo.trainer.checkpointing.resume import (
+    apply_optimiser_settings,
+    check_config_source,
+    config_record,
+    resume_changes,
+)
+from hylo.trainer.checkpointing.step_folder import barrier, foreign_checkpoints, lineage_of
 from hylo.trainer.config import Config, check_batch_layout, compile_choice, to_yaml
 from hylo.trainer.data.documents import document_masking
 from hylo.trainer.data.loader import DataLoader
@@ -57,10 +63,11 @@ def resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
     if resume == "auto":
         return latest_checkpoint(ckpt_dir)
     if resume == "none":
-        if latest_checkpoint(ckpt_dir) is not None:
+        if latest_checkpoint(ckpt_dir) is not None and not cfg.checkpoint.overwrite:
             raise ConfigError(
                 f"checkpoint.resume=none but {ckpt_dir} already holds checkpoints that this run would overwrite; "
-                "use a new run.dir, or checkpoint.resume=auto to continue"
+                "use a new run.dir, checkpoint.resume=auto to continue, or checkpoint.overwrite=true to move them "
+                "aside"
             )
         return None
     return Path(resume)
@@ -73,11 +80,13 @@ def remove_if_empty(folder: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo, callbacks: Sequence[Callback] = ()):
+    def __init__(self, cfg: Config, info: DistInfo, callbacks: Sequence[Callback] = (),
+                 config_from: Path | None = None):
         problem = run_problem(cfg, info.world, info.device)
         if problem:
             raise ConfigError(problem)
         self.cfg, self.device, self.is_main = cfg, info.device, info.is_main
+        self.config_from = config_from  # the checkpoint whose trainer state `cfg` was read from, if any
         self.dims = ParallelDims.build(info.world, info.rank, cfg.parallel.cp, info.device)
         micro, accum = check_batch_layout(cfg, self.dims.dp)  # accumulation steps = the loader batch's first dim
         torch.manual_seed(cfg.train.seed)
@@ -160,6 +169,9 @@ class Trainer:
                 verify=cfg.checkpoint.checksums)
         if self.resume_from is not None:  # another engine's checkpoint: refused before any slow build
             read_trainer_state(self.resume_from, expect_engine=cfg.train.engine)
+        # One run's steps, through any number of resumes, share a lineage id, recorded in every checkpoint
+        self.lineage = (lineage_of(self.resume_from) if self.resume_from else None) or uuid.uuid4().hex
+        self._claim_run_dir()
 
         model = HybridLM(cfg.model).to(self.device)
         if cfg.model.init_from and self.resume_from is None:
@@ -206,6 +218,7 @@ class Trainer:
         self._first_bad_step = torch.zeros((), dtype=torch.long, device=self.device)  # 0: every step finite
         if self.resume_from is not None:
             saved = read_trainer_state(self.resume_from)  # checked before the weights are read
+            check_config_source(self.config_from, self.resume_from, saved)
             changed, model_changes = resume_changes(saved.get("config"), cfg, str(self.resume_from))
             note = check_source(saved.get("data_source"), self.data_source, str(self.resume_from),
                                 cfg.data.allow_source_change)
@@ -222,7 +235,34 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, start_step=self.start_step)
+
+    def _claim_run_dir(self) -> None:
+        """The run dir holds one lineage's checkpoints: another run's are refused by name, or moved aside (with
+        their metrics and TensorBoard logs) when checkpoint.overwrite=true, never written over step by step."""
+        foreign = foreign_checkpoints(self.ckpt_dir, self.lineage, self.resume_from)
+        if not foreign:
+            return
+        listed = ", ".join(path.name for path, _ in foreign[:4]) + (f" and {len(foreign) - 4} more"
+                                                                     if len(foreign) > 4 else "")
+        lineages = ", ".join(sorted({lineage for _, lineage in foreign}))
+        this = f"continues the run of {self.resume_from}" if self.resume_from else "is a new run"
+        if not self.cfg.checkpoint.overwrite:
+            raise ConfigError(f"run.dir={self.run_dir} holds another run's checkpoints ({listed}; lineage "
+                              f"{lineages}), and this run {this}: its saves and metrics would mix with them. Give "
+                              f"this run its own run.dir, or checkpoint.overwrite=true to move them aside (to "
+                              f"{self.run_dir / 'superseded'}/)")
+        if self.is_main:
+            aside = self.run_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+            (aside / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for path, _ in foreign:
+                path.rename(aside / "checkpoints" / path.name)
+            for name in ("metrics.jsonl", "tb"):
+                if (self.run_dir / name).exists():
+                    (self.run_dir / name).rename(aside / name)
+            print(f"[hylo] checkpoint.overwrite=true: moved another run's checkpoints ({listed}; lineage "
+                  f"{lineages}) and its logs aside to {aside}", flush=True)
+        barrier()
 
     def _build_loader(self, micro: int):
         cfg, dims = self.cfg, self.dims
@@ -337,7 +377,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.step * self.cfg.train.batch_size * self.cfg.train.seq_len,
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "lineage": self.lineage}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = self.start_step = state["step"]

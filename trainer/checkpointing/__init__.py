@@ -15,6 +15,7 @@ from hylo.trainer.checkpointing.step_folder import (
     MARKER,
     TRAINER_STATE,
     complete_checkpoints,
+    config_checkpoint,
     find_checkpoint,
     is_complete,
     latest_checkpoint,
@@ -25,10 +26,9 @@ from hylo.trainer.checkpointing.step_folder import (
 )
 from hylo.trainer.errors import CheckpointError
 
-__all__ = ["MARKER", "TRAINER_STATE", "CheckpointError", "DCPCheckpointer", "complete_checkpoints", "find_checkpoint",
-           "is_complete",
-           "latest_checkpoint", "load_weights", "read_trainer_state", "recover_leftovers", "verified_checkpoint",
-           "verify_checkpoint"]
+__all__ = ["MARKER", "TRAINER_STATE", "CheckpointError", "DCPCheckpointer", "complete_checkpoints", "config_checkpoint",
+           "find_checkpoint", "is_complete", "latest_checkpoint", "load_weights", "read_trainer_state",
+           "recover_leftovers", "verified_checkpoint", "verify_checkpoint"]
 
 WEIGHT_LOADERS = {"torch": lambda path, model: load_dcp(path, model, None), "deepspeed": load_deepspeed_weights}
 

@@ -105,6 +105,29 @@ def verify_manifest(folder: Path, skip: set[str], required: bool = True) -> str 
     return problems[min(problems)] if problems else None
 
 
+def verify_files(folder: Path, names: list[str]) -> str | None:
+    """What is wrong with these few files of the folder (not collective: a small file read before the process
+    group exists, e.g. the trainer state a resume takes its config from), or None if each matches its manifest
+    entry or the folder was saved without a manifest (checkpoint.checksums=false)."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return None  # verify_manifest, run before anything else is loaded, says whether one was required
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {MANIFEST} is unreadable ({err})"
+    for name in names:
+        if name not in files:
+            return f"file {name} is not in its {MANIFEST} (added after the save?)"
+        size, crc = int(files[name][0]), int(files[name][1])
+        path = folder / name
+        if not path.is_file():
+            return f"file {name} is missing"
+        if path.stat().st_size != size or file_hash(path) != crc:
+            return f"file {name} does not match its checksum (changed or damaged on disk)"
+    return None
+
+
 # ------------------------------------------------------------------------------------------ DCP's .metadata
 # What DCP's .metadata holds: its metadata classes, tensor sizes, dtypes and layouts, and file paths.
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"

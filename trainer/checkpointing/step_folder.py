@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from hylo.trainer.checkpointing.integrity import read_dcp_metadata, verify_manifest, write_manifest
+from hylo.trainer.checkpointing.integrity import read_dcp_metadata, verify_files, verify_manifest, write_manifest
 from hylo.trainer.errors import CheckpointError, CheckpointWriteError
 
 TRAINER_STATE = "trainer_state.json"
@@ -106,6 +106,56 @@ def read_trainer_state(path: Path, expect_engine: str | None = None) -> dict[str
                               "its own run.dir, or start a new run from its weights (hylo export, then "
                               "model.init_from)")
     return meta
+
+
+def verified_trainer_state(path: Path) -> dict[str, Any]:
+    """read_trainer_state, once trainer_state.json has matched its manifest entry: what a resume reads before the
+    process group exists and the full verification runs (the config it continues with) comes only from a file
+    that verifies."""
+    path = Path(path)
+    if is_complete(path):
+        problem = verify_files(path, [TRAINER_STATE])
+        if problem:
+            raise CheckpointError(f"checkpoint '{path}' is corrupt: {problem}. Point checkpoint.resume at an earlier "
+                                  "step_<N> folder (or checkpoint.resume=auto to take the newest that verifies)")
+    return read_trainer_state(path)
+
+
+def config_checkpoint(root: Path, explicit: Path | None) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint a resume takes its config from, and its trainer state: the named one, or the newest complete
+    one under `root` whose trainer state verifies.  The trainer's full verification normally chooses the same
+    folder; where it does not (a damaged shard), the trainer compares the two configs before loading."""
+    if explicit is not None:
+        return explicit, verified_trainer_state(explicit)
+    for _, path in reversed(complete_checkpoints(root)):
+        try:
+            return path, verified_trainer_state(path)
+        except CheckpointError:
+            continue  # the trainer skips it too, and says so
+    return None
+
+
+def lineage_of(path: Path) -> str | None:
+    """The lineage id a checkpoint records (every step of one run, through any number of resumes, shares it);
+    None for a checkpoint written before lineages were recorded, or one whose trainer state is unreadable."""
+    try:
+        lineage = json.loads((Path(path) / TRAINER_STATE).read_text()).get("lineage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return lineage if isinstance(lineage, str) else None
+
+
+def foreign_checkpoints(root: Path, lineage: str, resume_from: Path | None) -> list[tuple[Path, str]]:
+    """The complete checkpoints under `root` that belong to another run than the one continuing `lineage` from
+    `resume_from` (None: a new run), with their lineage.  One written before lineages were recorded belongs to
+    this run only when it resumes from that same folder of checkpoints."""
+    ours_by_place = resume_from is not None and Path(resume_from).resolve().parent == Path(root).resolve()
+    foreign = []
+    for _, path in complete_checkpoints(root):
+        theirs = lineage_of(path)
+        if (theirs is not None and theirs != lineage) or (theirs is None and not ours_by_place):
+            foreign.append((path, theirs or "unrecorded"))
+    return foreign
 
 
 def find_checkpoint(path: str | Path, command: str) -> Path:

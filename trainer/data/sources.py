@@ -229,6 +229,14 @@ class DocumentStream:
             if text.strip() or epoch > 0:
                 return
 
+    def describe(self) -> str:
+        """The source in a few words: a dataset's name, or how many files and where."""
+        if isinstance(self.source, str):
+            return self.source
+        if len(self.source) == 1:
+            return self.source[0]
+        return f"{len(self.source)} files under {os.path.commonpath(self.source)}"
+
     def iterate(self, epoch: int = 0, state: dict | None = None) -> Iterator[tuple[int, dict, str]]:
         while True:
             ds = self._dataset(epoch)
@@ -240,7 +248,7 @@ class DocumentStream:
             if state is not None:
                 ds.load_state_dict(state)
                 before, state = copy.deepcopy(state), None
-            empty_epoch = True
+            empty_epoch, passed = True, 0
             has_text = epoch > 0  # one epoch with text is proof enough
             examples = iter(ds)
             while True:
@@ -260,13 +268,20 @@ class DocumentStream:
                     raise DataError(not_text(self._binary_file(sniff=-1) or f"one of {len(self.source)} files"))
                 if self.cfg.val_fraction and held_out(text, self.cfg.val_fraction) != (self.cfg.split == "val"):
                     before = ds.state_dict()  # the other split's document: passed over, the position moves on
+                    passed += 1
                     continue
                 empty_epoch = False
                 has_text = has_text or bool(text.strip())
                 yield epoch, before, text
                 before = ds.state_dict()
+            if empty_epoch and passed:
+                other = "validation" if self.cfg.split == "train" else "training"
+                raise DataError(f"the {self.cfg.split} split of {self.describe()} is empty: data.val_fraction="
+                                f"{self.cfg.val_fraction} put all {passed} of its documents in the {other} split (the "
+                                "split goes by a hash of each document's text). Lower data.val_fraction, or give more "
+                                "documents")
             if empty_epoch:
-                raise DataError(f"the data source {str(self.source)[:200]} yielded no documents")
+                raise DataError(f"the data source {self.describe()} yielded no documents")
             if not has_text:  # training would see nothing but end-of-document tokens
-                raise DataError(f"the data source {str(self.source)[:200]} holds no text (every document is empty)")
+                raise DataError(f"the data source {self.describe()} holds no text (every document is empty)")
             epoch += 1

@@ -6,6 +6,7 @@ token instead (slow; the reference the cached path must equal)."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ class Sampler:
     (the most likely token always stays)."""
 
     def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
-        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        if not math.isfinite(temperature) or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
             raise ConfigError(f"sampling needs --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1; got "
                               f"{temperature}, {top_k}, {top_p}")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
@@ -77,9 +78,11 @@ class StreamPrinter:
 
 
 def read_prompts(args) -> list[str]:
-    if bool(args.prompt) == bool(args.prompts):
+    if (args.prompt is not None) == bool(args.prompts):
         raise ConfigError("give one of --prompt TEXT or --prompts FILE (one prompt per line)")
-    if args.prompt:
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ConfigError("--prompt is empty: give the text to continue, e.g. --prompt 'def main('")
         return [args.prompt]
     path = Path(args.prompts)
     if not path.is_file():
@@ -92,6 +95,8 @@ def read_prompts(args) -> list[str]:
 
 def run(args) -> int:
     """`hylo generate` (arguments: trainer/arguments.py)."""
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: give how many tokens to decode (>= 1)")
     prompts = read_prompts(args)
     pick = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     model, cfg = load_trained_model(Path(args.checkpoint), "generate")
