@@ -213,6 +213,39 @@ def test_crash_anywhere_in_resave_and_prune_keeps_a_complete_checkpoint(tmp_path
     load_weights(newest, tiny()[0])
 
 
+def test_keep_last_prunes_before_the_save_so_the_disk_never_holds_more(tmp_path, monkeypatch):
+    """keep_last >= 2: what a save would prune goes before it writes (a full disk is then fixed by lowering
+    keep_last), but never the newest checkpoint before the step (the one a run may have resumed from, past a
+    damaged newer one); keep_last=1 keeps its checkpoint until the new one is complete."""
+    model, optimizer = tiny()
+    on_disk_at_write = {}
+    write = DCPCheckpointer._write
+
+    def spy(self, tmp, state):
+        on_disk_at_write[tmp.name] = [p.name for _, p in complete_checkpoints(self.root)]
+        return write(self, tmp, state)
+
+    monkeypatch.setattr(DCPCheckpointer, "_write", spy)
+    saver = DCPCheckpointer(tmp_path / "two", keep_last=2)
+    for step in (1, 2, 3):
+        saver.save(step, model, optimizer, state(step))
+    assert on_disk_at_write["step_3.tmp"] == ["step_2"]
+    assert [p.name for _, p in complete_checkpoints(tmp_path / "two")] == ["step_2", "step_3"]
+    one = DCPCheckpointer(tmp_path / "one", keep_last=1)
+    for step in (1, 2):
+        one.save(step, model, optimizer, state(step))
+    assert on_disk_at_write["step_2.tmp"] == ["step_1"]
+    assert [p.name for _, p in complete_checkpoints(tmp_path / "one")] == ["step_2"]
+    # resumed from step_2 past a newer step_5: step_2 stays until step_3 is complete
+    rolled = DCPCheckpointer(tmp_path / "rolled", keep_last=0)
+    for step in (1, 2, 5):
+        rolled.save(step, model, optimizer, state(step))
+    rolled.keep_last = 2
+    rolled.save(3, model, optimizer, state(3))
+    assert on_disk_at_write["step_3.tmp"] == ["step_2", "step_5"]
+    assert [p.name for _, p in complete_checkpoints(tmp_path / "rolled")] == ["step_3", "step_5"]
+
+
 def test_full_disk_inside_dcp_is_clear(tmp_path, monkeypatch):
     """DCP reports a rank's ENOSPC wrapped in a CheckpointException (not an OSError)."""
     import torch.distributed.checkpoint as dcp

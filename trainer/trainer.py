@@ -403,7 +403,8 @@ class Trainer:
         if not self.is_main:
             return
         cfg, dims = self.cfg, self.dims
-        where = f"resuming from {self.resume_from}" if self.resume_from else "from scratch"
+        where = (f"resuming from {self.resume_from}" if self.resume_from else
+                 f"from the weights of {cfg.model.init_from}" if cfg.model.init_from else "from scratch")
         layout = f" (dp {dims.dp} x cp {dims.cp}, {cfg.parallel.cp_mode})" if dims.cp > 1 else ""
         print(f"[hylo] {self.n_params / 1e6:.2f}M params, layers {cfg.model.pattern} x{cfg.model.n_layers}, "
               f"{dims.world} rank(s){layout} on {self.device.type}, {where}; run dir {self.run_dir.resolve()}",

@@ -11,7 +11,7 @@ from hylo.trainer.callbacks.metrics import LossSpikeCallback, MetricsCallback
 from hylo.trainer.callbacks.monitors import GradNormMonitor, LayerMonitor
 from hylo.trainer.callbacks.preemption import PreemptionCallback
 from hylo.trainer.callbacks.profiler import ProfilerCallback
-from hylo.trainer.callbacks.progress import ProgressBar
+from hylo.trainer.callbacks.progress import LogLines, ProgressBar
 
 if TYPE_CHECKING:
     from hylo.trainer.config import Config
@@ -37,6 +37,5 @@ def default_callbacks(cfg: Config) -> list[Callback]:
         callbacks.append(EvalCallback(cfg.eval.interval))
     if cfg.profile.enabled:
         callbacks.append(ProfilerCallback(cfg.profile.start_step, cfg.profile.steps))
-    if log.progress:
-        callbacks.append(ProgressBar())
+    callbacks.append(ProgressBar() if log.progress else LogLines())
     return callbacks

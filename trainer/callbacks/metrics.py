@@ -57,6 +57,8 @@ class MetricsCallback(Callback):
     applied (and over all ranks), the learning rate, the last gradient norm, tokens/s and MFU over the window's
     own step time (checkpoint saves and evaluations are left out), and peak GPU memory."""
 
+    AVERAGED = 10  # log points in train/loss_avg (the progress bar's `loss`)
+
     def on_train_start(self, trainer: Trainer) -> None:
         self.peak = peak_flops(trainer.device, trainer.cfg.logging.peak_tflops) * trainer.dims.world
         self.tokens_per_step = trainer.cfg.train.batch_size * trainer.cfg.train.seq_len
@@ -64,6 +66,7 @@ class MetricsCallback(Callback):
         self.loss_steps = self.window_steps = 0
         self.window_time = 0.0
         self.source_counts: dict[str, int] | None = None  # a mixture's sequences per source at the last log
+        self.recent: list[float] = []  # the last AVERAGED log points' losses: train/loss_avg
 
     def _mixture(self, trainer: Trainer) -> dict[str, float]:
         """data/tokens/<source> (cumulative) and data/share/<source> (over the last log interval) of a mixture."""
@@ -90,8 +93,11 @@ class MetricsCallback(Callback):
         mean_loss = mean_over_ranks(self.loss_sum / max(self.loss_steps, 1))  # the host waits for the device here
         self.window_time += time.perf_counter() - trainer.step_started
         tokens_per_sec = self.window_steps * self.tokens_per_step / max(self.window_time, 1e-9)
+        self.recent = (self.recent + [mean_loss])[-self.AVERAGED:]
         scalars = {
             "train/loss": mean_loss,
+            # one batch's loss swings by a nat or more on a mixed corpus: the trend is the mean of the last few
+            "train/loss_avg": sum(self.recent) / len(self.recent),
             "train/lr": trainer.scheduler.get_last_lr()[0],
             "train/grad_norm": float(result.grad_norm),
             "train/tokens_per_sec": tokens_per_sec,
@@ -105,6 +111,8 @@ class MetricsCallback(Callback):
         trainer.log(scalars)
         trainer.summary.setdefault("first_loss", mean_loss)
         trainer.summary["last_loss"] = mean_loss
+        trainer.summary["avg_loss"] = scalars["train/loss_avg"]
+        trainer.summary["lr"] = scalars["train/lr"]
         trainer.summary["tokens_per_sec"] = tokens_per_sec
         self.loss_sum.zero_()
         self.loss_steps = self.window_steps = 0

@@ -1,7 +1,9 @@
-"""A tqdm bar on rank 0 (logging.progress); while it runs, the trainer's messages go through it.
+"""What rank 0 shows while training: a tqdm bar (logging.progress=true; the trainer's messages then go through
+it), or one line per logging step (logging.progress=false, e.g. in a batch job's log).
 
-The bar shows the logged loss smoothed over the last ten log points (`loss`) beside the last one (`last`): one
-batch's loss swings by a nat or more on a mixed corpus, and a run's end should not be judged by its last batch.
+Both show the loss averaged over the last ten log points (`train/loss_avg`, also in TensorBoard and
+metrics.jsonl) beside the last one: one batch's loss swings by a nat or more on a mixed corpus, and a run's end
+should not be judged by its last batch.
 """
 
 from __future__ import annotations
@@ -16,11 +18,8 @@ if TYPE_CHECKING:
 
 
 class ProgressBar(Callback):
-    WINDOW = 10  # log points averaged for the bar's loss
-
     def __init__(self):
         self.bar = None
-        self.recent: list[float] = []
 
     def on_train_start(self, trainer: Trainer) -> None:
         if not trainer.is_main:
@@ -34,8 +33,7 @@ class ProgressBar(Callback):
         if self.bar is None:
             return
         if trainer.is_log_step() and "last_loss" in trainer.summary:
-            self.recent = (self.recent + [trainer.summary["last_loss"]])[-self.WINDOW:]
-            self.bar.set_postfix(loss=f"{sum(self.recent) / len(self.recent):.3f}",
+            self.bar.set_postfix(loss=f"{trainer.summary['avg_loss']:.3f}",
                                  last=f"{trainer.summary['last_loss']:.3f}",
                                  tok_s=f"{trainer.summary['tokens_per_sec']:,.0f}")
         self.bar.update(1)
@@ -44,3 +42,14 @@ class ProgressBar(Callback):
         if self.bar is not None:
             self.bar.close()
             trainer.say = print
+
+
+class LogLines(Callback):
+    """logging.progress=false: one line per logging step instead of a bar."""
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        summary = trainer.summary
+        if trainer.is_main and trainer.is_log_step() and "last_loss" in summary:
+            print(f"[hylo] step {trainer.step}/{trainer.cfg.train.steps}: loss {summary['avg_loss']:.3f} (last "
+                  f"{summary['last_loss']:.3f}), lr {summary['lr']:.2e}, {summary['tokens_per_sec']:,.0f} tokens/s",
+                  flush=True)

@@ -40,7 +40,8 @@ TRAINER_STATE = "trainer_state.json"
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 LEFTOVER = re.compile(r"^step_(\d+)\.(tmp|old|pruning)$")
-DISK_FULL = "the disk is full: free space or lower checkpoint.keep_last"
+DISK_FULL = ("the disk is full: free space or lower checkpoint.keep_last (from 2 up, the oldest checkpoint is removed "
+             "before each save, so the disk never holds more than keep_last)")
 # The trainer state's required keys and their JSON types: a hand-edited or truncated file is refused by name.
 STATE_SCHEMA = {"step": int, "data": dict, "scheduler": dict}
 
@@ -334,6 +335,7 @@ class StepFolderWriter:
         self.wait()  # one save in flight at a time
         final, tmp = self.root / f"step_{step}", self.root / f"step_{step}.tmp"
         if rank() == 0:
+            self._prune_before(step)
             shutil.rmtree(tmp, ignore_errors=True)
             try:
                 (tmp / "rng").mkdir(parents=True)
@@ -419,9 +421,25 @@ class StepFolderWriter:
             return
         for _, path in complete_checkpoints(self.root)[: -self.keep_last]:
             if path != keep:
-                doomed = path.with_name(path.name + ".pruning")  # never again taken for a complete checkpoint
-                path.rename(doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
+                self._remove(path)
+
+    def _prune_before(self, step: int) -> None:
+        """With keep_last >= 2, the checkpoints this save would prune go first, so the disk never holds more than
+        keep_last (a full disk is then fixed by lowering it); keep_last=1 keeps its one checkpoint until the new one
+        is complete."""
+        if self.keep_last < 2:
+            return
+        others = [(s, path) for s, path in complete_checkpoints(self.root) if s != step]
+        # never the newest one before this step: it may be the one this run resumed from, past a damaged newer one
+        older = [path for s, path in others if s < step][:-1]
+        for path in older[: max(len(others) + 1 - self.keep_last, 0)]:
+            self._remove(path)
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        doomed = path.with_name(path.name + ".pruning")  # never again taken for a complete checkpoint
+        path.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     @staticmethod
     def _abandon(tmp: Path, err: BaseException) -> None:
