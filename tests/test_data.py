@@ -122,3 +122,37 @@ def iter_one_epoch(stream):
             return
         assert isinstance(text, str)
         yield text
+
+
+def test_a_dataset_saved_with_save_to_disk_streams_and_resumes_exactly(tmp_path):
+    """`Dataset.save_to_disk` folders (and a DatasetDict's split) are read as they are, resumed mid-document."""
+    from datasets import Dataset, DatasetDict
+
+    (tmp_path / "raw").mkdir()
+    docs = write_corpus(tmp_path / "raw", n=30)
+    Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "saved"))
+    DatasetDict({"train": Dataset.from_dict({"body": docs}), "test": Dataset.from_dict({"body": docs[:2]})}
+                ).save_to_disk(str(tmp_path / "dict"))
+    for path, split in ((tmp_path / "saved", "train"), (tmp_path / "dict", "train")):
+        cfg = DataConfig(path=str(path), text_field="body", hf_split=split, prefetch=0)
+        assert resolve_source(cfg)[0] == "saved"
+        read = [text for _, (_, _, text) in zip(range(30), DocumentStream(cfg, seed=0).iterate(), strict=False)]
+        assert read == docs  # every document, in the saved order
+
+        def loader(c=cfg):
+            return DataLoader(c, TOK, seq_len=16, global_batch=2, micro_batch=2)
+
+        straight = loader()
+        batches = [next(straight).clone() for _ in range(6)]
+        first = loader()
+        for _ in range(3):
+            next(first)
+        state = first.state_dict()  # mid-document: 16-token windows of 5-60-word documents
+        resumed = loader()
+        resumed.load_state_dict(state)
+        for expected in batches[3:]:
+            assert torch.equal(next(resumed), expected)
+        for one in (straight, first, resumed):
+            one.close()
+    with pytest.raises(DataError, match=r"has splits \['test', 'train'\], not 'valid'; set data.hf_split"):
+        next(DocumentStream(DataConfig(path=str(tmp_path / "dict"), hf_split="valid"), seed=0).iterate())

@@ -11,6 +11,7 @@ with `data.allow_source_change=true`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import zlib
 from pathlib import Path
@@ -42,6 +43,12 @@ def data_provenance(cfg: DataConfig, tokenizer) -> dict[str, Any]:
         return {**record, "kind": "tokens", "path": str(Path(cfg.path).resolve()),
                 "index_crc32": zlib.crc32(index.read_bytes()) if index.is_file() else None}
     builder, source = resolve_source(cfg)
+    if builder == "saved":  # datasets' own fingerprints say whether the saved data changed
+        states = sorted(Path(source).rglob("state.json"))
+        fingerprints = {str(p.parent.relative_to(source)): json.loads(p.read_text()).get("_fingerprint")
+                        for p in states}
+        return {**record, "kind": "saved", "path": str(Path(source).resolve()), "split": cfg.hf_split,
+                "fingerprints": fingerprints}
     if builder == "hf":
         return {**record, "kind": "hf", "name": source, "split": cfg.hf_split}
     files = []
@@ -76,6 +83,12 @@ def source_change(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
     if kind == "tokens":
         if saved.get("index_crc32") != now.get("index_crc32"):
             return f"the token shards at {now['path']} were rewritten (their index.json changed)"
+        return None
+    if kind == "saved":
+        if (saved.get("path"), saved.get("split")) != (now.get("path"), now.get("split")):
+            return f"the dataset changed ({saved.get('path')}:{saved.get('split')} -> {now['path']}:{now['split']})"
+        if saved.get("fingerprints") != now.get("fingerprints"):
+            return f"the saved dataset in {now['path']} was saved again (its fingerprint changed)"
         return None
     if kind == "hf":
         if (saved.get("name"), saved.get("split")) != (now.get("name"), now.get("split")):

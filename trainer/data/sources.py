@@ -72,11 +72,20 @@ def _builder_for(files: list[str], fmt: str) -> str:
     return "text"
 
 
+def saved_dataset(path: Path) -> bool:
+    """Whether `path` is a folder written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return path.is_dir() and ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+                              or (path / "dataset_dict.json").is_file())
+
+
 def resolve_source(cfg: DataConfig) -> tuple[str, list[str] | str]:
-    """(datasets builder, data files) for local data, or ("hf", name) for a Hugging Face dataset name.
+    """(datasets builder, data files) for local data, ("saved", folder) for a dataset written by save_to_disk, or
+    ("hf", name) for a Hugging Face dataset name (or a folder in the hub's layout).
 
     Fails with a clear message when the path does not exist or holds nothing readable.
     """
+    if cfg.path and cfg.format in ("auto", "hf") and saved_dataset(Path(cfg.path).expanduser()):
+        return "saved", str(Path(cfg.path).expanduser())
     if cfg.format == "hf":
         if not cfg.path:
             raise DataError("data.format=hf needs data.path set to a Hugging Face dataset name")
@@ -165,6 +174,10 @@ class DocumentStream:
 
         datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # read errors are hylo's one line, not its logs
 
+        if self.builder == "saved":
+            ds = self._saved_dataset().to_iterable_dataset()  # streamed like the rest: same resume state
+            ds.set_epoch(epoch)
+            return ds
         if self.builder == "hf":
             try:
                 ds = load_dataset(self.source, split=self.cfg.hf_split, streaming=True)
@@ -181,6 +194,22 @@ class DocumentStream:
         text_kwargs = {"sample_by": "document", "encoding_errors": "replace"}
         kwargs: dict[str, Any] = text_kwargs if self.builder == "text" else {}
         return load_dataset(self.builder, data_files=files, split="train", streaming=True, **kwargs)
+
+    def _saved_dataset(self):
+        """The Dataset a save_to_disk folder holds (a DatasetDict's data.hf_split)."""
+        from datasets import DatasetDict, load_from_disk
+
+        try:
+            ds = load_from_disk(self.source)
+        except Exception as err:  # noqa: BLE001 - a damaged Arrow file or state.json
+            raise DataError(f"could not read the saved dataset in {self.source} ({type(err).__name__}: "
+                            f"{err})") from None
+        if isinstance(ds, DatasetDict):
+            if self.cfg.hf_split not in ds:
+                raise DataError(f"the saved dataset in {self.source} has splits {sorted(ds)}, not "
+                                f"'{self.cfg.hf_split}'; set data.hf_split")
+            ds = ds[self.cfg.hf_split]
+        return ds
 
     def _binary_file(self, sniff: int = SNIFF_BYTES) -> str | None:
         """The first text file whose first `sniff` bytes (-1: all of it) are not text: at start-up, and to name the
