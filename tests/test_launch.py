@@ -95,21 +95,74 @@ def test_a_lost_peer_is_one_line(monkeypatch):
 
 
 def test_cpu_threads_leave_the_cores_other_work_uses(monkeypatch):
+    """Decided from what runs now (runnable tasks, this process's own threads aside), not the 1-minute load
+    average, which lags: a run started right after other work ended must take every core."""
     import os
 
+    from hylo.trainer.runtime import distributed
     from hylo.trainer.runtime.distributed import cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(distributed, "_own_running", lambda: 1)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.4, 2.0, 2.0))  # a pip install that just ended
+    monkeypatch.setattr(distributed, "_runnable", lambda: 1)  # only this process runs now
     assert cpu_threads()[0] == 2  # an idle 2-core box: both cores
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.4, 2.0, 2.0))
+    monkeypatch.setattr(distributed, "_runnable", lambda: 2)
     assert cpu_threads()[0] == 1  # another job on it: one thread, not two fighting a third
+    samples = iter([3, 1, 2, 3, 3])  # a short-lived task in one sample only: the least is what stays
+    monkeypatch.setattr(distributed, "_runnable", lambda: next(samples))
+    assert cpu_threads()[0] == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+    monkeypatch.setattr(distributed, "_runnable", lambda: 4)
     assert cpu_threads()[0] == 4  # 16 cores for 4 ranks, whose own load is not other work
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # DeepSpeed's launcher
+    monkeypatch.setattr(distributed, "_runnable", lambda: 2)
+    assert cpu_threads() == (8, "16 cores for 2 rank(s), 0 other task(s) running")
     assert cpu_threads(3) == (3, "train.cpu_threads")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert cpu_threads()[1] == "OMP_NUM_THREADS"
+
+
+def test_cpu_threads_are_revisited_while_training(monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    import torch
+
+    from hylo.trainer.callbacks.cpu_threads import CpuThreads
+    from hylo.trainer.runtime import distributed
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    said = []
+    trainer = SimpleNamespace(device=torch.device("cpu"), cfg=SimpleNamespace(train=SimpleNamespace(cpu_threads=0)),
+                              is_log_step=lambda: True, say=said.append)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # chosen at start, beside another job
+        monitor = CpuThreads(seconds=0)
+        monitor.on_train_start(trainer)
+        monkeypatch.setattr(distributed, "_runnable", lambda: 2)  # the other job still runs beside this rank
+        monkeypatch.setattr(distributed, "_own_running", lambda: 1)
+        monitor.on_step_end(trainer, None)
+        assert torch.get_num_threads() == 1 and not said
+        monkeypatch.setattr(distributed, "_runnable", lambda: 1)  # it ended
+        monitor.on_step_end(trainer, None)
+        assert torch.get_num_threads() == 2 and "now 2 intra-op thread(s)" in said[0]
+        monkeypatch.setattr(distributed, "_runnable", lambda: 2)  # this rank's own two threads are not other work
+        monkeypatch.setattr(distributed, "_own_running", lambda: 2)
+        monitor.on_step_end(trainer, None)
+        assert torch.get_num_threads() == 2 and len(said) == 1
+        trainer.cfg.train.cpu_threads = 1  # a fixed choice is left alone
+        monitor.on_train_start(trainer)
+        assert not monitor.active
+    finally:
+        torch.set_num_threads(before)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from hylo.trainer.callbacks.base import Callback, Callbacks
 from hylo.trainer.callbacks.checkpointing import CheckpointCallback
+from hylo.trainer.callbacks.cpu_threads import CpuThreads
 from hylo.trainer.callbacks.evaluation import EvalCallback
 from hylo.trainer.callbacks.metrics import LossSpikeCallback, MetricsCallback
 from hylo.trainer.callbacks.monitors import GradNormMonitor, LayerMonitor
@@ -37,5 +38,6 @@ def default_callbacks(cfg: Config) -> list[Callback]:
         callbacks.append(EvalCallback(cfg.eval.interval))
     if cfg.profile.enabled:
         callbacks.append(ProfilerCallback(cfg.profile.start_step, cfg.profile.steps))
+    callbacks.append(CpuThreads())
     callbacks.append(ProgressBar() if log.progress else LogLines())
     return callbacks

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -72,17 +74,53 @@ def peer_lost(err: BaseException):
                     "(checkpoint.resume=auto)")
 
 
-def cpu_threads(requested: int = 0) -> tuple[int, str]:
+def local_ranks() -> int:
+    """The ranks on this node: torchrun's LOCAL_WORLD_SIZE, DeepSpeed's launcher's LOCAL_SIZE, else 1."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1")
+
+
+def _own_running() -> int:
+    """This process's threads that are running now (torch's intra-op threads spin a while after each op)."""
+    running = 0
+    for stat in Path("/proc/self/task").glob("*/stat"):
+        try:
+            running += stat.read_text().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue
+    return running
+
+
+def others_running(samples: int = 5, gap: float = 0.05) -> int:
+    """Tasks other than this process's running or ready to run on this machine now (/proc/loadavg's fourth
+    field), the least of a few quick samples: what other work takes from the cores at this moment, not the
+    lagging 1-minute load average (a run started right after a `pip install` would keep one core of two)."""
+    counts = []
+    for i in range(samples):
+        counts.append(max(0, _runnable() - max(_own_running(), 1)))
+        if i + 1 < samples:
+            time.sleep(gap)
+    return min(counts)
+
+
+def _runnable() -> int:
+    try:
+        return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return int(os.getloadavg()[0] + 0.5)  # no /proc: the 1-minute average
+
+
+def cpu_threads(requested: int = 0, peer_threads: int = 1) -> tuple[int, str]:
     """(intra-op threads for this CPU rank, why).  torch's default (every core, per process) collapses when other
     work shares the cores: busy-waiting threads fight over them (10 steps of the tiny config: 29 s at the
     default on a loaded 2-core box, 6.5 s on one thread).  Auto: the cores this process may use, shared by the
-    node's ranks, less the load other work already puts on them, at least 1."""
+    node's ranks, less what other work runs on them now, at least 1 (callbacks/cpu_threads.py revisits it while
+    training; `peer_threads`: the threads each other rank of the node runs, 1 while starting)."""
     if requested:
         return requested, "train.cpu_threads"
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads(), "OMP_NUM_THREADS"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    others = max(0.0, os.getloadavg()[0] - ranks)  # the node's ranks count themselves as running
-    threads = max(1, min(cores // ranks, int((cores - others) // ranks)))
-    return threads, f"{cores} cores for {ranks} rank(s), load from other work {others:.1f}"
+    ranks = local_ranks()
+    others = max(0, others_running() - (ranks - 1) * peer_threads)  # the node's other ranks are not "other work"
+    threads = max(1, min(cores // ranks, (cores - others) // ranks))
+    return threads, f"{cores} cores for {ranks} rank(s), {others} other task(s) running"
