@@ -275,6 +275,10 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.steps (or until a callback asks to stop); returns a summary of the run."""
         self._announce()
+        summary = {"first_loss": None, "last_loss": None, "run_dir": str(self.run_dir), "start_step": self.start_step}
+        if self.start_step >= self.cfg.train.steps:  # already complete (said): no bar, nothing saved
+            self.close(done=False)
+            return summary
         self.model.train()
         try:
             self.callbacks.on_train_start(self)
@@ -298,8 +302,7 @@ class Trainer:
             self.close(done=False)
             raise
         self.close(done=True)
-        return {"first_loss": self.summary.get("first_loss"), "last_loss": self.summary.get("last_loss"),
-                "run_dir": str(self.run_dir), "start_step": self.start_step}
+        return {**summary, "first_loss": self.summary.get("first_loss"), "last_loss": self.summary.get("last_loss")}
 
     def _train_step(self, batch: torch.Tensor) -> StepResult:
         def step() -> StepResult:
@@ -419,6 +422,8 @@ class Trainer:
         self.logger.close()
         self.lock.release()
         if self.is_main and done:
-            print(f"[hylo] done. TensorBoard: tensorboard --logdir {(self.run_dir / 'tb').resolve()}\n"
+            ended = "done" if self.stop_reason is None else (f"stopped at step {self.step} of {self.cfg.train.steps} "
+                                                              f"({self.stop_reason})")
+            print(f"[hylo] {ended}. TensorBoard: tensorboard --logdir {(self.run_dir / 'tb').resolve()}\n"
                   f"[hylo] checkpoints: {self.ckpt_dir.resolve()}  config: {(self.run_dir / 'config.yaml').resolve()}",
                   flush=True)

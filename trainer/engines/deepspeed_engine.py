@@ -10,6 +10,7 @@ in hylo's step folders (trainer/checkpointing/deepspeed.py).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,11 @@ from hylo.trainer.engines.optim import build_optimizer
 
 if TYPE_CHECKING:
     from hylo.trainer.config import Config
+
+# DeepSpeed still calls torch.distributed's deprecated collective names (_all_gather_base, ...); torch warns about
+# each, on every rank, which buried a run's own lines under ~120 of them.  Ours to silence: DeepSpeed's to fix.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.\w+ is a private function", category=FutureWarning)
 
 # Keys hylo derives from its own config; restating them in deepspeed.config would create a second truth.
 DERIVED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
