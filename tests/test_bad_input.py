@@ -109,3 +109,13 @@ def test_a_binary_tail_past_the_sniffed_start_is_named_when_read(tmp_path):
     with pytest.raises(DataError, match=f"data file {bad} is not text"):
         for _ in stream.iterate():
             pass
+
+
+def test_tokenize_names_its_own_options(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "b.txt").write_text("hello\n")
+    res = run_module(["-m", "hylo.trainer.cli", "tokenize", "--input", str(tmp_path), "--vocab-size", "300",
+                      "--output", str(tmp_path / "t.json")])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--input mixes file kinds ['.jsonl', '.txt']" in res.stderr and "set --format" in res.stderr
+    assert "data.path" not in res.stderr

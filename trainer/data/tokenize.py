@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import re
+
+from hylo.trainer.errors import DataError
+
+# The data readers name the training settings; here the same things are this command's options.
+OPTIONS = {"data.path": "--input", "data.format": "--format", "data.text_field": "--text-field"}
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except DataError as err:
+        raise DataError(re.sub("|".join(map(re.escape, OPTIONS)), lambda m: OPTIONS[m[0]], str(err))) from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from hylo.trainer.config import DataConfig
     from hylo.trainer.data.sources import DocumentStream
     from hylo.trainer.data.tokenizer import train_bpe
