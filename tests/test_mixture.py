@@ -342,3 +342,19 @@ def test_skipping_other_ranks_rows_in_one_call_equals_one_by_one(shard_corpus):
     assert bulk["web"] > 100 and bulk["small"] > 10, bulk  # most runs were skipped in one step per source
     odd = MixturePacker(mixture(corpus, weights=(0.5123, 0.4877, 0.0)), lambda s: None, say=lambda msg: None)
     assert odd._period is None  # no short period: sequence by sequence
+
+
+def test_a_longer_stage_on_text_sources_says_the_stream_continues_at_the_same_token(corpus):
+    """Stage 2 of a long-context recipe (a mixture of text sources at 4x the length) continues each document
+    stream at its token: the note says so, not the token-shard note about re-cut epochs."""
+    cfg = mixture(corpus)
+    short = DataLoader(cfg, TOK, seq_len=16, global_batch=4, micro_batch=4)
+    for _ in range(3):
+        next(short)
+    state = short.state_dict()
+    short.close()
+    longer = DataLoader(cfg, TOK, seq_len=64, global_batch=4, micro_batch=4)
+    assert not longer.reads_windows()
+    longer.load_state_dict(state)
+    assert "continues at the same token" in longer.resume_note and "epoch" not in longer.resume_note
+    longer.close()

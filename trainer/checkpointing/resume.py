@@ -49,8 +49,10 @@ DATA_ORDER_KEYS = ("train.seed", "data.format", "data.text_field", "data.hf_spli
 DATA_SOURCE_KEYS = ("data.path", "data.tokenizer", "data.val_fraction", "data.sources")
 # Keys that change what each sequence trains on but not which tokens come next: allowed, said.
 DATA_NOTED_KEYS = ("data.document_masking", "data.mqar.pairs", "data.mqar.n_keys", "data.mqar.n_values")
-# Keys of the batch layout: the loader continues from the same token whatever the length or the batch.
-LAYOUT_KEYS = ("train.seq_len", "train.batch_size", "train.micro_batch_size")
+# Keys of the batch layout: the loader continues from the same token whatever the length (token shards re-cut the
+# rest of their epoch, said) or the micro-batch; the global batch it counts in must stay (the loader refuses).
+LAYOUT_KEYS = ("train.seq_len", "train.micro_batch_size")
+LOADER_KEYS = ("train.batch_size",)
 # Keys of how the run executes, logs, saves and evaluates: free to change on resume.
 RUNTIME_KEYS = ("run.dir", "data.prefetch", "data.verify", "data.allow_source_change", "train.dtype",
                 "train.compile", "train.loss_chunk", "train.activation_checkpointing", "train.activation_offload",
@@ -68,6 +70,7 @@ RESUME_RULES = {**dict.fromkeys(SHAPE_KEYS, "refused: the weights have other sha
                 **dict.fromkeys(DATA_SOURCE_KEYS, "compared by the data's provenance; mixtures re-weight"),
                 **dict.fromkeys(DATA_NOTED_KEYS, "allowed, said: what a sequence trains on changes"),
                 **dict.fromkeys(LAYOUT_KEYS, "free: the loader continues from the same token"),
+                **dict.fromkeys(LOADER_KEYS, "refused by the data loader, whose position counts global batches"),
                 **dict.fromkeys(RUNTIME_KEYS, "free: how the run executes, logs, saves and evaluates")}
 
 

@@ -110,12 +110,21 @@ class DataLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"packer": self._state, "seq_len": self.seq_len, "global_batch": self.global_batch}
 
+    def reads_windows(self) -> bool:
+        """Whether any of the data is token-shard windows (re-cut at a new length) rather than documents (whose
+        position is a token, whatever the length)."""
+        from hylo.trainer.data.mixture import MixturePacker, reads_windows
+
+        if isinstance(self.packer, MixturePacker):
+            return any(reads_windows(packer) for packer in self.packer.packers.values())
+        return not isinstance(self.packer, SequencePacker)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._thread is not None:
             raise RuntimeError("load the data loader's state before iterating it")
         self.resume_note = None
         if state["seq_len"] != self.seq_len:
-            if isinstance(self.packer, SequencePacker):
+            if not self.reads_windows():
                 # the streaming packer's position is a token (document + offset), whatever the window length
                 self.resume_note = (f"[hylo] train.seq_len {state['seq_len']} -> {self.seq_len}: the data stream "
                                     "continues at the same token, nothing skipped or repeated")

@@ -181,7 +181,7 @@ class MixturePacker:
         """A token-shard source that starts or stops shaping its documents on resume switches between reading
         shuffled windows and reading documents: two orders with no common position, so it starts its next epoch."""
         epoch = self.epochs[name] + 1
-        if _reads_windows(packer):
+        if reads_windows(packer):
             packer.load_state_dict({"kind": "tokens", "next_index": epoch * packer.n, "carry": None})
             how = "reads windows again (no document shaping)"
         else:
@@ -213,7 +213,7 @@ class MixturePacker:
             saved = state["sources"].get(name)
             if saved is None:  # (a source whose weight was 0 then starts at its beginning)
                 continue
-            if (saved.get("kind") == "tokens") != _reads_windows(packer):
+            if (saved.get("kind") == "tokens") != reads_windows(packer):
                 self._switch_reading(name, packer)
             elif saved_seq_len is not None and saved.get("kind") == "tokens":
                 packer.load_state_dict(saved, saved_seq_len=saved_seq_len)
@@ -230,7 +230,7 @@ class MixturePacker:
                      f"{', '.join(reshaped)} from here on")
 
 
-def _reads_windows(packer) -> bool:
+def reads_windows(packer) -> bool:
     """Whether a source's packer reads token-shard windows (trainer/data/shards.py's ShardSequences) rather than
     documents."""
     return packer.state_dict().get("kind") == "tokens"
