@@ -1,6 +1,6 @@
 """Checkpoint save/load time with checksums on and off, and how long a save stalls training, sync vs async.
 
-  python bench/bench_checkpoint.py [--no-record]
+  python bench/bench_checkpoint.py [--record]
 
 For each model size: build the model and AdamW state as the trainer does (one process), then time
   sync save    the whole `Checkpointer.save` (write + finalise), with the CRC32 manifest and without
@@ -9,7 +9,7 @@ For each model size: build the model and AdamW state as the trainer does (one pr
   load         `load_dcp` into a fresh model and optimizer, after verifying the manifest and without
 Then a 2-rank torchrun training run with async saves in the middle: the stall each save put on rank 0's step.
 Targets: verification adds at most 10% to load time on the 125M config (issue 16); the async stall is <= 20% of
-a synchronous save (issue 6).  Prints tables, appends them to bench/RESULTS.md.
+a synchronous save (issue 6).  Prints tables (`--record` appends them to bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def async_stall_two_ranks() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
 
     rows = ["### bench_checkpoint: save / load with and without checksums, async stall (local disk)",
@@ -153,7 +153,7 @@ def main() -> int:
         rows += ["", f"2-rank async run failed: {two['error']}"]
     print(rows[-1], flush=True)
     table = "\n".join(rows + [""])
-    publish(table, record=not args.no_record)
+    publish(table, record=args.record)
     return 0 if ok else 3
 
 

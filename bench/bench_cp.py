@@ -1,7 +1,7 @@
 """Context parallelism: bytes each rank sends per forward+backward, against the analytic minimum, and the
 activation memory each rank keeps for backward, at N = 1, 2, 4 CP ranks.
 
-  python bench/bench_cp.py [--seq 4096] [--no-record]
+  python bench/bench_cp.py [--seq 4096] [--record]
 
 One layer op per row (B=1, H=4 query heads, 2 k/v heads, d=64, float32, T=--seq), run under torchrun with gloo
 on the CPU.  Bytes come from instrumenting the collectives (parallel.context.COMM); activation memory is the
@@ -13,9 +13,9 @@ The minimum counts what the math must move:
   halo       the W-1 (or kernel-1) tokens before each local segment, forward and their gradient backward
   state      each rank's per-segment states reach the N-1 others (and back as gradients)
   rat        each rank's chunk summaries (1/L of its k and v) reach the N-1 others (and back)
-Prints a table and appends it to bench/RESULTS.md.
+Prints a table (`--record` appends it to bench/RESULTS.md).
 
-  python bench/bench_cp.py --balance [--seq 131072] [--no-record]
+  python bench/bench_cp.py --balance [--seq 131072] [--record]
 
 Load balance with packed documents (issue 18), by arithmetic on the layouts: the causal attention work (visible
 query-key pairs, within documents) each of N ranks does for full attention, under the zigzag layout (ring and
@@ -211,11 +211,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=None, help="default 4096 (131072 with --balance)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--balance", action="store_true", help="load balance with packed documents (arithmetic)")
     args = parser.parse_args()
     if args.balance:
-        balance(args.seq or 131072, not args.no_record)
+        balance(args.seq or 131072, args.record)
         return 0
     args.seq = args.seq or 4096
     if args.worker:
@@ -257,7 +257,7 @@ def main() -> int:
         ratio = f"{saved[2] / saved[0]:.2f}" if saved[2] is not None and saved[0] else "-"
         rows.append(f"| {kind} | {mode} | {cells[0]} | {cells[1]} | {mem[0]} | {mem[1]} | {mem[2]} | {ratio} |")
     table = "\n".join(rows + [""])
-    publish(table, record=not args.no_record)
+    publish(table, record=args.record)
     return 0
 
 

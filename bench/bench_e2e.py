@@ -86,12 +86,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--time-limit", type=int, default=150, help="seconds per run")
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
     table = StreamedTable([f"### End to end, one GPU: 1B presets vs dense ({args.steps} timed steps, 1 sequence/step, "
                            "bf16, activation checkpointing from 32K)", machine(), "",
                            "| config | T | compile | tokens/s | vs dense | MFU | peak GiB | planned GiB |",
-                           "|---|---|---|---|---|---|---|---|"], record=not args.no_record)
+                           "|---|---|---|---|---|---|---|---|"], record=args.record)
     results = {}
     for compiled in [c == "on" for c in args.compile.split(",")]:
         for seq_len in map(int, args.lengths.split(",")):

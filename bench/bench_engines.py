@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from the table")
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     results = {name: run_variant(args.config, args.nproc, args.steps, args.warmup, [*VARIANTS[name], *args.overrides])
@@ -72,7 +72,7 @@ def main() -> None:
         mem = "n/a (CPU)" if r["mem_gb"] != r["mem_gb"] else f"{r['mem_gb']:.1f}"
         lines.append(f"| {name} | {r['tokens_per_sec']:,.0f} | {ratio:.2f}x | {r['mfu']:.1%} | {mem} | "
                      f"{r['loss']:.3f} |")
-    publish("\n".join(lines) + "\n", record=not args.no_record)
+    publish("\n".join(lines) + "\n", record=args.record)
 
 
 if __name__ == "__main__":

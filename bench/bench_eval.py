@@ -1,6 +1,6 @@
 """Evaluation and generation throughput on the CPU, per layer type.
 
-  python bench/bench_eval.py [--no-record]
+  python bench/bench_eval.py [--record]
   python bench/bench_eval.py --device cuda --d-model 2048 --n-layers 24 --heads 16 --prompts 4096 32768  (GPU)
 
 Models: --n-layers layers at --d-model of one layer type each (random weights: throughput does not depend on
@@ -8,7 +8,7 @@ them; default 4 x 256).
   eval tok/s     `perplexity` over 4 x 4 sequences of 512 tokens (forward only)
   gen tok/s @P   greedy decoding of --new-tokens tokens through the recurrent caches after a P-token prompt
                  (the prompt itself goes through `prefill`, one parallel pass)
-Prints a table and appends it to bench/RESULTS.md.
+Prints a table (`--record` appends it to bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ TYPES = {"full (softmax)": ["full"], "swa (W=256)": ["swa"], "rat (L=16)": ["rat
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--prompts", type=int, nargs="+", default=[256, 2048])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--d-model", type=int, default=256)
@@ -79,7 +79,7 @@ def main() -> int:
         rows.append(f"| {name} | {eval_rate:,.0f} | " + " | ".join(f"{g:,.0f}" for g in gen) + " |")
         print(rows[-1], flush=True)
     table = "\n".join(rows + [""])
-    publish(table, record=not args.no_record)
+    publish(table, record=args.record)
     return 0
 
 

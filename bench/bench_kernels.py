@@ -176,7 +176,7 @@ def run_masked(args, device, dtype) -> None:
     table = StreamedTable([f"### Document masking, Triton kernels, fwd+bwd, one packed sequence of T={t}, "
                            f"H={args.heads}, D={args.dim}, {dtype}", machine(), "",
                            "| op | documents | ms | vs unmasked |", "|---|---|---|---|"],
-                          record=not args.no_record and not args.smoke)
+                          record=args.record and not args.smoke)
     base = None
     for name, mean, fn in masked_cases(t, args.heads, args.dim, device, dtype, args.window):
         label = "unmasked" if not mean else "one document" if mean >= t else f"mean {mean // 1024}K"
@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter")
     parser.add_argument("--masked", action="store_true", help="document masking: packed vs unmasked")
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
     if args.smoke:
@@ -212,7 +212,7 @@ def main() -> None:
                            f"{dtype}", machine() + (" (smoke run on the CPU interpreter: timings meaningless)"
                                                     if args.smoke else ""), "",
                            "| kernel | T | ms | TFLOP/s | Mtok/s | vs SDPA |", "|---|---|---|---|---|---|"],
-                          record=not args.no_record and not args.smoke)
+                          record=args.record and not args.smoke)
     for t in map(int, args.lengths.split(",")):
         b = max(1, args.tokens // t)
         flops = 3.5 * 2 * b * args.heads * t * t * args.dim  # causal: half of 4·T²·D, fwd + 2.5x bwd

@@ -3,7 +3,7 @@ torch's own `F.linear_cross_entropy` with its chunked options (torch >= 2.13), L
 and Apple's cut-cross-entropy (each where installed and where it runs: the last two are CUDA Triton kernels).
 
   python bench/bench_loss.py [--tokens 4096] [--d-model 1024] [--vocab 32768,131072] [--dtype bf16|fp32]
-                             [--repeats 3] [--no-record]
+                             [--repeats 3] [--record]
 
 Per method: forward + backward time (median of the repeats, after a warm-up), peak memory above the inputs
 (CUDA: max_memory_allocated; CPU: the resident set of a fresh process running it once, sampled every 0.5 ms,
@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4096, help="hylo's train.loss_chunk")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # (the child process measuring one method's memory)
     args = parser.parse_args()
     ONE.update(dtype=args.dtype, chunk=args.chunk)
@@ -179,7 +179,7 @@ def main() -> None:
         f"{args.dtype} — {machine()}", "",
         "| vocab | method | ms | speed vs hylo | peak MiB | exact |", "|---:|---|---:|---:|---:|---|",
         *rows, ""])
-    publish(table, record=not args.no_record)
+    publish(table, record=args.record)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Long-context memory settings on a real training run: peak memory and tokens/s of a 2-step run for the chunked
 loss, each checkpointing policy and the tiled MLP.
 
-  python bench/bench_memory.py [--config configs/hybrid_tiny.yaml] [--seq-len 16384] [--vocab 32768] [--no-record]
+  python bench/bench_memory.py [--config configs/hybrid_tiny.yaml] [--seq-len 16384] [--vocab 32768] [--record]
 
 Each setting runs `hylo.trainer.train` in its own process (batch of one sequence, 2 steps) and reads back what the run
 logged: `train/mem_gb` (peak resident memory on a CPU, peak allocated on a GPU), tokens/s of step 2 (step 1 pays
 for warm-up) and the first step's loss, which must be the same for every setting.  Targets (issue 17): the chunked
 loss cuts the peak by at least half at equal loss and costs at most 5% tokens/s.  On a GPU a column gives
 `hylo plan`'s prediction for each row (its model is of the fused GPU kernels, not of the CPU's PyTorch paths).
-Prints a table and appends it to bench/RESULTS.md.
+Prints a table (`--record` appends it to bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--only", type=int, nargs="+", help="run only these rows of SETTINGS (0 = full logits)")
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
     settings = [SETTINGS[i] for i in args.only] if args.only else SETTINGS
 
@@ -103,7 +103,7 @@ def main() -> None:
                  f"most 5% slower), loss difference "
                  f"{abs(chunked['loss'] - base['loss']):.2e}. Peak memory on a CPU is the process's peak resident "
                  "set, which includes the Python/torch baseline.")
-    publish("\n".join(lines) + "\n", record=not args.no_record)
+    publish("\n".join(lines) + "\n", record=args.record)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Forward+backward time and peak memory of each op's chunk path against SDPA, at growing context.
 
-  python bench/bench_ops.py [--lengths 2048 8192 32768] [--no-record]
+  python bench/bench_ops.py [--lengths 2048 8192 32768] [--record]
   python bench/bench_ops.py --masked [--lengths 32768]     # document masking: packed vs unmasked
 
 
@@ -136,7 +136,7 @@ def masked(args) -> int:
              "| op | unmasked s | one document | mean 4K | mean 1K |", "|---|---:|---:|---:|---:|", *rows, "",
              "Targets (issue 18: one document <= 1.10x unmasked; full attention faster as documents get shorter): "
              + ("met" if ok else "NOT met"), ""]
-    publish("\n".join(lines), record=not args.no_record)
+    publish("\n".join(lines), record=args.record)
     return 0 if ok else 3
 
 
@@ -147,7 +147,7 @@ def main() -> int:
     parser.add_argument("--ops", nargs="+", default=None, help=f"default {OPS} (with --masked: {MASKED_OPS})")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--masked", action="store_true", help="document masking: packed vs unmasked")
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
     if args.one:
         op, t, doc_mean = args.one[0], int(args.one[1]), int(args.one[2])
@@ -188,7 +188,7 @@ def main() -> int:
     lines += ["", f"Targets (lightning, based, rat at T={args.lengths[-1]}: >= 5x faster than SDPA, growth <= 4.5x): "
               + ("met" if ok else "NOT met"), ""]
     table = "\n".join(lines)
-    publish(table, record=not args.no_record)
+    publish(table, record=args.record)
     return 0 if ok else 3
 
 

@@ -1,7 +1,7 @@
 """Where a training step's time goes: per layer type per token (forward, backward, recompute), and the share of
 matmul, attention-op and elementwise/other time — the table every speed change of the hybrid is decided from.
 
-  python bench/bench_profile.py --config configs/hybrid_tiny.yaml [key=value ...] [--steps 2] [--no-record]
+  python bench/bench_profile.py --config configs/hybrid_tiny.yaml [key=value ...] [--steps 2] [--record]
 
 Builds the run as `hylo train` does (Trainer: model, parallelism, engine, data), takes warm-up steps, then times
 `--steps` steps:
@@ -135,7 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/hybrid_tiny.yaml")
     parser.add_argument("--steps", type=int, default=2, help="timed steps (after two warm-up steps)")
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     import tempfile
@@ -194,7 +194,7 @@ def main() -> None:
         "| op class | share of op time |", "|---|---:|",
         *[f"| {name} | {seconds / total_ops:.0%} |" for name, seconds in sorted(classes.items(), key=lambda x: -x[1])],
         ""]
-    publish("\n".join(lines), record=not args.no_record)
+    publish("\n".join(lines), record=args.record)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=16, help="swa layers' window (shorter than the context)")
     parser.add_argument("--chunk", type=int, default=8, help="rat layers' chunk size")
     parser.add_argument("--mixers", default="full,rat,based,tnl,swa")
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
     lines = [f"### MQAR recall by layer type — {args.pairs} pairs in {args.seq_len} tokens, {args.steps} steps, "
              f"[baseconv, X] d=128", machine(), "",
@@ -58,7 +58,7 @@ def main() -> None:
         lines.append(f"| {mixer} | failed: {r['error']} | |" if "error" in r else
                      f"| {mixer} | {r['accuracy']:.3f} | {r['tokens_per_sec']:,.0f} |")
         print(lines[-1], flush=True)
-    publish("\n".join(lines) + "\n", record=not args.no_record)
+    publish("\n".join(lines) + "\n", record=args.record)
 
 
 if __name__ == "__main__":

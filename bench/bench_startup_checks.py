@@ -1,6 +1,6 @@
 """What the start-up data checks cost next to what a run already did before them.
 
-  python bench/bench_startup_checks.py [--files N] [--no-record]
+  python bench/bench_startup_checks.py [--files N] [--record]
 
 A text corpus is checked before the run dir is created: every file's first 4 KB is read to refuse binary files
 (`DocumentStream.check_readable`), beside the provenance record that already stats every file
@@ -70,7 +70,7 @@ def metadata_row() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=20_000)
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
     rows = [corpus_row("bundled corpus (stdlib .py)", "")]
     with tempfile.TemporaryDirectory() as root:
@@ -89,7 +89,7 @@ def main() -> None:
         metadata_row(),
         "",
     ])
-    publish(table, record=not args.no_record)
+    publish(table, record=args.record)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Three phases, each in its own process (so peak memory is its own):
   data      the data loader alone, producing the same batches as fast as it can
 MFU on CPU is against a measured fp32 matmul, not a datasheet peak.
 Targets: trainer tokens/s within 10% of bare; data tokens/s >= 5x what training consumes.
-Prints a table and appends it to bench/RESULTS.md.
+Prints a table (`--record` appends it to bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
-    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -175,7 +175,7 @@ def main() -> int:
         f"| data pipeline | {data:,.0f} | - | {headroom:.1f}x what training consumes (target >= 5x) |",
         "",
     ])
-    publish(table, record=not args.no_record)
+    publish(table, record=args.record)
     return 0 if overhead <= 0.10 and headroom >= 5 else 3
 
 

@@ -45,11 +45,11 @@ trap save EXIT
 for section in "$@"; do
   case "$section" in
     smoke)
-      timeout 90 python3 bench/gpu_smoke.py || status=1 ;;
+      timeout 90 python3 bench/gpu_smoke.py --record || status=1 ;;
     kernels)
-      timeout 140 python3 bench/bench_kernels.py --lengths 4096,65536 || status=1 ;;
+      timeout 140 python3 bench/bench_kernels.py --record --lengths 4096,65536 || status=1 ;;
     masked)
-      timeout 120 python3 bench/bench_kernels.py --masked --lengths 65536 || status=1 ;;
+      timeout 120 python3 bench/bench_kernels.py --record --masked --lengths 65536 || status=1 ;;
     e2e)
       # (2026-11-30, H200: a 128K step of either 1B model takes ~30-40 s with full checkpointing; 55 s per run
       # was too short for warm-up + 3 steps)
@@ -59,20 +59,20 @@ for section in "$@"; do
       timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py tests/test_triton_linear.py \
         tests/test_triton_rat.py tests/test_triton_compile.py || status=1 ;;
     engines)
-      timeout 420 python3 bench/bench_engines.py --config configs/hybrid_1b.yaml --nproc 1 --steps 6 --warmup 3 \
+      timeout 420 python3 bench/bench_engines.py --record --config configs/hybrid_1b.yaml --nproc 1 --steps 6 --warmup 3 \
         train.seq_len=4096 train.batch_size=1 || status=1 ;;
     trainer)
-      python3 bench/bench_trainer.py --config configs/tiny.yaml --steps 60 --warmup 10 || status=1
-      python3 bench/bench_trainer.py --config configs/gpu_125m.yaml --steps 20 --warmup 5 || status=1
-      python3 bench/bench_trainer.py --config configs/gpu_125m.yaml --steps 20 --warmup 5 train.compile=true || status=1 ;;
+      python3 bench/bench_trainer.py --record --config configs/tiny.yaml --steps 60 --warmup 10 || status=1
+      python3 bench/bench_trainer.py --record --config configs/gpu_125m.yaml --steps 20 --warmup 5 || status=1
+      python3 bench/bench_trainer.py --record --config configs/gpu_125m.yaml --steps 20 --warmup 5 train.compile=true || status=1 ;;
     backends)
       timeout 200 python3 bench/bench_e2e.py --configs dense_1b,hybrid_1b,hybrid_1b:model.rat.backend=flash,hybrid_1b:model.attn.backend=triton \
         --lengths 32768 --compile off --steps 2 --warmup 1 --time-limit 60 || status=1 ;;
     profile)
-      timeout 240 python3 bench/bench_profile.py --config configs/hybrid_1b.yaml train.seq_len=32768 \
+      timeout 240 python3 bench/bench_profile.py --record --config configs/hybrid_1b.yaml train.seq_len=32768 \
         train.batch_size=1 train.micro_batch_size=1 train.dtype=bf16 train.activation_checkpointing=full || status=1 ;;
     loss)
-      timeout 180 python3 bench/bench_loss.py --dtype bf16 --tokens 16384 --d-model 2048 --vocab 32768,131072 \
+      timeout 180 python3 bench/bench_loss.py --record --dtype bf16 --tokens 16384 --d-model 2048 --vocab 32768,131072 \
         --repeats 5 || status=1 ;;
     compile)
       timeout 420 python3 bench/bench_e2e.py --configs dense_1b,hybrid_1b --lengths 32768 --compile off,on \
@@ -81,7 +81,7 @@ for section in "$@"; do
       timeout 480 python3 bench/bench_e2e.py --configs dense_1b,hybrid_1b,hybrid_1b:train.activation_checkpointing=selective \
         --lengths 32768,131072 --compile off --steps 2 --warmup 1 --time-limit 130 || status=1 ;;
     generation)
-      timeout 420 python3 bench/bench_eval.py --device cuda --d-model 2048 --n-layers 24 --heads 16 \
+      timeout 420 python3 bench/bench_eval.py --record --device cuda --d-model 2048 --n-layers 24 --heads 16 \
         --prompts 4096 32768 || status=1 ;;
     *) echo "gpu_check.sh: unknown section '$section' (smoke, kernels, masked, e2e, tests, engines, trainer, backends, profile, loss, compile, policies, generation)" >&2
        status=2 ;;

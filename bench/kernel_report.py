@@ -2,7 +2,7 @@
 the kind of dot instructions, per kernel, specialisation and autotune config, for sm_90 (H100/H200) and sm_80.
 
   python bench/kernel_report.py [--arch 90,80] [--ops attention,lightning,based,rat] [--dtypes bf16,fp32]
-                                [--jobs 2] [--no-record] [--json out.json]
+                                [--jobs 2] [--record] [--json out.json]
 
 Two steps, each in its own process:
   capture  every op runs once on small CPU tensors under TRITON_INTERPRET=1, forward and backward, in the variants
@@ -15,7 +15,7 @@ Two steps, each in its own process:
 
 Shared-memory limits per block: sm_90 227 KB, sm_80 163 KB (a config above it can never launch).  Dots: `wgmma`
 (Hopper tensor cores), `mma` (Ampere-style tensor cores), `fma` (the source has tl.dot but it runs on CUDA
-cores: fp32 IEEE operands), `-` (no dot).  Prints a table and appends it to bench/RESULTS.md; `--json` keeps the
+cores: fp32 IEEE operands), `-` (no dot).  Prints a table (`--record` appends it to bench/RESULTS.md); `--json` keeps the
 rows for tests and comparisons.
 """
 
@@ -324,7 +324,7 @@ def main() -> int:
                                                                    "kernel (the largest tiles); 0 = all")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     parser.add_argument("--ptx-dir", default="", help="also write each compiled kernel's PTX into this folder")
-    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--capture", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     ops, dtypes = args.ops.split(","), args.dtypes.split(",")
@@ -356,7 +356,7 @@ def main() -> int:
     text = "\n".join([f"### kernel_report: ops {args.ops}, dtypes {args.dtypes}, sm {args.arch}",
                       f"{machine()} · triton.compile for the GPU target, ptxas -v (no GPU)", "", table(rows), "",
                       f"{len(found)} problem(s)" + (":" if found else "."), *[f"- {p}" for p in found], ""])
-    publish(text, record=not args.no_record)
+    publish(text, record=args.record)
     return 0
 
 

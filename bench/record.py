@@ -22,7 +22,7 @@ def machine() -> str:
 
 
 def publish(table: str, record: bool) -> None:
-    """Print the table and, unless told not to, append it to bench/RESULTS.md."""
+    """Print the table and, when asked (`--record`), append it to bench/RESULTS.md."""
     print(table)
     if record:
         with open(RESULTS, "a") as f:

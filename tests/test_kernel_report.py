@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 def report(tmp_path, *args) -> list[dict]:
     out = tmp_path / "rows.json"
-    res = run_module(["bench/kernel_report.py", "--no-record", "--json", str(out), *args], timeout=3000)
+    res = run_module(["bench/kernel_report.py", "--json", str(out), *args], timeout=3000)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return json.loads(out.read_text())
 
