@@ -15,8 +15,8 @@ Two steps, each in its own process:
 
 Shared-memory limits per block: sm_90 227 KB, sm_80 163 KB (a config above it can never launch).  Dots: `wgmma`
 (Hopper tensor cores), `mma` (Ampere-style tensor cores), `fma` (the source has tl.dot but it runs on CUDA
-cores: fp32 IEEE operands), `-` (no dot).  Prints a table (`--record` appends it to bench/RESULTS.md); `--json` keeps the
-rows for tests and comparisons.
+cores: fp32 IEEE operands), `-` (no dot).  Prints a table (`--record` appends it to bench/RESULTS.md); `--json`
+keeps the rows for tests and comparisons.
 """
 
 from __future__ import annotations
