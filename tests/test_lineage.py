@@ -172,3 +172,31 @@ def test_generate_refuses_bad_numbers_and_an_empty_prompt(tmp_path):
         args = ["--prompt", "x", *extra] if extra[0] != "--prompt" else list(extra)
         res = run_module(["-m", "hylo.trainer.cli", "generate", "--checkpoint", str(tmp_path), *args])
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, (extra, res.stderr)
+
+
+def test_held_out_documents_are_counted_and_an_empty_validation_split_says_what_to_do(tmp_path):
+    from hylo.trainer.data.sources import held_out
+
+    texts = [f"note {i}: some words to train on\n" for i in range(400)]
+    kept = [t for t in texts if not held_out(t, 0.2)][:20]
+    out = [t for t in texts if held_out(t, 0.2)][:5]
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, text in enumerate(kept + out):
+        (data / f"{i:02d}.txt").write_text(text)
+    small = ["model.d_model=32", "model.n_layers=2", "train.seq_len=32", "train.batch_size=2", "logging.progress=false"]
+    res = train(f"run.dir={tmp_path / 'run'}", f"data.path={data}", "data.val_fraction=0.2", "train.steps=2", *small)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "data.val_fraction=0.2: documents whose text hashes under that fraction are held out" in res.stdout
+    assert f"the first epoch of 25 files under {data} held out 5 of 25 documents for validation" in res.stdout
+    assert "step 2/2: loss" in res.stdout  # logging.progress=false: one line per logging step
+
+    for i in range(20, 25):
+        (data / f"{i:02d}.txt").unlink()  # only training documents left: the validation split is empty
+    none = train(f"run.dir={tmp_path / 'none'}", f"data.path={data}", "data.val_fraction=0.2", "train.steps=1",
+                 "checkpoint.interval=1", "data.allow_source_change=true", *small)
+    assert none.returncode == 0, none.stderr[-2000:]
+    ev = run_module(["-m", "hylo.trainer.cli", "eval", "--checkpoint", str(tmp_path / "none"), "--batches", "1",
+                     "--batch-size", "1"])
+    assert ev.returncode == 2 and "Traceback" not in ev.stderr, ev.stderr[-2000:]
+    assert f"the val split of 20 files under {data} is empty" in ev.stderr and "--data PATH" in ev.stderr

@@ -113,6 +113,10 @@ class Trainer:
         self.loader = self._build_loader(micro)
         if isinstance(self.loader, DataLoader):
             self.loader.check_readable()  # bad data fails here, before the run dir is touched
+        if cfg.data.val_fraction and self.is_main:
+            print(f"[hylo] data.val_fraction={cfg.data.val_fraction}: documents whose text hashes under that fraction "
+                  "are held out for validation, the same on every rank and epoch (counted when the first epoch ends)",
+                  flush=True)
         self.data_source = data_provenance(cfg.data, self.tokenizer)
         self.documents = document_masking(cfg, self.tokenizer)  # None unless data.document_masking
         self.lock = RunLock(self.run_dir)

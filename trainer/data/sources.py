@@ -274,10 +274,11 @@ class DocumentStream:
             # the first document after a resume with the start of the corpus, and a save inside that document
             # would point back there.)
             before = ds.state_dict()
+            whole_epoch = state is None  # counts of a resumed epoch would cover only its rest
             if state is not None:
                 ds.load_state_dict(state)
                 before, state = copy.deepcopy(state), None
-            empty_epoch, passed = True, 0
+            empty_epoch, passed, trained = True, 0, 0
             has_text = epoch > 0  # one epoch with text is proof enough
             examples = iter(ds)
             while True:
@@ -299,18 +300,23 @@ class DocumentStream:
                     before = ds.state_dict()  # the other split's document: passed over, the position moves on
                     passed += 1
                     continue
-                empty_epoch = False
+                empty_epoch, trained = False, trained + 1
                 has_text = has_text or bool(text.strip())
                 yield epoch, before, text
                 before = ds.state_dict()
-            if empty_epoch and passed:
-                other = "validation" if self.cfg.split == "train" else "training"
+            if empty_epoch and passed and whole_epoch:
+                other, fix = (("validation", "Lower data.val_fraction, or give more documents") if self.cfg.split ==
+                              "train" else ("training", "Evaluate on other data (--data PATH), or train a new run with "
+                                            "a larger data.val_fraction or more documents"))
                 raise DataError(f"the {self.cfg.split} split of {self.describe()} is empty: data.val_fraction="
                                 f"{self.cfg.val_fraction} put all {passed} of its documents in the {other} split (the "
-                                "split goes by a hash of each document's text). Lower data.val_fraction, or give more "
-                                "documents")
-            if empty_epoch:
+                                f"split goes by a hash of each document's text). {fix}")
+            if empty_epoch and whole_epoch:  # (the rest of a resumed epoch may be held out, or nothing)
                 raise DataError(f"the data source {self.describe()} yielded no documents")
-            if not has_text:  # training would see nothing but end-of-document tokens
+            said = os.environ.get("RANK", "0") == "0" and self.cfg.split == "train"  # rank 0's training stream
+            if epoch == 0 and whole_epoch and self.cfg.val_fraction and said:
+                print(f"[hylo] data: the first epoch of {self.describe()} held out {passed} of {passed + trained} "
+                      f"documents for validation (data.val_fraction={self.cfg.val_fraction})", flush=True)
+            if not has_text and whole_epoch:  # training would see nothing but end-of-document tokens
                 raise DataError(f"the data source {self.describe()} holds no text (every document is empty)")
             epoch += 1
