@@ -4,6 +4,8 @@ args>` runs `hylo.trainer.train` with one extra callback.  HYLO_FAULT="<kind>:<s
 
   kill          SIGKILL itself at the start of that step,
   kill_in_save  SIGKILL itself inside that step's checkpoint save, after the shards are written,
+  kill_in_prune SIGKILL itself inside that step's pruning (checkpoint.keep_last), a folder renamed for deletion
+                but not yet deleted,
   nan           turn that step's model output (so its loss and gradients) into NaN,
   delete_data   delete every file of data.path (a folder) at the start of that step,
   slow_start    (the number is seconds, not a step) sleep that long in start-up, before joining the process group,
@@ -47,6 +49,15 @@ class FaultInjector(Callback):
                 if self._due(trainer):
                     _kill()
             trainer.checkpointer._write = write_then_die
+        elif self.kind == "kill_in_prune":
+            remove = trainer.checkpointer._remove
+
+            def rename_then_die(path):
+                if self._due(trainer):
+                    path.rename(path.with_name(path.name + ".pruning"))
+                    _kill()
+                remove(path)
+            trainer.checkpointer._remove = rename_then_die
 
     def on_step_start(self, trainer) -> None:
         if self.kind == "kill" and self._due(trainer):

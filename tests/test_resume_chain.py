@@ -6,11 +6,14 @@ the packer is still inside the document it resumed in (the case that once record
 """
 
 import json
+import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,6 +248,72 @@ def test_chaos_random_kills_then_resumes_reproduce_every_loss(long_corpus, tmp_p
     else:
         raise AssertionError("the run never completed")
     assert kills >= 4, f"only {kills} kills landed before the run finished"
+    assert losses(run_dir) == losses(tmp_path / "reference")
+    assert sorted(losses(run_dir)) == list(range(1, steps + 1))
+
+
+@pytest.mark.slow
+def test_a_kill_in_the_middle_of_pruning_resumes_exactly(long_corpus, reference, tmp_path):
+    """A real SIGKILL between renaming a pruned folder and deleting it: the next start removes the leftover, resumes
+    from the newest complete checkpoint, and every loss equals the uninterrupted run's."""
+    run = tmp_path / "run"
+    args = [f"run.dir={run}", f"data.path={long_corpus}", f"train.steps={TRAIN_STEPS}", *TRAIN,
+            "checkpoint.keep_last=2"]
+    killed = run_module(["-m", "tests.fault_run", *args], env={"HYLO_FAULT": "kill_in_prune:6"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (run / "checkpoints" / "step_2.pruning").is_dir()  # killed mid-prune: renamed, not yet deleted
+    resumed = run_module(["-m", "hylo.trainer.train", *args])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step_2.pruning" in resumed.stdout + resumed.stderr  # the leftover removed, said in one line
+    assert "resuming from" in resumed.stdout and "step_4" in resumed.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_{TRAIN_STEPS - 2}",
+                                                                         f"step_{TRAIN_STEPS}"]
+    assert losses(run) == losses(reference)
+
+
+@pytest.mark.slow
+def test_a_two_rank_mixture_killed_at_random_reproduces_every_loss(tmp_path, fresh_seed):
+    """Two ranks training a three-source mixture (one source small enough to turn its epochs), the whole job
+    killed with SIGKILL at random moments up to four times and resumed each time: every logged loss equals the
+    uninterrupted two-rank run's."""
+    from tests.test_mixture import write_source
+
+    sources = {name: write_source(tmp_path / name, n, words, name, seed) for name, n, words, seed in
+               (("web", 40, (20, 200), 0), ("code", 20, (20, 120), 1), ("books", 3, (80, 200), 2))}
+    mix = ("data.sources=[" + ", ".join(f"{{name: {n}, path: '{p}', weight: {w}}}" for (n, p), w in
+                                        zip(sources.items(), (0.6, 0.3, 0.1), strict=True)) + "]")
+    steps = 40
+    args = [mix, f"train.steps={steps}", *TRAIN, "checkpoint.keep_last=2"]
+    rng = random.Random(fresh_seed)
+
+    def job(run_dir: Path) -> subprocess.Popen:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+               f"--rdzv_endpoint=127.0.0.1:{port}", "-m", "hylo.trainer.train", f"run.dir={run_dir}", *args]
+        return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    started = time.monotonic()
+    reference = job(tmp_path / "reference")
+    assert reference.wait(timeout=900) == 0, reference.stderr.read()[-3000:]
+    duration = time.monotonic() - started
+    run_dir, kills = tmp_path / "chaos", 0
+    for _attempt in range(20):
+        proc = job(run_dir)
+        try:
+            proc.wait(timeout=rng.uniform(0.3, 0.7) * duration if kills < 4 else 900)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the agent and both ranks at once, as a lost node
+            proc.wait()
+            kills += 1
+            continue
+        assert proc.returncode == 0, proc.stderr.read()[-3000:]
+        break
+    else:
+        raise AssertionError("the run never completed")
+    assert kills >= 2, f"only {kills} kills landed before the run finished"
     assert losses(run_dir) == losses(tmp_path / "reference")
     assert sorted(losses(run_dir)) == list(range(1, steps + 1))
 
