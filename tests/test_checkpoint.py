@@ -214,6 +214,7 @@ def test_export_and_init_from(shards, tmp_path):
                        "train.steps=1",
                        f"model.init_from={out}", *SMALL])
     assert init.returncode == 0, init.stderr[-2000:]
+    assert f"from the weights of {out}" in init.stdout and "from scratch" not in init.stdout
     # starting from trained weights: the first loss is far below a fresh model's ~ln(4096) = 8.3
     assert losses(tmp_path / "init")[1] < losses(run)[1] - 0.3
     wrong = run_module(["-m", "hylo.trainer.train", f"run.dir={tmp_path / 'wrong'}", f"model.init_from={out}", *SMALL,

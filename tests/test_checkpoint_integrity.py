@@ -451,6 +451,7 @@ def test_orphaned_ranks_stop_and_save_when_the_launcher_dies(shards, tmp_path, f
     assert not alive, "orphaned ranks kept training after their launcher died"
     out = (tmp_path / "out.log").read_text()
     assert "its launcher died: saved step" in out, out[-3000:]
+    assert "[hylo] done." not in out and "stopped at step" in out  # not read as a finished run
     newest = complete_checkpoints(tmp_path / "checkpoints")[-1][1]
     assert verify_checkpoint(newest) is None and not (tmp_path / "hylo.lock").exists()
 

@@ -38,6 +38,7 @@ def test_resume_starts_from_the_runs_own_config(run, tmp_path):
     again = run_module(["-m", "hylo.trainer.train", f"run.dir={tmp_path}", "train.steps=3"])
     assert again.returncode == 0 and "nothing to do. To train on, raise train.steps" in again.stdout
     assert "give a new run.dir" in again.stdout
+    assert "train:" not in again.stderr and "[hylo] done." not in again.stdout  # one line: no empty bars
 
 
 def test_another_engines_checkpoint_is_refused_before_building(run, tmp_path):

@@ -14,8 +14,10 @@ pytest.importorskip("triton")
 
 def report(tmp_path, *args) -> list[dict]:
     out = tmp_path / "rows.json"
+    results = (ROOT / "bench" / "RESULTS.md").read_bytes()
     res = run_module(["bench/kernel_report.py", "--json", str(out), *args], timeout=3000)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert (ROOT / "bench" / "RESULTS.md").read_bytes() == results  # written only with --record
     return json.loads(out.read_text())
 
 

@@ -200,3 +200,13 @@ def test_held_out_documents_are_counted_and_an_empty_validation_split_says_what_
                      "--batch-size", "1"])
     assert ev.returncode == 2 and "Traceback" not in ev.stderr, ev.stderr[-2000:]
     assert f"the val split of 20 files under {data} is empty" in ev.stderr and "--data PATH" in ev.stderr
+
+
+def test_a_document_masking_change_on_resume_is_said(tmp_path):
+    run = tmp_path / "run"
+    small = ["model.d_model=32", "model.n_layers=2", "train.seq_len=32", "train.batch_size=2", "logging.progress=false",
+             "checkpoint.interval=2"]
+    assert train(f"run.dir={run}", "train.steps=2", *small).returncode == 0
+    res = train("--resume", f"run.dir={run}", "train.steps=3", "data.document_masking=true")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "data.document_masking False -> True" in res.stdout
