@@ -40,10 +40,10 @@ def cut_redone_rows(path: Path, start_step: int) -> int:
 
 class MetricsLogger:
     """Rank 0 writes TensorBoard event files under `<run>/tb` and the same points to `<run>/metrics.jsonl`; a run
-    starting at `start_step` first sets aside what an earlier attempt logged for the steps it redoes (TensorBoard
-    hides them too: purge_step)."""
+    starting at `start_step` (the trainer always says) first sets aside what an earlier attempt logged for the
+    steps it redoes (TensorBoard hides them too: purge_step)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int | None = None):
         self.enabled = enabled
         self.writer = None
         if enabled:
@@ -51,10 +51,11 @@ class MetricsLogger:
 
             path = run_dir / "metrics.jsonl"
             drop_torn_line(path)
-            if moved := cut_redone_rows(path, start_step):
+            if start_step is not None and (moved := cut_redone_rows(path, start_step)):
                 print(f"[hylo] {moved} metrics row(s) of steps after {start_step}, logged before this run resumed "
                       f"there, moved to {path.with_name('metrics.superseded.jsonl')}", flush=True)
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"),
+                                        purge_step=None if start_step is None else start_step + 1)
             self.jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
