@@ -218,6 +218,25 @@ def test_training_resumed_three_times_inside_a_document_equals_the_straight_run(
     assert losses(run_dir) == want  # exact, every step
 
 
+def kill_until_done(start, kill, rng: random.Random, fraction: tuple[float, float], duration: float,
+                    max_kills: int) -> int:
+    """Start a run and kill it after a random fraction of the uninterrupted run's `duration`, up to `max_kills`
+    times, restarting it each time, then let it finish (exit 0); returns how many kills landed."""
+    kills = 0
+    for _attempt in range(5 * max_kills):
+        proc = start()
+        try:
+            proc.wait(timeout=rng.uniform(*fraction) * duration if kills < max_kills else 900)
+        except subprocess.TimeoutExpired:
+            kill(proc)
+            proc.wait()
+            kills += 1
+            continue
+        assert proc.returncode == 0, proc.stderr.read()[-3000:]
+        return kills
+    raise AssertionError("the run never completed")
+
+
 @pytest.mark.slow
 def test_chaos_random_kills_then_resumes_reproduce_every_loss(long_corpus, tmp_path, fresh_seed):
     """The fault campaign as a test: kill -9 a run at random moments (start-up, mid-step, mid-save, mid-prune)
@@ -232,21 +251,10 @@ def test_chaos_random_kills_then_resumes_reproduce_every_loss(long_corpus, tmp_p
                                capture_output=True, text=True, timeout=900)
     assert reference.returncode == 0, reference.stderr[-3000:]
     duration = time.monotonic() - started  # kills land between start-up and the end of the whole run's time
-    run_dir, kills = tmp_path / "chaos", 0
-    for _attempt in range(40):
-        proc = subprocess.Popen([*args, f"run.dir={run_dir}"], cwd=ROOT, env=subprocess_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            proc.wait(timeout=rng.uniform(0.1, 0.45) * duration if kills < 8 else 900)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            continue
-        assert proc.returncode == 0, proc.stderr.read()[-3000:]
-        break
-    else:
-        raise AssertionError("the run never completed")
+    run_dir = tmp_path / "chaos"
+    kills = kill_until_done(lambda: subprocess.Popen([*args, f"run.dir={run_dir}"], cwd=ROOT, env=subprocess_env(),
+                                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+                            lambda proc: proc.send_signal(signal.SIGKILL), rng, (0.1, 0.45), duration, 8)
     assert kills >= 4, f"only {kills} kills landed before the run finished"
     assert losses(run_dir) == losses(tmp_path / "reference")
     assert sorted(losses(run_dir)) == list(range(1, steps + 1))
@@ -299,20 +307,10 @@ def test_a_two_rank_mixture_killed_at_random_reproduces_every_loss(tmp_path, fre
     reference = job(tmp_path / "reference")
     assert reference.wait(timeout=900) == 0, reference.stderr.read()[-3000:]
     duration = time.monotonic() - started
-    run_dir, kills = tmp_path / "chaos", 0
-    for _attempt in range(20):
-        proc = job(run_dir)
-        try:
-            proc.wait(timeout=rng.uniform(0.3, 0.7) * duration if kills < 4 else 900)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the agent and both ranks at once, as a lost node
-            proc.wait()
-            kills += 1
-            continue
-        assert proc.returncode == 0, proc.stderr.read()[-3000:]
-        break
-    else:
-        raise AssertionError("the run never completed")
+    run_dir = tmp_path / "chaos"
+    # the whole job at once (the agent and both ranks), as a lost node
+    kills = kill_until_done(lambda: job(run_dir), lambda proc: os.killpg(proc.pid, signal.SIGKILL), rng, (0.3, 0.7),
+                            duration, 4)
     assert kills >= 2, f"only {kills} kills landed before the run finished"
     assert losses(run_dir) == losses(tmp_path / "reference")
     assert sorted(losses(run_dir)) == list(range(1, steps + 1))

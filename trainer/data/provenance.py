@@ -84,15 +84,12 @@ def source_change(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
         if saved.get("index_crc32") != now.get("index_crc32"):
             return f"the token shards at {now['path']} were rewritten (their index.json changed)"
         return None
-    if kind == "saved":
-        if (saved.get("path"), saved.get("split")) != (now.get("path"), now.get("split")):
-            return f"the dataset changed ({saved.get('path')}:{saved.get('split')} -> {now['path']}:{now['split']})"
+    if kind in ("hf", "saved"):  # a hub dataset by name, a save_to_disk folder by path (and its fingerprints)
+        key = "name" if kind == "hf" else "path"
+        if (saved.get(key), saved.get("split")) != (now.get(key), now.get("split")):
+            return f"the dataset changed ({saved.get(key)}:{saved.get('split')} -> {now[key]}:{now['split']})"
         if saved.get("fingerprints") != now.get("fingerprints"):
             return f"the saved dataset in {now['path']} was saved again (its fingerprint changed)"
-        return None
-    if kind == "hf":
-        if (saved.get("name"), saved.get("split")) != (now.get("name"), now.get("split")):
-            return f"the dataset changed ({saved.get('name')}:{saved.get('split')} -> {now['name']}:{now['split']})"
         return None
     if kind != "files" or saved.get("digest") == now.get("digest"):
         return None
