@@ -36,6 +36,7 @@ class TNL(Mixer):
         self.out = nn.Linear(hidden, cfg.d_model, bias=False)
         self.out.is_residual_projection = True
         self.register_buffer("slopes", tnl_slopes(cfg.n_heads, layer_idx, cfg.n_layers), persistent=False)
+        self.slope_args = (cfg.n_heads, layer_idx, cfg.n_layers)
         self.lrpe = nn.Parameter(torch.empty(cfg.n_heads, self.head_dim)) if cfg.tnl.lrpe else None
         self.backend = cfg.tnl.backend
         self.op = with_backend(lightning_attention, self.backend)  # CP swaps in a state-passing version
@@ -89,6 +90,11 @@ class TNL(Mixer):
         q, k, v, u = self._project(x, torch.tensor([pos], device=x.device))
         o, cache = lightning_step(cache, q[:, 0], k[:, 0], v[:, 0], self.slopes)
         return self._output(o[:, None], u), cache
+
+    def rebuild_buffers(self) -> None:
+        """Recompute the slopes from the config (no checkpoint stores them; see RotaryEmbedding.rebuild_buffers)."""
+        device = self.slopes.device if self.slopes.device.type != "meta" else torch.device("cpu")
+        self.slopes = tnl_slopes(*self.slope_args).to(device)
 
     @classmethod
     def saved_per_token(cls, model_cfg, act: int, compute: int) -> list[Saved]:

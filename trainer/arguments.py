@@ -15,7 +15,8 @@ Works as is on one process, under `torchrun --standalone --nproc_per_node=N` and
 --config takes a file or a bundled config's name (hybrid_tiny = configs/hybrid_tiny.yaml).  A resume of an existing
 run starts from the config its checkpoint was trained with, then applies the overrides given here."""
 EVAL_HELP = """Held-out perplexity, overall and by position bucket; MQAR and passkey recall."""
-EXPORT_HELP = """One consolidated safetensors file (plus the model config) from a checkpoint."""
+EXPORT_HELP = """One consolidated safetensors file (plus the model config) from a checkpoint, or (--format hf) a
+Hugging Face folder: config, weights, tokenizer and a modeling file that runs hylo's own layers."""
 GENERATE_HELP = """Decode from a checkpoint through each layer's recurrent cache, reporting tokens/s: greedy, or
 sampled (--temperature, --top-k, --top-p, --seed).  --no-cache re-runs the full forward for every token instead
 (slow; the reference the cached path must equal)."""
@@ -76,8 +77,13 @@ def eval_parser() -> argparse.ArgumentParser:
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hylo export", description=EXPORT_HELP)
     add_checkpoint_argument(parser)
-    parser.add_argument("--out", required=True, help="output .safetensors path (a .json config is written beside)")
+    parser.add_argument("--out", required=True, help="safetensors: the output file (a .json config is written "
+                                                      "beside); hf: the output folder")
+    parser.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
+                        help="safetensors: one file for model.init_from; hf: a folder transformers loads "
+                             "(AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True))")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--max-shard-size", default="5GB", help="hf: weights above this are sharded with an index")
     return parser
 
 

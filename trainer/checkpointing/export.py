@@ -80,8 +80,59 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
             t.copy_(tensors[name].to(t.dtype))
 
 
+# The exported folder's Python files: transformers imports them (trust_remote_code); they only name hylo's classes.
+HF_CONFIGURATION = """\"\"\"hylo's config for transformers: hylo's own class (hylo installed is the requirement).\"\"\"
+
+from hylo.trainer.checkpointing.hf_model import HyloConfig
+
+__all__ = ["HyloConfig"]
+"""
+HF_MODELING = """\"\"\"hylo's model for transformers: hylo's own layers (hylo installed is the requirement).\"\"\"
+
+from hylo.trainer.checkpointing.hf_model import HyloCache, HyloConfig, HyloForCausalLM
+
+__all__ = ["HyloCache", "HyloConfig", "HyloForCausalLM"]
+"""
+HF_FILES = {"configuration_hylo.py": HF_CONFIGURATION, "modeling_hylo.py": HF_MODELING}
+
+
+def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
+    """A folder AutoModelForCausalLM / AutoTokenizer load offline: config.json (model_type hylo, auto_map), the
+    weights (sharded with an index above `max_shard_size`), generation_config.json, the tokenizer and the modeling
+    files (trainer/checkpointing/hf_model.py)."""
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from hylo.trainer.checkpointing.hf_model import HyloConfig, HyloForCausalLM
+    from hylo.trainer.data.tokenizer import EOS, load_tokenizer
+
+    model, cfg = load_trained_model(checkpoint)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    eos = tokenizer.token_to_id(EOS)
+    config = HyloConfig(hylo_model=OmegaConf.to_container(OmegaConf.structured(cfg.model)),
+                        max_position_embeddings=cfg.train.seq_len, eos_token_id=eos, bos_token_id=eos,
+                        pad_token_id=eos, architectures=["HyloForCausalLM"],
+                        auto_map={"AutoConfig": "configuration_hylo.HyloConfig",
+                                  "AutoModelForCausalLM": "modeling_hylo.HyloForCausalLM"})
+    hf = HyloForCausalLM(config)
+    hf.model.load_state_dict(model.state_dict())
+    hf.generation_config = GenerationConfig(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos)
+    hf = hf.to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out, max_shard_size=max_shard_size)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+                            model_max_length=cfg.train.seq_len).save_pretrained(out)
+    for name, text in HF_FILES.items():
+        (out / name).write_text(text)
+    return out
+
+
 def run(args) -> int:
     """`hylo export` (arguments: trainer/arguments.py)."""
+    if args.format == "hf":
+        out = export_hf(Path(args.checkpoint), Path(args.out), args.dtype, args.max_shard_size)
+        print(f"[hylo] wrote {out}/: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True) and "
+              f"AutoTokenizer.from_pretrained('{out}') load it (hylo installed)")
+        return 0
     out = export(Path(args.checkpoint), Path(args.out), args.dtype)
     print(f"[hylo] wrote {out} and {out.with_suffix('.json')}")
     return 0
