@@ -83,6 +83,24 @@ def test_greedy_generate_equals_hylos_decoding_through_the_caches(exported, monk
     # one token at a time through the recurrent caches (never cut to its last token, never re-run)
 
 
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_sampling_with_a_seed_equals_hylos_with_that_seed(exported, top_k):
+    """`hylo generate --temperature T --top-k K --seed S` and `torch.manual_seed(S); generate(do_sample=True, ...)`
+    draw the same tokens: the same softmax at T, the same top-k cut, one torch.multinomial draw per token."""
+    from hylo.trainer.evaluation.generate import Sampler
+
+    model, out = exported
+    hf = load(out)
+    hf.generation_config.eos_token_id = None
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 6))
+    with torch.no_grad():
+        ours = model.generate(prompt, 10, pick=Sampler(temperature=0.9, top_k=top_k, seed=5))
+        torch.manual_seed(5)
+        theirs = hf.generate(prompt, max_new_tokens=10, do_sample=True, temperature=0.9, top_k=top_k or None,
+                             top_p=1.0)
+    assert torch.equal(theirs, ours)
+
+
 def test_padded_batches_give_each_rows_own_result(exported):
     model, out = exported
     hf = load(out)
@@ -135,3 +153,41 @@ def test_tokenizer_loads_and_round_trips(exported):
     text = "def parse(x):\n    return x"
     assert tok(text)["input_ids"] == load_tokenizer().encode(text, add_special_tokens=False).ids
     assert tok.eos_token == "<|endoftext|>" and tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_lm_eval_scores_the_export_offline_as_hylos_own_log_likelihoods(exported, tmp_path):
+    """lm-evaluation-harness on a local multiple-choice task (tests/fixtures/lm_eval): its accuracy equals the one
+    computed from hylo's own log-likelihoods with the same context/continuation split lm-eval makes."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    model, out = exported
+    fixtures = Path(__file__).parent / "fixtures" / "lm_eval"
+    for name in ("tiny_choice.yaml", "tiny_choice.jsonl"):
+        shutil.copy(fixtures / name, tmp_path / name)
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    res = run_module([str(lm_eval), "--model", "hf", "--model_args",
+                      f"pretrained={out},trust_remote_code=True,dtype=float32", "--tasks", "hylo_tiny_choice",
+                      "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "2", "--output_path",
+                      str(tmp_path / "results")], cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]  # (run_module runs lm_eval's script with this python)
+    (results,) = (tmp_path / "results").rglob("results_*.json")
+    accuracy = json.loads(results.read_text())["results"]["hylo_tiny_choice"]["acc,none"]
+
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    correct = 0
+    rows = [json.loads(line) for line in (fixtures / "tiny_choice.jsonl").read_text().splitlines()]
+    for row in rows:
+        scores = []
+        for choice in row["choices"]:
+            context = tok(row["question"])["input_ids"]
+            whole = tok(row["question"] + choice)["input_ids"]
+            continuation = whole[len(context):]
+            with torch.no_grad():
+                logp = model(torch.tensor([whole]))[0].log_softmax(-1)
+            scores.append(sum(logp[len(context) - 1 + i, t].item() for i, t in enumerate(continuation)))
+        correct += max(range(len(scores)), key=scores.__getitem__) == row["answer"]
+    assert accuracy == pytest.approx(correct / len(rows))
