@@ -52,6 +52,18 @@ def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
                                                             "folder or a step_<N> folder")
 
 
+def import_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hylo import", description="A hylo weights file (what hylo export writes, "
+                                     "what model.init_from takes) from a local Hugging Face Llama-family folder: the "
+                                     "shape from its config, the pattern and layer options from hylo's.")
+    parser.add_argument("--hf", required=True, help="a Hugging Face model folder (config.json + safetensors)")
+    parser.add_argument("--out", required=True, help="the output .safetensors (a .json config is written beside)")
+    parser.add_argument("--config", help="hylo config for the pattern and layer options (default: the embedded one)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
+    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. 'model.pattern=[full,tnl]'")
+    return parser
+
+
 def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hylo eval", description=EVAL_HELP)
     add_checkpoint_argument(parser)
@@ -163,7 +175,8 @@ def tokenize_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PARSERS = {"train": train_parser, "tokenize": tokenize_parser, "export": export_parser, "eval": eval_parser,
+PARSERS = {"train": train_parser, "tokenize": tokenize_parser, "export": export_parser, "import": import_parser,
+           "eval": eval_parser,
            "generate": generate_parser, "launch": launch_parser, "report": report_parser, "plan": plan_parser}
 
 
@@ -176,7 +189,7 @@ def parse(command: str, argv: list[str]) -> argparse.Namespace:
         args = launch_parser().parse_args(own)
         args.train_args = train_args
         return args
-    if command in ("plan", "train"):  # overrides before and after the options: `hylo train a=1 --resume X b=2`
+    if command in ("plan", "train", "import"):  # options and overrides in any order: `train a=1 --resume X b=2`
         args = PARSERS[command]().parse_intermixed_args(argv)
     else:
         args = PARSERS[command]().parse_args(argv)

@@ -19,18 +19,19 @@ from hylo.trainer.runtime import launcher_watch  # noqa: F401  (records the torc
 COMMANDS = {"train": "hylo.trainer.train", "plan": "hylo.trainer.memory_plan", "tokenize": "hylo.trainer.data.tokenize",
             "export": "hylo.trainer.checkpointing.export", "eval": "hylo.trainer.evaluation.evaluate",
             "generate": "hylo.trainer.evaluation.generate", "launch": "hylo.launch.launcher",
-            "report": "hylo.trainer.evaluation.report"}
+            "report": "hylo.trainer.evaluation.report", "import": "hylo.trainer.checkpointing.hf_import"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: hylo {train,plan,tokenize,export,eval,generate,launch,report} [args]\n"
+        print("usage: hylo {train,plan,tokenize,export,import,eval,generate,launch,report} [args]\n"
               "  train     train a model (hylo train --help)\n"
               "  plan      per-rank GPU memory of a config before launching it, and what would fit (hylo plan "
               "--help)\n"
               "  tokenize  train a byte-level BPE tokenizer, or pre-tokenize a corpus (hylo tokenize --help)\n"
-              "  export    a checkpoint as one safetensors file (hylo export --help)\n"
+              "  export    a checkpoint as one safetensors file or a Hugging Face folder (hylo export --help)\n"
+              "  import    a hylo weights file from a Hugging Face Llama-family folder (hylo import --help)\n"
               "  eval      perplexity by position, MQAR and passkey recall (hylo eval --help)\n"
               "  generate  decode from a checkpoint with the recurrent caches (hylo generate --help)\n"
               "  launch    print and run the torchrun / deepspeed / srun command for N nodes x G GPUs\n"

@@ -27,6 +27,7 @@ from hylo.parallel.strategies import apply_context_parallel, cp_config_problem, 
 from hylo.trainer.callbacks import Callback, Callbacks, default_callbacks
 from hylo.trainer.checkpointing import latest_checkpoint, read_trainer_state, recover_leftovers, verified_checkpoint
 from hylo.trainer.checkpointing.export import load_weights
+from hylo.trainer.checkpointing.hf_import import apply_shape, import_into, is_hf_folder, read_hf_config
 from hylo.trainer.checkpointing.resume import (
     apply_optimiser_settings,
     check_config_source,
@@ -85,6 +86,8 @@ class Trainer:
         problem = run_problem(cfg, info.world, info.device)
         if problem:
             raise ConfigError(problem)
+        if is_hf_folder(cfg.model.init_from):  # model.init_from=HF_DIR: the shape is the Hugging Face model's
+            apply_shape(cfg.model, read_hf_config(Path(cfg.model.init_from)), given=set())
         self.cfg, self.device, self.is_main = cfg, info.device, info.is_main
         self.config_from = config_from  # the checkpoint whose trainer state `cfg` was read from, if any
         self.dims = ParallelDims.build(info.world, info.rank, cfg.parallel.cp, info.device)
@@ -179,7 +182,12 @@ class Trainer:
 
         model = HybridLM(cfg.model).to(self.device)
         if cfg.model.init_from and self.resume_from is None:
-            load_weights(model, cfg.model.init_from)
+            if is_hf_folder(cfg.model.init_from):
+                note = import_into(model, Path(cfg.model.init_from))
+                if self.is_main:
+                    print(f"[hylo] model.init_from={cfg.model.init_from}: {note}", flush=True)
+            else:
+                load_weights(model, cfg.model.init_from)
         self.positions = None  # global positions of this rank's tokens under context parallelism
         if self.dims.cp > 1:
             cp = make_context(self.dims.mesh, cfg.train.seq_len, cfg.parallel.cp_mode, cfg.parallel.ulysses)

@@ -43,13 +43,19 @@ def load_trained_model(checkpoint: Path, command: str = "export"):
 
 
 def export(checkpoint: Path, out: Path, dtype: str = "bf16") -> Path:
+    model, cfg = load_trained_model(checkpoint)
+    return write_weights(model, cfg.model, out, dtype)
+
+
+def write_weights(model: torch.nn.Module, model_config, out: Path, dtype: str = "bf16") -> Path:
+    """One safetensors file of `model`'s weights (its config in the metadata) and the config as JSON beside it:
+    what model.init_from takes."""
     from safetensors.torch import save_file
 
-    model, cfg = load_trained_model(checkpoint)
     cast = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     tensors = {name: t.detach().to(cast).contiguous() for name, t in model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    model_cfg = OmegaConf.to_container(OmegaConf.structured(cfg.model))
+    model_cfg = OmegaConf.to_container(OmegaConf.structured(model_config))
     save_file(tensors, str(out), metadata={"hylo_model_config": json.dumps(model_cfg), "dtype": dtype})
     umask = os.umask(0)
     os.umask(umask)
@@ -103,11 +109,12 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
     from hylo.trainer.checkpointing.hf_model import HyloConfig, HyloForCausalLM
-    from hylo.trainer.data.tokenizer import EOS, load_tokenizer
+    from hylo.trainer.data.tokenizer import eos_token, load_tokenizer
 
     model, cfg = load_trained_model(checkpoint)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    eos = tokenizer.token_to_id(EOS)
+    eos_text = eos_token(tokenizer)
+    eos = tokenizer.token_to_id(eos_text)
     config = HyloConfig(hylo_model=OmegaConf.to_container(OmegaConf.structured(cfg.model)),
                         max_position_embeddings=cfg.train.seq_len, eos_token_id=eos, bos_token_id=eos,
                         pad_token_id=eos, architectures=["HyloForCausalLM"],
@@ -119,7 +126,7 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
     hf = hf.to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, max_shard_size=max_shard_size)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_text, bos_token=eos_text, pad_token=eos_text,
                             model_max_length=cfg.train.seq_len).save_pretrained(out)
     for name, text in HF_FILES.items():
         (out / name).write_text(text)

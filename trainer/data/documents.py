@@ -44,9 +44,9 @@ def document_masking(cfg, tokenizer) -> DocumentMasking | None:
     """The run's masking (data.document_masking, model.document_positions), or None when it is off."""
     if not cfg.data.document_masking:
         return None
-    from hylo.trainer.data.tokenizer import EOS
+    from hylo.trainer.data.tokenizer import eos_id
 
-    return DocumentMasking(tokenizer.token_to_id(EOS), cfg.model.document_positions)
+    return DocumentMasking(eos_id(tokenizer), cfg.model.document_positions)
 
 
 def pack_documents(inputs: torch.Tensor, targets: torch.Tensor, eos_id: int, restart_positions: bool,

@@ -12,7 +12,7 @@ import numpy as np
 
 from hylo.trainer.config import DataConfig
 from hylo.trainer.data.sources import TOKENIZE_GROUP, DocumentStream
-from hylo.trainer.data.tokenizer import EOS
+from hylo.trainer.data.tokenizer import eos_id
 from hylo.trainer.errors import DataError
 
 
@@ -34,7 +34,7 @@ class SequencePacker:
                  upsample: tuple[int, int] = (0, 1), seed: int = 0):
         self.docs = docs
         self.tokenizer = tokenizer
-        self.eos = tokenizer.token_to_id(EOS)
+        self.eos = eos_id(tokenizer)
         self.seq_len = seq_len
         self.min_doc_tokens, self.upsample, self.seed = min_doc_tokens, upsample, seed
         self.shaped = min_doc_tokens > 0 or upsample[1] > 1
@@ -169,7 +169,7 @@ def source_packer(cfg: DataConfig, source, tokenizer, seq_len: int, seed: int):
                             "sources; this one is token shards (pre-tokenize its held-out documents apart)")
         shards = TokenShards(data.path, tokenizer, verify=data.verify)
         if source.min_doc_tokens or up.factor > 1:  # shaping needs documents: the shards cut at their EOS tokens
-            docs = ShardDocuments(shards, tokenizer.token_to_id(EOS), own_seed)
+            docs = ShardDocuments(shards, eos_id(tokenizer), own_seed)
             return SequencePacker(docs, tokenizer, seq_len, min_doc_tokens=source.min_doc_tokens,
                                   upsample=(up.min_tokens, up.factor), seed=own_seed)
         return ShardSequences(shards, seq_len, own_seed)

@@ -32,11 +32,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def write_shards(texts: Iterable[str], tokenizer, out: Path, shard_tokens: int = 100_000_000,
                  batch: int = 64) -> dict:
     """Tokenize `texts` (EOS after each) into DIR/tokens_NNNNN.bin + index.json; returns the index."""
-    from hylo.trainer.data.tokenizer import EOS
+    from hylo.trainer.data.tokenizer import eos_id
 
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
-    eos = tokenizer.token_to_id(EOS)
+    eos = eos_id(tokenizer)
     shards, current, count, crc = [], None, 0, 0
 
     def close():

@@ -14,6 +14,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from hylo.trainer.errors import ConfigError, DataError
 
 EOS = "<|endoftext|>"
+# End-of-document tokens in the order they are looked for: hylo's (GPT-2's), Llama 3's, Llama 2's and Mistral's
+EOS_TOKENS = (EOS, "<|end_of_text|>", "</s>")
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "stdlib_bpe_4k.json"
 
 
@@ -49,6 +51,16 @@ def load_tokenizer(path: str | Path = "") -> Tokenizer:
         tok = Tokenizer.from_file(str(path))
     except Exception as err:  # the Rust side raises a bare Exception for malformed JSON
         raise DataError(f"'{path}' is not a valid tokenizer.json ({err}); retrain it with `hylo tokenize`") from None
-    if tok.token_to_id(EOS) is None:
-        raise DataError(f"tokenizer '{path}' has no '{EOS}' token, which separates packed documents")
+    if not any(tok.token_to_id(token) is not None for token in EOS_TOKENS):
+        raise DataError(f"tokenizer '{path}' has none of the end-of-document tokens {list(EOS_TOKENS)}, which "
+                        "separate packed documents")
     return tok
+
+
+def eos_token(tokenizer: Tokenizer) -> str:
+    """The end-of-document token: hylo's own, or the one a Hugging Face tokenizer of the Llama family uses."""
+    return next(token for token in EOS_TOKENS if tokenizer.token_to_id(token) is not None)
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    return tokenizer.token_to_id(eos_token(tokenizer))
