@@ -56,6 +56,21 @@ def test_the_folder_holds_what_transformers_needs(exported):
         assert "from hylo." in (out / name).read_text() and len((out / name).read_text().splitlines()) < 10
 
 
+def test_an_export_of_the_safetensors_export_is_the_same_model(exported, tmp_path):
+    model, out = exported
+    run = out.parent / "run"
+    file = tmp_path / "w.safetensors"
+    assert run_module(["-m", "hylo.trainer.cli", "export", "--checkpoint", str(run), "--dtype", "fp32", "--out",
+                       str(file)]).returncode == 0
+    again = tmp_path / "hf"
+    res = run_module(["-m", "hylo.trainer.cli", "export", "--checkpoint", str(file), "--format", "hf", "--dtype",
+                      "fp32", "--out", str(again)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(load(again)(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_logits_and_loss_equal_hylos_for_every_layer_type(exported):
     model, out = exported
     hf = load(out)
@@ -122,6 +137,19 @@ def test_padded_batches_give_each_rows_own_result(exported):
         assert scored.cache is None  # log-likelihood requests build no decoding state
         for i, row in enumerate(rows):
             torch.testing.assert_close(scored.logits[i, :len(row)], model(row[None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_through_the_cache_equals_it_without(exported):
+    """Beam search reorders the cache every step (reorder_cache): the result equals beam search that re-runs
+    the whole sequence each step (use_cache=False)."""
+    model, out = exported
+    hf = load(out)
+    hf.generation_config.eos_token_id = None
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 7))
+    with torch.no_grad():
+        cached = hf.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=True)
+        plain = hf.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
 
 
 def test_the_cache_is_a_transformers_cache_holding_hylos_states(exported):

@@ -49,7 +49,8 @@ def train_parser() -> argparse.ArgumentParser:
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     """--checkpoint as every command takes it (trainer/checkpointing's find_checkpoint)."""
     parser.add_argument("--checkpoint", required=True, help="a run dir (its newest checkpoint), its checkpoints/ "
-                                                            "folder or a step_<N> folder")
+                                                            "folder, a step_<N> folder or a hylo export's "
+                                                            ".safetensors")
 
 
 def import_parser() -> argparse.ArgumentParser:

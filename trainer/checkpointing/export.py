@@ -33,8 +33,20 @@ def run_config_for(checkpoint: Path, command: str = "export"):
 
 
 def load_trained_model(checkpoint: Path, command: str = "export"):
-    """(model, run config) rebuilt from `checkpoint` — a step folder, a run's checkpoints/ folder or a run dir —
+    """(model, run config) rebuilt from `checkpoint` — a step folder, a run's checkpoints/ folder, a run dir, or a
+    safetensors file from `hylo export` (its model config in the metadata; the rest of the config the defaults) —
     on the CPU."""
+    if Path(checkpoint).suffix == ".safetensors" and Path(checkpoint).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(checkpoint), "pt") as f:
+            record = json.loads((f.metadata() or {}).get("hylo_model_config", "null"))
+        if not isinstance(record, dict):
+            raise CheckpointError(f"hylo {command}: {checkpoint} is not a hylo export (no model config in it)")
+        cfg = load_config(base={"model": record})
+        model = HybridLM(cfg.model)
+        load_weights(model, str(checkpoint))
+        return model, cfg
     checkpoint = find_checkpoint(checkpoint, command)
     cfg = run_config_for(checkpoint, command)
     model = HybridLM(cfg.model)
