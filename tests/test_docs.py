@@ -39,7 +39,8 @@ def hylo_commands(page: Path):
         text = line.strip().removeprefix("$ ")
         if text.startswith(("hylo ", "python -m hylo.trainer.train")):
             text = text.split("  #")[0].split(" # ")[0]  # a trailing comment
-            text = re.sub(r"\[[^\[\]]*(\[[^\[\]]*\])?[^\[\]]*\]", " ", text)  # [optional] parts, nested once
+            # [optional] parts, nested once (a list value, key=[a,b], stays)
+            text = re.sub(r"(?<!=)\[[^\[\]]*(\[[^\[\]]*\])?[^\[\]]*\]", " ", text)
             yield number, text.replace("python -m hylo.trainer.train", "hylo train")
 
 
@@ -101,11 +102,19 @@ def python_snippets():
 def test_every_python_snippet_runs(page, code, tmp_path, monkeypatch):
     """Each ```python block of the docs runs as written (no tensor left undefined); one that reads a trained run
     (`runs/tiny`) gets a two-step one in its working directory."""
+    from tests.conftest import run_module
+
     monkeypatch.chdir(tmp_path)
     if "runs/tiny" in code:
-        from tests.conftest import run_module
-
         res = run_module(["-m", "hylo.trainer.train", "train.steps=2", "model.d_model=32", "model.n_layers=2",
                           "train.seq_len=32", "train.batch_size=2", "logging.progress=false"], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+    if "exported/hybrid" in code:  # (the Hugging Face page's folder: one of the run above, exported)
+        res = run_module(["-m", "hylo.trainer.train", "run.dir=runs/hybrid", "train.steps=2", "model.d_model=32",
+                          "model.n_layers=2", "train.seq_len=32", "train.batch_size=2", "logging.progress=false"],
+                         cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+        res = run_module(["-m", "hylo.trainer.cli", "export", "--checkpoint", "runs/hybrid", "--format", "hf",
+                          "--out", "exported/hybrid"], cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-2000:]
     exec(compile(code, str(page), "exec"), {"__name__": "snippet"})  # noqa: S102 - our own documentation
