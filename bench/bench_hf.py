@@ -3,8 +3,9 @@
 
   python bench/bench_hf.py [--record] [--presets hybrid_1b,dense_1b] [--skip-1b]
 
-  export 1B     a hylo model of the preset (random weights) -> `export --format hf`'s folder (5 GB shards): seconds
-                and the process's peak resident memory; then AutoModelForCausalLM.from_pretrained of that folder
+  export 1B     a hylo model of the preset (random weights, the bundled tokenizer's vocabulary) -> the folder
+                `export --format hf` writes (save_hf: bf16, 5 GB shards): seconds and the process's peak resident
+                memory (the fp32 model included); then AutoModelForCausalLM.from_pretrained of that folder
   import 1B     a Llama folder of dense_1b's shape (random, saved by transformers) -> `hylo import` with the
                 preset's pattern: seconds and peak memory
   generate      hybrid_tiny (random): tokens/s of HyloForCausalLM.generate (greedy, through HyloCache) vs
@@ -38,24 +39,18 @@ def done(seconds):
 """
 
 EXPORT = PRELUDE + """
+from pathlib import Path
 from hylo.models.lm import HybridLM
-from hylo.trainer.checkpointing.hf_model import HyloConfig, HyloForCausalLM
+from hylo.trainer.checkpointing.export import save_hf
 from hylo.trainer.config import load_config
-from omegaconf import OmegaConf
-cfg = load_config("{config}", ["model.vocab_size=32768"])
+cfg = load_config("{config}", ["model.vocab_size=4096"])
+model = HybridLM(cfg.model)
 start = time.perf_counter()
-hf = HyloForCausalLM(HyloConfig(hylo_model=OmegaConf.to_container(OmegaConf.structured(cfg.model)),
-                                auto_map={{"AutoModelForCausalLM": "modeling_hylo.HyloForCausalLM"}}))
-built = time.perf_counter()
-hf.to(torch.bfloat16).save_pretrained("{out}", max_shard_size="5GB")
-done(time.perf_counter() - built)
+save_hf(model, cfg.model, cfg.train.seq_len, "", Path("{out}"), "bf16", "5GB")
+done(time.perf_counter() - start)
 """
 
 LOAD = PRELUDE + """
-import shutil
-from hylo.trainer.checkpointing.export import HF_FILES
-for name, text in HF_FILES.items():
-    open("{out}/" + name, "w").write(text)
 from transformers import AutoModelForCausalLM
 start = time.perf_counter()
 AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True, dtype=torch.bfloat16)
@@ -126,7 +121,7 @@ def main() -> int:
                 config = f"configs/{preset}.yaml"
                 exported = run(EXPORT.format(config=config, out=out))
                 rows.append(f"| export --format hf | {preset} | {exported['seconds']:.1f} | "
-                            f"{exported['peak_gib']:.1f} | bf16, save_pretrained (5 GB shards) |")
+                            f"{exported['peak_gib']:.1f} | from an fp32 model in memory; bf16, 5 GB shards |")
                 loaded = run(LOAD.format(out=out))
                 rows.append(f"| from_pretrained | {preset} | {loaded['seconds']:.1f} | {loaded['peak_gib']:.1f} | "
                             "AutoModelForCausalLM, trust_remote_code |")

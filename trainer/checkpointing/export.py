@@ -115,31 +115,38 @@ HF_FILES = {"configuration_hylo.py": HF_CONFIGURATION, "modeling_hylo.py": HF_MO
 
 
 def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
+    """`hylo export --format hf`: `checkpoint`'s model as a Hugging Face folder (save_hf)."""
+    model, cfg = load_trained_model(checkpoint)
+    return save_hf(model, cfg.model, cfg.train.seq_len, cfg.data.tokenizer, out, dtype, max_shard_size)
+
+
+def save_hf(model: torch.nn.Module, model_config, seq_len: int, tokenizer_path: str, out: Path,
+            dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
     """A folder AutoModelForCausalLM / AutoTokenizer load offline: config.json (model_type hylo, auto_map), the
     weights (sharded with an index above `max_shard_size`), generation_config.json, the tokenizer and the modeling
-    files (trainer/checkpointing/hf_model.py)."""
+    files (trainer/checkpointing/hf_model.py).  `model` itself is saved (wrapped, not copied)."""
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
     from hylo.trainer.checkpointing.hf_model import HyloConfig, HyloForCausalLM
     from hylo.trainer.data.tokenizer import eos_token, load_tokenizer
 
-    model, cfg = load_trained_model(checkpoint)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_path)
     eos_text = eos_token(tokenizer)
     eos = tokenizer.token_to_id(eos_text)
-    config = HyloConfig(hylo_model=OmegaConf.to_container(OmegaConf.structured(cfg.model)),
-                        max_position_embeddings=cfg.train.seq_len, eos_token_id=eos, bos_token_id=eos,
-                        pad_token_id=eos, architectures=["HyloForCausalLM"],
+    config = HyloConfig(hylo_model=OmegaConf.to_container(OmegaConf.structured(model_config)),
+                        max_position_embeddings=seq_len, eos_token_id=eos, bos_token_id=eos, pad_token_id=eos,
+                        architectures=["HyloForCausalLM"],
                         auto_map={"AutoConfig": "configuration_hylo.HyloConfig",
                                   "AutoModelForCausalLM": "modeling_hylo.HyloForCausalLM"})
-    hf = HyloForCausalLM(config)
-    hf.model.load_state_dict(model.state_dict())
+    with torch.device("meta"):  # the wrapper's own model is never materialised: `model` takes its place
+        hf = HyloForCausalLM(config)
+    hf.model = model
     hf.generation_config = GenerationConfig(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos)
     hf = hf.to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, max_shard_size=max_shard_size)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_text, bos_token=eos_text, pad_token=eos_text,
-                            model_max_length=cfg.train.seq_len).save_pretrained(out)
+                            model_max_length=seq_len).save_pretrained(out)
     for name, text in HF_FILES.items():
         (out / name).write_text(text)
     return out
