@@ -114,6 +114,27 @@ def test_a_hylo_hf_export_comes_back_through_init_from_with_the_same_first_loss(
     assert losses[0] == losses[1]
 
 
+def test_a_mistral_sliding_window_maps_to_swa(tmp_path):
+    """Mistral's sliding window: its layers are hylo's swa with that window (logits equal, past the window);
+    asked for full attention, the import is refused naming the window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                           max_position_embeddings=256, tie_word_embeddings=True)
+    hf = MistralForCausalLM(config).eval()
+    hf.config._attn_implementation = "eager"  # (the window is applied by every implementation; eager is exact)
+    hf.save_pretrained(tmp_path)
+    model, report = hylo_from(tmp_path, "model.pattern=[swa]", "model.window=8", "model.attn.sink=false")
+    tokens = torch.randint(0, 512, (1, 30))  # past the window
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+    assert model.head is None  # tied, as the HF model is
+    with pytest.raises(Exception, match="sliding window of 8 tokens"):
+        hylo_from(tmp_path, "model.pattern=[full]")
+
+
 @pytest.mark.parametrize("damage", ["architecture", "shape", "missing tensor", "no config"])
 def test_refusals_are_one_line(llama, tmp_path, damage):
     import shutil

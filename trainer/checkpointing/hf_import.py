@@ -93,6 +93,12 @@ def apply_shape(model_cfg, config: dict[str, Any], given: set[str]) -> list[str]
             raise ConfigError(f"model.{key}={ours} disagrees with the Hugging Face config's {value}; drop "
                               f"model.{key} (the shape comes from the imported model)")
         setattr(model_cfg, key, value)
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if window and window < config.get("max_position_embeddings", window + 1):  # Mistral v0.1: every layer windowed
+        if any(kind != "swa" for kind in model_cfg.pattern if kind in ("full", "swa")) or model_cfg.window != window:
+            raise ConfigError(f"the Hugging Face model attends within a sliding window of {window} tokens; its "
+                              f"attention layers map to hylo's 'swa' with that window: set model.window={window} "
+                              "and use swa instead of full in model.pattern")
     if getattr(model_cfg, "ffn_dim", 0) and model_cfg.mlp != "swiglu":
         raise ConfigError("model.mlp must be swiglu to take a Llama-family MLP")
     return sorted(model_settings(config))
