@@ -204,9 +204,15 @@ class HyloForCausalLM(PreTrainedModel, GenerationMixin):
     def _decode(self, input_ids: torch.Tensor, cache: HyloCache) -> torch.Tensor:
         if input_ids.shape[1] != 1:
             raise ValueError("after the first call, a cached hylo model takes one new token per row")
+        seen = cache.get_seq_length() + 1
+        if len(cache.groups) == 1:  # rows of one length (no padding): one batched step, nothing to scatter
+            index, pos = cache.groups[0]
+            step_logits, caches = self.model.step(input_ids[:, 0], pos, cache.group_caches(0))
+            cache.store(0, caches, seen)
+            cache.groups[0] = (index, pos + 1)
+            return step_logits[:, None]
         logits = torch.zeros(input_ids.shape[0], 1, self.model.cfg.vocab_size, dtype=self.model.embed.weight.dtype,
                              device=input_ids.device)
-        seen = cache.get_seq_length() + 1
         for group, (index, pos) in enumerate(cache.groups):
             step_logits, caches = self.model.step(input_ids[index.to(input_ids.device), 0], pos,
                                                   cache.group_caches(group))
