@@ -174,7 +174,9 @@ class HyloForCausalLM(PreTrainedModel, GenerationMixin):
             logits = self._decode(input_ids, cache)
         else:
             cache = HyloCache(len(self.model.blocks)) if use_cache else None
-            logits = self._full(input_ids, attention_mask, cache)
+            # generate asks for the last logits only: the prefill gives them with the caches, in one pass
+            last_only = cache is not None and labels is None and isinstance(logits_to_keep, int) and logits_to_keep == 1
+            logits = self._full(input_ids, attention_mask, cache, last_only)
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
@@ -183,22 +185,27 @@ class HyloForCausalLM(PreTrainedModel, GenerationMixin):
             logits = logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
-    def _full(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: HyloCache | None):
+    def _full(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: HyloCache | None,
+              last_only: bool = False):
         batch, length = input_ids.shape
         spans = _row_spans(attention_mask, batch, length)
-        logits = torch.zeros(batch, length, self.model.cfg.vocab_size, dtype=self.model.embed.weight.dtype,
-                             device=input_ids.device)
+        last_only = last_only and all(end == length for _, end in spans)  # (left padding, or none)
+        logits = torch.zeros(batch, 1 if last_only else length, self.model.cfg.vocab_size,
+                             dtype=self.model.embed.weight.dtype, device=input_ids.device)
         by_span: dict[tuple[int, int], list[int]] = {}
         for row, span in enumerate(spans):
             by_span.setdefault(span, []).append(row)
         for (start, end), rows in by_span.items():  # rows of one span run as one batch, exactly as alone
             index = torch.tensor(rows, device=input_ids.device)
             tokens = input_ids[index, start:end]
-            logits[index, start:end] = self.model(tokens).to(logits.dtype)
             if cache is not None:
-                _, caches = self.model.prefill(tokens)
+                last, caches = self.model.prefill(tokens)
                 cache.store(len(cache.groups), caches, length)
                 cache.groups.append((index, end - start))
+                if last_only:
+                    logits[index, 0] = last.to(logits.dtype)
+                    continue
+            logits[index, start:end] = self.model(tokens).to(logits.dtype)
         return logits
 
     def _decode(self, input_ids: torch.Tensor, cache: HyloCache) -> torch.Tensor:
