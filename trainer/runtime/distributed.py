@@ -90,7 +90,7 @@ def _own_running() -> int:
     return running
 
 
-def others_running(samples: int = 5, gap: float = 0.05) -> int:
+def others_running(samples: int = 3, gap: float = 0.03) -> int:
     """Tasks other than this process's running or ready to run on this machine now (/proc/loadavg's fourth
     field), the least of a few quick samples: what other work takes from the cores at this moment, not the
     lagging 1-minute load average (a run started right after a `pip install` would keep one core of two)."""
