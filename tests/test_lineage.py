@@ -120,6 +120,12 @@ def test_resuming_another_runs_checkpoint_never_writes_over_a_third_run(tmp_path
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step_4"]
     assert [r["step"] for r in rows(b) if "train/loss" in r] == [3, 4]
 
+    # the permission was that command's: resuming b later does not inherit it from b's checkpoints
+    again = train("--resume", f"run.dir={b}", "train.steps=5")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert state(b / "checkpoints" / "step_4")["config"]["checkpoint"]["overwrite"] is True
+    assert state(b / "checkpoints" / "step_5")["config"]["checkpoint"]["overwrite"] is False
+
     # no run.dir: the checkpoint's own run dir (never the default runs/<name> in the working directory)
     own = train("--resume", str(a_step), "train.steps=3", cwd=tmp_path)
     assert own.returncode == 0, own.stderr[-3000:]

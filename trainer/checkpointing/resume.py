@@ -139,7 +139,8 @@ def run_config(config_path: str | None, overrides: list[str]) -> tuple[Config, P
     """The config `hylo train` runs with, and the checkpoint it was taken from (None if not from one):
     `config_path` and `overrides` as given, or — when they resume a run whose checkpoint records its config, and no
     --config was given — that config with the overrides on top (run.dir and checkpoint.resume always this
-    command's).  The config is read only from a trainer state that verifies against its checkpoint's manifest."""
+    command's, as is checkpoint.overwrite).  The config is read only from a trainer state that verifies against its
+    checkpoint's manifest."""
     cfg = load_config(config_path, overrides)
     if cfg.checkpoint.resume == "none":
         return cfg, None
@@ -169,8 +170,10 @@ def run_config(config_path: str | None, overrides: list[str]) -> tuple[Config, P
         say(f"[hylo] note: resuming {checkpoint} with --config {config_path} as given, not the config that "
             "checkpoint was trained with", flush=True)
         return cfg, None
+    # where to write and whether to write over another run are this command's to say, never inherited
     record = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(record), {
-        "run": {"dir": cfg.run.dir}, "checkpoint": {"resume": cfg.checkpoint.resume}}))
+        "run": {"dir": cfg.run.dir},
+        "checkpoint": {"resume": cfg.checkpoint.resume, "overwrite": cfg.checkpoint.overwrite}}))
     shown = [o for o in overrides if not o.startswith(("checkpoint.resume=", "run.dir="))]
     say(f"[hylo] resuming with the config {checkpoint} was trained with"
         + (f", and this command's overrides: {' '.join(shown)}" if shown else ""), flush=True)
@@ -185,7 +188,7 @@ def check_config_source(config_from: Path | None, resume_from: Path | None, save
         return
     from hylo.trainer.checkpointing import read_trainer_state
 
-    ignore = ("run.dir", "checkpoint.resume")
+    ignore = ("run.dir", "checkpoint.resume", "checkpoint.overwrite")
     theirs, ours = read_trainer_state(config_from).get("config") or {}, saved.get("config") or {}
     keys = sorted(k for k in set(_flat(theirs)) | set(_flat(ours)) if k not in ignore
                   and _get(theirs, k) != _get(ours, k))
