@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,13 @@ class Block(nn.Module):
         self.mlp = MLPS[cfg.mlp](cfg.d_model, ffn_width(cfg))
         self.mlp_tile = cfg.mlp_tile
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), positions, cu_seqlens=cu_seqlens)  # hooks see (x, positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                mixer_only: bool = False) -> torch.Tensor:
+        """The block's output; `mixer_only`: its mixer's output alone (a layer trained to match a teacher's)."""
+        y = self.mixer(self.mixer_norm(x), positions, cu_seqlens=cu_seqlens)  # hooks see (x, positions)
+        if mixer_only:
+            return y
+        x = x + y
         return x + tiled_mlp(self.mlp, self.mlp_norm(x), self.mlp_tile)
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor):
@@ -91,7 +97,9 @@ class HybridLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, loss_chunk: int = 0, reduction: str = "mean",
-                logits_at: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                head_loss: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+                mixer_inputs: dict[int, torch.Tensor] | None = None) -> Any:
         """tokens (batch, seq) -> logits (batch, seq, vocab).  `positions` (seq,) are global positions.
 
         With `targets` (batch, seq; -100 = not scored) it returns the loss instead, computed here so that sharded
@@ -100,12 +108,22 @@ class HybridLM(nn.Module):
         tokens outnumber it, so the full logits never exist.  With `logits_at` (batch, seq; bool) it returns the
         logits of those tokens only, (n, vocab) in row-major order (recall evaluations score a few positions).
         `cu_seqlens`: tokens (1, T) hold packed documents with these boundaries (kernels/varlen.py), and no layer
-        lets a token see another document; `positions` (T,) may then restart at each document."""
+        lets a token see another document; `positions` (T,) may then restart at each document.
+
+        Distillation (trainer/distillation/) asks for two more things, here for the same reason as the loss:
+        `head_loss(hidden, weight)` is called with the final normed hidden states and the head weight and its
+        result returned (a loss against a teacher's logits); `mixer_inputs` {block index: residual stream entering
+        it} runs only those blocks' mixers, each on its given input (teacher forcing), and returns {index: mixer
+        output}."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
+        if mixer_inputs is not None:
+            return {i: self.blocks[i](x, positions, cu_seqlens, mixer_only=True) for i, x in mixer_inputs.items()}
         x = self.embed(tokens) * self.embed_scale
         for block in self.blocks:
             x = block(x, positions, cu_seqlens)
+        if head_loss is not None:
+            return head_loss(self.norm(x), self.head.weight if self.head is not None else self.embed.weight)
         if logits_at is not None:
             return self._logits(x[logits_at])
         if targets is None:

@@ -176,6 +176,22 @@ class TrainConfig:
     check_memory: bool = True  # CPU runs: refuse before allocating when hylo plan's model says it cannot fit
     nan_policy: str = "stop"  # a non-finite loss/gradient: stop (exit 1, save nothing new) | skip (drop the step)
     engine: str = "torch"  # torch (DDP/FSDP2, DCP checkpoints) | deepspeed (ZeRO, DeepSpeed checkpoints)
+    # what the model learns (docs/distillation.md): lm (next-token prediction) | align (each layer whose mixer
+    # differs from distill.teacher's matches that layer's attention output, given the teacher's own hidden states)
+    # | distill (the teacher's next-token distribution, end to end)
+    objective: str = "lm"
+
+
+@dataclass
+class DistillConfig:  # train.objective=align|distill: a hybrid made from a trained transformer
+    # the teacher: a Hugging Face Llama-family folder, a hylo export (a .safetensors file or an `export --format
+    # hf` folder) or a hylo checkpoint (step folder, checkpoints/ or run dir); frozen, its identity recorded
+    teacher: str = ""
+    temperature: float = 1.0  # distill: both distributions at softmax temperature T; the KL is scaled by T^2
+    lm_weight: float = 0.0  # distill: + lm_weight x the student's own next-token cross-entropy
+    # align: the blocks that train (each its mixer alone); empty = every block whose layer type differs from the
+    # teacher's at that depth
+    align_layers: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -263,6 +279,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -285,6 +302,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("rms", "srms"),
     "train.nan_policy": ("stop", "skip"),
     "train.engine": ("torch", "deepspeed"),
+    "train.objective": ("lm", "align", "distill"),
     "data.split": ("train", "val"),
     "train.attention_dq": ("deterministic", "atomic"),
     "train.activation_checkpointing": ("auto", "none", "selective", "full"),
@@ -464,6 +482,7 @@ def validate(c: Config) -> None:
         raise ConfigError(f"eval.seq_len={c.eval.seq_len} differs from train.seq_len={t.seq_len}, which context "
                           "parallelism lays out; evaluate longer lengths afterwards with `hylo eval --seq-len`")
     check_sources(c.data)
+    check_distill(c)
     if not 0.0 <= c.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={c.data.val_fraction} must lie in [0, 1) (e.g. 0.01 holds out 1% of "
                           "the documents)")
@@ -477,6 +496,29 @@ def validate(c: Config) -> None:
            t.loss_chunk, m.mlp_tile, t.cpu_threads) < 0:
         raise ConfigError("train.micro_batch_size, checkpoint.interval, checkpoint.keep_last, train.grad_clip, "
                           "train.loss_chunk, model.mlp_tile, train.cpu_threads and data.prefetch must be >= 0")
+
+
+def check_distill(c: Config) -> None:
+    """train.objective and distill.*: a teacher exactly when the objective needs one, sensible knobs."""
+    t, d = c.train, c.distill
+    if t.objective == "lm":
+        if d.teacher:
+            raise ConfigError(f"distill.teacher='{d.teacher}' is set but train.objective=lm trains on the data "
+                              "alone; set train.objective=align or distill, or drop distill.teacher")
+        return
+    if not d.teacher:
+        raise ConfigError(f"train.objective={t.objective} learns from a teacher: set distill.teacher=PATH (a "
+                          "Hugging Face folder, a hylo export or a hylo checkpoint)")
+    if not d.temperature > 0:
+        raise ConfigError(f"distill.temperature={d.temperature} must be positive (1 = the plain distributions)")
+    if d.lm_weight < 0:
+        raise ConfigError(f"distill.lm_weight={d.lm_weight} must be >= 0")
+    if any(i < 0 or i >= c.model.n_layers for i in d.align_layers):
+        raise ConfigError(f"distill.align_layers={d.align_layers}: block indices run from 0 to "
+                          f"{c.model.n_layers - 1}")
+    if c.data.format == "mqar":
+        raise ConfigError("train.objective=align|distill learns from a teacher on text; data.format=mqar's "
+                          "synthetic ids mean nothing to it: use a text source")
 
 
 def check_sources(d: DataConfig) -> None:

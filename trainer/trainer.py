@@ -35,13 +35,22 @@ from hylo.trainer.checkpointing.resume import (
     resume_changes,
 )
 from hylo.trainer.checkpointing.step_folder import barrier, foreign_checkpoints, lineage_of
+from hylo.trainer.checkpointing.transfer import load_source_model, needs_transfer, take_shape, transfer
 from hylo.trainer.config import Config, check_batch_layout, compile_choice, to_yaml
 from hylo.trainer.data.documents import document_masking
 from hylo.trainer.data.loader import DataLoader
 from hylo.trainer.data.mqar import MQARLoader, mqar_spec
 from hylo.trainer.data.provenance import check_source, data_provenance
 from hylo.trainer.data.tokenizer import load_tokenizer
-from hylo.trainer.engines import StepResult, build_engine, engine_problem
+from hylo.trainer.distillation.objectives import AlignObjective, DistillObjective
+from hylo.trainer.distillation.teacher import (
+    align_layers,
+    check_same_teacher,
+    check_student,
+    load_teacher,
+    prepare_teacher,
+)
+from hylo.trainer.engines import StepResult, build_engine, engine_problem, use_bf16
 from hylo.trainer.engines.optim import build_scheduler
 from hylo.trainer.errors import ConfigError, HyloError, TrainingDiverged
 from hylo.trainer.run_log import MetricsLogger
@@ -86,9 +95,22 @@ class Trainer:
         problem = run_problem(cfg, info.world, info.device)
         if problem:
             raise ConfigError(problem)
-        if is_hf_folder(cfg.model.init_from):  # model.init_from=HF_DIR: the shape is the Hugging Face model's
-            apply_shape(cfg.model, read_hf_config(Path(cfg.model.init_from)), given=set())
         self.cfg, self.device, self.is_main = cfg, info.device, info.is_main
+        self.teacher = load_teacher(cfg.distill.teacher) if cfg.train.objective != "lm" else None
+        if self.teacher is not None and cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.teacher.cfg.vocab_size
+        # model.init_from: a hylo source is mapped block by block (its shape taken), an HF folder imported
+        self.init_source = None
+        if cfg.model.init_from and needs_transfer(cfg.model.init_from, cfg.model.pattern, cfg.model.n_layers):
+            same = self.teacher is not None and Path(cfg.model.init_from).resolve() in (
+                Path(cfg.distill.teacher).resolve(), self.teacher.path.resolve())
+            self.init_source = self.teacher.model if same else load_source_model(cfg.model.init_from,
+                                                                                  "model.init_from")[0]
+            take_shape(cfg.model, self.init_source.cfg, f"model.init_from={cfg.model.init_from}")
+        elif is_hf_folder(cfg.model.init_from):  # model.init_from=HF_DIR: the shape is the Hugging Face model's
+            apply_shape(cfg.model, read_hf_config(Path(cfg.model.init_from)), given=set())
+        if self.teacher is not None:
+            check_student(cfg, self.teacher)  # before anything is built or written
         self.config_from = config_from  # the checkpoint whose trainer state `cfg` was read from, if any
         self.dims = ParallelDims.build(info.world, info.rank, cfg.parallel.cp, info.device)
         micro, accum = check_batch_layout(cfg, self.dims.dp)  # accumulation steps = the loader batch's first dim
@@ -182,19 +204,26 @@ class Trainer:
 
         model = HybridLM(cfg.model).to(self.device)
         if cfg.model.init_from and self.resume_from is None:
-            if is_hf_folder(cfg.model.init_from):
+            if self.init_source is not None:
+                note = transfer(self.init_source, model, f"model.init_from={cfg.model.init_from}")
+                if self.is_main:
+                    print(f"[hylo] model.init_from={cfg.model.init_from}: {note}", flush=True)
+            elif is_hf_folder(cfg.model.init_from):
                 note = import_into(model, Path(cfg.model.init_from))
                 if self.is_main:
                     print(f"[hylo] model.init_from={cfg.model.init_from}: {note}", flush=True)
             else:
                 load_weights(model, cfg.model.init_from)
+        self.init_source = None  # (the teacher's model stays; a separate source is freed)
         self.positions = None  # global positions of this rank's tokens under context parallelism
+        cp = None
         if self.dims.cp > 1:
             cp = make_context(self.dims.mesh, cfg.train.seq_len, cfg.parallel.cp_mode, cfg.parallel.ulysses)
             apply_context_parallel(model, cp)
             self.positions = cp.positions(self.device)
         self.flops_per_token = model.flops_per_token(cfg.train.seq_len)
         self.n_params = model.num_params()
+        self.objective = self._build_objective(model, cp, info.world)
         apply_activation_checkpointing(model, self.checkpointing)
         self.compiled, why_eager = compile_choice(cfg, self.device.type, self.checkpointing)
         if why_eager and self.is_main:
@@ -232,6 +261,9 @@ class Trainer:
             saved = read_trainer_state(self.resume_from)  # checked before the weights are read
             check_config_source(self.config_from, self.resume_from, saved)
             changed, model_changes = resume_changes(saved.get("config"), cfg, str(self.resume_from))
+            if self.teacher is not None and (moved := check_same_teacher(saved.get("distill_teacher"), self.teacher,
+                                                                         self.resume_from)) and self.is_main:
+                print(moved, flush=True)
             note = check_source(saved.get("data_source"), self.data_source, str(self.resume_from),
                                 cfg.data.allow_source_change)
             if note and self.is_main:
@@ -248,6 +280,38 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, start_step=self.start_step)
+
+    def _build_objective(self, model: HybridLM, cp, world: int):
+        """train.objective=align|distill: the teacher laid out as the student (dtype, context parallelism,
+        sharding) and the objective the engine calls per micro-batch; align freezes all but the aligned mixers.
+        None for the next-token loss."""
+        cfg, teacher = self.cfg, self.teacher
+        if teacher is None:
+            return None
+        sharded = world > 1 and (cfg.parallel.dp_shard or (cfg.train.engine == "deepspeed"
+                                                             and cfg.deepspeed.zero_stage == 3))
+        dtype = torch.bfloat16 if use_bf16(cfg, self.device) else torch.float32
+        prepare_teacher(teacher, self.device, dtype, cp, shard=sharded)
+        self.flops_per_token += teacher.model.flops_per_token(cfg.train.seq_len) / 3  # its forward
+        if cfg.train.objective == "distill":
+            what = f"distill (KL at temperature {cfg.distill.temperature}" + (
+                f" + {cfg.distill.lm_weight} x next-token loss)" if cfg.distill.lm_weight else ")")
+            objective = DistillObjective(teacher, cfg.distill.temperature, cfg.distill.lm_weight,
+                                         cfg.train.loss_chunk)
+        else:
+            layers = align_layers(cfg, teacher)
+            model.requires_grad_(False)
+            for i in layers:
+                model.blocks[i].mixer.requires_grad_(True)
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            what = f"align blocks {layers} (their mixers train: {trained / 1e6:.2f}M parameters; the rest frozen)"
+            objective = AlignObjective(teacher, layers)
+        if self.is_main:
+            print(f"[hylo] train.objective={cfg.train.objective}: {what}; teacher {teacher.path} "
+                  f"({teacher.model.num_params() / 1e6:.2f}M parameters, layers {teacher.identity['layers']}, "
+                  f"fingerprint {teacher.identity['fingerprint']}){', blocks sharded' if sharded else ''}",
+                  flush=True)
+        return objective
 
     def _claim_run_dir(self) -> None:
         """The run dir holds one lineage's checkpoints: another run's are refused by name, or moved aside (with
@@ -319,7 +383,8 @@ class Trainer:
     def _train_step(self, batch: torch.Tensor) -> StepResult:
         def step() -> StepResult:
             return self.engine.train_step(batch, self.positions, skip_nonfinite=self.cfg.train.nan_policy == "skip",
-                                          on_gradients=self.callbacks.gradient_hook(self), documents=self.documents)
+                                          on_gradients=self.callbacks.gradient_hook(self), documents=self.documents,
+                                          objective=self.objective)
 
         if not self.compile_fallback:
             return step()
@@ -403,6 +468,7 @@ class Trainer:
         stateful callbacks."""
         return {**self.state_dict(), "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
                 "data_source": self.data_source, "world_size": self.dims.world, "config": config_record(self.cfg),
+                **({"distill_teacher": self.teacher.identity} if self.teacher is not None else {}),
                 **self.engine.trainer_state_extras(), **self.callbacks.state_dict()}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:

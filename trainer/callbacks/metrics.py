@@ -108,6 +108,8 @@ class MetricsCallback(Callback):
         else:  # the process's peak resident memory (Linux reports KiB), so CPU runs show memory settings too
             scalars["train/mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         scalars.update(self._mixture(trainer))
+        if trainer.objective is not None:  # distillation's terms: distill/kl, distill/lm, distill/align/<i>
+            scalars.update({name: mean_over_ranks(value) for name, value in trainer.objective.scalars().items()})
         trainer.log(scalars)
         trainer.summary.setdefault("first_loss", mean_loss)
         trainer.summary["last_loss"] = mean_loss

@@ -33,8 +33,8 @@ class ProgressBar(Callback):
         if self.bar is None:
             return
         if trainer.is_log_step() and "last_loss" in trainer.summary:
-            self.bar.set_postfix(loss=f"{trainer.summary['avg_loss']:.3f}",
-                                 last=f"{trainer.summary['last_loss']:.3f}",
+            self.bar.set_postfix(loss=f"{trainer.summary['avg_loss']:.4g}",
+                                 last=f"{trainer.summary['last_loss']:.4g}",
                                  tok_s=f"{trainer.summary['tokens_per_sec']:,.0f}")
         self.bar.update(1)
 
@@ -50,6 +50,6 @@ class LogLines(Callback):
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         summary = trainer.summary
         if trainer.is_main and trainer.is_log_step() and "last_loss" in summary:
-            print(f"[hylo] step {trainer.step}/{trainer.cfg.train.steps}: loss {summary['avg_loss']:.3f} (last "
-                  f"{summary['last_loss']:.3f}), lr {summary['lr']:.2e}, {summary['tokens_per_sec']:,.0f} tokens/s",
+            print(f"[hylo] step {trainer.step}/{trainer.cfg.train.steps}: loss {summary['avg_loss']:.4g} (last "
+                  f"{summary['last_loss']:.4g}), lr {summary['lr']:.2e}, {summary['tokens_per_sec']:,.0f} tokens/s",
                   flush=True)

@@ -126,8 +126,9 @@ def _repeat_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.Tens
     return weight.view(kv_heads, per, -1).repeat_interleave(heads // kv_heads, dim=0).reshape(heads * per, -1)
 
 
-def convert(tensors: dict[str, torch.Tensor], model) -> dict[str, list[str]]:
-    """Copy what maps from the HF tensors into hylo's `model` (in place); returns {copied, derived, fresh}."""
+def convert(tensors: dict[str, torch.Tensor], model, layers: set[int] | None = None) -> dict[str, list[str]]:
+    """Copy what maps from the HF tensors into hylo's `model` (in place); returns {copied, derived, fresh}.
+    `layers`: only these blocks (the others are the caller's), else all."""
     cfg = model.cfg
     own = model.state_dict()
     report: dict[str, list[str]] = {"copied": [], "derived": [], "fresh": []}
@@ -158,6 +159,8 @@ def convert(tensors: dict[str, torch.Tensor], model) -> dict[str, list[str]]:
         if model.head is not None:
             put("head.weight", tensors.get("lm_head.weight", take("embed_tokens.weight")), "copied")
         for i, block in enumerate(model.blocks):
+            if layers is not None and i not in layers:
+                continue
             hf, at = f"layers.{i}.", f"blocks.{i}."
             put(at + "mixer_norm.weight", take(hf + "input_layernorm.weight"), "copied")
             put(at + "mlp_norm.weight", take(hf + "post_attention_layernorm.weight"), "copied")

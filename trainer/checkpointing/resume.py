@@ -40,6 +40,14 @@ NEUTRAL_MODEL_KEYS = ("model.init_std", "model.init_from", "model.mlp_tile", "mo
 # checkpoint also carries, so they are the ones a user could believe were ignored).
 OPTIMISER_KEYS = ("train.lr", "train.grad_clip", "optim.weight_decay", "optim.betas", "optim.eps",
                   "schedule.warmup_steps", "schedule.decay", "schedule.min_lr_ratio", "train.steps")
+# Keys of what trains: the objective and, aligning, which blocks' mixers (the optimizer state holds theirs alone).
+OBJECTIVE_KEYS = ("train.objective", "distill.align_layers")
+# The teacher is compared by its identity (trainer/distillation/teacher.py: a fingerprint of its files), not its path.
+TEACHER_KEYS = ("distill.teacher",)
+# How the distillation loss weighs its terms: applied from the first resumed step, said.
+LOSS_KEYS = ("distill.temperature", "distill.lm_weight")
+# Keys newer than some checkpoints: absent from a saved config, they had their default.
+ADDED_KEYS = (*OBJECTIVE_KEYS, *LOSS_KEYS)
 # Keys that decide which documents the saved data position points at: the position is an index into the order
 # train.seed shuffles, over the documents the format, text field and split read.  Changed, the first resumed step
 # would read other documents; refused by name unless data.allow_source_change=true (then said).
@@ -66,6 +74,9 @@ RESUME_RULES = {**dict.fromkeys(SHAPE_KEYS, "refused: the weights have other sha
                 **dict.fromkeys(COMPUTE_KEYS, "allowed, said: what the weights compute changes"),
                 **dict.fromkeys(NEUTRAL_MODEL_KEYS, "free: how weights start, or kernels and memory"),
                 **dict.fromkeys(OPTIMISER_KEYS, "applied from the first resumed step, said"),
+                **dict.fromkeys(OBJECTIVE_KEYS, "refused: another objective trains other parameters"),
+                **dict.fromkeys(TEACHER_KEYS, "compared by the teacher's identity (its files' fingerprint)"),
+                **dict.fromkeys(LOSS_KEYS, "applied from the first resumed step, said"),
                 **dict.fromkeys(DATA_ORDER_KEYS, "refused unless data.allow_source_change=true, then said"),
                 **dict.fromkeys(DATA_SOURCE_KEYS, "compared by the data's provenance; mixtures re-weight"),
                 **dict.fromkeys(DATA_NOTED_KEYS, "allowed, said: what a sequence trains on changes"),
@@ -106,19 +117,23 @@ def resume_changes(saved: dict[str, Any] | None, cfg: Config, checkpoint: str) -
 
     def changed(keys):
         return [f"{key} {_get(saved, key)!r} -> {_get(now, key)!r}" for key in keys
-                if _get(saved, key) != _get(now, key)]
+                if _get(saved, key) != _get(now, key) and not (key in ADDED_KEYS and _get(saved, key) is None)]
 
     if shape := changed(SHAPE_KEYS):
         raise ConfigError(f"checkpoint {checkpoint} holds a model of another shape ({'; '.join(shape)}): these "
                           "settings cannot change on resume. Use the checkpoint's values, or start a new run from "
                           "its weights where they fit (hylo export, then model.init_from)")
+    if objective := changed(OBJECTIVE_KEYS):
+        raise ConfigError(f"checkpoint {checkpoint} was trained with another objective ({'; '.join(objective)}): its "
+                          "optimizer state belongs to other parameters. Resume with the checkpoint's values, or "
+                          f"start the next stage as a new run from its weights (model.init_from={checkpoint})")
     order = changed(DATA_ORDER_KEYS)
     if order and not cfg.data.allow_source_change:
         raise ConfigError(f"checkpoint {checkpoint} saved its data position in the order these settings define, and "
                           f"they changed ({'; '.join(order)}): the first resumed step would read other documents. "
                           "Resume with the checkpoint's values, or data.allow_source_change=true to continue from the "
                           "same position in the new order")
-    return changed(OPTIMISER_KEYS) + order + changed(DATA_NOTED_KEYS), changed(COMPUTE_KEYS)
+    return changed(OPTIMISER_KEYS) + changed(LOSS_KEYS) + order + changed(DATA_NOTED_KEYS), changed(COMPUTE_KEYS)
 
 
 def apply_optimiser_settings(optimizer: torch.optim.Optimizer, scheduler, cfg: Config) -> None:

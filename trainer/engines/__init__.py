@@ -15,7 +15,7 @@ from hylo.trainer.engines.torch_engine import TorchEngine, use_bf16
 if TYPE_CHECKING:
     from hylo.trainer.config import Config
 
-__all__ = ["ENGINES", "Engine", "StepResult", "build_engine", "engine_problem"]
+__all__ = ["ENGINES", "Engine", "StepResult", "build_engine", "engine_problem", "use_bf16"]
 
 ENGINES: dict[str, type[Engine]] = {"torch": TorchEngine, "deepspeed": DeepSpeedEngine}
 

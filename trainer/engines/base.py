@@ -42,9 +42,16 @@ class MicroBatch:
     positions: torch.Tensor | None  # None: 0..T-1 of each row
     cu_seqlens: torch.Tensor | None  # packed documents (data.document_masking)
 
-    def loss(self, model: nn.Module, loss_chunk: int) -> torch.Tensor:
+    def loss(self, model: nn.Module, loss_chunk: int, objective: Objective | None = None) -> torch.Tensor:
+        """The next-token loss, or `objective`'s (train.objective: trainer/distillation/objectives.py)."""
+        if objective is not None:
+            return objective(model, self)
         return model(self.inputs, self.positions, targets=self.targets, loss_chunk=loss_chunk,
                      cu_seqlens=self.cu_seqlens)
+
+
+# train.objective other than lm: (model, micro-batch) -> the micro-batch's loss, called inside the engine's step
+Objective = Callable[[nn.Module, "MicroBatch"], torch.Tensor]
 
 
 def micro_batches(batch: torch.Tensor, positions: torch.Tensor | None,
@@ -82,7 +89,7 @@ class Engine:
 
     def train_step(self, batch: torch.Tensor, positions: torch.Tensor | None, *, skip_nonfinite: bool = False,
                    on_gradients: Callable[[nn.Module], None] | None = None,
-                   documents: DocumentMasking | None = None) -> StepResult:
+                   documents: DocumentMasking | None = None, objective: Objective | None = None) -> StepResult:
         raise NotImplementedError
 
     def autocast(self):

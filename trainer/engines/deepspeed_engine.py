@@ -20,7 +20,7 @@ from torch import nn
 
 from hylo.trainer.checkpointing.deepspeed import DeepSpeedCheckpointer, load_deepspeed, require_deepspeed
 from hylo.trainer.data.documents import DocumentMasking
-from hylo.trainer.engines.base import Engine, StepResult, micro_batches, saved_for_backward
+from hylo.trainer.engines.base import Engine, Objective, StepResult, micro_batches, saved_for_backward
 from hylo.trainer.engines.optim import build_optimizer
 
 if TYPE_CHECKING:
@@ -93,14 +93,14 @@ class DeepSpeedEngine(Engine):
 
     def train_step(self, batch: torch.Tensor, positions: torch.Tensor | None, *, skip_nonfinite: bool = False,
                    on_gradients: Callable[[nn.Module], None] | None = None,
-                   documents: DocumentMasking | None = None) -> StepResult:
+                   documents: DocumentMasking | None = None, objective: Objective | None = None) -> StepResult:
         """DeepSpeed scales each micro-batch's loss by 1/accum, reduces the gradients and, at the last micro-batch,
         clips and steps the optimizer (and zeroes the gradients)."""
         accum = batch.shape[0]
         step_loss = torch.zeros((), device=batch.device)
         for _, micro in micro_batches(batch, positions, documents):
             with saved_for_backward(self.offload, batch.device):
-                loss = micro.loss(self.engine, self.loss_chunk)
+                loss = micro.loss(self.engine, self.loss_chunk, objective)
             self.engine.backward(loss)
             self.engine.step()
             step_loss += loss.detach() / accum

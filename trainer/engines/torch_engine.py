@@ -14,7 +14,7 @@ from torch import nn
 from hylo.parallel.data_parallel import apply_data_parallel, gradient_sync
 from hylo.trainer.checkpointing.dcp import DCPCheckpointer, load_dcp
 from hylo.trainer.data.documents import DocumentMasking
-from hylo.trainer.engines.base import Engine, StepResult, micro_batches, saved_for_backward
+from hylo.trainer.engines.base import Engine, Objective, StepResult, micro_batches, saved_for_backward
 from hylo.trainer.engines.optim import build_optimizer
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class TorchEngine(Engine):
 
     def train_step(self, batch: torch.Tensor, positions: torch.Tensor | None, *, skip_nonfinite: bool = False,
                    on_gradients: Callable[[nn.Module], None] | None = None,
-                   documents: DocumentMasking | None = None) -> StepResult:
+                   documents: DocumentMasking | None = None, objective: Objective | None = None) -> StepResult:
         """Forward and backward over the micro-batches (gradients accumulate, synchronised at the last one),
         clip, then step — or, with `skip_nonfinite`, leave the weights alone when the norm is not finite (the one
         host synchronisation of a step, and only with train.nan_policy=skip)."""
@@ -54,7 +54,7 @@ class TorchEngine(Engine):
         for i, micro in micro_batches(batch, positions, documents):
             with gradient_sync(self.model, i == accum - 1):  # DDP's no_sync must cover the backward too
                 with self.autocast(), saved_for_backward(self.cfg.train.activation_offload, self.device):
-                    loss = micro.loss(self.model, self.cfg.train.loss_chunk) / accum
+                    loss = micro.loss(self.model, self.cfg.train.loss_chunk, objective) / accum
                 loss.backward()
             step_loss += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)

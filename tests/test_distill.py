@@ -1,0 +1,241 @@
+"""Distillation (train.objective=align|distill): the chunked KL against its full-logits oracle, identity students,
+alignment of every mixer type, the trainer end to end (logging, resume, refusals) and the multi-rank layouts."""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+
+from hylo.models.lm import HybridLM
+from hylo.models.loss import IGNORE_INDEX, distillation_loss, full_distillation_loss
+from hylo.trainer.checkpointing.transfer import transfer
+from hylo.trainer.config import ModelConfig, load_config
+from hylo.trainer.data.loader import inputs_and_targets
+from hylo.trainer.distillation.objectives import AlignObjective, DistillObjective
+from hylo.trainer.distillation.teacher import Teacher
+from hylo.trainer.engines.base import MicroBatch
+from hylo.trainer.errors import ConfigError
+from tests.conftest import ROOT, free_port, run_module  # noqa: F401 - free_port is a fixture
+
+F64 = torch.float64
+VOCAB = 96
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------ the chunked KL
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_chunked_kl_equals_the_full_logits_kl_and_its_gradient(fresh_seed, temperature):
+    """fp64, 1e-10: values and gradients; widths differ between the models, some targets are not scored, and the
+    chunk does not divide the tokens."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    hidden = torch.randn(3, 17, 12, dtype=F64, generator=g).requires_grad_()
+    weight = (torch.randn(40, 12, dtype=F64, generator=g) * 0.5).requires_grad_()
+    teacher_hidden, teacher_weight = torch.randn(3, 17, 10, dtype=F64, generator=g), torch.randn(40, 10, dtype=F64)
+    targets = torch.randint(0, 40, (3, 17), generator=g)
+    targets[0, :5] = IGNORE_INDEX
+    kl, ce = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, targets, temperature, chunk=7)
+    full_kl, full_ce = full_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, targets, temperature)
+    assert rel(kl, full_kl) < 1e-10 and rel(ce, full_ce) < 1e-10
+    assert kl.item() > 0
+    for a, b in ((0.7, 0.3), (1.0, 0.0), (0.0, 1.0)):  # each term's gradient alone and together
+        ours = torch.autograd.grad(a * kl + b * ce, (hidden, weight), retain_graph=True)
+        theirs = torch.autograd.grad(a * full_kl + b * full_ce, (hidden, weight), retain_graph=True)
+        for x, y in zip(ours, theirs, strict=True):
+            assert rel(x, y) < 1e-10
+
+
+def test_chunked_kl_refuses_another_vocabulary():
+    with pytest.raises(ValueError, match="vocabulary"):
+        distillation_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 8), torch.randn(12, 8),
+                          torch.zeros(4, dtype=torch.long))
+
+
+class PeakTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The peak of the bytes held by tensors that ops create inside the context (freed ones subtracted as their
+    storages die): the allocator's view of a computation, measured on the meta device without allocating."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self.seen:
+                    self.seen.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._release, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def test_chunked_kl_peak_memory_is_at_most_half_the_full_versions():
+    """At T = 16K tokens and a 32K vocabulary, forward and backward, in float32 with train.loss_chunk's default
+    4096: the chunked KL's tensors peak at <= 0.5x the full-logits version's (measured on the meta device)."""
+    tokens, vocab, width = 16384, 32768, 64
+
+    def peak(fn) -> int:
+        hidden = torch.randn(tokens, width, device="meta", requires_grad=True)
+        weight = torch.randn(vocab, width, device="meta", requires_grad=True)
+        teacher_hidden, teacher_weight = torch.randn(tokens, width, device="meta"), torch.randn(vocab, width,
+                                                                                               device="meta")
+        targets = torch.zeros(tokens, dtype=torch.long, device="meta")
+        with PeakTensorBytes() as mode:
+            kl, ce = fn(hidden, weight, teacher_hidden, teacher_weight, targets)
+            (kl + 0.5 * ce).backward()
+        return mode.peak
+
+    chunked = peak(lambda *a: distillation_loss(*a, temperature=2.0, chunk=4096))
+    full = peak(lambda *a: full_distillation_loss(*a, temperature=2.0))
+    logits = tokens * vocab * 4
+    assert full >= 2 * logits  # the reference really holds both models' logits
+    assert chunked <= 0.5 * full, (chunked / 2**30, full / 2**30)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def tiny_cfg(pattern: list[str], **changes) -> ModelConfig:
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=2, pattern=pattern, window=8)
+    cfg.rat.chunk_size = 4
+    cfg.attn.sink = False
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def build_pair(seed: int, student_pattern=("rat", "based", "tnl", "swa"), teacher_pattern=("full",),
+               std: float = 0.02) -> tuple[Teacher, HybridLM]:
+    """A float64 teacher (dense unless told) and a student of `student_pattern` started from it."""
+    torch.manual_seed(seed)
+    teacher_model = HybridLM(tiny_cfg(list(teacher_pattern), init_std=std)).to(F64)
+    teacher_model.requires_grad_(False)
+    student = HybridLM(tiny_cfg(list(student_pattern), init_std=std)).to(F64)
+    transfer(teacher_model, student, "the teacher")
+    identity = {"path": "memory", "fingerprint": "0", "vocab_size": VOCAB, "d_model": 32, "layers": []}
+    return Teacher(teacher_model, ROOT, identity), student
+
+
+def make_objective(kind: str, teacher: Teacher, student: HybridLM, layers: list[int] | None = None,
+                   temperature: float = 2.0, lm_weight: float = 0.3):
+    if kind == "distill":
+        return DistillObjective(teacher, temperature, lm_weight, loss_chunk=16)
+    layers = list(range(len(student.blocks))) if layers is None else layers
+    student.requires_grad_(False)
+    for i in layers:
+        student.blocks[i].mixer.requires_grad_(True)
+    return AlignObjective(teacher, layers)
+
+
+def micro_batch(seed: int, rows: int = 2, seq_len: int = 32) -> MicroBatch:
+    g = torch.Generator().manual_seed(seed)
+    return MicroBatch(*inputs_and_targets(torch.randint(0, VOCAB, (rows, seq_len + 1), generator=g)), None, None)
+
+
+@pytest.mark.parametrize("pattern", [("full",), ("full", "swa"), ("rat", "based", "tnl", "full")],
+                         ids=["dense", "dense-window", "hybrid"])
+def test_a_student_identical_to_its_teacher_has_zero_kl_align_loss_and_gradients(fresh_seed, pattern):
+    """fp64, 1e-10: same pattern, weights taken from the teacher (transfer copies every block whole)."""
+    teacher, student = build_pair(fresh_seed, pattern, pattern)
+    micro = micro_batch(fresh_seed)
+    distill = make_objective("distill", teacher, student, lm_weight=0.0)
+    loss = distill(student, micro)
+    loss.backward()
+    terms = distill.scalars()
+    assert abs(terms["distill/kl"].item()) < 1e-10 and abs(loss.item()) < 1e-10
+    assert terms["distill/lm"].item() > 1.0  # the student's own cross-entropy is a real number, not zero
+    for name, p in student.named_parameters():
+        assert p.grad is not None and p.grad.abs().max().item() < 1e-10, name
+    align = make_objective("align", teacher, student)
+    loss = align(student, micro)
+    terms = align.scalars()
+    assert sorted(terms) == [f"distill/align/{i}" for i in range(4)]
+    assert all(abs(v.item()) < 1e-10 for v in terms.values()) and abs(loss.item()) < 1e-10
+
+
+def test_align_trains_only_the_aligned_mixers_on_the_teachers_hidden_states(fresh_seed):
+    teacher, student = build_pair(fresh_seed, ("full", "rat", "full", "tnl"))
+    align = make_objective("align", teacher, student, layers=[1, 3])
+    loss = align(student, micro_batch(fresh_seed))
+    loss.backward()
+    trained = {n for n, p in student.named_parameters() if p.grad is not None}
+    assert trained and all(n.startswith(("blocks.1.mixer.", "blocks.3.mixer.")) for n in trained)
+    terms = align.scalars()
+    assert sorted(terms) == ["distill/align/1", "distill/align/3"]
+    assert loss.item() == pytest.approx((terms["distill/align/1"] + terms["distill/align/3"]).item() / 2, rel=1e-12)
+    # the target really is the teacher's own layer: block 3's input is the teacher's residual stream at block 3
+    seen = {}
+    teacher.model.blocks[3].register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    teacher.model(micro_batch(fresh_seed).inputs)
+    mine = student(micro_batch(fresh_seed).inputs, mixer_inputs={3: seen["x"]})[3]
+    expected = teacher.model.blocks[3].mixer(teacher.model.blocks[3].mixer_norm(seen["x"]),
+                                             torch.arange(32))
+    assert terms["distill/align/3"].item() == pytest.approx(((mine - expected) ** 2).mean().item(), rel=1e-9)
+
+
+TEACHER_RUN = ["train.steps=200", "logging.interval=50", "logging.progress=false", "train.batch_size=8",
+               "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "train.seq_len=64",
+               "checkpoint.interval=200", "model.pattern=[full]", "model.attn.sink=false", "eval.interval=0",
+               "train.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A dense 2-layer teacher trained by hylo for 200 steps on the bundled corpus (~10 s): its run dir."""
+    from hylo.trainer.train import train
+
+    run_dir = tmp_path_factory.mktemp("teacher")
+    train(load_config(None, [f"run.dir={run_dir}", *TEACHER_RUN]))
+    return run_dir
+
+
+def corpus_batches(n: int, seq_len: int = 64, rows: int = 8) -> list[torch.Tensor]:
+    from hylo.trainer.data.loader import DataLoader
+    from hylo.trainer.data.tokenizer import load_tokenizer
+
+    cfg = load_config(None, [f"train.seq_len={seq_len}"])
+    loader = DataLoader(cfg.data, load_tokenizer(cfg.data.tokenizer), seq_len=seq_len, global_batch=rows,
+                        micro_batch=rows, rank=0, world=1, seed=0)
+    try:
+        return [next(loader)[0] for _ in range(n)]
+    finally:
+        loader.close()
+
+
+@pytest.mark.parametrize("kind", ["rat", "based", "tnl", "swa"])
+def test_align_loss_falls_tenfold_for_every_mixer_type(tiny_teacher, kind):
+    """A tiny trained teacher; block 0 becomes `kind` with a fresh mixer (the rest from the teacher) and is aligned
+    on the bundled corpus: its loss (the mean of the last 5 steps) ends at most a tenth of its first step's."""
+    from hylo.trainer.checkpointing.transfer import load_source_model
+
+    teacher_model, teacher_cfg = load_source_model(tiny_teacher, "teacher")
+    teacher_model.requires_grad_(False)
+    cfg = ModelConfig(**{**teacher_cfg.__dict__, "pattern": [kind, "full"], "window": 16})
+    cfg.rat.chunk_size = 8
+    torch.manual_seed(0)
+    student = HybridLM(cfg)
+    fresh = {k: v.clone() for k, v in student.blocks[0].mixer.state_dict().items()}
+    transfer(teacher_model, student, "the teacher")
+    student.blocks[0].mixer.load_state_dict(fresh)
+    align = make_objective("align", Teacher(teacher_model, tiny_teacher, {}), student, layers=[0])
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    losses = []
+    for batch in corpus_batches(40) * 5:
+        loss = align(student, MicroBatch(*inputs_and_targets(batch), None, None))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 <= losses[0] / 10, (kind, losses[0], losses[-5:])

@@ -1,0 +1,177 @@
+"""The teacher of train.objective=align|distill: read from a Hugging Face Llama-family folder, a hylo export or a
+hylo checkpoint (checkpointing/transfer.py's `load_source_model`), checked against the student before any step,
+frozen, and laid out as the student is: its dtype (bf16 weights where the student computes in bf16), the same
+context parallelism (its attention layers on ring/Ulysses), its blocks sharded with FSDP2 where the student's
+parameters are sharded (FSDP2 or ZeRO-3; no gradients, no optimizer state).  Its embedding, final norm and head
+stay whole on every rank: the chunked KL reads the head outside the teacher's forward.
+
+Its identity — a fingerprint of its files (names, sizes and sampled contents; the whole of every small file) — is
+recorded in every checkpoint; a resume with another teacher is refused by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hylo.trainer.errors import ConfigError
+
+SAMPLE = 1 << 16  # bytes hashed per sampled block
+SAMPLES = 16  # blocks sampled per file (files up to SAMPLE * SAMPLES bytes are hashed whole)
+
+
+def resolve_teacher(path: str | Path) -> Path:
+    """The teacher's files: a run dir or checkpoints/ folder resolves to its newest complete step folder (so a
+    teacher run that goes on training does not change the teacher of a distillation already under way)."""
+    from hylo.trainer.checkpointing.hf_import import is_hf_folder
+    from hylo.trainer.checkpointing.step_folder import find_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"distill.teacher='{path}' does not exist; give a Hugging Face model folder, a hylo "
+                          "export (.safetensors or export --format hf folder) or a hylo checkpoint")
+    if path.is_file() or is_hf_folder(path):
+        return path
+    return find_checkpoint(path, "train (distill.teacher)")
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over the teacher's files: relative name, size, and SAMPLES evenly spaced blocks of SAMPLE bytes."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{size}\0".encode())
+        with file.open("rb") as f:
+            if size <= SAMPLE * SAMPLES:
+                digest.update(f.read())
+                continue
+            for i in range(SAMPLES):
+                f.seek((size - SAMPLE) * i // (SAMPLES - 1))
+                digest.update(f.read(SAMPLE))
+    return digest.hexdigest()[:32]
+
+
+@dataclass
+class Teacher:
+    model: nn.Module  # a HybridLM, frozen
+    path: Path  # its files (a run dir resolved to its step folder)
+    identity: dict[str, Any]  # recorded in every checkpoint
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.head.weight if self.model.head is not None else self.model.embed.weight
+
+
+def load_teacher(path: str) -> Teacher:
+    """The teacher on the CPU in float32, frozen, with its identity."""
+    from hylo.models.lm import layer_types
+    from hylo.trainer.checkpointing.transfer import load_source_model
+
+    files = resolve_teacher(path)
+    model, model_cfg = load_source_model(files, "distill.teacher")
+    model.requires_grad_(False)
+    model.eval()
+    identity = {"path": str(files.resolve()), "fingerprint": fingerprint(files),
+                "vocab_size": model_cfg.vocab_size, "d_model": model_cfg.d_model,
+                "layers": layer_types(model_cfg)}
+    return Teacher(model, files, identity)
+
+
+def align_layers(cfg, teacher: Teacher) -> list[int]:
+    """distill.align_layers, or every block whose layer type differs from the teacher's at that depth."""
+    from hylo.models.lm import layer_types
+
+    if cfg.distill.align_layers:
+        return sorted(set(cfg.distill.align_layers))
+    ours, theirs = layer_types(cfg.model), layer_types(teacher.cfg)
+    layers = [i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b]
+    if not layers:
+        raise ConfigError(f"train.objective=align: every block has the teacher's layer type ({ours}), so no mixer "
+                          "is new; list the blocks to align in distill.align_layers, or use train.objective=distill")
+    return layers
+
+
+def check_student(cfg, teacher: Teacher) -> None:
+    """Refuse, in one line and before any step, a teacher the objective cannot compare with this student."""
+    from hylo.models.lm import layer_types
+
+    m, t = cfg.model, teacher.cfg
+    where = f"distill.teacher={cfg.distill.teacher}"
+    if m.vocab_size != t.vocab_size:
+        raise ConfigError(f"{where} predicts over {t.vocab_size} tokens, this student over {m.vocab_size}: the KL "
+                          "compares distributions over one vocabulary. Train on the teacher's tokenizer "
+                          f"(data.tokenizer=<its tokenizer.json>) with model.vocab_size={t.vocab_size}")
+    if cfg.train.objective == "align" and (m.d_model != t.d_model or m.n_layers != t.n_layers):
+        raise ConfigError(f"{where} has {t.n_layers} layers of width {t.d_model}, this student {m.n_layers} of "
+                          f"{m.d_model}: align trains each student layer on the teacher's layer at its depth, so "
+                          "both need the same depth and width (drop model.d_model/n_layers to take the teacher's)")
+    if cfg.train.objective == "align":
+        theirs = layer_types(t)
+        off = [i for i in align_layers(cfg, teacher) if theirs[i] not in ("full", "swa")]
+        if off:
+            raise ConfigError(f"train.objective=align: the teacher's block(s) {off} are {[theirs[i] for i in off]}, "
+                              "not softmax attention; align trains new mixers on a teacher's attention layers")
+
+
+def check_same_teacher(saved: dict[str, Any] | None, teacher: Teacher, checkpoint: Path) -> str | None:
+    """On resume: refuse another teacher than the checkpoint's by name; a moved one (same files) gets a note."""
+    if not saved:
+        return None
+    if saved.get("fingerprint") != teacher.identity["fingerprint"]:
+        raise ConfigError(f"checkpoint {checkpoint} was distilled from the teacher {saved.get('path')} (fingerprint "
+                          f"{saved.get('fingerprint')}); distill.teacher={teacher.path} has other files (fingerprint "
+                          f"{teacher.identity['fingerprint']}). Resume with the checkpoint's teacher, or start a new "
+                          f"run from its weights (model.init_from={checkpoint})")
+    if saved.get("path") != teacher.identity["path"]:
+        return f"[hylo] the teacher moved: {saved.get('path')} -> {teacher.identity['path']} (the same files)"
+    return None
+
+
+def prepare_teacher(teacher: Teacher, device: torch.device, dtype: torch.dtype, cp_context=None,
+                    shard: bool = False) -> None:
+    """Lay the teacher out as the student is (module docstring); in place."""
+    from torch.distributed.fsdp import fully_shard
+
+    from hylo.parallel.strategies import apply_context_parallel
+
+    model = teacher.model
+    model.to(device=device, dtype=dtype)
+    if cp_context is not None:
+        apply_context_parallel(model, cp_context)
+    if shard:  # each block its own root: said explicitly, a root reshards after forward too (no backward follows)
+        for block in model.blocks:
+            fully_shard(block, reshard_after_forward=True)
+
+
+def teacher_model_config(path: str):
+    """The teacher's model config without reading its weights (for hylo plan)."""
+    import json
+
+    from hylo.trainer.checkpointing.export import run_config_for
+    from hylo.trainer.checkpointing.hf_import import HYLO, apply_shape, read_hf_config
+    from hylo.trainer.checkpointing.transfer import exported_model_config
+    from hylo.trainer.config import ModelConfig, load_config
+
+    files = resolve_teacher(path)
+    if files.is_file():
+        record = exported_model_config(files)
+        if record is None:
+            raise ConfigError(f"distill.teacher='{path}' is not a hylo export (no model config in it)")
+        return load_config(base={"model": record}).model
+    if (files / "config.json").is_file():
+        config = read_hf_config(files)
+        cfg = ModelConfig()
+        if config.get("architectures", [None])[0] != HYLO:
+            cfg.pattern, cfg.attn.sink = ["full"], False
+        apply_shape(cfg, json.loads((files / "config.json").read_text()), given=set())
+        return cfg
+    return run_config_for(files, "plan").model
