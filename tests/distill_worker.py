@@ -1,6 +1,6 @@
 """Run under torchrun (2 ranks, gloo): both distillation objectives laid out across ranks against one rank.
 
-  torchrun --nproc_per_node=2 tests/distill_worker.py SEED
+  torchrun --nproc_per_node=2 -m tests.distill_worker SEED
 
 Every rank builds the same float64 teacher (dense) and student (one layer of every other type, started from the
 teacher) and computes the one-rank reference on the whole batch.  Then, per case — cp=2 ring, cp=2 Ulysses (the

@@ -18,7 +18,7 @@ from hylo.trainer.distillation.objectives import AlignObjective, DistillObjectiv
 from hylo.trainer.distillation.teacher import Teacher
 from hylo.trainer.engines.base import MicroBatch
 from hylo.trainer.errors import ConfigError
-from tests.conftest import ROOT, free_port, run_module  # noqa: F401 - free_port is a fixture
+from tests.conftest import ROOT, run_module
 
 F64 = torch.float64
 VOCAB = 96
@@ -239,3 +239,195 @@ def test_align_loss_falls_tenfold_for_every_mixer_type(tiny_teacher, kind):
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 <= losses[0] / 10, (kind, losses[0], losses[-5:])
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+STUDENT = ["train.steps=6", "logging.interval=1", "logging.progress=false", "train.batch_size=4", "train.seq_len=64",
+           "checkpoint.interval=2", "eval.interval=0", "model.pattern=[rat,full]", "model.rat.chunk_size=8",
+           "model.attn.sink=false", "train.lr=1e-3"]
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_align_then_distill_end_to_end(tiny_teacher, tmp_path, capsys):
+    """Stage 1 aligns block 0's new RAT mixer (nothing else moves), stage 2 distills the whole student from it; each
+    logs its terms (metrics file and TensorBoard), and the loss is what the terms say."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hylo.trainer.checkpointing.export import load_trained_model
+    from hylo.trainer.train import train
+
+    align_dir, distill_dir = tmp_path / "align", tmp_path / "distill"
+    train(load_config(None, [f"run.dir={align_dir}", *STUDENT, "train.objective=align",
+                             f"distill.teacher={tiny_teacher}", f"model.init_from={tiny_teacher}"]))
+    out = capsys.readouterr().out
+    assert "train.objective=align: align blocks [0]" in out and "1 block(s) copied whole, 1 replaced (0: full -> rat)" \
+        in out
+    rows = metrics(align_dir)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for row in rows:
+        assert row["train/loss"] == pytest.approx(row["distill/align/0"], rel=1e-6)
+    assert all(row["distill/align/0"] > 0 for row in rows)
+    teacher, _ = load_trained_model(tiny_teacher)
+    aligned, _ = load_trained_model(align_dir)
+    theirs = teacher.state_dict()
+    for name, tensor in aligned.state_dict().items():  # only block 0's mixer trained
+        if name.startswith("blocks.0.mixer."):
+            continue
+        assert torch.equal(tensor, theirs[name]), name
+
+    train(load_config(None, [f"run.dir={distill_dir}", *STUDENT, "train.objective=distill",
+                             f"distill.teacher={tiny_teacher}", f"model.init_from={align_dir}",
+                             "distill.temperature=2", "distill.lm_weight=0.5"]))
+    rows = metrics(distill_dir)
+    for row in rows:
+        assert row["train/loss"] == pytest.approx(4 * row["distill/kl"] + 0.5 * row["distill/lm"], rel=1e-5)
+    events = EventAccumulator(str(distill_dir / "tb"))
+    events.Reload()
+    for tag in ("distill/kl", "distill/lm", "train/loss"):
+        assert [e.step for e in events.Scalars(tag)] == list(range(1, 7)), tag
+
+
+def test_a_killed_distillation_resumes_bit_exactly(tiny_teacher, tmp_path):
+    """Killed (SIGKILL) at step 5 after the step-4 checkpoint and resumed: every logged term of every step equals
+    the uninterrupted run's, bit for bit; the checkpoint records the teacher."""
+    from hylo.trainer.checkpointing import read_trainer_state
+    from hylo.trainer.train import train
+
+    args = [*STUDENT, "train.objective=distill", f"distill.teacher={tiny_teacher}", f"model.init_from={tiny_teacher}",
+            "distill.lm_weight=0.5", "train.cpu_threads=1"]
+    train(load_config(None, [f"run.dir={tmp_path / 'straight'}", *args]))
+    killed = run_module(["-m", "tests.fault_run", f"run.dir={tmp_path / 'killed'}", *args],
+                        env={"HYLO_FAULT": "kill:5"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    train(load_config(None, [f"run.dir={tmp_path / 'killed'}", *args]))
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
+    keys = ("train/loss", "distill/kl", "distill/lm", "train/grad_norm")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in straight]
+    identity = read_trainer_state(tmp_path / "killed" / "checkpoints" / "step_6")["distill_teacher"]
+    assert identity["path"].endswith("step_200") and len(identity["fingerprint"]) == 32
+
+
+def test_resume_refuses_another_teacher_and_another_objective(tiny_teacher, tmp_path, capsys):
+    from hylo.trainer.checkpointing.export import load_trained_model, write_weights
+    from hylo.trainer.train import train
+
+    run_dir = tmp_path / "run"
+    args = [f"run.dir={run_dir}", *STUDENT, "train.objective=distill", f"model.init_from={tiny_teacher}"]
+    train(load_config(None, [*args, f"distill.teacher={tiny_teacher}", "train.steps=2"]))
+    model, cfg = load_trained_model(tiny_teacher)
+    same = write_weights(model, cfg.model, tmp_path / "same.safetensors", "fp32")
+    with torch.no_grad():
+        model.blocks[1].mlp.down.weight[0, 0] += 1e-3
+    other = write_weights(model, cfg.model, tmp_path / "other.safetensors", "fp32")
+    with pytest.raises(ConfigError, match=r"was distilled from the teacher .*step_200.*other weights"):
+        train(load_config(None, [*args, f"distill.teacher={other}", "train.steps=4"]))
+    with pytest.raises(ConfigError, match=r"another objective \(train.objective 'distill' -> 'align'"):
+        train(load_config(None, [*args, f"distill.teacher={tiny_teacher}", "train.objective=align",
+                                 "train.steps=4"]))
+    capsys.readouterr()
+    train(load_config(None, [*args, f"distill.teacher={same}", "train.steps=4"]))  # the same weights, moved
+    assert "the teacher's weights come from another place now" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("change, message", [
+    (["train.objective=distill", "model.vocab_size=9024"], "predicts over 4096 tokens, this student over 9024"),
+    (["train.objective=align", "model.d_model=32", "model.n_layers=2"], "both need the same depth and width"),
+    (["train.objective=align", "model.pattern=[full]", "model.d_model=64", "model.n_layers=2", "model.n_heads=4"],
+     "no mixer is new"),
+    (["train.objective=distill"], "does not exist"),
+], ids=["vocabulary", "width", "nothing-to-align", "missing"])
+def test_a_teacher_that_does_not_fit_is_refused_in_one_line_before_any_step(tiny_teacher, tmp_path, change, message):
+    teacher = tmp_path / "nowhere" if message == "does not exist" else tiny_teacher
+    run_dir = tmp_path / "run"
+    res = run_module(["-m", "hylo.trainer.train", f"run.dir={run_dir}", *STUDENT, f"distill.teacher={teacher}",
+                      *change])
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and message in errors[0], res.stderr[-2000:]
+    assert not run_dir.exists() and "step 1" not in res.stdout
+
+
+def test_the_memory_plan_counts_the_teacher(tiny_teacher):
+    from hylo.trainer.memory_plan import plan_memory
+
+    base = [*STUDENT, "model.vocab_size=8192", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+            "train.activation_checkpointing=none"]
+    plain = plan_memory(load_config(None, base), 1, 16.0, "cpu")
+    distill = plan_memory(load_config(None, [*base, "train.objective=distill", f"distill.teacher={tiny_teacher}"]),
+                          1, 16.0, "cpu")
+    lines = {name: b for name, b, _ in distill.lines}
+    n_params = sum(p.numel() for p in HybridLM(_teacher_cfg(tiny_teacher)).parameters())
+    assert lines["teacher weights"] == 4 * n_params  # fp32 on the CPU, whole
+    assert lines["teacher activations"] > 0 and distill.total > plain.total
+
+
+def _teacher_cfg(run_dir):
+    from hylo.trainer.checkpointing.export import load_trained_model
+
+    return load_trained_model(run_dir)[1].model
+
+
+def test_a_hugging_face_teacher_and_a_student_imported_from_it_agree(tmp_path):
+    """A Llama teacher straight from its HF folder; a dense student imported from the same folder (no sinks) has
+    KL 0 (fp64, 1e-10); a hybrid student imported from it does not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hylo.trainer.checkpointing.hf_import import apply_shape, import_into, read_hf_config
+    from hylo.trainer.distillation.teacher import load_teacher
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    teacher = load_teacher(str(tmp_path))
+    teacher.model.to(F64)
+    micro = micro_batch(1)
+    for pattern, expect_zero in ((["full"], True), (["tnl", "full"], False)):
+        cfg = load_config(None, [f"model.pattern={pattern}".replace("'", ""), "model.attn.sink=false"]).model
+        apply_shape(cfg, read_hf_config(tmp_path), given=set())
+        student = HybridLM(cfg)
+        import_into(student, tmp_path)
+        student.to(F64)
+        distill = make_objective("distill", teacher, student, lm_weight=0.0)
+        kl = distill(student, micro).item()
+        assert (abs(kl) < 1e-10) == expect_zero, (pattern, kl)
+
+
+# ------------------------------------------------------------------------------------------ several ranks
+def test_cp_and_fsdp2_layouts_give_the_one_rank_losses_and_gradients(fresh_seed, free_port):
+    """fp64 on 2 gloo ranks (tests/distill_worker.py): align and distill under cp=2 ring, cp=2 Ulysses (teacher and
+    student both context-parallel) and FSDP2 (both sharded) equal one rank's loss (1e-10) and gradient (1e-9)."""
+    res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "tests.distill_worker", str(fresh_seed % 10**6)])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    cases = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("CASE")]
+    assert cases == [f"{o}-{layout}" for o in ("align", "distill") for layout in ("ring", "ulysses", "fsdp2")]
+
+
+@pytest.mark.parametrize("objective, layout", [
+    ("distill", ["parallel.dp_shard=true"]),
+    ("align", ["parallel.cp=2", "parallel.cp_mode=ring"]),
+    pytest.param("distill", ["parallel.cp=2", "parallel.cp_mode=ulysses"], marks=pytest.mark.slow),
+    ("distill", ["train.engine=deepspeed", "deepspeed.zero_stage=3"]),
+], ids=["fsdp2-distill", "ring-align", "ulysses-distill", "zero3-distill"])
+def test_two_rank_runs_match_one_rank(tiny_teacher, tmp_path, free_port, objective, layout):
+    """The trainer end to end on 2 ranks (teacher laid out as the student) against 1 rank: the first step's loss
+    and terms (fp32: 1e-5)."""
+    args = [*STUDENT, "train.steps=2", f"train.objective={objective}", f"distill.teacher={tiny_teacher}",
+            f"model.init_from={tiny_teacher}", "distill.lm_weight=0.5"]
+    one = run_module(["-m", "hylo.trainer.train", f"run.dir={tmp_path / 'one'}", *args])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+                      f"--rdzv_endpoint=127.0.0.1:{free_port}", "-m", "hylo.trainer.train",
+                      f"run.dir={tmp_path / 'two'}", *args, *layout], env={"DS_ACCELERATOR": "cpu"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    if any("dp_shard" in x or "zero_stage=3" in x for x in layout):
+        assert "blocks sharded" in two.stdout
+    first_one, first_two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+    for key in [k for k in first_one if k.startswith(("distill/", "train/loss"))]:
+        assert first_two[key] == pytest.approx(first_one[key], rel=1e-5), key

@@ -15,6 +15,11 @@ Triton/SDPA kernels):
                                   and the bf16 logits alive at the peak), or one chunk's worth with train.loss_chunk
   context parallelism             ring: the neighbours' key/value blocks in flight; Ulysses: the all-to-all copies
                                   of one layer's q, k, v and output
+  teacher                         train.objective=align|distill: the frozen teacher's weights (bf16 where the run
+                                  is; its blocks sharded where the student's are, embedding and head whole), one of
+                                  its blocks' transients at a time (no_grad), what it hands the objective (its final
+                                  hidden states, or each aligned block's input and attention output) and its share
+                                  of a KL chunk's logits
   runtime                         the CUDA context and allocator fragmentation (a fixed 1 GiB + 5%)
 
 The activation model is checked against the bytes autograd really keeps (tests/test_memory.py, every layer type,
@@ -24,6 +29,7 @@ two lengths, within 15%); the GPU check compares the whole plan with torch.cuda.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import weakref
 from dataclasses import dataclass
@@ -249,6 +255,9 @@ def plan_memory(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda"
         lines.append(("context-parallel buffers", buffers, f"cp={p.cp} ({p.cp_mode}: ring {ring} x Ulysses {u}), "
                                                            "one layer at a time"))
 
+    if cfg.train.objective != "lm":
+        lines.extend(teacher_lines(cfg, dp, tokens, act, bf16, shard_w > 1))
+
     # Gradients on one rank without DDP, one micro-batch per step: set to None after every optimizer step, they are
     # made block by block in backward while the blocks' activations are freed, so the peak is the larger of
     # (activations + the first blocks' gradients) early in backward and (all gradients) at the optimizer step.
@@ -266,6 +275,42 @@ def plan_memory(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda"
                   "CUDA context + 5% allocator fragmentation" if device == "cuda" else
                   "the process (torch, Python, data) + 5% allocator slack"))
     return Plan(lines, gpu)
+
+
+@functools.lru_cache(maxsize=8)
+def _teacher_shape(path: str):
+    """(teacher model config, its parameters, its largest block's, its embedding + head's) without its weights."""
+    from hylo.trainer.distillation.teacher import teacher_model_config
+
+    teacher_cfg = teacher_model_config(path)
+    with torch.device("meta"):
+        model = HybridLM(teacher_cfg)
+    block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
+    whole = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("blocks."))
+    return teacher_cfg, model.num_params(), block, whole
+
+
+def teacher_lines(cfg: Config, dp: int, tokens: float, act: int, bf16: bool,
+                  sharded: bool) -> list[tuple[str, float, str]]:
+    """The frozen teacher's share of a rank's memory (module docstring)."""
+    t_cfg, n_params, block, whole = _teacher_shape(cfg.distill.teacher)
+    width = 2 if bf16 else 4
+    blocks = n_params - whole
+    lines = [("teacher weights", width * (whole + blocks / (dp if sharded else 1)),
+              f"{n_params / 1e6:.1f}M parameters in {'bf16' if bf16 else 'fp32'}, "
+              + (f"blocks sharded over {dp} ranks, embedding and head whole" if sharded else "whole on every rank"))]
+    if sharded:
+        lines.append(("teacher gathered block", width * block, "one block unsharded at a time (no_grad forward)"))
+    transient = tokens * (3 * ffn_width(t_cfg) + 4 * t_cfg.d_model) * act
+    if cfg.train.objective == "align":
+        kept = 2 * len(cfg.distill.align_layers or layer_types(cfg.model)) * tokens * t_cfg.d_model * act
+        handed = "each aligned block's input and attention output (every block, unless distill.align_layers)"
+    else:
+        chunk = min(cfg.train.loss_chunk or tokens, tokens)
+        kept = tokens * t_cfg.d_model * act + chunk * t_cfg.vocab_size * (act + 2 * 4)
+        handed = f"its final hidden states and one KL chunk's logits ({chunk:,.0f} tokens)"
+    lines.append(("teacher activations", transient + kept, f"one block's transients at a time; {handed}"))
+    return lines
 
 
 def _with(cfg: Config, **changes) -> Config:

@@ -42,7 +42,7 @@ OPTIMISER_KEYS = ("train.lr", "train.grad_clip", "optim.weight_decay", "optim.be
                   "schedule.warmup_steps", "schedule.decay", "schedule.min_lr_ratio", "train.steps")
 # Keys of what trains: the objective and, aligning, which blocks' mixers (the optimizer state holds theirs alone).
 OBJECTIVE_KEYS = ("train.objective", "distill.align_layers")
-# The teacher is compared by its identity (trainer/distillation/teacher.py: a fingerprint of its files), not its path.
+# The teacher is compared by its identity (trainer/distillation/teacher.py: a fingerprint of its weights), not its path.
 TEACHER_KEYS = ("distill.teacher",)
 # How the distillation loss weighs its terms: applied from the first resumed step, said.
 LOSS_KEYS = ("distill.temperature", "distill.lm_weight")
@@ -75,7 +75,7 @@ RESUME_RULES = {**dict.fromkeys(SHAPE_KEYS, "refused: the weights have other sha
                 **dict.fromkeys(NEUTRAL_MODEL_KEYS, "free: how weights start, or kernels and memory"),
                 **dict.fromkeys(OPTIMISER_KEYS, "applied from the first resumed step, said"),
                 **dict.fromkeys(OBJECTIVE_KEYS, "refused: another objective trains other parameters"),
-                **dict.fromkeys(TEACHER_KEYS, "compared by the teacher's identity (its files' fingerprint)"),
+                **dict.fromkeys(TEACHER_KEYS, "compared by the teacher's identity (its weights' fingerprint)"),
                 **dict.fromkeys(LOSS_KEYS, "applied from the first resumed step, said"),
                 **dict.fromkeys(DATA_ORDER_KEYS, "refused unless data.allow_source_change=true, then said"),
                 **dict.fromkeys(DATA_SOURCE_KEYS, "compared by the data's provenance; mixtures re-weight"),

@@ -27,6 +27,11 @@ from hylo.trainer.distillation.teacher import Teacher
 from hylo.trainer.engines.base import MicroBatch
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 activations), float64 kept (the oracle tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class TeacherObjective:
     def __init__(self, teacher: Teacher):
         self.teacher = teacher
@@ -35,7 +40,7 @@ class TeacherObjective:
 
     def _keep(self, terms: dict[str, torch.Tensor]) -> None:
         for name, value in terms.items():
-            value = value.detach().to(torch.promote_types(value.dtype, torch.float32))
+            value = upcast(value.detach())
             self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.calls += 1
 
@@ -65,7 +70,7 @@ class AlignObjective(TeacherObjective):
         targets = {i: self.captured[i][1] for i in self.layers}
         self.captured.clear()
         outputs = model(micro.inputs, micro.positions, cu_seqlens=micro.cu_seqlens, mixer_inputs=streams)
-        losses = {i: F.mse_loss(outputs[i].float(), targets[i].float()) for i in self.layers}
+        losses = {i: F.mse_loss(upcast(outputs[i]), upcast(targets[i])) for i in self.layers}
         self._keep({f"distill/align/{i}": loss for i, loss in losses.items()})
         return torch.stack(list(losses.values())).mean()
 

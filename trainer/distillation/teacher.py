@@ -5,8 +5,8 @@ context parallelism (its attention layers on ring/Ulysses), its blocks sharded w
 parameters are sharded (FSDP2 or ZeRO-3; no gradients, no optimizer state).  Its embedding, final norm and head
 stay whole on every rank: the chunked KL reads the head outside the teacher's forward.
 
-Its identity — a fingerprint of its files (names, sizes and sampled contents; the whole of every small file) — is
-recorded in every checkpoint; a resume with another teacher is refused by name.
+Its identity — a fingerprint of its weights as loaded, whatever the format they came in — is recorded in every
+checkpoint; a resume with another teacher is refused by name (the same weights moved or re-exported: a note).
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import torch
 from torch import nn
 
 from hylo.trainer.errors import ConfigError
-
-SAMPLE = 1 << 16  # bytes hashed per sampled block
-SAMPLES = 16  # blocks sampled per file (files up to SAMPLE * SAMPLES bytes are hashed whole)
 
 
 def resolve_teacher(path: str | Path) -> Path:
@@ -40,20 +37,15 @@ def resolve_teacher(path: str | Path) -> Path:
     return find_checkpoint(path, "train (distill.teacher)")
 
 
-def fingerprint(path: Path) -> str:
-    """sha256 over the teacher's files: relative name, size, and SAMPLES evenly spaced blocks of SAMPLE bytes."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{size}\0".encode())
-        with file.open("rb") as f:
-            if size <= SAMPLE * SAMPLES:
-                digest.update(f.read())
-                continue
-            for i in range(SAMPLES):
-                f.seek((size - SAMPLE) * i // (SAMPLES - 1))
-                digest.update(f.read(SAMPLE))
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of the teacher as loaded: every tensor's name, dtype, shape and bytes (float32 on the CPU), and its
+    layer types — the same weights in any format (checkpoint, export, HF folder) are the same teacher."""
+    from hylo.models.lm import layer_types
+
+    digest = hashlib.sha256(" ".join(layer_types(model.cfg)).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy())
     return digest.hexdigest()[:32]
 
 
@@ -80,7 +72,7 @@ def load_teacher(path: str) -> Teacher:
     model, model_cfg = load_source_model(files, "distill.teacher")
     model.requires_grad_(False)
     model.eval()
-    identity = {"path": str(files.resolve()), "fingerprint": fingerprint(files),
+    identity = {"path": str(files.resolve()), "fingerprint": fingerprint(model),
                 "vocab_size": model_cfg.vocab_size, "d_model": model_cfg.d_model,
                 "layers": layer_types(model_cfg)}
     return Teacher(model, files, identity)
@@ -128,11 +120,12 @@ def check_same_teacher(saved: dict[str, Any] | None, teacher: Teacher, checkpoin
         return None
     if saved.get("fingerprint") != teacher.identity["fingerprint"]:
         raise ConfigError(f"checkpoint {checkpoint} was distilled from the teacher {saved.get('path')} (fingerprint "
-                          f"{saved.get('fingerprint')}); distill.teacher={teacher.path} has other files (fingerprint "
+                          f"{saved.get('fingerprint')}); distill.teacher={teacher.path} has other weights (fingerprint "
                           f"{teacher.identity['fingerprint']}). Resume with the checkpoint's teacher, or start a new "
                           f"run from its weights (model.init_from={checkpoint})")
     if saved.get("path") != teacher.identity["path"]:
-        return f"[hylo] the teacher moved: {saved.get('path')} -> {teacher.identity['path']} (the same files)"
+        return (f"[hylo] the teacher's weights come from another place now: {saved.get('path')} -> "
+                f"{teacher.identity['path']} (the same weights, fingerprint {teacher.identity['fingerprint']})")
     return None
 
 
