@@ -40,18 +40,13 @@ def exported_model_config(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def load_source_model(path: str | Path, what: str):
-    """(model, its model config) on the CPU in float32, from a Hugging Face Llama-family folder (its attention
-    layers become `full`, or `swa` under Mistral's window; no sinks, so it computes what the original does), a hylo
-    HF export, a hylo `.safetensors` export or a hylo checkpoint.  `what` names the setting in messages."""
-    from hylo.models.lm import HybridLM
-    from hylo.trainer.checkpointing.export import load_trained_model
-    from hylo.trainer.config import ModelConfig
+def source_model_config(path: Path):
+    """The model config of a Hugging Face Llama-family folder (its attention layers as `full`, or `swa` under
+    Mistral's window; no sinks, so hylo computes what the original does), a hylo HF export, a hylo `.safetensors`
+    export or a hylo step folder — without reading the weights."""
+    from hylo.trainer.checkpointing.export import run_config_for
+    from hylo.trainer.config import ModelConfig, load_config
 
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{what}='{path}' does not exist; give a Hugging Face model folder, a hylo export "
-                          "(.safetensors or export --format hf folder) or a hylo checkpoint (run dir or step folder)")
     if is_hf_folder(path):
         config = read_hf_config(path)
         cfg = ModelConfig()
@@ -61,6 +56,27 @@ def load_source_model(path: str | Path, what: str):
             if window and window < config.get("max_position_embeddings", window + 1):
                 cfg.pattern, cfg.window = ["swa"], window
         apply_shape(cfg, config, given=set())
+        return cfg
+    if path.is_file():
+        record = exported_model_config(path)
+        if record is None:
+            raise ConfigError(f"'{path}' is not a hylo export (no model config in it)")
+        return load_config(base={"model": record}).model
+    return run_config_for(path, "train").model
+
+
+def load_source_model(path: str | Path, what: str):
+    """(model, its model config) on the CPU in float32, from any source `source_model_config` reads (a run dir or
+    checkpoints/ folder: its newest checkpoint).  `what` names the setting in messages."""
+    from hylo.models.lm import HybridLM
+    from hylo.trainer.checkpointing.export import load_trained_model
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what}='{path}' does not exist; give a Hugging Face model folder, a hylo export "
+                          "(.safetensors or export --format hf folder) or a hylo checkpoint (run dir or step folder)")
+    if is_hf_folder(path):
+        cfg = source_model_config(path)
         model = HybridLM(cfg)
         import_into(model, path)
         return model, cfg

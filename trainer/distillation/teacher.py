@@ -147,24 +147,6 @@ def prepare_teacher(teacher: Teacher, device: torch.device, dtype: torch.dtype, 
 
 def teacher_model_config(path: str):
     """The teacher's model config without reading its weights (for hylo plan)."""
-    import json
+    from hylo.trainer.checkpointing.transfer import source_model_config
 
-    from hylo.trainer.checkpointing.export import run_config_for
-    from hylo.trainer.checkpointing.hf_import import HYLO, apply_shape, read_hf_config
-    from hylo.trainer.checkpointing.transfer import exported_model_config
-    from hylo.trainer.config import ModelConfig, load_config
-
-    files = resolve_teacher(path)
-    if files.is_file():
-        record = exported_model_config(files)
-        if record is None:
-            raise ConfigError(f"distill.teacher='{path}' is not a hylo export (no model config in it)")
-        return load_config(base={"model": record}).model
-    if (files / "config.json").is_file():
-        config = read_hf_config(files)
-        cfg = ModelConfig()
-        if config.get("architectures", [None])[0] != HYLO:
-            cfg.pattern, cfg.attn.sink = ["full"], False
-        apply_shape(cfg, json.loads((files / "config.json").read_text()), given=set())
-        return cfg
-    return run_config_for(files, "plan").model
+    return source_model_config(resolve_teacher(path))
