@@ -46,7 +46,10 @@ def hylo(*args: str) -> str:
     return res.stdout
 
 
-def train(run_dir: Path, steps: int, *overrides: str) -> float:
+def train(run_dir: Path, steps: int, *overrides: str, reuse: bool = False) -> float:
+    """Seconds to train `run_dir` (0 when `reuse` finds it already trained)."""
+    if reuse and (run_dir / "checkpoints" / f"step_{steps}").is_dir():
+        return 0.0
     start = time.perf_counter()
     hylo("train", f"run.dir={run_dir}", *SHAPE, f"train.steps={steps}", f"checkpoint.interval={steps}",
          f"logging.interval={max(1, steps // 10)}", *overrides)
@@ -76,6 +79,11 @@ def main() -> None:
     parser.add_argument("--align-share", type=float, default=0.3, help="of the budget, the align stage's part")
     parser.add_argument("--types", default="rat,based,tnl,swa")
     parser.add_argument("--eval-batches", type=int, default=16)
+    parser.add_argument("--align-lr", type=float, default=5e-3)
+    parser.add_argument("--distill-lr", type=float, default=1e-3)
+    parser.add_argument("--lm-weight", type=float, default=0.1, help="distill.lm_weight")
+    parser.add_argument("--reuse", action="store_true", help="keep the runs already in --work (the teacher's "
+                        "included) instead of training them again: to try another recipe on the same teacher")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="hylo-distill-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -84,7 +92,7 @@ def main() -> None:
     interval = max(1, args.teacher_steps // 8)
     seconds = {"teacher": train(teacher, args.teacher_steps, "model.pattern=[full]", "model.attn.sink=false",
                                 "train.lr=3e-3", f"eval.interval={interval}", f"eval.batches={args.eval_batches}",
-                                "eval.batch_size=8")}
+                                "eval.batch_size=8", reuse=args.reuse)}
     curve = [(r["step"], r["eval/loss"]) for r in map(json.loads, (teacher / "metrics.jsonl").read_text().splitlines())
              if "eval/loss" in r]
     results = {"teacher": scores(teacher, args.eval_batches)}
@@ -94,18 +102,20 @@ def main() -> None:
     for kind in args.types.split(","):
         pattern = f"model.pattern=[{kind},{kind},{kind},full]"
         student = [pattern, "model.attn.sink=false"]
-        align, distilled = work / f"{kind}-align", work / f"{kind}-distilled"
+        recipe = f"a{args.align_lr:g}-d{args.distill_lr:g}-w{args.lm_weight:g}-s{args.align_share:g}"
+        align, distilled = work / f"{kind}-align-{recipe}", work / f"{kind}-distilled-{recipe}"
         seconds[f"{kind} distilled"] = train(
             align, align_steps, *student, "train.objective=align", f"distill.teacher={teacher}",
-            f"model.init_from={teacher}", "train.lr=5e-3", "schedule.warmup_steps=5")
+            f"model.init_from={teacher}", f"train.lr={args.align_lr}", "schedule.warmup_steps=5", reuse=args.reuse)
         seconds[f"{kind} distilled"] += train(
             distilled, distill_steps, *student, "train.objective=distill", f"distill.teacher={teacher}",
-            f"model.init_from={align}", "distill.lm_weight=0.1", "train.lr=1e-3", "schedule.warmup_steps=5")
+            f"model.init_from={align}", f"distill.lm_weight={args.lm_weight}", f"train.lr={args.distill_lr}",
+            "schedule.warmup_steps=5", reuse=args.reuse)
         results[f"{kind} distilled"] = scores(distilled, args.eval_batches)
         for times in (1, 3):
             name = f"{kind} scratch {times}x"
             seconds[name] = train(work / f"{kind}-scratch-{times}x", times * steps, *student, "train.lr=3e-3",
-                                  f"schedule.warmup_steps={min(30, times * steps // 10)}")
+                                  f"schedule.warmup_steps={min(30, times * steps // 10)}", reuse=args.reuse)
             results[name] = scores(work / f"{kind}-scratch-{times}x", args.eval_batches)
         print(json.dumps({name: results[name] for name in results if name.startswith(kind)}), flush=True)
 
@@ -120,13 +130,14 @@ def main() -> None:
              f"on the bundled corpus; held-out loss along the way: "
              + ", ".join(f"{loss:.3f} @ {step}" for step, loss in curve) + ".  Hybrids: [X, X, X, full]; "
              f"distilled = align {align_steps} steps + distill {distill_steps} steps "
-             f"({steps * TOKENS_PER_STEP:,} tokens, {steps / args.teacher_steps:.0%} of the teacher's).  "
+             f"({steps * TOKENS_PER_STEP:,} tokens, {steps / args.teacher_steps:.0%} of the teacher's; align lr "
+             f"{args.align_lr:g}, distill lr {args.distill_lr:g}, distill.lm_weight {args.lm_weight:g}).  "
              f"Held-out perplexity on {args.eval_batches * 8} sequences of the validation split.", "",
              "| model | tokens | held-out ppl | vs teacher | MQAR acc | passkey acc | train time (s) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         lines.append(f"| {name} | {tokens[name]:,} | {r['ppl']:.2f} | {r['ppl'] / base:.3f}x | {r['mqar']:.3f} | "
-                     f"{r['passkey']:.3f} | {seconds[name]:.0f} |")
+                     f"{r['passkey']:.3f} | {f'{seconds[name]:.0f}' if seconds[name] else 'earlier run'} |")
     verdicts = []
     for kind in args.types.split(","):
         d, s1, s3 = (results[f"{kind} {what}"]["ppl"] for what in ("distilled", "scratch 1x", "scratch 3x"))

@@ -165,6 +165,19 @@ def test_a_student_identical_to_its_teacher_has_zero_kl_align_loss_and_gradients
     assert all(abs(v.item()) < 1e-10 for v in terms.values()) and abs(loss.item()) < 1e-10
 
 
+def test_packed_documents_reach_the_teacher_too(fresh_seed):
+    """With data.document_masking the teacher sees the same boundaries as the student: an identical student still
+    has KL 0 on packed documents (fp64), and the KL differs from the unmasked one (the boundaries matter)."""
+    teacher, student = build_pair(fresh_seed, ("rat", "based", "tnl", "full"), ("rat", "based", "tnl", "full"))
+    flat = micro_batch(fresh_seed, rows=1, seq_len=64)
+    packed = MicroBatch(flat.inputs, flat.targets, None, torch.tensor([0, 21, 40, 64], dtype=torch.int32))
+    distill = make_objective("distill", teacher, student, lm_weight=0.0)
+    assert abs(distill(student, packed).item()) < 1e-10
+    other, _ = build_pair(fresh_seed + 1, ("rat", "based", "tnl", "full"), ("rat", "based", "tnl", "full"))
+    distill = make_objective("distill", other, student, lm_weight=0.0)
+    assert abs(distill(student, packed).item() - distill(student, flat).item()) > 1e-6
+
+
 def test_align_trains_only_the_aligned_mixers_on_the_teachers_hidden_states(fresh_seed):
     teacher, student = build_pair(fresh_seed, ("full", "rat", "full", "tnl"))
     align = make_objective("align", teacher, student, layers=[1, 3])
