@@ -35,7 +35,14 @@ from hylo.trainer.checkpointing.resume import (
     resume_changes,
 )
 from hylo.trainer.checkpointing.step_folder import barrier, foreign_checkpoints, lineage_of
-from hylo.trainer.checkpointing.transfer import load_source_model, needs_transfer, take_shape, transfer
+from hylo.trainer.checkpointing.transfer import (
+    load_source_model,
+    needs_transfer,
+    resolve_source,
+    source_model_config,
+    take_shape,
+    transfer,
+)
 from hylo.trainer.config import Config, check_batch_layout, compile_choice, to_yaml
 from hylo.trainer.data.documents import document_masking
 from hylo.trainer.data.loader import DataLoader
@@ -99,14 +106,12 @@ class Trainer:
         self.teacher = load_teacher(cfg.distill.teacher) if cfg.train.objective != "lm" else None
         if self.teacher is not None and cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.teacher.cfg.vocab_size
-        # model.init_from: a hylo source is mapped block by block (its shape taken), an HF folder imported
-        self.init_source = None
+        # model.init_from: a hylo source is mapped block by block (its shape taken now, its weights read when the
+        # run starts from it rather than resumes), a Hugging Face folder imported
+        self.transfer_from = None
         if cfg.model.init_from and needs_transfer(cfg.model.init_from, cfg.model.pattern, cfg.model.n_layers):
-            same = self.teacher is not None and Path(cfg.model.init_from).resolve() in (
-                Path(cfg.distill.teacher).resolve(), self.teacher.path.resolve())
-            self.init_source = self.teacher.model if same else load_source_model(cfg.model.init_from,
-                                                                                  "model.init_from")[0]
-            take_shape(cfg.model, self.init_source.cfg, f"model.init_from={cfg.model.init_from}")
+            self.transfer_from = resolve_source(cfg.model.init_from, "model.init_from")
+            take_shape(cfg.model, source_model_config(self.transfer_from), f"model.init_from={cfg.model.init_from}")
         elif is_hf_folder(cfg.model.init_from):  # model.init_from=HF_DIR: the shape is the Hugging Face model's
             apply_shape(cfg.model, read_hf_config(Path(cfg.model.init_from)), given=set())
         if self.teacher is not None:
@@ -204,8 +209,10 @@ class Trainer:
 
         model = HybridLM(cfg.model).to(self.device)
         if cfg.model.init_from and self.resume_from is None:
-            if self.init_source is not None:
-                note = transfer(self.init_source, model, f"model.init_from={cfg.model.init_from}")
+            if self.transfer_from is not None:  # the teacher's weights in memory already, when it is the source
+                same = self.teacher is not None and self.teacher.path.resolve() == self.transfer_from.resolve()
+                source = self.teacher.model if same else load_source_model(self.transfer_from, "model.init_from")[0]
+                note = transfer(source, model, f"model.init_from={cfg.model.init_from}")
                 if self.is_main:
                     print(f"[hylo] model.init_from={cfg.model.init_from}: {note}", flush=True)
             elif is_hf_folder(cfg.model.init_from):
@@ -214,7 +221,6 @@ class Trainer:
                     print(f"[hylo] model.init_from={cfg.model.init_from}: {note}", flush=True)
             else:
                 load_weights(model, cfg.model.init_from)
-        self.init_source = None  # (the teacher's model stays; a separate source is freed)
         self.positions = None  # global positions of this rank's tokens under context parallelism
         cp = None
         if self.dims.cp > 1:

@@ -40,6 +40,20 @@ def exported_model_config(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def resolve_source(path: str | Path, what: str) -> Path:
+    """A source's files: a run dir or checkpoints/ folder resolves to its newest complete step folder (so a run
+    that goes on training does not change what a run started from it reads on resume)."""
+    from hylo.trainer.checkpointing.step_folder import find_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what}='{path}' does not exist; give a Hugging Face model folder, a hylo export "
+                          "(.safetensors or export --format hf folder) or a hylo checkpoint (run dir or step folder)")
+    if path.is_file() or is_hf_folder(path):
+        return path
+    return find_checkpoint(path, f"train ({what})")
+
+
 def source_model_config(path: Path):
     """The model config of a Hugging Face Llama-family folder (its attention layers as `full`, or `swa` under
     Mistral's window; no sinks, so hylo computes what the original does), a hylo HF export, a hylo `.safetensors`
@@ -71,10 +85,7 @@ def load_source_model(path: str | Path, what: str):
     from hylo.models.lm import HybridLM
     from hylo.trainer.checkpointing.export import load_trained_model
 
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{what}='{path}' does not exist; give a Hugging Face model folder, a hylo export "
-                          "(.safetensors or export --format hf folder) or a hylo checkpoint (run dir or step folder)")
+    path = resolve_source(path, what)
     if is_hf_folder(path):
         cfg = source_model_config(path)
         model = HybridLM(cfg)

@@ -22,21 +22,6 @@ from torch import nn
 from hylo.trainer.errors import ConfigError
 
 
-def resolve_teacher(path: str | Path) -> Path:
-    """The teacher's files: a run dir or checkpoints/ folder resolves to its newest complete step folder (so a
-    teacher run that goes on training does not change the teacher of a distillation already under way)."""
-    from hylo.trainer.checkpointing.hf_import import is_hf_folder
-    from hylo.trainer.checkpointing.step_folder import find_checkpoint
-
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"distill.teacher='{path}' does not exist; give a Hugging Face model folder, a hylo "
-                          "export (.safetensors or export --format hf folder) or a hylo checkpoint")
-    if path.is_file() or is_hf_folder(path):
-        return path
-    return find_checkpoint(path, "train (distill.teacher)")
-
-
 def fingerprint(model: nn.Module) -> str:
     """sha256 of the teacher as loaded: every tensor's name, dtype, shape and bytes (float32 on the CPU), and its
     layer types — the same weights in any format (checkpoint, export, HF folder) are the same teacher."""
@@ -66,9 +51,9 @@ class Teacher:
 def load_teacher(path: str) -> Teacher:
     """The teacher on the CPU in float32, frozen, with its identity."""
     from hylo.models.lm import layer_types
-    from hylo.trainer.checkpointing.transfer import load_source_model
+    from hylo.trainer.checkpointing.transfer import load_source_model, resolve_source
 
-    files = resolve_teacher(path)
+    files = resolve_source(path, "distill.teacher")
     model, model_cfg = load_source_model(files, "distill.teacher")
     model.requires_grad_(False)
     model.eval()
@@ -147,6 +132,6 @@ def prepare_teacher(teacher: Teacher, device: torch.device, dtype: torch.dtype, 
 
 def teacher_model_config(path: str):
     """The teacher's model config without reading its weights (for hylo plan)."""
-    from hylo.trainer.checkpointing.transfer import source_model_config
+    from hylo.trainer.checkpointing.transfer import resolve_source, source_model_config
 
-    return source_model_config(resolve_teacher(path))
+    return source_model_config(resolve_source(path, "distill.teacher"))
