@@ -444,3 +444,20 @@ def test_two_rank_runs_match_one_rank(tiny_teacher, tmp_path, free_port, objecti
     first_one, first_two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
     for key in [k for k in first_one if k.startswith(("distill/", "train/loss"))]:
         assert first_two[key] == pytest.approx(first_one[key], rel=1e-5), key
+
+
+def test_the_same_teacher_in_every_format_has_one_fingerprint(tiny_teacher, tmp_path):
+    """A checkpoint, its fp32 `.safetensors` export and its fp32 Hugging Face export load as one teacher (same
+    fingerprint, same logits); a bf16 export is another teacher (its weights were rounded)."""
+    from hylo.trainer.checkpointing.export import export, export_hf
+    from hylo.trainer.distillation.teacher import load_teacher
+
+    forms = [tiny_teacher, export(tiny_teacher, tmp_path / "t.safetensors", "fp32"),
+             export_hf(tiny_teacher, tmp_path / "hf", "fp32")]
+    teachers = [load_teacher(str(form)) for form in forms]
+    assert len({t.identity["fingerprint"] for t in teachers}) == 1
+    tokens = micro_batch(0).inputs
+    logits = [t.model(tokens) for t in teachers]
+    assert all(torch.equal(logits[0], other) for other in logits[1:])
+    rounded = load_teacher(str(export(tiny_teacher, tmp_path / "bf16.safetensors", "bf16")))
+    assert rounded.identity["fingerprint"] != teachers[0].identity["fingerprint"]
