@@ -321,6 +321,8 @@ def test_a_killed_distillation_resumes_bit_exactly(tiny_teacher, tmp_path):
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in straight]
     identity = read_trainer_state(tmp_path / "killed" / "checkpoints" / "step_6")["distill_teacher"]
     assert identity["path"].endswith("step_200") and len(identity["fingerprint"]) == 32
+    # the teacher was given as a run dir: the config records the step it resolved to, so a resume reads that one
+    assert load_config(tmp_path / "killed" / "config.yaml").distill.teacher.endswith("step_200")
 
 
 def test_resume_refuses_another_teacher_and_another_objective(tiny_teacher, tmp_path, capsys):
@@ -349,13 +351,16 @@ def test_resume_refuses_another_teacher_and_another_objective(tiny_teacher, tmp_
 @pytest.mark.parametrize("change, message", [
     (["train.objective=distill", "model.vocab_size=9024"], "predicts over 4096 tokens, this student over 9024"),
     (["train.objective=align", "model.d_model=32", "model.n_layers=2"], "both need the same depth and width"),
-    (["train.objective=align", "model.pattern=[full]", "model.d_model=64", "model.n_layers=2", "model.n_heads=4"],
-     "no mixer is new"),
+    (["train.objective=align", "model.pattern=[full]", "model.init_from=TEACHER"], "no mixer is new"),
+    (["train.objective=align", "model.d_model=64", "model.n_layers=2", "model.n_heads=4"],
+     "start the student from it with model.init_from="),
+    (["train.objective=align", "model.init_from=TEACHER", "distill.align_layers=[2]"], "blocks are 0 to 1"),
     (["train.objective=distill"], "does not exist"),
-], ids=["vocabulary", "width", "nothing-to-align", "missing"])
+], ids=["vocabulary", "width", "nothing-to-align", "align-from-nothing", "align-layers", "missing"])
 def test_a_teacher_that_does_not_fit_is_refused_in_one_line_before_any_step(tiny_teacher, tmp_path, change, message):
     teacher = tmp_path / "nowhere" if message == "does not exist" else tiny_teacher
     run_dir = tmp_path / "run"
+    change = [item.replace("TEACHER", str(tiny_teacher)) for item in change]
     res = run_module(["-m", "hylo.trainer.train", f"run.dir={run_dir}", *STUDENT, f"distill.teacher={teacher}",
                       *change])
     assert res.returncode == 2, res.stderr[-2000:]
@@ -461,3 +466,52 @@ def test_the_same_teacher_in_every_format_has_one_fingerprint(tiny_teacher, tmp_
     assert all(torch.equal(logits[0], other) for other in logits[1:])
     rounded = load_teacher(str(export(tiny_teacher, tmp_path / "bf16.safetensors", "bf16")))
     assert rounded.identity["fingerprint"] != teachers[0].identity["fingerprint"]
+
+
+def test_a_bf16_teacher_keeps_its_rope_and_decays_in_float32(tiny_teacher):
+    """Laid out in bf16, the teacher's weights are bf16 but its non-persistent buffers (RoPE frequencies, decay
+    rates) stay float32, so under autocast it computes what the float32 teacher does to bf16 rounding."""
+    from hylo.trainer.distillation.teacher import load_teacher, prepare_teacher
+
+    teacher, reference = load_teacher(str(tiny_teacher)), load_teacher(str(tiny_teacher))
+    buffers = {name: b.dtype for name, b in teacher.model.named_buffers()}
+    prepare_teacher(teacher, torch.device("cpu"), torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in teacher.model.parameters())
+    assert {name: b.dtype for name, b in teacher.model.named_buffers()} == buffers
+    assert any("inv_freq" in name for name in buffers)
+    tokens = corpus_batches(1, seq_len=256, rows=2)[0][:, :-1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = teacher.model(tokens).float()
+    theirs = reference.model(tokens)
+    assert rel(ours, theirs) < 3e-2  # bf16 weights and activations; positions up to 255 are exact
+
+
+def test_transfer_takes_the_sources_layer_options_and_refuses_a_mismatch_by_name():
+    from hylo.trainer.checkpointing.transfer import take_shape
+
+    source = tiny_cfg(["rat", "full"], window=32)
+    source.rat.chunk_size, source.attn.sink, source.rat.backend = 8, True, "naive"
+    student = ModelConfig(pattern=["rat", "full"])
+    take_shape(student, source, "the source")
+    assert (student.window, student.rat.chunk_size, student.attn.sink, student.rat.backend) == (32, 8, True, "auto")
+    assert (student.d_model, student.vocab_size, student.n_layers) == (32, VOCAB, 4)
+    kept = ModelConfig()  # the default pattern: a hylo source's own pattern is taken (an export loads as itself)
+    take_shape(kept, source, "the source")
+    assert kept.pattern == ["rat", "full"]
+    with_sinks = HybridLM(source)
+    student.attn.sink = False  # set by the user: kept, and the copy of block 1 (full) cannot take the sinks
+    with pytest.raises(ConfigError, match=r"block 1 \(full\) has mixer.sink on one side only"):
+        transfer(with_sinks, HybridLM(student), "the source")
+
+
+def test_a_checkpoint_from_before_distillation_resumes_as_lm_and_refuses_align(tmp_path):
+    """A saved config without the new keys had their defaults: lm resumes, align is refused by name."""
+    from hylo.trainer.checkpointing.resume import config_record, resume_changes
+
+    cfg = load_config(None, [])
+    saved = config_record(cfg)
+    del saved["train"]["objective"], saved["distill"]
+    assert resume_changes(saved, cfg, "old") == ([], [])
+    align = load_config(None, ["train.objective=align", "distill.teacher=x"])
+    with pytest.raises(ConfigError, match=r"another objective \(train.objective 'lm' -> 'align'"):
+        resume_changes(saved, align, "old")

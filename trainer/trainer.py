@@ -104,8 +104,12 @@ class Trainer:
             raise ConfigError(problem)
         self.cfg, self.device, self.is_main = cfg, info.device, info.is_main
         self.teacher = load_teacher(cfg.distill.teacher) if cfg.train.objective != "lm" else None
-        if self.teacher is not None and cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = self.teacher.cfg.vocab_size
+        if self.teacher is not None:
+            # a run dir resolved to its newest step (said by the resolver): the config records that step, so a
+            # resume reads the same teacher however far the teacher's own run has gone on since
+            cfg.distill.teacher = str(self.teacher.path)
+            if cfg.model.vocab_size == 0 and not cfg.model.init_from:
+                cfg.model.vocab_size = self.teacher.cfg.vocab_size
         # model.init_from: a hylo source is mapped block by block (its shape taken now, its weights read when the
         # run starts from it rather than resumes), a Hugging Face folder imported
         self.transfer_from = None

@@ -115,9 +115,14 @@ def resume_changes(saved: dict[str, Any] | None, cfg: Config, checkpoint: str) -
         return [], []
     now = config_record(cfg)
 
+    defaults = config_record(Config())
+
+    def before(key):  # a key newer than the checkpoint had its default there
+        value = _get(saved, key)
+        return _get(defaults, key) if value is None and key in ADDED_KEYS else value
+
     def changed(keys):
-        return [f"{key} {_get(saved, key)!r} -> {_get(now, key)!r}" for key in keys
-                if _get(saved, key) != _get(now, key) and not (key in ADDED_KEYS and _get(saved, key) is None)]
+        return [f"{key} {before(key)!r} -> {_get(now, key)!r}" for key in keys if before(key) != _get(now, key)]
 
     if shape := changed(SHAPE_KEYS):
         raise ConfigError(f"checkpoint {checkpoint} holds a model of another shape ({'; '.join(shape)}): these "

@@ -11,6 +11,7 @@ replacing it by another type is refused by name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -96,7 +97,9 @@ def load_source_model(path: str | Path, what: str):
 
 
 def take_shape(model_cfg, source_cfg, what: str) -> None:
-    """Set `model_cfg`'s SHAPE keys from the source's; one the user set to another value is refused by name."""
+    """Set `model_cfg`'s SHAPE keys from the source's; one the user set to another value is refused by name.  The
+    layer pattern, window and layer options (sinks, gates, RAT/BASED/TNL settings; never the kernel backends) are
+    the source's too where this config leaves them at their defaults: a student keeps the pattern it names."""
     from hylo.trainer.config import ModelConfig
 
     default = ModelConfig()
@@ -106,6 +109,14 @@ def take_shape(model_cfg, source_cfg, what: str) -> None:
             raise ConfigError(f"model.{key}={ours} disagrees with {what}'s {theirs}; drop model.{key} (the shape "
                               "comes from the model it starts from)")
         setattr(model_cfg, key, theirs)
+    for key in ("pattern", "window"):
+        if getattr(model_cfg, key) == getattr(default, key):
+            setattr(model_cfg, key, getattr(source_cfg, key))
+    for section in ("attn", "rat", "based", "tnl"):
+        ours, theirs, initial = (getattr(c, section) for c in (model_cfg, source_cfg, default))
+        for field in dataclasses.fields(ours):
+            if field.name != "backend" and getattr(ours, field.name) == getattr(initial, field.name):
+                setattr(ours, field.name, getattr(theirs, field.name))
 
 
 def needs_transfer(init_from: str, pattern: list[str], n_layers: int) -> bool:
@@ -167,7 +178,14 @@ def transfer(source, model, what: str) -> str:
     own, given = model.state_dict(), source.state_dict()
     with torch.no_grad():
         for i in sorted(set(range(len(ours))) - replaced):
-            for key in (k for k in own if k.startswith(f"blocks.{i}.")):
+            prefix = f"blocks.{i}."
+            mine, theirs_keys = ({k for k in state if k.startswith(prefix)} for state in (own, given))
+            if mine != theirs_keys:
+                only = sorted(k.removeprefix(prefix) for k in mine ^ theirs_keys)
+                raise ConfigError(f"block {i} ({ours[i]}) has {', '.join(only)} on one side only: its layer options "
+                                  f"differ from {what}'s (model.attn.sink/gate, model.rat.*, model.based.*, "
+                                  "model.tnl.*); take the source's")
+            for key in mine:
                 if own[key].shape != given[key].shape:
                     raise ConfigError(f"'{key}' has shape {tuple(own[key].shape)} here but "
                                       f"{tuple(given[key].shape)} in {what}: its layer options differ")

@@ -63,9 +63,7 @@ class AlignObjective(TeacherObjective):
 
     def __call__(self, model: nn.Module, micro: MicroBatch) -> torch.Tensor:
         self.captured.clear()
-        with torch.no_grad():
-            self.teacher.model(micro.inputs, micro.positions, cu_seqlens=micro.cu_seqlens,
-                               head_loss=lambda hidden, weight: None)
+        self.teacher.forward(micro, head_loss=lambda hidden, weight: None)
         streams = {i: self.captured[i][0] for i in self.layers}
         targets = {i: self.captured[i][1] for i in self.layers}
         self.captured.clear()
@@ -81,9 +79,7 @@ class DistillObjective(TeacherObjective):
         self.temperature, self.lm_weight, self.loss_chunk = temperature, lm_weight, loss_chunk
 
     def __call__(self, model: nn.Module, micro: MicroBatch) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_hidden = self.teacher.model(micro.inputs, micro.positions, cu_seqlens=micro.cu_seqlens,
-                                                head_loss=lambda hidden, weight: hidden)
+        teacher_hidden = self.teacher.forward(micro, head_loss=lambda hidden, weight: hidden)
         teacher_weight = self.teacher.head_weight()
         chunk = self.loss_chunk if self.loss_chunk > 0 else micro.targets.numel()
 

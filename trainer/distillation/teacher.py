@@ -47,6 +47,16 @@ class Teacher:
     def head_weight(self) -> torch.Tensor:
         return self.model.head.weight if self.model.head is not None else self.model.embed.weight
 
+    def forward(self, micro, **kwargs) -> Any:
+        """The teacher on a micro-batch's tokens, positions and documents, without gradients; its sharded blocks
+        are freed after (what torch < 2.8 does not do for a root module by itself)."""
+        with torch.no_grad():
+            out = self.model(micro.inputs, micro.positions, cu_seqlens=micro.cu_seqlens, **kwargs)
+        for block in self.model.blocks:
+            if hasattr(block, "reshard"):  # an FSDP2 module
+                block.reshard()
+        return out
+
 
 def load_teacher(path: str) -> Teacher:
     """The teacher on the CPU in float32, frozen, with its identity."""
@@ -90,7 +100,14 @@ def check_student(cfg, teacher: Teacher) -> None:
     if cfg.train.objective == "align" and (m.d_model != t.d_model or m.n_layers != t.n_layers):
         raise ConfigError(f"{where} has {t.n_layers} layers of width {t.d_model}, this student {m.n_layers} of "
                           f"{m.d_model}: align trains each student layer on the teacher's layer at its depth, so "
-                          "both need the same depth and width (drop model.d_model/n_layers to take the teacher's)")
+                          "both need the same depth and width (model.init_from=<the teacher> takes its shape)")
+    if cfg.train.objective == "align" and not m.init_from:
+        raise ConfigError("train.objective=align trains new mixers inside the teacher's own blocks (its MLPs, "
+                          "norms and embedding, frozen): start the student from it with model.init_from="
+                          f"{cfg.distill.teacher} (or from a run that started from it)")
+    if any(i >= m.n_layers for i in cfg.distill.align_layers):
+        raise ConfigError(f"distill.align_layers={cfg.distill.align_layers}: this student's blocks are 0 to "
+                          f"{m.n_layers - 1}")
     if cfg.train.objective == "align":
         theirs = layer_types(t)
         off = [i for i in align_layers(cfg, teacher) if theirs[i] not in ("full", "swa")]
@@ -122,7 +139,9 @@ def prepare_teacher(teacher: Teacher, device: torch.device, dtype: torch.dtype, 
     from hylo.parallel.strategies import apply_context_parallel
 
     model = teacher.model
-    model.to(device=device, dtype=dtype)
+    model.to(device=device)
+    for param in model.parameters():  # the weights only: RoPE frequencies and decay rates stay float32
+        param.data = param.data.to(dtype)
     if cp_context is not None:
         apply_context_parallel(model, cp_context)
     if shard:  # each block its own root: said explicitly, a root reshards after forward too (no backward follows)
